@@ -1,0 +1,293 @@
+"""The configuration: one TOML file, validated at start into frozen dataclasses.
+
+Where the file comes from: ``--config PATH``, else ``$EDGEKEEPER_CONFIG``, else built-in defaults
+that work on a laptop. Selected keys can be overridden by environment variables (ENV_OVERRIDES
+below; systemd units use them). Every key is documented in docs/configuration.md with its
+default; tests/test_config.py checks that the doc and this module agree.
+
+This module imports nothing heavy: the cloud loads it without OpenCV and the device without
+redis, so each section is a plain dataclass and the stage that uses it reads it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+import sys
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from edgekeeper.errors import ConfigError
+from edgekeeper.settings import build, coerce_env, override
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10 (JetPack 6)
+    import tomli as tomllib
+
+MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
+try:  # installed (non-editable): models ship inside the package
+    import edgekeeper.models as _models_pkg
+
+    MODELS_DIR = Path(_models_pkg.__file__).resolve().parent
+except ImportError:  # pragma: no cover
+    pass
+
+DEFAULT_VISION_MODEL = "builtin:person"
+DEFAULT_AUDIO_MODEL = "builtin:sound"
+
+
+def _default_state_dir() -> str:
+    # systemd's StateDirectory= sets EDGEKEEPER_STATE_DIR=/var/lib/edgekeeper (see systemd/);
+    # an interactive user gets the XDG location so nothing needs root.
+    xdg = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return str(Path(xdg) / "edgekeeper")
+
+
+@dataclass(frozen=True)
+class DeviceSection:
+    id: str = field(default_factory=socket.gethostname)
+    state_dir: Path = field(default_factory=lambda: Path(_default_state_dir()))
+
+    def __post_init__(self) -> None:
+        if not self.id or len(self.id) > 64 or not all(c.isalnum() or c in "-_." for c in self.id):
+            raise ValueError("device id must be 1-64 characters of letters, digits, '-', '_', '.'")
+
+
+@dataclass(frozen=True)
+class LogSection:
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    # auto: JSON lines when stdout is not a TTY (journald), a readable console on a TTY.
+    format: Literal["auto", "json", "console"] = "auto"
+
+
+@dataclass(frozen=True)
+class CameraSection:
+    enabled: bool = True
+    # A device index ("0"), a file, an rtsp:// or http(s):// URL, or a GStreamer pipeline
+    # (anything containing " ! ", e.g. a CSI camera through nvarguscamerasrc or libcamerasrc).
+    source: str = "0"
+    # Frames per second to keep from the source; 0 keeps every frame the source gives.
+    fps: float = 10.0
+    width: int = 0
+    height: int = 0
+    # Frames waiting for the gate; when full the oldest is dropped (freshness beats
+    # completeness) and counted.
+    queue_size: int = 4
+    reconnect_seconds: float = 5.0
+
+    def __post_init__(self) -> None:
+        if self.fps < 0 or self.queue_size < 1 or self.reconnect_seconds <= 0:
+            raise ValueError("fps >= 0, queue_size >= 1 and reconnect_seconds > 0 are required")
+
+
+@dataclass(frozen=True)
+class MicrophoneSection:
+    enabled: bool = False
+    # sounddevice device name or index; empty means the system default input.
+    device: str = ""
+    sample_rate: int = 16000
+    block_seconds: float = 0.1
+    # Audio blocks waiting for the gate. Audio is never dropped silently: when this is full the
+    # loop is not keeping up, and every lost block is counted and logged as an overflow.
+    queue_size: int = 200
+
+    def __post_init__(self) -> None:
+        if self.sample_rate < 8000 or not 0.01 <= self.block_seconds <= 1.0 or self.queue_size < 1:
+            raise ValueError("sample_rate >= 8000, 0.01 <= block_seconds <= 1, queue_size >= 1")
+
+
+@dataclass(frozen=True)
+class PregateSection:
+    motion: bool = True
+    motion_method: Literal["diff", "mog2"] = "diff"
+    # Motion is measured on a frame downscaled to this width (cheap, and ignores sensor noise).
+    motion_width: int = 160
+    # A pixel counts as changed when it differs by more than this (0-255 grey levels).
+    motion_pixel_threshold: int = 25
+    # Motion is present when more than this fraction of pixels changed.
+    motion_min_area: float = 0.002
+    # Even without motion, run the model at least this often (a person standing still).
+    max_skip_seconds: float = 5.0
+    energy: bool = True
+    # Audio windows quieter than this (RMS, dBFS) skip the model.
+    energy_threshold_dbfs: float = -55.0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.motion_min_area < 1 or self.motion_width < 16:
+            raise ValueError("0 <= motion_min_area < 1 and motion_width >= 16 are required")
+
+
+@dataclass(frozen=True)
+class GateSection:
+    # A model manifest (docs/models.md): a path to its JSON, or builtin:NAME for models/NAME/.
+    vision_model: str = DEFAULT_VISION_MODEL
+    audio_model: str = DEFAULT_AUDIO_MODEL
+    # "" or "int8" / "float": pick that variant of a built-in model.
+    variant: Literal["int8", "float"] = "int8"
+    num_threads: int = 2
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.num_threads <= 16:
+            raise ValueError("num_threads must be between 1 and 16")
+
+
+@dataclass(frozen=True)
+class LabelRule:
+    # Score at or above which a window counts as a hit.
+    threshold: float = 0.6
+    # Hysteresis: once triggered, the label stays active until scores fall below this.
+    release: float = 0.4
+    # Seconds after an event for this label before another may fire.
+    cooldown_seconds: float = 30.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.release <= self.threshold <= 1.0:
+            raise ValueError("0 <= release <= threshold <= 1 is required")
+        if self.cooldown_seconds < 0:
+            raise ValueError("cooldown_seconds must be >= 0")
+
+
+def _default_rules() -> dict[str, LabelRule]:
+    return {
+        "person": LabelRule(threshold=0.7, release=0.4, cooldown_seconds=30.0),
+        "alarm": LabelRule(threshold=0.6, release=0.3, cooldown_seconds=30.0),
+        "speech": LabelRule(threshold=0.8, release=0.5, cooldown_seconds=60.0),
+    }
+
+
+@dataclass(frozen=True)
+class TriggerSection:
+    # k-of-n smoothing: a label fires when k of its last n scored windows were hits.
+    k: int = 3
+    n: int = 5
+    # Global cap across labels; events past it are held back and logged.
+    max_events_per_hour: int = 60
+    # Labels that may trigger, each with its rule. Labels not listed never trigger.
+    labels: dict[str, LabelRule] = field(default_factory=_default_rules)
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.k <= self.n <= 100:
+            raise ValueError("1 <= k <= n <= 100 is required")
+        if self.max_events_per_hour < 1:
+            raise ValueError("max_events_per_hour must be >= 1")
+
+
+@dataclass(frozen=True)
+class EventSection:
+    pre_roll_seconds: float = 3.0
+    post_roll_seconds: float = 3.0
+    key_frames: int = 3
+    jpeg_width: int = 640
+    jpeg_quality: int = 80
+    # Data minimisation: what an event may carry off the device.
+    include_frames: bool = True
+    include_audio: bool = True
+    include_features: bool = True
+    # Thumbnails only: key frames scaled to thumbnail_width, nothing larger leaves.
+    thumbnails_only: bool = False
+    thumbnail_width: int = 160
+
+    def __post_init__(self) -> None:
+        if self.pre_roll_seconds < 0 or self.post_roll_seconds < 0:
+            raise ValueError("pre/post roll must be >= 0 seconds")
+        if not 1 <= self.jpeg_quality <= 100 or self.key_frames < 0:
+            raise ValueError("jpeg_quality 1-100 and key_frames >= 0 are required")
+        if self.pre_roll_seconds + self.post_roll_seconds > 120:
+            raise ValueError("pre_roll + post_roll must not exceed 120 seconds (memory)")
+
+
+@dataclass(frozen=True)
+class SinkSection:
+    # Where events go when no cloud is configured: a directory of files plus index.jsonl.
+    # Empty means <state_dir>/events.
+    directory: str = ""
+
+
+@dataclass(frozen=True)
+class Config:
+    device: DeviceSection = field(default_factory=DeviceSection)
+    log: LogSection = field(default_factory=LogSection)
+    camera: CameraSection = field(default_factory=CameraSection)
+    microphone: MicrophoneSection = field(default_factory=MicrophoneSection)
+    pregate: PregateSection = field(default_factory=PregateSection)
+    gate: GateSection = field(default_factory=GateSection)
+    trigger: TriggerSection = field(default_factory=TriggerSection)
+    event: EventSection = field(default_factory=EventSection)
+    sink: SinkSection = field(default_factory=SinkSection)
+    # Where the config came from, for error messages ("defaults" when none was given).
+    source: str = field(default="defaults", compare=False)
+
+    @property
+    def sink_dir(self) -> Path:
+        return Path(self.sink.directory) if self.sink.directory else self.device.state_dir / "events"
+
+
+# Environment variables that override single keys (explicit, so docs and code agree).
+ENV_OVERRIDES: dict[str, str] = {
+    "EDGEKEEPER_DEVICE_ID": "device.id",
+    "EDGEKEEPER_STATE_DIR": "device.state_dir",
+    "EDGEKEEPER_LOG_LEVEL": "log.level",
+    "EDGEKEEPER_LOG_FORMAT": "log.format",
+    "EDGEKEEPER_CAMERA_SOURCE": "camera.source",
+    "EDGEKEEPER_MICROPHONE_ENABLED": "microphone.enabled",
+    "EDGEKEEPER_GATE_NUM_THREADS": "gate.num_threads",
+    "EDGEKEEPER_SINK_DIRECTORY": "sink.directory",
+}
+
+
+def _field_type(dotted: str) -> Any:
+    tp: Any = Config
+    for part in dotted.split("."):
+        tp = typing.get_type_hints(tp)[part]
+    return tp
+
+
+def load(path: str | Path | None = None, env: typing.Mapping[str, str] | None = None) -> Config:
+    """Load and validate the config. Raises ConfigError (with the fix) on any problem."""
+    env = os.environ if env is None else env
+    if path is None and env.get("EDGEKEEPER_CONFIG"):
+        path = env["EDGEKEEPER_CONFIG"]
+    data: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        p = Path(path).expanduser()
+        source = str(p)
+        try:
+            raw = p.read_bytes()
+        except FileNotFoundError:
+            raise ConfigError(
+                f"config file {p} does not exist",
+                fix="pass an existing file to --config / EDGEKEEPER_CONFIG, or omit it for defaults",
+            ) from None
+        except OSError as err:
+            raise ConfigError(f"config file {p} cannot be read: {err.strerror}") from None
+        try:
+            data = tomllib.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError:
+            raise ConfigError(f"config file {p} is not UTF-8 text", fix="save it as UTF-8") from None
+        except tomllib.TOMLDecodeError as err:
+            raise ConfigError(
+                f"config file {p} is not valid TOML: {err}", fix="fix the syntax at that line"
+            ) from None
+    for var, dotted in ENV_OVERRIDES.items():
+        if var in env:
+            override(data, dotted, coerce_env(_field_type(dotted), env[var]))
+    if "source" in data:
+        raise ConfigError(f"{source}: 'source' is not a config section", fix="remove it")
+    config = build(Config, data, source=source)
+    return dataclasses.replace(config, source=source)
+
+
+def resolve_model(spec: str, variant: str = "int8") -> Path:
+    """Turn a gate.*_model value into the path of a manifest JSON."""
+    if spec.startswith("builtin:"):
+        name = spec.split(":", 1)[1]
+        candidate = MODELS_DIR / name / f"manifest-{variant}.json"
+        if not candidate.exists():
+            candidate = MODELS_DIR / name / "manifest.json"
+        return candidate
+    return Path(spec).expanduser()

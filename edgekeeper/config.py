@@ -208,6 +208,79 @@ class SinkSection:
 
 
 @dataclass(frozen=True)
+class OutboxSection:
+    # The durable outbox (device/outbox.py). Empty means <state_dir>/outbox.sqlite.
+    path: str = ""
+    # Bytes of stored event bodies allowed before full_policy applies.
+    quota_mb: float = 512.0
+    # evict_lowest_priority: dead letters, then lowest priority, oldest first (a newcomer of
+    # the lowest priority is the one dropped); evict_oldest; reject_new. Every drop is counted.
+    full_policy: Literal["evict_lowest_priority", "evict_oldest", "reject_new"] = (
+        "evict_lowest_priority"
+    )
+
+    def __post_init__(self) -> None:
+        if not 0 < self.quota_mb <= 1_000_000:
+            raise ValueError("quota_mb must be > 0 (megabytes of stored events)")
+
+
+@dataclass(frozen=True)
+class UplinkSection:
+    # The cloud ingest URL; empty means the one pinned by `edgekeeper device enroll`.
+    cloud_url: str = ""
+    connect_timeout_seconds: float = 10.0
+    # Longest silence while reading a response (a blackholed route shows up here).
+    read_timeout_seconds: float = 30.0
+    # Exponential backoff with full jitter: a wait uniform in [0, min(cap, base * 2**n)].
+    backoff_base_seconds: float = 1.0
+    backoff_cap_seconds: float = 300.0
+    # Events leased from the outbox per round, and uploads in flight at once.
+    batch: int = 16
+    concurrency: int = 2
+    # While the cloud is unreachable, act on the gate's own decision (a provisional result)
+    # once an event has waited edge_fallback_after_seconds.
+    edge_fallback: bool = False
+    edge_fallback_after_seconds: float = 30.0
+
+    def __post_init__(self) -> None:
+        if self.cloud_url and not self.cloud_url.startswith(("http://", "https://")):
+            raise ValueError("cloud_url must start with http:// or https://")
+        if self.connect_timeout_seconds <= 0 or self.read_timeout_seconds <= 0:
+            raise ValueError("timeouts must be > 0 seconds")
+        if not 0 < self.backoff_base_seconds <= self.backoff_cap_seconds <= 3600:
+            raise ValueError("0 < backoff_base_seconds <= backoff_cap_seconds <= 3600 is required")
+        if not 1 <= self.concurrency <= self.batch <= 1000:
+            raise ValueError("1 <= concurrency <= batch <= 1000 is required")
+        if self.edge_fallback_after_seconds < 0:
+            raise ValueError("edge_fallback_after_seconds must be >= 0")
+
+
+@dataclass(frozen=True)
+class ResultsSection:
+    # Actions for results coming back from the cloud (device/results.py), in this order.
+    # JSONL log, relative to state_dir unless absolute; empty disables it.
+    jsonl: str = "results.jsonl"
+    # A command (argv list, no shell) run with the result as JSON on stdin; empty disables it.
+    command: tuple[str, ...] = ()
+    command_timeout_seconds: float = 30.0
+    # A local URL the result is POSTed to as JSON; empty disables it.
+    post_url: str = ""
+    # A failing action is retried this many times (after the first try), then recorded failed.
+    retries: int = 3
+    retry_delay_seconds: float = 1.0
+    # Long-poll: how long the cloud may hold a results request open.
+    poll_wait_seconds: float = 25.0
+
+    def __post_init__(self) -> None:
+        if self.post_url and not self.post_url.startswith(("http://", "https://")):
+            raise ValueError("post_url must start with http:// or https://")
+        if not 0 <= self.retries <= 100 or self.retry_delay_seconds < 0:
+            raise ValueError("0 <= retries <= 100 and retry_delay_seconds >= 0 are required")
+        if self.command_timeout_seconds <= 0 or not 0 < self.poll_wait_seconds <= 300:
+            raise ValueError("command_timeout_seconds > 0 and 0 < poll_wait_seconds <= 300")
+
+
+@dataclass(frozen=True)
 class Config:
     device: DeviceSection = field(default_factory=DeviceSection)
     log: LogSection = field(default_factory=LogSection)
@@ -218,12 +291,19 @@ class Config:
     trigger: TriggerSection = field(default_factory=TriggerSection)
     event: EventSection = field(default_factory=EventSection)
     sink: SinkSection = field(default_factory=SinkSection)
+    outbox: OutboxSection = field(default_factory=OutboxSection)
+    uplink: UplinkSection = field(default_factory=UplinkSection)
+    results: ResultsSection = field(default_factory=ResultsSection)
     # Where the config came from, for error messages ("defaults" when none was given).
     source: str = field(default="defaults", compare=False)
 
     @property
     def sink_dir(self) -> Path:
         return Path(self.sink.directory) if self.sink.directory else self.device.state_dir / "events"
+
+    @property
+    def outbox_path(self) -> Path:
+        return Path(self.outbox.path) if self.outbox.path else self.device.state_dir / "outbox.sqlite"
 
 
 # Environment variables that override single keys (explicit, so docs and code agree).
@@ -236,6 +316,8 @@ ENV_OVERRIDES: dict[str, str] = {
     "EDGEKEEPER_MICROPHONE_ENABLED": "microphone.enabled",
     "EDGEKEEPER_GATE_NUM_THREADS": "gate.num_threads",
     "EDGEKEEPER_SINK_DIRECTORY": "sink.directory",
+    "EDGEKEEPER_OUTBOX_PATH": "outbox.path",
+    "EDGEKEEPER_CLOUD_URL": "uplink.cloud_url",
 }
 
 

@@ -360,7 +360,9 @@ class Outbox:
         row = db.execute(
             f"SELECT seq, priority, size, state FROM events ORDER BY {order} LIMIT 1", (now,)
         ).fetchone()
-        return None if row is None else Eviction(seq=row[0], priority=row[1], size=row[2], state=row[3])
+        if row is None:
+            return None
+        return Eviction(seq=row[0], priority=row[1], size=row[2], state=row[3])
 
     def _count_refused(self, seq: int, priority: int, size: int, why: str) -> None:
         with self._write() as db:

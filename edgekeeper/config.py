@@ -303,7 +303,9 @@ class Config:
 
     @property
     def outbox_path(self) -> Path:
-        return Path(self.outbox.path) if self.outbox.path else self.device.state_dir / "outbox.sqlite"
+        if self.outbox.path:
+            return Path(self.outbox.path).expanduser()
+        return self.device.state_dir / "outbox.sqlite"
 
 
 # Environment variables that override single keys (explicit, so docs and code agree).

@@ -143,6 +143,8 @@ class LabelRule:
     release: float = 0.4
     # Seconds after an event for this label before another may fire.
     cooldown_seconds: float = 30.0
+    # When the outbox is full, lower-priority events are evicted first.
+    priority: int = 0
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.release <= self.threshold <= 1.0:
@@ -153,9 +155,9 @@ class LabelRule:
 
 def _default_rules() -> dict[str, LabelRule]:
     return {
-        "person": LabelRule(threshold=0.7, release=0.4, cooldown_seconds=30.0),
-        "alarm": LabelRule(threshold=0.6, release=0.3, cooldown_seconds=30.0),
-        "speech": LabelRule(threshold=0.8, release=0.5, cooldown_seconds=60.0),
+        "person": LabelRule(threshold=0.7, release=0.4, cooldown_seconds=30.0, priority=1),
+        "alarm": LabelRule(threshold=0.6, release=0.3, cooldown_seconds=30.0, priority=2),
+        "speech": LabelRule(threshold=0.8, release=0.5, cooldown_seconds=60.0, priority=0),
     }
 
 

@@ -1,0 +1,488 @@
+"""The envelope: how an event body leaves the device and a result body comes back, encrypted end
+to end and bound to its sender; plus Ed25519 signatures for the device's other HTTP requests.
+
+Wire format (version 1, byte by byte in docs/protocol.md): one msgpack array of five items::
+
+    [version: int = 1, kind: int (1 event, 2 result), header: bin, nonce: bin(24), box: bin]
+
+``header`` is itself msgpack, kept as opaque bytes so the exact bytes are what get bound::
+
+    [device_id: str, seq: int, timestamp: float64, tag: str, payload_hash: bin(32)]
+
+``tag`` is the gate model version for events and the reasoner name for results; ``timestamp``
+is ``sent_at`` (the moment of sealing: events are sealed again on every upload attempt) for
+events and ``produced_at`` for results. ``box`` is crypto_box (X25519 + XSalsa20-Poly1305, the
+construction behind nacl.public.Box) from the sender's box key to the receiver's, over::
+
+    SHA-256("edgekeeper-envelope-v1" || version || kind || header) || body
+
+so the receiver's successful decryption proves the sender's key produced *this header* with
+*this body*: flipping any bit of any field fails authentication. ``payload_hash`` is the
+SHA-256 of the encoded body (messages.payload_digest); it identifies the payload across retries,
+which is how the cloud tells an idempotent retry (same hash) from a reused sequence number
+(different hash).
+
+Public API:
+
+* ``seal_event(body, *, device, cloud_box_pk, sent_at, model_version, payload_hash=None)``:
+  ``body`` is an EventBody or its ``encode()`` bytes (what the outbox stores); pass the stored
+  ``payload_digest`` to skip hashing again on every attempt.
+* ``open_event(data, *, cloud_box_sk, lookup, now, window_s, max_bytes,
+  verify_payload_hash=False) -> OpenedEvent``. ``now=None`` skips the freshness check (the
+  worker re-opens queued envelopes long after their arrival). Raises ProtocolError subclasses
+  (protocol/errors.py) in this order: PayloadTooLarge, MalformedEnvelope, UnsupportedVersion,
+  UnknownDevice, DeviceRevoked, AuthenticationFailed, StaleMessage, InvalidBody.
+* ``peek_header(data, *, max_bytes) -> EnvelopeHeader``: parse without crypto (to look the
+  device up asynchronously before opening). Never trust it before ``open_event`` succeeds.
+* ``seal_result(body, *, cloud_box_sk, device_box_pk)`` /
+  ``open_result(data, *, device, device_id, cloud_box_pk, max_bytes) -> OpenedResult``.
+* ``sign_request(device, *, device_id, method, path, query, body, timestamp) -> dict`` of
+  headers; ``verify_request(headers, *, method, path, query, body, lookup, now, window_s)
+  -> DevicePublicKeys``.
+
+Why msgpack: it is already a dependency on both sides, carries binary (JPEG frames, WAV) without
+base64's third more bytes, parses in C with hard length limits, and is simple enough to describe
+byte by byte. A fixed-position array instead of a map keeps the envelope small and leaves
+nothing optional to negotiate.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import msgpack
+import nacl.bindings
+import nacl.exceptions
+import nacl.utils
+from nacl.public import PrivateKey
+from nacl.signing import VerifyKey
+
+from edgekeeper.protocol.errors import (
+    AuthenticationFailed,
+    DeviceRevoked,
+    InvalidBody,
+    MalformedEnvelope,
+    MissingSignature,
+    PayloadTooLarge,
+    ProtocolError,
+    StaleMessage,
+    UnknownDevice,
+    UnsupportedVersion,
+)
+from edgekeeper.protocol.keys import DeviceKeys, DevicePublicKeys, b64d, b64e
+from edgekeeper.protocol.messages import (
+    MAX_SEQ,
+    EventBody,
+    ResultBody,
+    payload_digest,
+    valid_device_id,
+)
+
+PROTOCOL_VERSION = 1
+KIND_EVENT = 1
+KIND_RESULT = 2
+CONTENT_TYPE = "application/vnd.edgekeeper.envelope+msgpack"
+NONCE_BYTES = 24
+HASH_BYTES = 32
+MAC_BYTES = 16
+MAX_HEADER_BYTES = 512
+MAX_TAG = 128
+DEFAULT_MAX_BYTES = 8 * 1024 * 1024
+_BIND_DOMAIN = b"edgekeeper-envelope-v1"
+
+# Request signing (docs/protocol.md, "Signed requests").
+HEADER_DEVICE = "X-Edgekeeper-Device"
+HEADER_TIMESTAMP = "X-Edgekeeper-Timestamp"
+HEADER_SIGNATURE = "X-Edgekeeper-Signature"
+_REQUEST_DOMAIN = b"edgekeeper-request-v1"
+
+Lookup = Callable[[str], "DevicePublicKeys | None"]
+
+
+@dataclass(frozen=True)
+class EnvelopeHeader:
+    version: int
+    kind: int
+    device_id: str
+    seq: int
+    timestamp: float
+    tag: str
+    payload_hash: bytes
+
+
+@dataclass(frozen=True)
+class OpenedEvent:
+    """An authenticated event. ``envelope`` is the original bytes (the queue stores those, so
+    queue and storage only ever hold ciphertext)."""
+
+    device_id: str
+    seq: int
+    sent_at: float
+    model_version: str
+    payload_hash: bytes
+    body: EventBody
+    body_bytes: bytes
+    envelope: bytes
+
+
+@dataclass(frozen=True)
+class OpenedResult:
+    device_id: str
+    seq: int
+    produced_at: float
+    reasoner: str
+    payload_hash: bytes
+    body: ResultBody
+
+
+@functools.lru_cache(maxsize=4096)
+def _shared_key(secret_key: bytes, public_key: bytes) -> bytes:
+    # crypto_box = crypto_box_beforenm (X25519 + HSalsa20) then XSalsa20-Poly1305 under that key.
+    # The X25519 step costs as much as encrypting ~25 KB, so it is done once per key pair.
+    return nacl.bindings.crypto_box_beforenm(public_key, secret_key)
+
+
+def _bind(version: int, kind: int, header: bytes) -> bytes:
+    return hashlib.sha256(_BIND_DOMAIN + bytes((version, kind)) + header).digest()
+
+
+def _raw_key(key: PrivateKey | bytes) -> bytes:
+    return bytes(key)
+
+
+def _encode_header(device_id: str, seq: int, timestamp: float, tag: str, phash: bytes) -> bytes:
+    return msgpack.packb([device_id, seq, float(timestamp), tag, phash], use_bin_type=True)
+
+
+def _seal(kind: int, header: bytes, body: bytes, secret_key: bytes, public_key: bytes) -> bytes:
+    nonce = nacl.utils.random(NONCE_BYTES)
+    plaintext = _bind(PROTOCOL_VERSION, kind, header) + body
+    box = nacl.bindings.crypto_box_afternm(plaintext, nonce, _shared_key(secret_key, public_key))
+    return msgpack.packb([PROTOCOL_VERSION, kind, header, nonce, box], use_bin_type=True)
+
+
+def _parse(data: bytes, max_bytes: int) -> tuple[EnvelopeHeader, bytes, bytes, bytes]:
+    """Split an envelope into (header, header bytes, nonce, box) with every shape check."""
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise MalformedEnvelope("the envelope must be bytes")
+    if len(data) > max_bytes:
+        raise PayloadTooLarge(f"the envelope is {len(data)} bytes; the limit is {max_bytes}")
+    try:
+        outer = msgpack.unpackb(
+            data,
+            raw=False,
+            use_list=True,
+            max_bin_len=max_bytes,
+            max_str_len=0,
+            max_array_len=5,
+            max_map_len=0,
+            max_ext_len=0,
+        )
+    except (ValueError, TypeError, msgpack.UnpackException) as err:
+        raise MalformedEnvelope(f"the envelope is not one msgpack array: {err}") from None
+    if not isinstance(outer, list) or len(outer) != 5:
+        raise MalformedEnvelope("the envelope must be a msgpack array of 5 items")
+    version, kind, header_bytes, nonce, box = outer
+    if type(version) is not int:
+        raise MalformedEnvelope("envelope item 0 (version) must be an integer")
+    if version != PROTOCOL_VERSION:
+        raise UnsupportedVersion(
+            f"envelope version {version} is not supported; this side speaks {PROTOCOL_VERSION}"
+        )
+    if type(kind) is not int or kind not in (KIND_EVENT, KIND_RESULT):
+        raise MalformedEnvelope(f"envelope item 1 (kind) must be 1 or 2, got {kind!r}")
+    if not isinstance(header_bytes, bytes) or not 0 < len(header_bytes) <= MAX_HEADER_BYTES:
+        raise MalformedEnvelope(f"envelope item 2 (header) must be 1-{MAX_HEADER_BYTES} bytes")
+    if not isinstance(nonce, bytes) or len(nonce) != NONCE_BYTES:
+        raise MalformedEnvelope(f"envelope item 3 (nonce) must be {NONCE_BYTES} bytes")
+    if not isinstance(box, bytes) or len(box) < MAC_BYTES + HASH_BYTES:
+        raise MalformedEnvelope("envelope item 4 (box) is too short to hold a sealed body")
+    try:
+        fields = msgpack.unpackb(
+            header_bytes,
+            raw=False,
+            use_list=True,
+            max_bin_len=HASH_BYTES,
+            max_str_len=MAX_TAG,
+            max_array_len=5,
+            max_map_len=0,
+            max_ext_len=0,
+        )
+    except (ValueError, TypeError, msgpack.UnpackException) as err:
+        raise MalformedEnvelope(f"the envelope header is not valid msgpack: {err}") from None
+    if not isinstance(fields, list) or len(fields) != 5:
+        raise MalformedEnvelope("the envelope header must be an array of 5 items")
+    device_id, seq, timestamp, tag, phash = fields
+    if not valid_device_id(device_id):
+        raise MalformedEnvelope("header device_id must be 1-64 letters, digits, '-', '_', '.'")
+    if type(seq) is not int or not 0 <= seq <= MAX_SEQ:
+        raise MalformedEnvelope("header seq must be an integer in [0, 2^63)")
+    if type(timestamp) is not float or not math.isfinite(timestamp):
+        raise MalformedEnvelope("header timestamp must be a finite float64")
+    if not isinstance(tag, str) or len(tag) > MAX_TAG:
+        raise MalformedEnvelope(f"header tag must be a string of at most {MAX_TAG} characters")
+    if not isinstance(phash, bytes) or len(phash) != HASH_BYTES:
+        raise MalformedEnvelope(f"header payload_hash must be {HASH_BYTES} bytes")
+    header = EnvelopeHeader(version, kind, device_id, seq, timestamp, tag, phash)
+    return header, header_bytes, nonce, box
+
+
+def _open(header: EnvelopeHeader, header_bytes: bytes, nonce: bytes, box: bytes,
+          secret_key: bytes, public_key: bytes) -> bytes:
+    try:
+        plaintext = nacl.bindings.crypto_box_open_afternm(
+            box, nonce, _shared_key(secret_key, public_key)
+        )
+    except nacl.exceptions.CryptoError:
+        raise AuthenticationFailed(
+            f"the envelope from {header.device_id!r} seq {header.seq} does not authenticate"
+        ) from None
+    bound = _bind(header.version, header.kind, header_bytes)
+    if plaintext[:HASH_BYTES] != bound:
+        raise AuthenticationFailed(
+            f"the envelope header from {header.device_id!r} seq {header.seq} was altered"
+        )
+    return plaintext[HASH_BYTES:]
+
+
+def peek_header(data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES) -> EnvelopeHeader:
+    """Parse an envelope's cleartext header (untrusted until opened)."""
+    return _parse(data, max_bytes)[0]
+
+
+def seal_event(
+    body: EventBody | bytes,
+    *,
+    device: DeviceKeys,
+    cloud_box_pk: bytes,
+    sent_at: float,
+    model_version: str,
+    payload_hash: bytes | None = None,
+) -> bytes:
+    """Encrypt ``body`` from the device to the cloud, binding id, seq, sent_at, model version
+    and payload hash. Seal again on every upload attempt (fresh ``sent_at``)."""
+    if isinstance(body, EventBody):
+        event, encoded = body, body.encode()
+    else:
+        encoded = bytes(body)
+        event = EventBody.decode(encoded)
+    if payload_hash is None:
+        payload_hash = payload_digest(encoded)
+    elif len(payload_hash) != HASH_BYTES:
+        raise ValueError("payload_hash must be the 32-byte payload_digest of the encoded body")
+    if not isinstance(model_version, str) or len(model_version) > MAX_TAG:
+        raise ValueError(f"model_version must be a string of at most {MAX_TAG} characters")
+    header = _encode_header(event.device_id, event.seq, sent_at, model_version, payload_hash)
+    return _seal(KIND_EVENT, header, encoded, device.box_sk, bytes(cloud_box_pk))
+
+
+def open_event(
+    data: bytes,
+    *,
+    cloud_box_sk: PrivateKey | bytes,
+    lookup: Lookup,
+    now: float | None,
+    window_s: float,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    verify_payload_hash: bool = False,
+) -> OpenedEvent:
+    """Authenticate and decrypt an event envelope; raise a ProtocolError subclass if refused.
+
+    ``verify_payload_hash``: recompute SHA-256 over the body and compare. The ingest leaves it
+    off: the box already proves the device sent this header with this body, so a mismatch can
+    only come from the authenticated device itself; the worker turns it on.
+    """
+    header, header_bytes, nonce, box = _parse(data, max_bytes)
+    if header.kind != KIND_EVENT:
+        raise MalformedEnvelope("expected an event envelope (kind 1)")
+    device = lookup(header.device_id)
+    if device is None:
+        raise UnknownDevice(f"device {header.device_id!r} is not enrolled")
+    if device.revoked:
+        raise DeviceRevoked(f"device {header.device_id!r} has been revoked")
+    body_bytes = _open(header, header_bytes, nonce, box, _raw_key(cloud_box_sk), device.box_pk)
+    if now is not None and abs(header.timestamp - now) > window_s:
+        raise StaleMessage(
+            f"sent_at {header.timestamp:.3f} is {header.timestamp - now:+.1f} s from the "
+            f"cloud's clock; the window is ±{window_s:g} s"
+        )
+    if verify_payload_hash and payload_digest(body_bytes) != header.payload_hash:
+        raise InvalidBody("the body does not match the payload_hash in its header")
+    body = EventBody.decode(body_bytes)
+    if body.device_id != header.device_id or body.seq != header.seq:
+        raise InvalidBody(
+            f"the body says {body.device_id!r} seq {body.seq}, the header "
+            f"{header.device_id!r} seq {header.seq}"
+        )
+    return OpenedEvent(
+        device_id=header.device_id,
+        seq=header.seq,
+        sent_at=header.timestamp,
+        model_version=header.tag,
+        payload_hash=header.payload_hash,
+        body=body,
+        body_bytes=body_bytes,
+        envelope=bytes(data),
+    )
+
+
+def seal_result(
+    body: ResultBody, *, cloud_box_sk: PrivateKey | bytes, device_box_pk: bytes
+) -> bytes:
+    """Encrypt a result from the cloud to the device that sent the event."""
+    encoded = body.encode()
+    header = _encode_header(
+        body.device_id, body.seq, body.produced_at, body.reasoner[:MAX_TAG], payload_digest(encoded)
+    )
+    return _seal(KIND_RESULT, header, encoded, _raw_key(cloud_box_sk), bytes(device_box_pk))
+
+
+def open_result(
+    data: bytes,
+    *,
+    device: DeviceKeys,
+    device_id: str,
+    cloud_box_pk: bytes,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+) -> OpenedResult:
+    """Authenticate (against the pinned cloud key) and decrypt a result meant for this device."""
+    header, header_bytes, nonce, box = _parse(data, max_bytes)
+    if header.kind != KIND_RESULT:
+        raise MalformedEnvelope("expected a result envelope (kind 2)")
+    if header.device_id != device_id:
+        raise AuthenticationFailed(
+            f"the result is addressed to {header.device_id!r}, not to this device {device_id!r}"
+        )
+    body_bytes = _open(header, header_bytes, nonce, box, device.box_sk, bytes(cloud_box_pk))
+    if payload_digest(body_bytes) != header.payload_hash:
+        raise InvalidBody("the result body does not match the payload_hash in its header")
+    body = ResultBody.decode(body_bytes)
+    if body.device_id != header.device_id or body.seq != header.seq:
+        raise InvalidBody("the result body disagrees with its header (device_id/seq)")
+    return OpenedResult(
+        device_id=header.device_id,
+        seq=header.seq,
+        produced_at=header.timestamp,
+        reasoner=header.tag,
+        payload_hash=header.payload_hash,
+        body=body,
+    )
+
+
+# --- signed requests ---------------------------------------------------------------------
+
+
+def _request_message(
+    device_id: str, method: str, path: str, query: str, body: bytes, timestamp: str
+) -> bytes:
+    return b"\n".join(
+        (
+            _REQUEST_DOMAIN,
+            method.upper().encode("ascii"),
+            path.encode("utf-8"),
+            query.encode("utf-8"),
+            device_id.encode("ascii"),
+            timestamp.encode("ascii"),
+            hashlib.sha256(body).hexdigest().encode("ascii"),
+        )
+    )
+
+
+def format_timestamp(ts: float) -> str:
+    """The X-Edgekeeper-Timestamp text: seconds since the epoch, 3 decimals."""
+    return f"{ts:.3f}"
+
+
+def sign_request(
+    device: DeviceKeys,
+    *,
+    device_id: str,
+    method: str,
+    path: str,
+    query: str = "",
+    body: bytes = b"",
+    timestamp: float,
+) -> dict[str, str]:
+    """Headers that authenticate one HTTP request as coming from ``device_id``.
+
+    ``path`` and ``query`` must be exactly what goes on the wire (percent-encoded, query without
+    the '?'); keep them plain ASCII (``/v1/results``, ``cursor=12&wait=30``) so no client
+    re-encodes them.
+    """
+    ts = format_timestamp(timestamp)
+    message = _request_message(device_id, method, path, query, body, ts)
+    signature = device.signing_key.sign(message).signature
+    return {HEADER_DEVICE: device_id, HEADER_TIMESTAMP: ts, HEADER_SIGNATURE: b64e(signature)}
+
+
+def verify_request(
+    headers: Mapping[str, str],
+    *,
+    method: str,
+    path: str,
+    query: str,
+    body: bytes,
+    lookup: Lookup,
+    now: float,
+    window_s: float,
+) -> DevicePublicKeys:
+    """Check a signed request; return the device it came from or raise a ProtocolError."""
+    device_id = headers.get(HEADER_DEVICE)
+    ts_text = headers.get(HEADER_TIMESTAMP)
+    sig_text = headers.get(HEADER_SIGNATURE)
+    if not device_id or not ts_text or not sig_text:
+        raise MissingSignature(
+            f"the request lacks {HEADER_DEVICE}, {HEADER_TIMESTAMP} or {HEADER_SIGNATURE}"
+        )
+    if not valid_device_id(device_id):
+        raise MissingSignature(f"{HEADER_DEVICE} is not a valid device id")
+    try:
+        ts = float(ts_text)
+        signature = b64d(sig_text, what=HEADER_SIGNATURE, length=64)
+    except ValueError as err:
+        raise MissingSignature(f"malformed signature headers: {err}") from None
+    if not math.isfinite(ts):
+        raise MissingSignature(f"{HEADER_TIMESTAMP} must be a finite number")
+    device = lookup(device_id)
+    if device is None:
+        raise UnknownDevice(f"device {device_id!r} is not enrolled")
+    if device.revoked:
+        raise DeviceRevoked(f"device {device_id!r} has been revoked")
+    message = _request_message(device_id, method, path, query, body, ts_text)
+    try:
+        VerifyKey(device.sign_pk).verify(message, signature)
+    except nacl.exceptions.BadSignatureError:
+        raise AuthenticationFailed(f"the request signature of {device_id!r} does not verify") from None
+    if abs(ts - now) > window_s:
+        raise StaleMessage(
+            f"{HEADER_TIMESTAMP} is {ts - now:+.1f} s from the cloud's clock; "
+            f"the window is ±{window_s:g} s"
+        )
+    return device
+
+
+__all__ = [
+    "CONTENT_TYPE",
+    "HEADER_DEVICE",
+    "HEADER_SIGNATURE",
+    "HEADER_TIMESTAMP",
+    "KIND_EVENT",
+    "KIND_RESULT",
+    "PROTOCOL_VERSION",
+    "EnvelopeHeader",
+    "OpenedEvent",
+    "OpenedResult",
+    "ProtocolError",
+    "format_timestamp",
+    "open_event",
+    "open_result",
+    "peek_header",
+    "seal_event",
+    "seal_result",
+    "sign_request",
+    "verify_request",
+]

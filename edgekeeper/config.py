@@ -283,6 +283,64 @@ class ResultsSection:
 
 
 @dataclass(frozen=True)
+class CloudSection:
+    # The cloud half (cloud/ingest.py, cloud/worker.py). Empty data_dir means edgekeeper-cloud/
+    # beside the device state dir (~/.local/state/edgekeeper-cloud, /var/lib/edgekeeper-cloud):
+    # the embedded backends' SQLite files and the cloud's keys live there.
+    data_dir: str = ""
+    host: str = "127.0.0.1"
+    port: int = 8765
+    # Largest event envelope accepted; refused by Content-Length before the body is read.
+    max_event_bytes: int = 8 * 1024 * 1024
+    # sent_at (and signed-request timestamps) must be within this many seconds of the cloud clock.
+    replay_window_seconds: float = 300.0
+    # Per-device token bucket: sustained events per second, and the burst allowed above it.
+    rate_per_second: float = 5.0
+    rate_burst: int = 30
+    # Uploads being read or processed at once; past it the ingest answers 503 + Retry-After,
+    # which bounds its memory to about max_inflight * max_event_bytes.
+    max_inflight: int = 64
+    token_ttl_seconds: float = 86400.0
+    # Longest long-poll on GET /v1/results (the device asks for less).
+    results_max_wait_seconds: float = 30.0
+    # How often a long-poll re-checks the results store written by workers in other processes,
+    # and how often the ingest re-reads the device registry (revocations from the CLI).
+    results_poll_seconds: float = 0.25
+    registry_refresh_seconds: float = 0.5
+    queue_backend: Literal["sqlite"] = "sqlite"
+    store_backend: Literal["sqlite"] = "sqlite"
+    # A leased event not acked within this many seconds is delivered again.
+    queue_visibility_seconds: float = 120.0
+    # Deliveries before an event goes to the dead-letter list.
+    queue_max_attempts: int = 5
+    reasoner: Literal["echo"] = "echo"
+    # Events reasoned about at once by one worker process.
+    worker_concurrency: int = 4
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ValueError("port must be 0-65535")
+        if not 1024 <= self.max_event_bytes <= 256 * 1024 * 1024:
+            raise ValueError("max_event_bytes must be between 1024 and 268435456")
+        if not 1 <= self.replay_window_seconds <= 86400:
+            raise ValueError("replay_window_seconds must be between 1 and 86400")
+        if self.rate_per_second <= 0 or self.rate_burst < 1:
+            raise ValueError("rate_per_second > 0 and rate_burst >= 1 are required")
+        if not 1 <= self.max_inflight <= 10000:
+            raise ValueError("max_inflight must be between 1 and 10000")
+        if self.token_ttl_seconds <= 0:
+            raise ValueError("token_ttl_seconds must be > 0")
+        if not 0 <= self.results_max_wait_seconds <= 300:
+            raise ValueError("results_max_wait_seconds must be between 0 and 300")
+        if self.results_poll_seconds <= 0 or self.registry_refresh_seconds <= 0:
+            raise ValueError("results_poll_seconds and registry_refresh_seconds must be > 0")
+        if self.queue_visibility_seconds <= 0 or not 1 <= self.queue_max_attempts <= 1000:
+            raise ValueError("queue_visibility_seconds > 0 and 1 <= queue_max_attempts <= 1000")
+        if not 1 <= self.worker_concurrency <= 256:
+            raise ValueError("worker_concurrency must be between 1 and 256")
+
+
+@dataclass(frozen=True)
 class Config:
     device: DeviceSection = field(default_factory=DeviceSection)
     log: LogSection = field(default_factory=LogSection)
@@ -296,12 +354,19 @@ class Config:
     outbox: OutboxSection = field(default_factory=OutboxSection)
     uplink: UplinkSection = field(default_factory=UplinkSection)
     results: ResultsSection = field(default_factory=ResultsSection)
+    cloud: CloudSection = field(default_factory=CloudSection)
     # Where the config came from, for error messages ("defaults" when none was given).
     source: str = field(default="defaults", compare=False)
 
     @property
     def sink_dir(self) -> Path:
         return Path(self.sink.directory) if self.sink.directory else self.device.state_dir / "events"
+
+    @property
+    def cloud_data_dir(self) -> Path:
+        if self.cloud.data_dir:
+            return Path(self.cloud.data_dir).expanduser()
+        return self.device.state_dir.parent / "edgekeeper-cloud"
 
     @property
     def outbox_path(self) -> Path:
@@ -322,6 +387,9 @@ ENV_OVERRIDES: dict[str, str] = {
     "EDGEKEEPER_SINK_DIRECTORY": "sink.directory",
     "EDGEKEEPER_OUTBOX_PATH": "outbox.path",
     "EDGEKEEPER_CLOUD_URL": "uplink.cloud_url",
+    "EDGEKEEPER_CLOUD_DATA_DIR": "cloud.data_dir",
+    "EDGEKEEPER_CLOUD_HOST": "cloud.host",
+    "EDGEKEEPER_CLOUD_PORT": "cloud.port",
 }
 
 

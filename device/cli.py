@@ -1,10 +1,195 @@
-"""Device subcommands: run, replay, record."""
+"""Device subcommands: ``run`` (the live loop), ``replay`` (recordings through the same loop) and
+``record`` (capture a recording that replay reads)."""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import json
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from edgekeeper.config import Config
+from edgekeeper.errors import InputError
+from edgekeeper.log import get_logger
+
+log = get_logger(__name__)
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    # Filled in by the device runtime (run / replay / record).
-    return None
+    p = sub.add_parser("run", help="run the device loop on the configured camera and microphone")
+    p.add_argument("--seconds", type=float, default=0.0,
+                   help="stop after this many seconds (default: run until SIGTERM/SIGINT)")
+    p.set_defaults(handler=cmd_run)
+
+    p = sub.add_parser(
+        "replay",
+        help="replay recordings through the device loop and write a report",
+        description="Replay video files, image folders, WAVs or recording folders through the "
+        "same loop the device runs, deterministically, and report what the gate did.",
+    )
+    p.add_argument("paths", nargs="+", type=Path, metavar="PATH")
+    p.add_argument("--labels", type=Path, metavar="FILE",
+                   help="ground truth (JSON time ranges per label) for precision/recall; "
+                   "default: labels.json inside a recording folder")
+    p.add_argument("--realtime", action="store_true", help="pace input at its real frame rate")
+    p.add_argument("--report", type=Path, default=Path("replay-report"), metavar="DIR",
+                   help="where report.json, report.html and events/ go (default ./replay-report)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.set_defaults(handler=cmd_replay)
+
+    p = sub.add_parser("record", help="record the camera and microphone into a recording folder")
+    p.add_argument("out", type=Path, metavar="DIR", help="recording folder to create")
+    p.add_argument("--seconds", type=float, default=10.0)
+    p.add_argument("--no-video", action="store_true")
+    p.add_argument("--no-audio", action="store_true")
+    p.set_defaults(handler=cmd_record)
+
+
+# -- replay -----------------------------------------------------------------------------------
+def cmd_replay(args: argparse.Namespace, config: Config) -> int:
+    from edgekeeper.device.replay import replay_recording
+    from edgekeeper.device.report import write_report
+    from edgekeeper.device.sources import load_labels
+
+    labels = load_labels(args.labels) if args.labels else None
+    report_dir: Path = args.report
+
+    async def main() -> list[Any]:
+        results = []
+        for i, path in enumerate(args.paths):
+            events_dir = report_dir / "events" / (f"{i:02d}-{path.stem}" if len(args.paths) > 1 else "")
+            results.append(
+                await replay_recording(
+                    path,
+                    config,
+                    events_dir=events_dir,
+                    realtime=args.realtime,
+                    labels=labels,
+                    progress=not args.no_progress,
+                )
+            )
+        return results
+
+    results = asyncio.run(main())
+    paths = write_report(results, config, report_dir)
+    summaries = [r.summary() for r in results]
+    if args.json:
+        print(json.dumps(summaries, indent=2, sort_keys=True))
+    else:
+        for s in summaries:
+            print(format_summary(s))
+        print(f"report: {paths['html']}  ({paths['json'].name} beside it)")
+    return 0
+
+
+def format_summary(s: dict[str, Any]) -> str:
+    lines = [
+        f"{s['recording']}  ({s['media_seconds']:.1f} s; models {', '.join(s['models'].values())})",
+        f"  frames {s['frames']} (scored {s['frames_scored']}, spared by pre-gate "
+        f"{s['frames_spared_by_pregate']}, dropped {s['frames_dropped']}); audio windows "
+        f"{s['audio_windows']} (scored {s['audio_scored']}, spared {s['audio_spared_by_pregate']})",
+        f"  triggers {s['triggers']}, held back {s['held_back']}, events {s['events']}",
+        f"  bytes that left the device {s['bytes_sent']:,} vs streaming everything "
+        f"{s['bytes_streaming_everything']:,}"
+        + (f" ({100 * s['bytes_ratio']:.2f}%)" if s["bytes_ratio"] is not None else ""),
+    ]
+    for label, m in s["metrics"].items():
+        lines.append(
+            f"  {label}: window precision {m['window_precision']} recall {m['window_recall']}; "
+            f"events {m['triggers']} (precision {m['event_precision']}, recall "
+            f"{m['event_recall']}), {m['triggers_per_hour']} triggers/hour"
+        )
+    return "\n".join(lines)
+
+
+# -- run --------------------------------------------------------------------------------------
+def install_stop_signals(stop: asyncio.Event) -> None:
+    """SIGTERM/SIGINT set ``stop`` (drain and exit); a second SIGINT exits at once."""
+    loop = asyncio.get_running_loop()
+    hits = 0
+
+    def on_signal(signame: str) -> None:
+        nonlocal hits
+        hits += 1
+        if hits > 1 and signame == "SIGINT":
+            log.warning("second SIGINT: exiting without draining")
+            raise SystemExit(130)
+        log.info("signal received; draining", signal=signame)
+        stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            loop.add_signal_handler(sig, on_signal, sig.name)
+        except (NotImplementedError, RuntimeError):  # pragma: no cover - non-main thread
+            pass
+
+
+def live_sources(config: Config, audio_rate: int | None) -> tuple[Any, Any]:
+    from edgekeeper.device.sources import MicrophoneSource, VideoCaptureSource
+
+    video = audio = None
+    if config.camera.enabled:
+        cam = config.camera
+        video = VideoCaptureSource(cam.source, fps=cam.fps, live=True, queue_size=cam.queue_size,
+                                   reconnect_seconds=cam.reconnect_seconds,
+                                   width=cam.width, height=cam.height)
+    if config.microphone.enabled and audio_rate:
+        mic = config.microphone
+        audio = MicrophoneSource(device=mic.device, rate=audio_rate,
+                                 block_seconds=mic.block_seconds, queue_size=mic.queue_size)
+    return video, audio
+
+
+def cmd_run(args: argparse.Namespace, config: Config) -> int:
+    import time
+
+    from edgekeeper.device.loop import Pipeline
+    from edgekeeper.device.replay import open_gates
+    from edgekeeper.device.sink import LocalSink
+
+    if not config.camera.enabled and not config.microphone.enabled:
+        raise InputError(
+            "both camera and microphone are disabled: nothing to run",
+            fix="set camera.enabled or microphone.enabled to true in the config",
+        )
+
+    async def main() -> dict[str, Any]:
+        stop = asyncio.Event()
+        install_stop_signals(stop)
+        if args.seconds > 0:
+            asyncio.get_running_loop().call_later(args.seconds, stop.set)
+        async with open_gates(config, vision=config.camera.enabled,
+                              audio=config.microphone.enabled) as gates:
+            rate = gates.audio.manifest.audio.sample_rate if gates.audio else None
+            video, audio = live_sources(config, rate)
+            sink = LocalSink(config.sink_dir)
+            pipeline = Pipeline(config, sink, video=video, audio=audio,
+                                vision_gate=gates.vision, audio_gate=gates.audio,
+                                clock_base=time.time(), ordered=False)
+            log.info("device loop running", sink=str(config.sink_dir), models=gates.models)
+            stats = await pipeline.run(stop)
+            return stats.as_dict()
+
+    stats = asyncio.run(main())
+    print(json.dumps(stats, indent=2, sort_keys=True))
+    return 0
+
+
+# -- record -----------------------------------------------------------------------------------
+def cmd_record(args: argparse.Namespace, config: Config) -> int:
+    from edgekeeper.device.record import record
+
+    out = asyncio.run(record(config, args.out, seconds=args.seconds,
+                             video=not args.no_video, audio=not args.no_audio))
+    print(f"recorded {out}")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    from edgekeeper.cli import main
+
+    sys.exit(main(["replay", *sys.argv[1:]]))

@@ -135,6 +135,7 @@ class ThreadedSource:
         self.stats = SourceStats()
         self.annotate: Callable[[Any], None] | None = None
         self._stop = threading.Event()
+        self._opened = False
 
     def _produce(self, emit: Callable[[Any], bool]) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -145,6 +146,12 @@ class ThreadedSource:
     def close(self) -> None:
         """Release the device or file (called in the reader thread when it ends)."""
 
+    def ensure_open(self) -> None:
+        """Open once (blocking). Replay calls it early to validate inputs and learn durations."""
+        if not self._opened:
+            self.open()
+            self._opened = True
+
     def stop(self) -> None:
         self._stop.set()
 
@@ -153,7 +160,7 @@ class ThreadedSource:
 
     async def stream(self) -> AsyncIterator[Any]:
         loop = asyncio.get_running_loop()
-        await asyncio.to_thread(self.open)
+        await asyncio.to_thread(self.ensure_open)
         handoff = Handoff(loop, self.queue_size, self.lossless)
         handoff.on_drop = self._on_drop
 

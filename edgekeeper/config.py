@@ -430,6 +430,11 @@ def load(path: str | Path | None = None, env: typing.Mapping[str, str] | None = 
     for var, dotted in ENV_OVERRIDES.items():
         if var in env:
             override(data, dotted, coerce_env(_field_type(dotted), env[var]))
+    return build_from_dict(data, source=source)
+
+
+def build_from_dict(data: dict[str, Any], *, source: str) -> Config:
+    """Validate already-parsed TOML data (tests and tools build configs this way too)."""
     if "source" in data:
         raise ConfigError(f"{source}: 'source' is not a config section", fix="remove it")
     config = build(Config, data, source=source)

@@ -1,0 +1,383 @@
+"""The device loop: sources -> pre-gate -> gate -> trigger -> capture -> sink.
+
+One ``Pipeline`` owns every task of a run in one ``asyncio.TaskGroup``:
+
+- a *stage* per modality reads its source, asks the pre-gate whether the model should look, runs
+  the gate (in the gate's own thread) and emits a ``StageResult`` per frame or audio block, in time
+  order, into a small bounded queue (backpressure, not buffering);
+- the *decider* merges both streams, feeds the capture rings, applies the trigger policy, opens
+  events when a rule fires and closes them once every stream has passed their post-roll;
+- the *deliverer* encodes finished events (JPEG/WAV, in a thread) and hands them to the sink, in
+  sequence order.
+
+Live (``ordered=False``) the decider takes results as they come, so a trigger costs no waiting.
+Replay (``ordered=True``) merges the streams by timestamp, so the same recording and config give
+the same decisions and events however the two stages were scheduled.
+
+Stopping: set the ``stop`` event. Sources stop reading, the stages drain, pending events are
+closed with the post-roll they have, delivered, and ``run`` returns the stats. Nothing captured
+is dropped on the way out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from edgekeeper.config import Config
+from edgekeeper.device.capture import Capture, PendingEvent
+from edgekeeper.device.events import Event
+from edgekeeper.device.gate import Gate
+from edgekeeper.device.pregate import AudioPregate, MotionMeter, VideoPregate
+from edgekeeper.device.sink import Sink
+from edgekeeper.device.sources import AudioBlock, Frame
+from edgekeeper.device.trigger import Decision, TriggerPolicy
+from edgekeeper.log import get_logger
+
+log = get_logger(__name__)
+
+_STAGE_QUEUE = 8
+
+
+@dataclass(slots=True)
+class StageResult:
+    modality: str
+    t: float  # the stream has been read up to here
+    scores: dict[str, float] | None = None  # None: the model did not look (pre-gate)
+    features: np.ndarray | None = None
+    frame: Frame | None = None
+    samples: np.ndarray | None = None
+    samples_t: float = 0.0
+    reason: str | None = None
+
+
+@dataclass
+class PipelineStats:
+    frames: int = 0
+    frames_dropped: int = 0
+    frames_scored: int = 0
+    frames_spared: int = 0
+    audio_blocks: int = 0
+    audio_dropped: int = 0
+    audio_windows: int = 0
+    audio_scored: int = 0
+    audio_spared: int = 0
+    decisions: list[dict[str, Any]] = field(default_factory=list)
+    events: int = 0
+    event_bytes: int = 0
+    media_seconds: float = 0.0
+    latencies_ms: dict[str, list[float]] = field(default_factory=dict)
+    # (t, modality, scores) of every scored window; kept only when record_timeline=True.
+    timeline: list[tuple[float, str, dict[str, float]]] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        lat = {
+            m: {"p50": float(np.percentile(v, 50)), "p99": float(np.percentile(v, 99)), "n": len(v)}
+            for m, v in self.latencies_ms.items()
+            if v
+        }
+        return {
+            "frames": self.frames,
+            "frames_dropped": self.frames_dropped,
+            "frames_scored": self.frames_scored,
+            "frames_spared_by_pregate": self.frames_spared,
+            "audio_blocks": self.audio_blocks,
+            "audio_dropped": self.audio_dropped,
+            "audio_windows": self.audio_windows,
+            "audio_scored": self.audio_scored,
+            "audio_spared_by_pregate": self.audio_spared,
+            "triggers": sum(1 for d in self.decisions if d["action"] == "fire"),
+            "held_back": sum(1 for d in self.decisions if d["action"] == "hold"),
+            "events": self.events,
+            "event_bytes": self.event_bytes,
+            "media_seconds": round(self.media_seconds, 3),
+            "gate_latency_ms": lat,
+        }
+
+
+class _AudioWindow:
+    """Accumulates blocks and yields a model window every hop, counted in samples."""
+
+    def __init__(self, window: int, hop: int) -> None:
+        self.window, self.hop = window, hop
+        # Start as if the stream had been silent before t=0, so the first window is ready one
+        # hop in (not a whole window in) and a recording shorter than a window is still heard.
+        pad = max(0, window - hop)
+        self._buf = np.zeros(pad, np.float32)
+        self._buf_start = -pad  # absolute sample index of _buf[0]
+        self._next_end = hop  # absolute index one past the next window's last sample
+
+    def push(self, samples: np.ndarray) -> list[tuple[int, np.ndarray]]:
+        """Add samples; return (end sample index, window) for every window now complete."""
+        self._buf = np.concatenate([self._buf, samples])
+        seen = self._buf_start + len(self._buf)
+        out = []
+        while seen >= self._next_end:
+            end = self._next_end - self._buf_start
+            out.append((self._next_end, self._buf[end - self.window : end].copy()))
+            self._next_end += self.hop
+        # Keep only what the next window needs.
+        drop = self._next_end - self.window - self._buf_start
+        if drop > 0:
+            self._buf = self._buf[drop:]
+            self._buf_start += drop
+        return out
+
+
+class Pipeline:
+    def __init__(
+        self,
+        config: Config,
+        sink: Sink,
+        *,
+        video: Any = None,
+        audio: Any = None,
+        vision_gate: Gate | None = None,
+        audio_gate: Gate | None = None,
+        clock_base: float = 0.0,
+        ordered: bool = False,
+        record_timeline: bool = False,
+        on_event: Callable[[Event], Any] | None = None,
+        on_decision: Callable[[Decision], Any] | None = None,
+    ) -> None:
+        if video is not None and vision_gate is None:
+            raise ValueError("a video source needs a vision gate")
+        if audio is not None and audio_gate is None:
+            raise ValueError("an audio source needs an audio gate")
+        self.config = config
+        self.sink = sink
+        self.video, self.audio = video, audio
+        self.vision_gate, self.audio_gate = vision_gate, audio_gate
+        self.ordered = ordered
+        self.record_timeline = record_timeline
+        self.on_event, self.on_decision = on_event, on_decision
+        self.stats = PipelineStats()
+        self.trigger = TriggerPolicy(config.trigger)
+        self.video_pregate = VideoPregate(config.pregate)
+        self.audio_pregate = AudioPregate(config.pregate)
+        models = {}
+        if vision_gate is not None:
+            models["vision"] = vision_gate.manifest.tag
+        if audio_gate is not None:
+            models["audio"] = audio_gate.manifest.tag
+        audio_rate = audio_gate.manifest.audio.sample_rate if audio_gate is not None else 16000
+        self.capture = Capture(
+            config.event,
+            device_id=config.device.id,
+            audio_rate=audio_rate,
+            clock_base=clock_base,
+            models=models,
+            priorities={k: r.priority for k, r in config.trigger.labels.items()},
+        )
+        if video is not None and config.pregate.motion:
+            # Motion is measured in the source's reader thread, on every frame, in order.
+            video.annotate = MotionMeter(config.pregate).annotate
+
+    # -- stages -----------------------------------------------------------------------------
+    async def _video_stage(self, out: asyncio.Queue[StageResult | None]) -> None:
+        assert self.vision_gate is not None
+        lat = self.stats.latencies_ms.setdefault("vision", [])
+        try:
+            async for frame in self.video.stream():
+                self.stats.frames += 1
+                reason = self.video_pregate.decide(frame.t, frame.motion)
+                result = StageResult("vision", frame.t, frame=frame, reason=reason)
+                if reason is not None:
+                    g = await self.vision_gate.classify(frame.image)
+                    lat.append(g.latency_ms)
+                    result.scores, result.features = g.scores, g.features
+                    self.stats.frames_scored += 1
+                else:
+                    self.stats.frames_spared += 1
+                await out.put(result)
+        finally:
+            await out.put(None)
+
+    async def _audio_stage(self, out: asyncio.Queue[StageResult | None]) -> None:
+        assert self.audio_gate is not None
+        a = self.audio_gate.manifest.audio
+        assert a is not None
+        windows = _AudioWindow(a.window_samples, a.hop_samples)
+        lat = self.stats.latencies_ms.setdefault("audio", [])
+        try:
+            async for block in self.audio.stream():
+                block: AudioBlock
+                self.stats.audio_blocks += 1
+                completed = windows.push(block.samples)
+                block_end = block.t + len(block.samples) / a.sample_rate
+                result = StageResult(
+                    "audio", block_end, samples=block.samples, samples_t=block.t
+                )
+                for i, (end_index, window) in enumerate(completed):
+                    t = end_index / a.sample_rate
+                    self.stats.audio_windows += 1
+                    reason, _level = self.audio_pregate.decide(t, window)
+                    if reason is None:
+                        self.stats.audio_spared += 1
+                        continue
+                    g = await self.audio_gate.classify(window)
+                    lat.append(g.latency_ms)
+                    self.stats.audio_scored += 1
+                    scored = StageResult("audio", t, g.scores, g.features, reason=reason)
+                    if i < len(completed) - 1:
+                        await out.put(scored)
+                    else:
+                        result.scores, result.features, result.reason = g.scores, g.features, reason
+                        result.t = max(result.t, t)
+                await out.put(result)
+        finally:
+            await out.put(None)
+
+    # -- decider ----------------------------------------------------------------------------
+    async def _merged(
+        self, queues: dict[str, asyncio.Queue[StageResult | None]]
+    ) -> Any:
+        """Yield (result, watermark) from all stages; time-ordered when self.ordered."""
+        heads: dict[str, StageResult] = {}
+        last_t = {name: -math.inf for name in queues}
+        live = set(queues)
+        if not self.ordered:
+            merged: asyncio.Queue[tuple[str, StageResult | None]] = asyncio.Queue()
+
+            async def pump(name: str, q: asyncio.Queue[StageResult | None]) -> None:
+                while True:
+                    item = await q.get()
+                    await merged.put((name, item))
+                    if item is None:
+                        return
+
+            async with asyncio.TaskGroup() as tg:
+                for name, q in queues.items():
+                    tg.create_task(pump(name, q))
+                while live:
+                    name, item = await merged.get()
+                    if item is None:
+                        live.discard(name)
+                        last_t[name] = math.inf
+                        yield None, min(last_t.values())
+                        continue
+                    last_t[name] = item.t
+                    yield item, min(last_t.values())
+            return
+        while live:
+            for name in list(live):
+                if name not in heads:
+                    item = await queues[name].get()
+                    if item is None:
+                        live.discard(name)
+                        last_t[name] = math.inf
+                    else:
+                        heads[name] = item
+            if not heads:
+                break
+            name = min(heads, key=lambda n: (heads[n].t, n))
+            item = heads.pop(name)
+            # Every other stream's next item is at or after its head: everything before item.t
+            # has been seen from every stream.
+            yield item, item.t
+        yield None, math.inf
+
+    async def _decide(
+        self,
+        queues: dict[str, asyncio.Queue[StageResult | None]],
+        deliver: asyncio.Queue[tuple[PendingEvent, dict[str, Any]] | None],
+    ) -> None:
+        cap = self.capture
+        try:
+            async for item, watermark in self._merged(queues):
+                if item is not None:
+                    self._observe(item)
+                    if item.scores is not None:
+                        await self._apply_trigger(item)
+                for pending in cap.due(watermark):
+                    await deliver.put((pending, cap.snapshot(pending)))
+            # Streams ended (or we were stopped): close what is still open, with what it has.
+            for pending in cap.due(math.inf):
+                await deliver.put((pending, cap.snapshot(pending)))
+        finally:
+            await deliver.put(None)
+
+    def _observe(self, item: StageResult) -> None:
+        cap = self.capture
+        if item.frame is not None:
+            cap.video.add(item.frame.t, item.frame.image)
+        if item.samples is not None:
+            cap.audio.add(item.samples_t, item.samples)
+        self.stats.media_seconds = max(self.stats.media_seconds, item.t)
+        if item.scores is not None:
+            cap.observe(item.t, item.scores)
+            if self.record_timeline:
+                self.stats.timeline.append((item.t, item.modality, item.scores))
+            log.debug("scores", modality=item.modality, t=round(item.t, 3), why=item.reason,
+                      scores={k: round(v, 3) for k, v in item.scores.items()})
+
+    async def _apply_trigger(self, item: StageResult) -> None:
+        assert item.scores is not None
+        for d in self.trigger.update(item.t, item.scores):
+            explained = d.explain()
+            explained["modality"] = item.modality
+            self.stats.decisions.append(explained)
+            log.info("trigger " + d.action, **explained)
+            if self.on_decision is not None:
+                self.on_decision(d)
+            if not d.fired:
+                continue
+            seq = await self.sink.next_seq()
+            frame = (item.frame.t, item.frame.image) if item.frame is not None else None
+            self.capture.open(seq, d, item.modality, frame, item.features, item.scores)
+
+    async def _deliver(
+        self, deliver: asyncio.Queue[tuple[PendingEvent, dict[str, Any]] | None]
+    ) -> None:
+        while (job := await deliver.get()) is not None:
+            pending, snap = job
+            event = await asyncio.to_thread(self.capture.build, pending, snap)
+            await self.sink.deliver(event)
+            self.stats.events += 1
+            self.stats.event_bytes += event.payload_bytes
+            log.info("event captured", seq=event.seq, label=event.label,
+                     frames=len(event.frames), bytes=event.payload_bytes)
+            if self.on_event is not None:
+                self.on_event(event)
+
+    # -- lifecycle --------------------------------------------------------------------------
+    def stop_sources(self) -> None:
+        for src in (self.video, self.audio):
+            if src is not None:
+                src.stop()
+
+    async def run(self, stop: asyncio.Event | None = None) -> PipelineStats:
+        queues: dict[str, asyncio.Queue[StageResult | None]] = {}
+        deliver: asyncio.Queue[tuple[PendingEvent, dict[str, Any]] | None] = asyncio.Queue()
+        async with asyncio.TaskGroup() as tg:
+            if self.video is not None:
+                queues["vision"] = asyncio.Queue(_STAGE_QUEUE)
+                tg.create_task(self._video_stage(queues["vision"]), name="stage-vision")
+            if self.audio is not None:
+                queues["audio"] = asyncio.Queue(_STAGE_QUEUE)
+                tg.create_task(self._audio_stage(queues["audio"]), name="stage-audio")
+            tg.create_task(self._decide(queues, deliver), name="decider")
+            deliverer = tg.create_task(self._deliver(deliver), name="deliverer")
+            if stop is not None:
+
+                async def watch() -> None:
+                    waiter = asyncio.create_task(stop.wait())
+                    done, _ = await asyncio.wait({waiter, deliverer},
+                                                 return_when=asyncio.FIRST_COMPLETED)
+                    if waiter in done:
+                        log.info("stopping: sources closed, draining pending events")
+                        self.stop_sources()
+                    else:
+                        waiter.cancel()
+
+                tg.create_task(watch(), name="stop-watch")
+        if self.video is not None:
+            self.stats.frames_dropped = self.video.stats.dropped
+        if self.audio is not None:
+            self.stats.audio_dropped = self.audio.stats.dropped
+        return self.stats

@@ -1,0 +1,224 @@
+"""Replay: recorded sensor data through the very same Pipeline, for tuning and comparing models.
+
+``replay_recording`` opens a recording with the same source classes the device uses (in lossless,
+media-time mode), builds the same gates, trigger policy and capture, and runs ``Pipeline`` with
+``ordered=True``: the same input and config give the same events, every time. With ground-truth
+labels it scores the gate (precision, recall, triggers per hour); ``device/report.py`` turns the
+result into JSON and an HTML page with plots.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edgekeeper import config as config_mod
+from edgekeeper.config import Config
+from edgekeeper.device.gate import Gate
+from edgekeeper.device.loop import Pipeline, PipelineStats
+from edgekeeper.device.sink import LocalSink, Sink
+from edgekeeper.device.sources import Recording, open_recording
+from edgekeeper.log import bind_context, get_logger
+
+log = get_logger(__name__)
+
+
+@dataclass
+class Gates:
+    vision: Gate | None = None
+    audio: Gate | None = None
+
+    @property
+    def models(self) -> dict[str, str]:
+        out = {}
+        if self.vision is not None:
+            out["vision"] = self.vision.manifest.tag
+        if self.audio is not None:
+            out["audio"] = self.audio.manifest.tag
+        return out
+
+
+@contextlib.asynccontextmanager
+async def open_gates(config: Config, *, vision: bool, audio: bool) -> AsyncIterator[Gates]:
+    """Load the configured gate models (each in its own thread); close them on exit."""
+    gates = Gates()
+    try:
+        if vision:
+            gates.vision = Gate("vision", config.gate.num_threads)
+            await gates.vision.load(
+                config_mod.resolve_model(config.gate.vision_model, config.gate.variant)
+            )
+        if audio:
+            gates.audio = Gate("audio", config.gate.num_threads)
+            await gates.audio.load(
+                config_mod.resolve_model(config.gate.audio_model, config.gate.variant)
+            )
+        bind_context(models=gates.models)
+        yield gates
+    finally:
+        for g in (gates.vision, gates.audio):
+            if g is not None:
+                await asyncio.to_thread(g.close)
+
+
+@dataclass
+class ReplayResult:
+    recording: Recording
+    stats: PipelineStats
+    models: dict[str, str]
+    metrics: dict[str, Any] = field(default_factory=dict)
+    events: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def streaming_bytes(self) -> int:
+        """What streaming everything would have sent: the recording's own encoded size."""
+        return self.recording.input_bytes
+
+    def summary(self) -> dict[str, Any]:
+        s = self.stats.as_dict()
+        return {
+            "recording": str(self.recording.path),
+            "models": self.models,
+            **s,
+            "bytes_sent": self.stats.event_bytes,
+            "bytes_streaming_everything": self.streaming_bytes,
+            "bytes_ratio": (
+                round(self.stats.event_bytes / self.streaming_bytes, 5) if self.streaming_bytes else None
+            ),
+            "metrics": self.metrics,
+        }
+
+
+def evaluate(
+    labels: list[dict[str, Any]],
+    stats: PipelineStats,
+    config: Config,
+    duration: float,
+) -> dict[str, Any]:
+    """Score the gate against ground truth, per triggering label.
+
+    - window level: a scored window is positive when its score reaches the label's threshold,
+      and truly positive when its time falls inside a labelled range;
+    - event level: a trigger is a true positive when it falls inside a range of its label (or
+      within the post-roll after it), recall is the share of ranges that got a trigger;
+    - triggers per hour over the recording's duration.
+    """
+    out: dict[str, Any] = {}
+    post = config.event.post_roll_seconds
+    fired = [d for d in stats.decisions if d["action"] == "fire"]
+    for label, rule in sorted(config.trigger.labels.items()):
+        ranges = [(r["start"], r["end"]) for r in labels if r["label"] == label]
+        windows = [(t, s[label]) for t, _, s in stats.timeline if label in s]
+        if not windows:
+            continue
+        inside = [any(a <= t <= b for a, b in ranges) for t, _ in windows]
+        predicted = [s >= rule.threshold for _, s in windows]
+        tp = sum(1 for p, y in zip(predicted, inside, strict=True) if p and y)
+        fp = sum(1 for p, y in zip(predicted, inside, strict=True) if p and not y)
+        fn = sum(1 for p, y in zip(predicted, inside, strict=True) if not p and y)
+        triggers = [d["t"] for d in fired if d["label"] == label]
+        ev_tp = sum(1 for t in triggers if any(a <= t <= b + post for a, b in ranges))
+        hit_ranges = sum(1 for a, b in ranges if any(a <= t <= b + post for t in triggers))
+        out[label] = {
+            "threshold": rule.threshold,
+            "windows": len(windows),
+            "window_precision": round(tp / (tp + fp), 4) if tp + fp else None,
+            "window_recall": round(tp / (tp + fn), 4) if tp + fn else None,
+            "labelled_ranges": len(ranges),
+            "triggers": len(triggers),
+            "event_precision": round(ev_tp / len(triggers), 4) if triggers else None,
+            "event_recall": round(hit_ranges / len(ranges), 4) if ranges else None,
+            "triggers_per_hour": round(len(triggers) / (duration / 3600.0), 2) if duration else None,
+        }
+    return out
+
+
+class _RecordingSink:
+    """Wraps a sink to keep each event's metadata for the report."""
+
+    def __init__(self, inner: Sink) -> None:
+        self.inner = inner
+        self.metas: list[dict[str, Any]] = []
+
+    async def next_seq(self) -> int:
+        return await self.inner.next_seq()
+
+    async def deliver(self, event: Any) -> None:
+        await self.inner.deliver(event)
+        self.metas.append({**event.meta(), "payload_bytes": event.payload_bytes})
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+async def replay_recording(
+    path: Path,
+    config: Config,
+    *,
+    events_dir: Path,
+    realtime: bool = False,
+    labels: list[dict[str, Any]] | None = None,
+    progress: bool = True,
+    gates: Gates | None = None,
+    sink: Sink | None = None,
+) -> ReplayResult:
+    """Run one recording through the device pipeline and return its stats and metrics."""
+    # Which gates a recording needs depends on what it holds; open it first to know.
+    probe = open_recording(path, audio_rate=16000, fps=config.camera.fps, realtime=realtime)
+    need_vision, need_audio = probe.video is not None, probe.audio is not None
+    async with contextlib.AsyncExitStack() as stack:
+        if gates is None:
+            gates = await stack.enter_async_context(
+                open_gates(config, vision=need_vision, audio=need_audio)
+            )
+        rate = gates.audio.manifest.audio.sample_rate if gates.audio is not None else None
+        rec = open_recording(
+            path,
+            audio_rate=rate,
+            fps=config.camera.fps,
+            realtime=realtime,
+            block_seconds=config.microphone.block_seconds,
+        )
+        if labels is not None:
+            rec.labels = labels
+        recorder = _RecordingSink(sink if sink is not None else LocalSink(events_dir))
+        pipeline = Pipeline(
+            config,
+            recorder,
+            video=rec.video,
+            audio=rec.audio,
+            vision_gate=gates.vision if rec.video is not None else None,
+            audio_gate=gates.audio if rec.audio is not None else None,
+            clock_base=rec.started_at,
+            ordered=True,
+            record_timeline=True,
+        )
+        stats = await _run_with_progress(pipeline, rec, show=progress)
+        result = ReplayResult(rec, stats, gates.models, events=recorder.metas)
+        if rec.labels:
+            result.metrics = evaluate(rec.labels, stats, config, max(rec.duration, stats.media_seconds))
+        return result
+
+
+async def _run_with_progress(pipeline: Pipeline, rec: Recording, *, show: bool) -> PipelineStats:
+    # Opening a source reads its header (frame count, WAV length): do it off the loop first.
+    for src in (rec.video, rec.audio):
+        if src is not None:
+            await asyncio.to_thread(src.ensure_open)
+    total = rec.duration
+    if not show or total < 5.0:
+        return await pipeline.run()
+    from tqdm import tqdm
+
+    with tqdm(total=round(total, 1), unit="s", desc=f"replay {rec.path.name}", leave=False,
+              bar_format="{l_bar}{bar}| {n:.1f}/{total:.1f} media s [{elapsed}<{remaining}]") as bar:
+        task = asyncio.create_task(pipeline.run())
+        while not task.done():
+            await asyncio.wait({task}, timeout=0.25)
+            bar.n = round(min(total, pipeline.stats.media_seconds), 1)
+            bar.refresh()
+        return task.result()

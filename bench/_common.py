@@ -1,0 +1,82 @@
+"""Helpers shared by the device benchmarks (not a test module)."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+from edgekeeper import config as config_mod
+from edgekeeper.device.sources import ThreadedSource, Frame
+
+ROOT = Path(__file__).resolve().parent.parent
+VTEST = Path("/usr/share/doc/opencv-doc/examples/data/vtest.avi")
+SAMPLE = config_mod.MODELS_DIR / "samples" / "street"
+
+
+def video_path() -> Path:
+    """vtest.avi (apt install opencv-doc) when present, else the bundled sample."""
+    return VTEST if VTEST.is_file() else SAMPLE / "video.avi"
+
+
+def decode(path: Path, limit: int) -> list[np.ndarray]:
+    cap = cv2.VideoCapture(str(path))
+    frames = []
+    while len(frames) < limit:
+        ok, img = cap.read()
+        if not ok:
+            break
+        frames.append(img)
+    cap.release()
+    return frames
+
+
+class MemoryFrames(ThreadedSource):
+    """Pre-decoded frames through the real source machinery (reader thread + handoff)."""
+
+    kind = "video"
+
+    def __init__(self, frames: list[np.ndarray], fps: float = 10.0) -> None:
+        super().__init__("memory", lossless=True, queue_size=4)
+        self.frames, self.fps = frames, fps
+
+    def _produce(self, emit: Callable[[Any], bool]) -> None:
+        for i, img in enumerate(self.frames):
+            if not emit(Frame(t=i / self.fps, index=i, image=img)):
+                return
+
+
+def percentiles(values: list[float]) -> dict[str, float]:
+    return {"p50": float(np.percentile(values, 50)), "p99": float(np.percentile(values, 99))}
+
+
+def machine() -> dict[str, Any]:
+    return {
+        "python": sys.version.split()[0],
+        "machine": platform.machine(),
+        "cpus": os.cpu_count(),
+        "date": time.strftime("%Y-%m-%d"),
+    }
+
+
+def emit(name: str, figures: dict[str, Any]) -> None:
+    print(json.dumps({"bench": name, **figures, "machine": machine()}, indent=2))
+
+
+def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
+    t0 = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - t0, out
+
+
+def chunks(seq: list[Any], n: int) -> Iterator[list[Any]]:
+    for i in range(0, len(seq), n):
+        yield seq[i : i + n]

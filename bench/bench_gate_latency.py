@@ -1,0 +1,61 @@
+"""p50/p99 latency of one gate inference for each default model (float and int8).
+
+Inputs are real: frames of vtest.avi (or the bundled sample) and 2-second windows of the sample's
+audio. Each model runs in its runner exactly as the gate runs it (preprocessing included), with
+num_threads from the default config. Goal (issue 3): under 10 ms on this machine.
+
+    python bench/bench_gate_latency.py [--n 300]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+import wave
+
+import numpy as np
+from _common import SAMPLE, decode, emit, percentiles, video_path
+
+from edgekeeper import config as config_mod
+from edgekeeper.device.gate import ModelRunner
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--n", type=int, default=300)
+    args = ap.parse_args()
+    from edgekeeper import log
+
+    log.configure("error", "json")
+    cfg = config_mod.load(None, env={})
+    frames = decode(video_path(), min(args.n, 200))
+    with wave.open(str(SAMPLE / "audio.wav"), "rb") as w:
+        pcm = np.frombuffer(w.readframes(w.getnframes()), "<i2").astype(np.float32) / 32768
+        rate = w.getframerate()
+    figures = {}
+    for spec in (cfg.gate.vision_model, cfg.gate.audio_model):
+        for variant in ("float", "int8"):
+            runner = ModelRunner.load(config_mod.resolve_model(spec, variant), cfg.gate.num_threads)
+            if runner.manifest.modality == "vision":
+                inputs = [frames[i % len(frames)] for i in range(args.n)]
+            else:
+                a = runner.manifest.audio
+                assert a is not None and a.sample_rate == rate
+                starts = np.linspace(0, len(pcm) - a.window_samples, num=args.n).astype(int)
+                inputs = [pcm[s : s + a.window_samples] for s in starts]
+            for x in inputs[:10]:  # warm-up
+                runner.classify(x)
+            ms = []
+            for x in inputs:
+                t0 = time.perf_counter()
+                runner.classify(x)
+                ms.append((time.perf_counter() - t0) * 1000)
+            p = percentiles(ms)
+            figures[f"{runner.manifest.tag}:{variant}"] = {
+                "p50_ms": round(p["p50"], 2), "p99_ms": round(p["p99"], 2), "n": len(ms)}
+    emit("gate_latency", {"num_threads": cfg.gate.num_threads, "models": figures,
+                          "goal": "p50 < 10 ms"})
+
+
+if __name__ == "__main__":
+    main()

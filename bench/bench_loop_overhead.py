@@ -1,0 +1,79 @@
+"""Loop overhead: the whole device loop (pre-gate off) vs a bare invoke loop, same frames/model.
+
+Bare loop: for each decoded frame, the minimum any classifier needs: resize/normalise/quantise
+(the same ModelRunner.preprocess_image), set_tensor, invoke, read the output. Whole loop: the
+same frames through a reader thread, the handoff queue, the gate's own thread, the trigger policy,
+the capture rings and the sink. Both in one run, alternating rounds; the ratio is what matters.
+
+    python bench/bench_loop_overhead.py [--frames 300] [--rounds 3] [--variant int8]
+Target (issue 3): ratio >= 0.90.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import tempfile
+import time
+from pathlib import Path
+
+from _common import MemoryFrames, decode, emit, video_path
+
+from edgekeeper import config as config_mod
+from edgekeeper.device.gate import Gate, ModelRunner
+from edgekeeper.device.loop import Pipeline
+from edgekeeper.device.sink import LocalSink
+
+
+def bare(runner: ModelRunner, frames: list) -> float:
+    stage = runner.stages[0]
+    t0 = time.perf_counter()
+    for img in frames:
+        stage.run(runner.preprocess_image(img))
+    return len(frames) / (time.perf_counter() - t0)
+
+
+async def whole(cfg: config_mod.Config, manifest: Path, frames: list) -> float:
+    gate = Gate("vision", cfg.gate.num_threads)
+    await gate.load(manifest)
+    with tempfile.TemporaryDirectory() as tmp:
+        pipe = Pipeline(cfg, LocalSink(Path(tmp)), video=MemoryFrames(frames),
+                        vision_gate=gate, ordered=False)
+        t0 = time.perf_counter()
+        stats = await pipe.run()
+        elapsed = time.perf_counter() - t0
+    gate.close()
+    assert stats.frames_scored == len(frames), "pre-gate must be off for this benchmark"
+    return len(frames) / elapsed
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--frames", type=int, default=300)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--variant", default="int8")
+    args = ap.parse_args()
+    from edgekeeper import log
+
+    log.configure("error", "json")
+    cfg = config_mod.load(None, env={})
+    cfg = dataclasses.replace(cfg, pregate=dataclasses.replace(cfg.pregate, motion=False),
+                              gate=dataclasses.replace(cfg.gate, variant=args.variant))
+    manifest = config_mod.resolve_model(cfg.gate.vision_model, args.variant)
+    frames = decode(video_path(), args.frames)
+    runner = ModelRunner.load(manifest, cfg.gate.num_threads)
+    bare_fps, loop_fps = [], []
+    for _ in range(args.rounds):
+        bare_fps.append(bare(runner, frames))
+        loop_fps.append(asyncio.run(whole(cfg, manifest, frames)))
+    best_bare, best_loop = max(bare_fps), max(loop_fps)
+    emit("loop_overhead", {
+        "video": str(video_path()), "frames": len(frames), "model": runner.manifest.tag,
+        "variant": args.variant, "bare_fps": round(best_bare, 1), "loop_fps": round(best_loop, 1),
+        "ratio_loop_over_bare": round(best_loop / best_bare, 3), "target": ">= 0.90",
+    })
+
+
+if __name__ == "__main__":
+    main()

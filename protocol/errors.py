@@ -105,6 +105,27 @@ class InvalidToken(ProtocolError):
     default_fix = "ask the operator for a fresh token: edgekeeper cloud token"
 
 
+class DeviceExists(ProtocolError):
+    code = "device_exists"
+    status = 409
+    default_fix = "this device id is enrolled with other keys; enroll under a new device id"
+
+
+class InvalidJson(ProtocolError):
+    code = "invalid_json"
+    default_fix = "send a UTF-8 JSON object as documented in docs/protocol.md"
+
+
+class InvalidRequest(ProtocolError):
+    code = "invalid_request"
+    default_fix = "see docs/protocol.md for the fields and ranges this endpoint accepts"
+
+
+class UnsupportedMediaType(ProtocolError):
+    code = "unsupported_media_type"
+    status = 415
+
+
 # Every code a client may see, with its status: docs/protocol.md lists the same table and
 # tests/test_envelope.py checks they agree.
 ALL_ERRORS: tuple[type[ProtocolError], ...] = (
@@ -119,4 +140,8 @@ ALL_ERRORS: tuple[type[ProtocolError], ...] = (
     SeqConflict,
     MissingSignature,
     InvalidToken,
+    DeviceExists,
+    InvalidJson,
+    InvalidRequest,
+    UnsupportedMediaType,
 )

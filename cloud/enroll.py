@@ -1,0 +1,85 @@
+"""Enrollment: one-time tokens and the registry operations behind the CLI and ``POST /v1/enroll``.
+
+A token is 32 random bytes (URL-safe base64, so it pastes into a shell). The store keeps only
+its SHA-256: a leaked database copy holds no usable token. A token expires after
+``cloud.token_ttl_seconds`` and is consumed by the transaction that registers the device.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from dataclasses import dataclass
+from typing import Any
+
+from edgekeeper.cloud.store.base import EnrollOutcome, Store
+from edgekeeper.protocol.errors import InvalidRequest
+from edgekeeper.protocol.keys import KEY_BYTES, b64d
+from edgekeeper.protocol.messages import valid_device_id
+
+TOKEN_BYTES = 32
+MAX_TOKEN_CHARS = 128
+
+
+def token_hash(token: str) -> bytes:
+    return hashlib.sha256(token.encode("utf-8")).digest()
+
+
+async def issue_token(store: Store, *, ttl_s: float, now: float) -> str:
+    """Create a one-time enrollment token valid for ``ttl_s`` seconds; return it (shown once)."""
+    token = secrets.token_urlsafe(TOKEN_BYTES)
+    await store.add_token(token_hash=token_hash(token), created_at=now, expires_at=now + ttl_s)
+    return token
+
+
+@dataclass(frozen=True, repr=False)
+class EnrollRequest:
+    token: str
+    device_id: str
+    sign_pk: bytes
+    box_pk: bytes
+
+    def __repr__(self) -> str:  # never show the token
+        return f"EnrollRequest(device_id={self.device_id!r})"
+
+    @classmethod
+    def from_json(cls, data: Any) -> EnrollRequest:
+        if not isinstance(data, dict):
+            raise InvalidRequest("the enrollment body must be a JSON object")
+        unknown = sorted(set(data) - {"token", "device_id", "sign_pk", "box_pk"})
+        if unknown:
+            raise InvalidRequest(f"unknown field {unknown[0]!r} in the enrollment body")
+        token = data.get("token")
+        if not isinstance(token, str) or not 0 < len(token) <= MAX_TOKEN_CHARS:
+            raise InvalidRequest("'token' must be the string printed by 'edgekeeper cloud token'")
+        device_id = data.get("device_id")
+        if not valid_device_id(device_id):
+            raise InvalidRequest(
+                f"'device_id' = {device_id!r} must be 1-64 letters, digits, '-', '_', '.'"
+            )
+        keys: dict[str, bytes] = {}
+        for name in ("sign_pk", "box_pk"):
+            value = data.get(name)
+            try:
+                keys[name] = b64d(value if isinstance(value, str) else "", what=name,
+                                  length=KEY_BYTES)
+            except ValueError as err:
+                raise InvalidRequest(f"'{name}': {err}") from None
+        assert isinstance(device_id, str)
+        return cls(token=token, device_id=device_id, **keys)
+
+
+async def enroll(store: Store, request: EnrollRequest, *, now: float) -> EnrollOutcome:
+    return await store.enroll(
+        token_hash=token_hash(request.token),
+        device_id=request.device_id,
+        sign_pk=request.sign_pk,
+        box_pk=request.box_pk,
+        now=now,
+    )
+
+
+async def revoke(store: Store, device_id: str, *, now: float) -> bool:
+    """Revoke a device: from then on it gets 401 device_revoked (within the ingest's
+    registry_refresh_seconds when revoked from another process)."""
+    return await store.revoke(device_id, now=now)

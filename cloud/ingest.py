@@ -1,0 +1,629 @@
+"""The cloud ingest: an aiohttp app for enrollment, event uploads, results long-poll + ack, and
+health (HTTP API in docs/protocol.md).
+
+What it guarantees:
+
+* ``202`` for an event only after the queue has durably committed it (group commit, see
+  cloud/queue/sqlite.py); ``200 duplicate`` for an idempotent retry, with no side effect.
+* Every refusal is a JSON error with a stable code, decided before any side effect: nothing is
+  enqueued, no token consumed, nothing acked.
+* Memory is bounded: bodies are refused by Content-Length before they are read, chunked bodies
+  are read only up to the limit, and at most ``cloud.max_inflight`` uploads are handled at once
+  (more get ``503`` + Retry-After), so the ingest holds at most about
+  max_inflight * max_event_bytes of bodies.
+
+Public API: ``create_app(section, data_dir, *, store=None, queue=None, keys=None, clock=...)``
+(injected backends are not closed by the app; otherwise it opens them from ``data_dir`` in a
+cleanup context), ``IngestServer`` (owns the runner: ``await start() -> url``, ``await stop()``,
+``await run_forever()``), ``serve(config, host=None, port=None)`` for the CLI.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import math
+import signal
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from edgekeeper.cloud import enroll as enroll_mod
+from edgekeeper.cloud.backends import open_queue, open_store
+from edgekeeper.cloud.keys import CloudKeys
+from edgekeeper.cloud.queue.base import EnqueueStatus, EventQueue, QueuedEvent
+from edgekeeper.cloud.store.base import DeviceRecord, EnrollOutcome, Store
+from edgekeeper.config import CloudSection, Config
+from edgekeeper.errors import RetryableError
+from edgekeeper.log import get_logger
+from edgekeeper.protocol.envelope import (
+    CONTENT_TYPE,
+    PROTOCOL_VERSION,
+    open_event,
+    peek_header,
+    verify_request,
+)
+from edgekeeper.protocol.errors import (
+    InvalidJson,
+    InvalidRequest,
+    PayloadTooLarge,
+    ProtocolError,
+    SeqConflict,
+    UnsupportedMediaType,
+)
+from edgekeeper.protocol.keys import DevicePublicKeys, b64e
+
+log = get_logger(__name__)
+
+MAX_ENROLL_BYTES = 4 * 1024
+MAX_ACK_BYTES = 64 * 1024
+MAX_ACK_IDS = 1000
+MAX_RESULTS_LIMIT = 100
+HEALTH_TIMEOUT_S = 2.0
+JSON_TYPE = "application/json"
+
+Clock = Callable[[], float]
+
+
+class ServiceError(RetryableError):
+    """A refusal the device should retry later (429, 503), with its Retry-After."""
+
+    def __init__(self, message: str, *, code: str, status: int, retry_after: float) -> None:
+        super().__init__(message, fix="keep the event and retry after Retry-After seconds")
+        self.code = code
+        self.status = status
+        self.retry_after = retry_after
+
+
+def error_response(
+    status: int, code: str, message: str, fix: str = "", headers: dict[str, str] | None = None
+) -> web.Response:
+    return web.json_response(
+        {"error": {"code": code, "message": message, "fix": fix}}, status=status, headers=headers
+    )
+
+
+# --- registry cache -----------------------------------------------------------------------
+
+
+class Registry:
+    """The device registry, cached in memory so an upload costs no database read.
+
+    A background task re-reads it whenever the store's ``registry_version`` changes (enrolments
+    and revocations made by other processes, e.g. ``edgekeeper cloud revoke``): a revocation
+    takes effect within ``cloud.registry_refresh_seconds``. Changes made through this process
+    apply at once. A device missing from the cache is looked up in the store before it is
+    called unknown (it may have enrolled through another ingest process a moment ago).
+    """
+
+    def __init__(self, store: Store, refresh_s: float) -> None:
+        self._store = store
+        self._refresh_s = refresh_s
+        self._devices: dict[str, DevicePublicKeys] = {}
+        self._version = -1
+
+    async def load(self) -> None:
+        version = await self._store.registry_version()  # before the list: never miss a change
+        devices = await self._store.list_devices()
+        self._devices = {d.device_id: d.public() for d in devices}
+        self._version = version
+
+    async def refresh_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self._refresh_s)
+            try:
+                if await self._store.registry_version() != self._version:
+                    await self.load()
+            except Exception as err:  # a hiccup must not kill the refresher
+                log.warning("registry_refresh_failed", error=str(err))
+
+    def cached(self, device_id: str) -> DevicePublicKeys | None:
+        return self._devices.get(device_id)
+
+    async def get(self, device_id: str) -> DevicePublicKeys | None:
+        found = self._devices.get(device_id)
+        if found is not None:
+            return found
+        record = await self._store.get_device(device_id)
+        if record is None:
+            return None
+        self._devices[device_id] = record.public()
+        return self._devices[device_id]
+
+    def update(self, record: DeviceRecord) -> None:
+        self._devices[record.device_id] = record.public()
+
+
+# --- rate limit ---------------------------------------------------------------------------
+
+
+class TokenBuckets:
+    """Per-device token bucket: ``rate`` tokens per second, at most ``burst`` saved up.
+
+    Buckets exist only for authenticated devices, so their number is bounded by the registry.
+    """
+
+    def __init__(self, rate: float, burst: int) -> None:
+        self.rate = rate
+        self.burst = float(burst)
+        self._buckets: dict[str, tuple[float, float]] = {}
+
+    def take(self, key: str, now: float) -> float:
+        """Take one token; 0.0 if allowed, else the seconds until one is available."""
+        tokens, last = self._buckets.get(key, (self.burst, now))
+        tokens = min(self.burst, tokens + (now - last) * self.rate)
+        if tokens >= 1.0:
+            self._buckets[key] = (tokens - 1.0, now)
+            return 0.0
+        self._buckets[key] = (tokens, now)
+        return (1.0 - tokens) / self.rate
+
+
+# --- results long-poll --------------------------------------------------------------------
+
+
+class ResultsWatch:
+    """Wakes long-polls when the store gains a result.
+
+    Workers may run in other processes, so one shared task polls ``results_version`` every
+    ``poll_s`` while anyone waits (one cheap query per interval however many devices wait);
+    ``notify()`` wakes everyone at once for results stored by this process.
+    """
+
+    def __init__(self, store: Store, poll_s: float) -> None:
+        self._store = store
+        self._poll_s = poll_s
+        self._current = -1
+        self._changed = asyncio.Event()
+        self._waiters = 0
+        self._task: asyncio.Task[None] | None = None
+
+    def notify(self, version: int | None = None) -> None:
+        if version is not None:
+            self._current = max(self._current, version)
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
+
+    async def _poll(self) -> None:
+        while self._waiters > 0:
+            try:
+                version = await self._store.results_version()
+            except Exception as err:
+                log.warning("results_poll_failed", error=str(err))
+            else:
+                if version != self._current:
+                    self._current = version
+                    self.notify()
+            await asyncio.sleep(self._poll_s)
+
+    async def wait_newer(self, version: int, timeout: float) -> bool:
+        """Wait until a result newer than ``version`` exists; False on timeout."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        self._waiters += 1
+        if self._task is None or self._task.done():
+            self._task = loop.create_task(self._poll())
+        try:
+            while self._current <= version:
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    return False
+                changed = self._changed
+                try:
+                    async with asyncio.timeout(remaining):
+                        await changed.wait()
+                except TimeoutError:
+                    return False
+            return True
+        finally:
+            self._waiters -= 1
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+
+# --- app state ----------------------------------------------------------------------------
+
+
+@dataclass
+class IngestState:
+    section: CloudSection
+    store: Store
+    queue: EventQueue
+    keys: CloudKeys
+    clock: Clock
+    registry: Registry
+    limiter: TokenBuckets
+    watch: ResultsWatch
+    inflight: int = 0
+    counters: dict[str, int] = field(default_factory=dict)
+
+    def count(self, name: str) -> None:
+        self.counters[name] = self.counters.get(name, 0) + 1
+
+
+STATE: web.AppKey[IngestState] = web.AppKey("edgekeeper_ingest", IngestState)
+
+
+# --- helpers ------------------------------------------------------------------------------
+
+
+async def _read_capped(request: web.Request, limit: int) -> bytes:
+    length = request.content_length
+    if length is not None:
+        if length > limit:
+            raise PayloadTooLarge(f"the body is {length} bytes; the limit is {limit}")
+        return await request.read()
+    buf = bytearray()
+    async for chunk in request.content.iter_chunked(64 * 1024):
+        buf += chunk
+        if len(buf) > limit:
+            raise PayloadTooLarge(f"the body is over the limit of {limit} bytes")
+    return bytes(buf)
+
+
+def _require_type(request: web.Request, expected: str) -> None:
+    if request.content_type != expected:
+        raise UnsupportedMediaType(
+            f"Content-Type {request.content_type or '(none)'!r} is not accepted here",
+            fix=f"send Content-Type: {expected}",
+        )
+
+
+async def _read_json(request: web.Request, limit: int) -> Any:
+    _require_type(request, JSON_TYPE)
+    raw = await _read_capped(request, limit)
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise InvalidJson(f"the body is not valid UTF-8 JSON: {err}") from None
+
+
+async def _signed_device(request: web.Request, body: bytes) -> DevicePublicKeys:
+    st = request.app[STATE]
+    path, _, query = request.raw_path.partition("?")
+    device_id = request.headers.get("X-Edgekeeper-Device", "")
+    device = await st.registry.get(device_id) if device_id else None
+    return verify_request(
+        request.headers,
+        method=request.method,
+        path=path,
+        query=query,
+        body=body,
+        lookup=lambda _id: device,
+        now=st.clock(),
+        window_s=st.section.replay_window_seconds,
+    )
+
+
+def _query_int(request: web.Request, name: str, default: int, lo: int, hi: int) -> int:
+    raw = request.query.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise InvalidRequest(f"query parameter {name}={raw!r} is not an integer") from None
+    if not lo <= value <= hi:
+        raise InvalidRequest(f"query parameter {name}={value} is outside [{lo}, {hi}]")
+    return value
+
+
+# --- handlers -----------------------------------------------------------------------------
+
+
+async def post_event(request: web.Request) -> web.Response:
+    st = request.app[STATE]
+    section = st.section
+    _require_type(request, CONTENT_TYPE)
+    if request.content_length is not None and request.content_length > section.max_event_bytes:
+        raise PayloadTooLarge(
+            f"the envelope is {request.content_length} bytes; the limit is "
+            f"{section.max_event_bytes}"
+        )
+    if st.inflight >= section.max_inflight:
+        raise ServiceError(
+            "too many uploads in flight", code="unavailable", status=503, retry_after=1.0
+        )
+    st.inflight += 1
+    try:
+        data = await _read_capped(request, section.max_event_bytes)
+        header = peek_header(data, max_bytes=section.max_event_bytes)
+        device = await st.registry.get(header.device_id)
+        opened = open_event(
+            data,
+            cloud_box_sk=st.keys.box_key,
+            lookup=lambda _id: device,
+            now=st.clock(),
+            window_s=section.replay_window_seconds,
+            max_bytes=section.max_event_bytes,
+        )
+        wait = st.limiter.take(opened.device_id, time.monotonic())
+        if wait > 0:
+            raise ServiceError(
+                f"device {opened.device_id!r} is over {section.rate_per_second:g} events/s",
+                code="rate_limited",
+                status=429,
+                retry_after=wait,
+            )
+        try:
+            status = await st.queue.enqueue(
+                QueuedEvent(
+                    device_id=opened.device_id,
+                    seq=opened.seq,
+                    payload_hash=opened.payload_hash,
+                    envelope=opened.envelope,
+                    received_at=st.clock(),
+                )
+            )
+        except Exception as err:
+            log.error("enqueue_failed", device=opened.device_id, seq=opened.seq, error=str(err))
+            raise ServiceError(
+                "the queue could not commit the event", code="unavailable", status=503,
+                retry_after=5.0,
+            ) from err
+    finally:
+        st.inflight -= 1
+    body = {"device_id": opened.device_id, "seq": opened.seq}
+    if status is EnqueueStatus.QUEUED:
+        st.count("events_queued")
+        return web.json_response({"status": "queued", **body}, status=202)
+    if status is EnqueueStatus.DUPLICATE:
+        st.count("events_duplicate")
+        return web.json_response({"status": "duplicate", **body}, status=200)
+    raise SeqConflict(
+        f"device {opened.device_id!r} seq {opened.seq} was already queued with another payload"
+    )
+
+
+async def post_enroll(request: web.Request) -> web.Response:
+    st = request.app[STATE]
+    req = enroll_mod.EnrollRequest.from_json(await _read_json(request, MAX_ENROLL_BYTES))
+    outcome = await enroll_mod.enroll(st.store, req, now=st.clock())
+    record = await st.store.get_device(req.device_id)
+    if record is not None:
+        st.registry.update(record)
+    log.info("device_enrolled", device=req.device_id, outcome=outcome.value)
+    return web.json_response(
+        {
+            "device_id": req.device_id,
+            "protocol_version": PROTOCOL_VERSION,
+            "cloud": st.keys.public().to_json(),
+        },
+        status=201 if outcome is EnrollOutcome.ENROLLED else 200,
+    )
+
+
+async def get_results(request: web.Request) -> web.Response:
+    st = request.app[STATE]
+    device = await _signed_device(request, b"")
+    cursor = _query_int(request, "cursor", 0, 0, 2**63 - 1)
+    limit = _query_int(request, "limit", 20, 1, MAX_RESULTS_LIMIT)
+    wait = _query_int(request, "wait", 0, 0, 3600)
+    wait_s = min(float(wait), st.section.results_max_wait_seconds)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + wait_s
+    while True:
+        version = await st.store.results_version()
+        rows = await st.store.results_after(device.device_id, cursor, limit)
+        remaining = deadline - loop.time()
+        if rows or remaining <= 0:
+            break
+        await st.watch.wait_newer(version, remaining)
+    return web.json_response(
+        {
+            "results": [{"id": r.id, "seq": r.seq, "envelope": b64e(r.envelope)} for r in rows],
+            "cursor": rows[-1].id if rows else cursor,
+        }
+    )
+
+
+async def post_results_ack(request: web.Request) -> web.Response:
+    st = request.app[STATE]
+    _require_type(request, JSON_TYPE)
+    raw = await _read_capped(request, MAX_ACK_BYTES)
+    device = await _signed_device(request, raw)
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise InvalidJson(f"the body is not valid UTF-8 JSON: {err}") from None
+    ids = data.get("ids") if isinstance(data, dict) else None
+    if (
+        not isinstance(ids, list)
+        or not 1 <= len(ids) <= MAX_ACK_IDS
+        or not all(type(i) is int and 0 < i < 2**63 for i in ids)
+    ):
+        raise InvalidRequest(f"'ids' must be a list of 1-{MAX_ACK_IDS} positive integers")
+    acked = await st.store.ack_results(device.device_id, ids, now=st.clock())
+    return web.json_response({"acked": acked})
+
+
+async def get_health(request: web.Request) -> web.Response:
+    st = request.app[STATE]
+    checks: dict[str, str] = {}
+    pings: dict[str, Callable[[], Awaitable[None]]] = {
+        "store": st.store.ping,
+        "queue": st.queue.ping,
+    }
+    for name, ping in pings.items():
+        try:
+            async with asyncio.timeout(HEALTH_TIMEOUT_S):
+                await ping()
+            checks[name] = "ok"
+        except Exception as err:
+            checks[name] = f"error: {err or type(err).__name__}"
+    ok = all(v == "ok" for v in checks.values())
+    return web.json_response(
+        {"status": "ok" if ok else "unavailable", "checks": checks}, status=200 if ok else 503
+    )
+
+
+# --- middleware ---------------------------------------------------------------------------
+
+_HTTP_CODES = {
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "payload_too_large",
+    400: "invalid_request",
+}
+
+
+@web.middleware
+async def errors_middleware(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except ProtocolError as err:
+        request.app[STATE].count(f"refused_{err.code}")
+        log.info("request_refused", path=request.path, code=err.code, reason=err.message,
+                 remote=request.remote)
+        return error_response(err.status, err.code, err.message, err.fix or "")
+    except ServiceError as err:
+        request.app[STATE].count(f"refused_{err.code}")
+        retry = str(max(1, math.ceil(err.retry_after)))
+        return error_response(err.status, err.code, err.message, err.fix or "",
+                              headers={"Retry-After": retry})
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        code = _HTTP_CODES.get(exc.status, f"http_{exc.status}")
+        headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
+        return error_response(exc.status, code, exc.reason, "", headers=headers)
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        log.exception("internal_error", path=request.path)
+        return error_response(500, "internal", "internal error", "retry later; report if it lasts")
+
+
+# --- app ----------------------------------------------------------------------------------
+
+
+def create_app(
+    section: CloudSection,
+    data_dir: Path,
+    *,
+    store: Store | None = None,
+    queue: EventQueue | None = None,
+    keys: CloudKeys | None = None,
+    clock: Clock = time.time,
+) -> web.Application:
+    # client_max_size is only the backstop; handlers refuse by Content-Length first.
+    app = web.Application(
+        middlewares=[errors_middleware], client_max_size=section.max_event_bytes + 1024
+    )
+
+    async def resources(app: web.Application) -> AsyncIterator[None]:
+        async with contextlib.AsyncExitStack() as stack:
+            own_store = store or await open_store(section.store_backend, data_dir)
+            if store is None:
+                stack.push_async_callback(own_store.close)
+            own_queue = queue or await open_queue(
+                section.queue_backend, data_dir, max_attempts=section.queue_max_attempts
+            )
+            if queue is None:
+                stack.push_async_callback(own_queue.close)
+            own_keys = keys or await asyncio.to_thread(CloudKeys.ensure, data_dir)
+            registry = Registry(own_store, section.registry_refresh_seconds)
+            await registry.load()
+            watch = ResultsWatch(own_store, section.results_poll_seconds)
+            stack.push_async_callback(watch.close)
+            app[STATE] = IngestState(
+                section=section,
+                store=own_store,
+                queue=own_queue,
+                keys=own_keys,
+                clock=clock,
+                registry=registry,
+                limiter=TokenBuckets(section.rate_per_second, section.rate_burst),
+                watch=watch,
+            )
+            refresher = asyncio.get_running_loop().create_task(registry.refresh_forever())
+            try:
+                yield
+            finally:
+                refresher.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await refresher
+
+    app.cleanup_ctx.append(resources)
+    app.router.add_post("/v1/events", post_event)
+    app.router.add_post("/v1/enroll", post_enroll)
+    app.router.add_get("/v1/results", get_results)
+    app.router.add_post("/v1/results/ack", post_results_ack)
+    app.router.add_get("/healthz", get_health)
+    return app
+
+
+class IngestServer:
+    """Owns one running ingest: the app, its runner and its listening socket."""
+
+    def __init__(self, app: web.Application, host: str = "127.0.0.1", port: int = 0) -> None:
+        self.app = app
+        self.host = host
+        self.port = port
+        self._runner: web.AppRunner | None = None
+
+    @property
+    def state(self) -> IngestState:
+        return self.app[STATE]
+
+    async def start(self) -> str:
+        """Start listening; return the base URL (with the real port when ``port`` was 0)."""
+        self._runner = web.AppRunner(self.app, access_log=None, shutdown_timeout=10.0)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.host, self.port)
+        await site.start()
+        server = site._server
+        sockets = getattr(server, "sockets", None) or []
+        if sockets:
+            self.port = sockets[0].getsockname()[1]
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    async def stop(self) -> None:
+        """Stop intake, let in-flight requests finish (bounded), then release resources."""
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    async def run_until(self, stop: asyncio.Event) -> None:
+        await self.start()
+        try:
+            await stop.wait()
+        finally:
+            await self.stop()
+
+
+async def serve(config: Config, *, host: str | None = None, port: int | None = None) -> None:
+    """Run the ingest until SIGINT/SIGTERM (a second signal exits at once)."""
+    section = config.cloud
+    app = create_app(section, config.cloud_data_dir)
+    server = IngestServer(app, host or section.host, section.port if port is None else port)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def on_signal() -> None:
+        if stop.is_set():
+            raise SystemExit(130)  # pragma: no cover - second signal: exit now
+        log.info("ingest_stopping")
+        stop.set()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, on_signal)
+    url = await server.start()
+    log.info("ingest_listening", url=url, data_dir=str(config.cloud_data_dir))
+    try:
+        await stop.wait()
+    finally:
+        await server.stop()

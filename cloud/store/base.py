@@ -1,0 +1,104 @@
+"""The cloud's durable state other than the queue: what any store backend must provide.
+
+* the device registry (public keys, enrolment and revocation times) and a ``registry_version``
+  that changes on every registry change, so an ingest process can cache the registry and still
+  see a revocation made by the CLI in another process;
+* one-time enrolment tokens, stored only as SHA-256 hashes (a copy of the database does not
+  hold a usable token), consumed in the same transaction that registers the device;
+* results, sealed for their device (the store never holds a plaintext result), with a
+  per-store increasing ``id`` that is the long-poll cursor, kept until the device acks them.
+
+Dedupe of event sequence numbers lives in the queue (cloud/queue/base.py says why).
+
+A PostgreSQL backend (next issue) maps one to one: the same three tables, ``registry_version``
+as a sequence bumped in the same transaction, ``results.id`` a BIGSERIAL, and LISTEN/NOTIFY
+may replace polling ``results_version``.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+from edgekeeper.protocol.keys import DevicePublicKeys
+
+
+@dataclass(frozen=True)
+class DeviceRecord:
+    device_id: str
+    sign_pk: bytes
+    box_pk: bytes
+    enrolled_at: float
+    revoked_at: float | None = None
+
+    @property
+    def revoked(self) -> bool:
+        return self.revoked_at is not None
+
+    def public(self) -> DevicePublicKeys:
+        return DevicePublicKeys(self.device_id, self.sign_pk, self.box_pk, revoked=self.revoked)
+
+
+class EnrollOutcome(enum.Enum):
+    ENROLLED = "enrolled"  # new device, token consumed
+    REPEATED = "repeated"  # the same token, id and keys again: the device lost our answer
+
+
+@dataclass(frozen=True)
+class StoredResult:
+    id: int
+    device_id: str
+    seq: int
+    envelope: bytes
+    created_at: float
+
+
+@runtime_checkable
+class Store(Protocol):
+    """Registry, tokens and results. Coroutines only; none blocks the event loop."""
+
+    # registry ---------------------------------------------------------------------------
+    async def enroll(
+        self, *, token_hash: bytes, device_id: str, sign_pk: bytes, box_pk: bytes, now: float
+    ) -> EnrollOutcome:
+        """Consume the token and register the device, atomically. Raises
+        protocol.errors.InvalidToken (unknown/expired/used) or DeviceExists, with no change."""
+        ...
+
+    async def get_device(self, device_id: str) -> DeviceRecord | None: ...
+
+    async def list_devices(self) -> list[DeviceRecord]: ...
+
+    async def revoke(self, device_id: str, *, now: float) -> bool:
+        """Mark revoked (kept, so the id stays taken). False if unknown or already revoked."""
+        ...
+
+    async def registry_version(self) -> int: ...
+
+    # tokens -----------------------------------------------------------------------------
+    async def add_token(self, *, token_hash: bytes, created_at: float, expires_at: float) -> None:
+        ...
+
+    # results ----------------------------------------------------------------------------
+    async def put_result(self, *, device_id: str, seq: int, envelope: bytes, now: float) -> int:
+        """Store a sealed result; idempotent on (device_id, seq) (a re-run worker keeps the
+        first). Returns its id. Durable on return."""
+        ...
+
+    async def results_after(self, device_id: str, cursor: int, limit: int) -> list[StoredResult]:
+        """This device's unacked results with id > cursor, oldest first."""
+        ...
+
+    async def ack_results(self, device_id: str, ids: Sequence[int], *, now: float) -> int:
+        """Mark acked; returns how many of ``ids`` were this device's and not yet acked."""
+        ...
+
+    async def results_version(self) -> int:
+        """Changes whenever a result is added (the largest id), for long-poll wake-ups."""
+        ...
+
+    async def ping(self) -> None: ...
+
+    async def close(self) -> None: ...

@@ -1,0 +1,226 @@
+"""The embedded store: registry, enrolment tokens and sealed results in one SQLite file
+(WAL, synchronous=FULL) in the cloud data directory. See base.py for the contract."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Sequence
+from pathlib import Path
+
+from edgekeeper.cloud.sqlitedb import SQLiteDB, transaction
+from edgekeeper.cloud.store.base import DeviceRecord, EnrollOutcome, StoredResult
+from edgekeeper.protocol.errors import DeviceExists, InvalidToken
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS devices (
+    device_id TEXT PRIMARY KEY,
+    sign_pk BLOB NOT NULL,
+    box_pk BLOB NOT NULL,
+    enrolled_at REAL NOT NULL,
+    revoked_at REAL
+);
+CREATE TABLE IF NOT EXISTS tokens (
+    token_hash BLOB PRIMARY KEY,
+    created_at REAL NOT NULL,
+    expires_at REAL NOT NULL,
+    used_at REAL,
+    used_by TEXT
+);
+CREATE TABLE IF NOT EXISTS results (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    device_id TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    envelope BLOB NOT NULL,
+    created_at REAL NOT NULL,
+    acked_at REAL,
+    UNIQUE (device_id, seq)
+);
+CREATE INDEX IF NOT EXISTS results_pending ON results (device_id, id) WHERE acked_at IS NULL;
+CREATE TABLE IF NOT EXISTS meta (
+    key TEXT PRIMARY KEY,
+    value INTEGER NOT NULL
+);
+INSERT OR IGNORE INTO meta (key, value) VALUES ('registry_version', 0)
+"""
+
+_DEVICE_COLS = "device_id, sign_pk, box_pk, enrolled_at, revoked_at"
+
+
+def _device(row: tuple[str, bytes, bytes, float, float | None]) -> DeviceRecord:
+    return DeviceRecord(row[0], bytes(row[1]), bytes(row[2]), row[3], row[4])
+
+
+def _bump_registry(conn: sqlite3.Connection) -> None:
+    conn.execute("UPDATE meta SET value = value + 1 WHERE key = 'registry_version'")
+
+
+class SQLiteStore:
+    """Store on one SQLite file. Create with ``await SQLiteStore.open(path)``."""
+
+    def __init__(self, path: Path) -> None:
+        self._db = SQLiteDB(Path(path), SCHEMA, name="store")
+
+    @classmethod
+    async def open(cls, path: Path) -> SQLiteStore:
+        store = cls(path)
+        await store._db.open()
+        return store
+
+    @property
+    def path(self) -> Path:
+        return self._db.path
+
+    # registry ---------------------------------------------------------------------------
+
+    async def enroll(
+        self, *, token_hash: bytes, device_id: str, sign_pk: bytes, box_pk: bytes, now: float
+    ) -> EnrollOutcome:
+        def do(conn: sqlite3.Connection) -> EnrollOutcome:
+            with transaction(conn):
+                tok = conn.execute(
+                    "SELECT expires_at, used_at, used_by FROM tokens WHERE token_hash = ?",
+                    (token_hash,),
+                ).fetchone()
+                if tok is None:
+                    raise InvalidToken("the enrollment token is not known to this cloud")
+                expires_at, used_at, used_by = tok
+                row = conn.execute(
+                    f"SELECT {_DEVICE_COLS} FROM devices WHERE device_id = ?", (device_id,)
+                ).fetchone()
+                existing = _device(row) if row is not None else None
+                same_keys = (
+                    existing is not None
+                    and existing.sign_pk == sign_pk
+                    and existing.box_pk == box_pk
+                    and not existing.revoked
+                )
+                if used_at is not None:
+                    if used_by == device_id and same_keys:
+                        return EnrollOutcome.REPEATED
+                    raise InvalidToken("the enrollment token was already used")
+                if expires_at <= now:
+                    raise InvalidToken("the enrollment token has expired")
+                if existing is not None and not same_keys:
+                    raise DeviceExists(
+                        f"device id {device_id!r} is already enrolled"
+                        + (" and revoked" if existing.revoked else " with other keys")
+                    )
+                conn.execute(
+                    "UPDATE tokens SET used_at = ?, used_by = ? WHERE token_hash = ?",
+                    (now, device_id, token_hash),
+                )
+                if existing is None:
+                    conn.execute(
+                        "INSERT INTO devices (device_id, sign_pk, box_pk, enrolled_at)"
+                        " VALUES (?,?,?,?)",
+                        (device_id, sign_pk, box_pk, now),
+                    )
+                    _bump_registry(conn)
+                    return EnrollOutcome.ENROLLED
+                return EnrollOutcome.REPEATED
+
+        return await self._db.run(do)
+
+    async def get_device(self, device_id: str) -> DeviceRecord | None:
+        def do(conn: sqlite3.Connection) -> DeviceRecord | None:
+            row = conn.execute(
+                f"SELECT {_DEVICE_COLS} FROM devices WHERE device_id = ?", (device_id,)
+            ).fetchone()
+            return _device(row) if row is not None else None
+
+        return await self._db.run(do)
+
+    async def list_devices(self) -> list[DeviceRecord]:
+        def do(conn: sqlite3.Connection) -> list[DeviceRecord]:
+            rows = conn.execute(f"SELECT {_DEVICE_COLS} FROM devices ORDER BY device_id")
+            return [_device(r) for r in rows]
+
+        return await self._db.run(do)
+
+    async def revoke(self, device_id: str, *, now: float) -> bool:
+        def do(conn: sqlite3.Connection) -> bool:
+            with transaction(conn):
+                cur = conn.execute(
+                    "UPDATE devices SET revoked_at = ? WHERE device_id = ? AND revoked_at IS NULL",
+                    (now, device_id),
+                )
+                if cur.rowcount:
+                    _bump_registry(conn)
+                return cur.rowcount == 1
+
+        return await self._db.run(do)
+
+    async def registry_version(self) -> int:
+        def do(conn: sqlite3.Connection) -> int:
+            return int(
+                conn.execute("SELECT value FROM meta WHERE key = 'registry_version'").fetchone()[0]
+            )
+
+        return await self._db.run(do)
+
+    # tokens -----------------------------------------------------------------------------
+
+    async def add_token(self, *, token_hash: bytes, created_at: float, expires_at: float) -> None:
+        def do(conn: sqlite3.Connection) -> None:
+            with transaction(conn):
+                conn.execute(
+                    "INSERT INTO tokens (token_hash, created_at, expires_at) VALUES (?,?,?)",
+                    (token_hash, created_at, expires_at),
+                )
+
+        await self._db.run(do)
+
+    # results ----------------------------------------------------------------------------
+
+    async def put_result(self, *, device_id: str, seq: int, envelope: bytes, now: float) -> int:
+        def do(conn: sqlite3.Connection) -> int:
+            with transaction(conn):
+                conn.execute(
+                    "INSERT OR IGNORE INTO results (device_id, seq, envelope, created_at)"
+                    " VALUES (?,?,?,?)",
+                    (device_id, seq, envelope, now),
+                )
+                row = conn.execute(
+                    "SELECT id FROM results WHERE device_id = ? AND seq = ?", (device_id, seq)
+                ).fetchone()
+            return int(row[0])
+
+        return await self._db.run(do)
+
+    async def results_after(self, device_id: str, cursor: int, limit: int) -> list[StoredResult]:
+        def do(conn: sqlite3.Connection) -> list[StoredResult]:
+            rows = conn.execute(
+                "SELECT id, device_id, seq, envelope, created_at FROM results"
+                " WHERE device_id = ? AND id > ? AND acked_at IS NULL ORDER BY id LIMIT ?",
+                (device_id, cursor, limit),
+            ).fetchall()
+            return [StoredResult(i, d, s, bytes(e), c) for i, d, s, e, c in rows]
+
+        return await self._db.run(do)
+
+    async def ack_results(self, device_id: str, ids: Sequence[int], *, now: float) -> int:
+        def do(conn: sqlite3.Connection) -> int:
+            total = 0
+            with transaction(conn):
+                for rid in ids:
+                    cur = conn.execute(
+                        "UPDATE results SET acked_at = ? WHERE id = ? AND device_id = ?"
+                        " AND acked_at IS NULL",
+                        (now, rid, device_id),
+                    )
+                    total += cur.rowcount
+            return total
+
+        return await self._db.run(do)
+
+    async def results_version(self) -> int:
+        def do(conn: sqlite3.Connection) -> int:
+            return int(conn.execute("SELECT COALESCE(MAX(id), 0) FROM results").fetchone()[0])
+
+        return await self._db.run(do)
+
+    async def ping(self) -> None:
+        await self._db.run(lambda conn: conn.execute("SELECT 1").fetchone())
+
+    async def close(self) -> None:
+        await self._db.close()

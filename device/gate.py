@@ -127,6 +127,8 @@ class ModelRunner:
     def __init__(self, manifest: Manifest, num_threads: int = 2) -> None:
         self.manifest = manifest
         self.stages = [_StageRunner(s, manifest, num_threads) for s in manifest.stages]
+        self._cache: dict[int, dict[int, np.ndarray]] = {}
+        self._last_position: int | None = None
         last = self.stages[-1]
         n_scores = int(np.prod(last.outputs[manifest.stages[-1].outputs["scores"]]["shape"]))
         if n_scores != len(manifest.labels):
@@ -165,22 +167,35 @@ class ModelRunner:
         return x[None, ...]
 
     # -- audio -----------------------------------------------------------------------------
-    def _audio_features(self, samples: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Run every stage but the last; return (last stage input, its raw outputs)."""
+    def _audio_features(self, samples: np.ndarray, position: int | None) -> np.ndarray:
+        """Run every stage but the last; return the last stage's input.
+
+        ``position`` is the absolute index (in samples since the stream began) one past the
+        window's last sample. When the front end declares ``frame_samples`` and the window
+        starts on a frame boundary, the windowed stage's outputs are cached by absolute frame
+        index: overlapping windows reuse them (exact, because the front end is shift-invariant
+        at frame boundaries), so a hop costs only the new embeddings.
+        """
         seq: np.ndarray | None = None
+        base_frame: int | None = None
+        if position is not None and (self._last_position is None or position <= self._last_position):
+            self._cache.clear()  # a new stream (or a rewind): cached frames belong to another
+        self._last_position = position
         for i, runner in enumerate(self.stages):
             st = runner.stage
             last = i == len(self.stages) - 1
             if st.input == "pcm":
                 x = (samples.astype(np.float32) * np.float32(st.pcm_scale))[None, :]
                 runner.resize(tuple(x.shape))
-                y = runner.run(x)[0]
-                y = np.squeeze(y)
+                y = np.squeeze(runner.run(x)[0])
                 if y.ndim == 1:
                     y = y[:, None]
                 seq = y * np.float32(st.scale) + np.float32(st.offset)
+                start = None if position is None else position - len(samples)
+                if st.frame_samples and start is not None and start % st.frame_samples == 0:
+                    base_frame = start // st.frame_samples
                 if last:
-                    return seq, np.empty(0)
+                    return seq
                 continue
             assert seq is not None
             w = st.window or len(seq)
@@ -192,25 +207,40 @@ class ModelRunner:
                 )
             if st.step and not last:
                 starts = list(range(len(seq) - w, -1, -st.step))[::-1]
-                windows = np.stack([seq[s : s + w] for s in starts])
                 item_shape = runner.shape[1:]
-                windows = windows.reshape((len(starts), *item_shape))
-                if runner.dynamic_batch:
-                    runner.resize((len(starts), *item_shape))
-                    out = runner.run(windows)[0].reshape(len(starts), -1)
-                else:
-                    out = np.concatenate([runner.run(wi[None])[0].reshape(1, -1) for wi in windows])
-                seq = out * np.float32(st.scale) + np.float32(st.offset)
+                cache = self._cache.setdefault(i, {}) if base_frame is not None else None
+                rows = []
+                for s0 in starts:
+                    key = None if base_frame is None else base_frame + s0 + w
+                    if cache is not None and key in cache:
+                        rows.append(cache[key])
+                        continue
+                    win = seq[s0 : s0 + w].reshape((1, *item_shape))
+                    out = runner.run(win)[0].reshape(-1)
+                    out = out * np.float32(st.scale) + np.float32(st.offset)
+                    if cache is not None:
+                        cache[key] = out
+                    rows.append(out)
+                if cache is not None and base_frame is not None:
+                    oldest = base_frame + starts[0] + w
+                    for k in [k for k in cache if k < oldest]:
+                        del cache[k]
+                seq = np.stack(rows)
+                base_frame = None  # later stages index windows, not frames
                 continue
             window = seq[-w:]
             if last:
-                return window, np.empty(0)
+                return window
             y = runner.run(window.reshape(runner.shape))[0]
             seq = y.reshape(1, -1) * np.float32(st.scale) + np.float32(st.offset)
         raise AssertionError("unreachable")
 
-    def classify(self, data: np.ndarray) -> GateOutput:
-        """Frame (H, W, 3 BGR uint8) or audio window (float32 mono) -> GateOutput."""
+    def classify(self, data: np.ndarray, position: int | None = None) -> GateOutput:
+        """Frame (H, W, 3 BGR uint8) or audio window (float32 mono) -> GateOutput.
+
+        ``position``: for audio, the absolute sample index one past the window's end, which lets
+        overlapping windows share work (see _audio_features). Results are identical either way.
+        """
         started = time.perf_counter()
         m = self.manifest
         last = self.stages[-1]
@@ -227,7 +257,7 @@ class ModelRunner:
                 outputs = last.run(window)
                 features = None
             else:
-                features_in, _ = self._audio_features(data)
+                features_in = self._audio_features(data, position)
                 outputs = last.run(features_in.reshape(last.shape))
                 features = (
                     outputs[out_map["embedding"]].reshape(-1)
@@ -301,11 +331,13 @@ class Gate:
         log.info("gate swapped", modality=self.modality, old=old_tag, new=runner.manifest.tag)
         return runner.manifest
 
-    async def classify(self, data: np.ndarray) -> GateOutput:
+    async def classify(self, data: np.ndarray, position: int | None = None) -> GateOutput:
         runner, executor = self._runner, self._executor
         if runner is None or executor is None:
             raise RuntimeError("gate used before load()")
-        result = await asyncio.get_running_loop().run_in_executor(executor, runner.classify, data)
+        result = await asyncio.get_running_loop().run_in_executor(
+            executor, runner.classify, data, position
+        )
         self.inferences += 1
         return result
 

@@ -220,7 +220,7 @@ class Pipeline:
                     if reason is None:
                         self.stats.audio_spared += 1
                         continue
-                    g = await self.audio_gate.classify(window)
+                    g = await self.audio_gate.classify(window, end_index)
                     lat.append(g.latency_ms)
                     self.stats.audio_scored += 1
                     scored = StageResult("audio", t, g.scores, g.features, reason=reason)

@@ -51,6 +51,10 @@ class Stage:
     offset: float = 0.0
     window: int = 0
     step: int = 0
+    # pcm stages only: samples per output frame when the front end is shift-invariant (a mel
+    # spectrogram with a fixed hop). It lets the gate reuse the next stage's outputs across
+    # overlapping windows instead of recomputing them (docs/models.md).
+    frame_samples: int = 0
     outputs: dict[str, int] = field(default_factory=dict)
 
 
@@ -87,7 +91,8 @@ def _need(data: dict[str, Any], key: str, kind: type | tuple[type, ...], where: 
 def _stage(raw: Any, base: Path, where: Path, index: int) -> Stage:
     if not isinstance(raw, dict):
         raise ModelError(f"model manifest {where}: stages[{index}] must be a table")
-    known = {"model", "input", "pcm_scale", "scale", "offset", "window", "step", "outputs"}
+    known = {"model", "input", "pcm_scale", "scale", "offset", "window", "step", "frame_samples",
+             "outputs"}
     unknown = set(raw) - known
     if unknown:
         raise ModelError(
@@ -116,6 +121,7 @@ def _stage(raw: Any, base: Path, where: Path, index: int) -> Stage:
         offset=float(raw.get("offset", 0.0)),
         window=int(raw.get("window", 0)),
         step=int(raw.get("step", 0)),
+        frame_samples=int(raw.get("frame_samples", 0)),
         outputs=dict(outputs),
     )
 

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import os
 import sqlite3
 import threading
@@ -41,7 +42,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from edgekeeper.errors import ConfigError, PermanentError, RetryableError
 from edgekeeper.log import get_logger
@@ -72,6 +73,8 @@ CREATE TABLE IF NOT EXISTS events (
     created_at   REAL    NOT NULL,
     size         INTEGER NOT NULL,
     body         BLOB    NOT NULL,
+    digest       BLOB    NOT NULL,                    -- SHA-256 of body: the payload hash
+    tag          TEXT    NOT NULL DEFAULT '',         -- gate model version(s), sealed in clear
     state        TEXT    NOT NULL DEFAULT 'pending',   -- 'pending' | 'dead'
     attempts     INTEGER NOT NULL DEFAULT 0,
     lease_until  REAL    NOT NULL DEFAULT 0,
@@ -103,6 +106,8 @@ class OutboxRow:
     priority: int
     created_at: float
     body: bytes
+    digest: bytes
+    tag: str
     attempts: int
     fallback: bool
 
@@ -143,6 +148,11 @@ class OutboxStats:
         if self.oldest_created_at is None:
             return None
         return max(0.0, (time.time() if now is None else now) - self.oldest_created_at)
+
+
+def _row(r: tuple[Any, ...]) -> OutboxRow:
+    return OutboxRow(seq=r[0], priority=r[1], created_at=r[2], body=r[3], digest=r[4], tag=r[5],
+                     attempts=r[6], fallback=bool(r[7]))
 
 
 def _pid_alive(pid: int) -> bool:
@@ -275,14 +285,19 @@ class Outbox:
             ).fetchone()
         return int(seq)
 
-    def put(self, body: bytes, seq: int, priority: int = 0) -> PutResult:
-        """Commit one event body. When this returns, the event survives a crash or power cut."""
+    def put(self, body: bytes, seq: int, priority: int = 0, tag: str = "") -> PutResult:
+        """Commit one event body. When this returns, the event survives a crash or power cut.
+
+        ``tag`` is what the envelope header carries as the model version; the payload hash is
+        computed once here so retries over days do not hash the body again each time.
+        """
         if not isinstance(body, (bytes, bytearray, memoryview)):
             raise TypeError("outbox bodies are bytes (EventBody.encode())")
         if isinstance(seq, bool) or not isinstance(seq, int) or seq < 1:
             raise ValueError(f"seq must be a positive integer from next_seq(), got {seq!r}")
         body = bytes(body)
         size = len(body)
+        digest = hashlib.sha256(body).digest()
         if size > self.quota_bytes:
             self._count_refused(seq, priority, size, "larger than the whole quota")
             raise OutboxFull(
@@ -321,9 +336,9 @@ class Outbox:
                 evicted.append(victim)
             if stored:
                 db.execute(
-                    "INSERT INTO events (seq, priority, created_at, size, body) "
-                    "VALUES (?, ?, ?, ?, ?)",
-                    (seq, priority, now, size, body),
+                    "INSERT INTO events (seq, priority, created_at, size, body, digest, tag) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (seq, priority, now, size, body, digest, tag),
                 )
             elif self.full_policy != "reject_new":
                 evicted.append(Eviction(seq=seq, priority=priority, size=size, state="new"))
@@ -398,8 +413,8 @@ class Outbox:
                         (pid,),
                     )
             rows = db.execute(
-                "SELECT seq, priority, created_at, body, attempts, fallback FROM events "
-                "WHERE state = 'pending' AND lease_until <= ? ORDER BY seq LIMIT ?",
+                "SELECT seq, priority, created_at, body, digest, tag, attempts, fallback "
+                "FROM events WHERE state = 'pending' AND lease_until <= ? ORDER BY seq LIMIT ?",
                 (now, limit),
             ).fetchall()
             if rows:
@@ -407,20 +422,22 @@ class Outbox:
                     "UPDATE events SET lease_until = ?, lease_pid = ? WHERE seq = ?",
                     [(now + lease_seconds, os.getpid(), r[0]) for r in rows],
                 )
-        return [
-            OutboxRow(seq=r[0], priority=r[1], created_at=r[2], body=r[3], attempts=r[4],
-                      fallback=bool(r[5]))
-            for r in rows
-        ]
+        return [_row(r) for r in rows]
 
-    def release(self, seq: int, error: str | None = None) -> None:
-        """Give a leased row back after a failed attempt, so it is retried (in order)."""
+    def release(self, seq: int, error: str | None = None, *, attempted: bool = True) -> None:
+        """Give a leased row back so it is retried, in order. ``attempted=False``: it was
+        leased but never sent (the round stopped at an earlier failure)."""
         with self._write() as db:
-            db.execute(
-                "UPDATE events SET lease_until = 0, lease_pid = 0, attempts = attempts + 1, "
-                "last_error = ? WHERE seq = ?",
-                (error, seq),
-            )
+            if attempted:
+                db.execute(
+                    "UPDATE events SET lease_until = 0, lease_pid = 0, attempts = attempts + 1, "
+                    "last_error = ? WHERE seq = ?",
+                    (error, seq),
+                )
+            else:
+                db.execute(
+                    "UPDATE events SET lease_until = 0, lease_pid = 0 WHERE seq = ?", (seq,)
+                )
 
     def delete(self, seq: int) -> bool:
         """Forget a row the cloud has durably queued. Only call after its 2xx."""
@@ -447,6 +464,17 @@ class Outbox:
                 self._bump(db, "buried_total", 1)
         if n:
             log.error("outbox.dead_letter", seq=seq, reason=reason)
+
+    def fallback_candidates(self, created_before: float, limit: int) -> list[OutboxRow]:
+        """Pending events older than ``created_before`` the edge fallback has not acted on."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT seq, priority, created_at, body, digest, tag, attempts, fallback "
+                "FROM events WHERE state = 'pending' AND fallback = 0 AND created_at <= ? "
+                "ORDER BY seq LIMIT ?",
+                (created_before, limit),
+            ).fetchall()
+        return [_row(r) for r in rows]
 
     def mark_fallback(self, seq: int) -> None:
         """Remember that the edge fallback already acted on this event (act once)."""
@@ -517,8 +545,8 @@ class AsyncOutbox:
     async def next_seq(self) -> int:
         return await asyncio.to_thread(self.sync.next_seq)
 
-    async def put(self, body: bytes, seq: int, priority: int = 0) -> PutResult:
-        result = await asyncio.to_thread(self.sync.put, body, seq, priority)
+    async def put(self, body: bytes, seq: int, priority: int = 0, tag: str = "") -> PutResult:
+        result = await asyncio.to_thread(self.sync.put, body, seq, priority, tag)
         if result.stored:
             self.changed.set()
         return result
@@ -526,14 +554,17 @@ class AsyncOutbox:
     async def lease(self, limit: int, lease_seconds: float) -> list[OutboxRow]:
         return await asyncio.to_thread(self.sync.lease, limit, lease_seconds)
 
-    async def release(self, seq: int, error: str | None = None) -> None:
-        await asyncio.to_thread(self.sync.release, seq, error)
+    async def release(self, seq: int, error: str | None = None, *, attempted: bool = True) -> None:
+        await asyncio.to_thread(self.sync.release, seq, error, attempted=attempted)
 
     async def delete(self, seq: int) -> bool:
         return await asyncio.to_thread(self.sync.delete, seq)
 
     async def bury(self, seq: int, reason: str) -> None:
         await asyncio.to_thread(self.sync.bury, seq, reason)
+
+    async def fallback_candidates(self, created_before: float, limit: int) -> list[OutboxRow]:
+        return await asyncio.to_thread(self.sync.fallback_candidates, created_before, limit)
 
     async def mark_fallback(self, seq: int) -> None:
         await asyncio.to_thread(self.sync.mark_fallback, seq)
@@ -545,19 +576,28 @@ class AsyncOutbox:
         await asyncio.to_thread(self.sync.close)
 
 
-class EventSink(Protocol):
-    """Where the device runtime hands finished events (device/events.py builds EventBody)."""
+def model_tag(meta: dict[str, Any]) -> str:
+    """The envelope header's model version: the gate models that decided, ``name@version``."""
+    models = meta.get("models")
+    if isinstance(models, dict):
+        tag = ",".join(str(v) for _, v in sorted(models.items()))
+    elif isinstance(models, str):
+        tag = models
+    else:
+        tag = ""
+    return tag[:128]  # the header's limit (protocol/envelope.py MAX_TAG)
 
-    async def next_seq(self) -> int: ...
 
-    async def deliver(self, body: EventBody) -> None: ...
+class _HasBody(Protocol):
+    def to_body(self) -> EventBody: ...
 
 
 class OutboxSink:
-    """The runtime's sink when a cloud is configured: events go to the durable outbox.
+    """The device loop's sink when a cloud is configured: events go to the durable outbox.
 
-    ``next_seq()`` when an event opens; ``deliver()`` when it is complete. ``deliver`` returns
-    only after the commit, so "captured" means "on disk".
+    Same shape as device/sink.py's ``Sink``: ``next_seq()`` when an event opens, ``deliver()``
+    when it is complete (an ``Event`` from device/events.py, or an ``EventBody``), ``aclose()``
+    at the end. ``deliver`` returns only after the commit, so "captured" means "on disk".
     """
 
     def __init__(self, outbox: AsyncOutbox) -> None:
@@ -566,9 +606,17 @@ class OutboxSink:
     async def next_seq(self) -> int:
         return await self.outbox.next_seq()
 
-    async def deliver(self, body: EventBody) -> None:
-        encoded = await asyncio.to_thread(body.encode)
-        result = await self.outbox.put(encoded, body.seq, body.priority)
+    async def deliver(self, event: EventBody | _HasBody) -> None:
+        def encode() -> tuple[bytes, int, int, str]:
+            to_body = getattr(event, "to_body", None)
+            body: EventBody = to_body() if to_body is not None else event
+            return body.encode(), body.seq, body.priority, model_tag(body.meta)
+
+        encoded, seq, priority, tag = await asyncio.to_thread(encode)
+        result = await self.outbox.put(encoded, seq, priority, tag)
         if not result.stored:
-            log.warning("outbox.event_dropped", seq=body.seq, priority=body.priority,
+            log.warning("outbox.event_dropped", seq=seq, priority=priority,
                         reason="lowest priority in a full outbox")
+
+    async def aclose(self) -> None:
+        """The outbox belongs to whoever opened it (DeviceLink); nothing to release here."""

@@ -11,9 +11,8 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from structlog.testing import capture_logs
-
 from edgekeeper.device.outbox import AsyncOutbox, Outbox, OutboxError, OutboxFull
+from structlog.testing import capture_logs
 
 PY = sys.executable
 

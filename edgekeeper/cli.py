@@ -20,6 +20,7 @@ from edgekeeper.errors import EdgekeeperError
 # Modules that add subcommands; each exposes register(subparsers). Explicit beats discovery.
 COMMAND_MODULES = (
     "edgekeeper.device.cli",
+    "edgekeeper.cloud.cli",
 )
 
 Handler = Callable[[argparse.Namespace, Any], int]

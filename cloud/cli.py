@@ -1,0 +1,128 @@
+"""Cloud subcommands: ``edgekeeper cloud serve | worker | token | revoke | devices | keys``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import sys
+import time
+from typing import Any
+
+from edgekeeper.config import Config
+from edgekeeper.errors import InputError
+
+
+def _add(sub: Any, name: str, help_: str, handler: Any) -> argparse.ArgumentParser:
+    parser: argparse.ArgumentParser = sub.add_parser(name, help=help_, description=help_)
+    parser.set_defaults(handler=handler)
+    return parser
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    cloud = sub.add_parser("cloud", help="run and administer the cloud half")
+    cloud.set_defaults(handler=lambda args, config: (cloud.print_help(), 2)[1])
+    csub = cloud.add_subparsers(dest="cloud_command", metavar="SUBCOMMAND")
+
+    p = _add(csub, "serve", "run the ingest (HTTP API) until SIGINT/SIGTERM", _serve)
+    p.add_argument("--host", help="address to listen on (default: cloud.host)")
+    p.add_argument("--port", type=int, help="port to listen on (default: cloud.port)")
+
+    p = _add(csub, "worker", "reason about queued events and store results", _worker)
+    p.add_argument("--burst", action="store_true", help="drain what is queued, then exit")
+
+    p = _add(csub, "token", "issue a one-time enrollment token (printed once)", _token)
+    p.add_argument("--ttl", type=float, metavar="SECONDS",
+                   help="seconds the token stays valid (default: cloud.token_ttl_seconds)")
+
+    p = _add(csub, "revoke", "revoke a device: it gets 401 from then on", _revoke)
+    p.add_argument("device", metavar="DEVICE")
+
+    _add(csub, "devices", "list enrolled devices", _devices)
+    _add(csub, "keys", "print the cloud's public keys (generating them on first use)", _keys)
+
+
+def _serve(args: argparse.Namespace, config: Config) -> int:
+    from edgekeeper.cloud.ingest import serve
+
+    if args.port is not None and not 0 <= args.port <= 65535:
+        raise InputError(f"--port {args.port} is not a port", fix="use 0-65535 (0: any free)")
+    asyncio.run(serve(config, host=args.host, port=args.port))
+    return 0
+
+
+def _worker(args: argparse.Namespace, config: Config) -> int:
+    from edgekeeper.cloud.worker import run_worker
+
+    stats = asyncio.run(run_worker(config, burst=args.burst))
+    print(f"done {stats.done}, retried {stats.retried}, dead-lettered {stats.dead}")
+    return 0
+
+
+async def _with_store(config: Config, fn: Any) -> Any:
+    from edgekeeper.cloud.backends import open_store
+
+    store = await open_store(config.cloud.store_backend, config.cloud_data_dir)
+    try:
+        return await fn(store)
+    finally:
+        await store.close()
+
+
+def _token(args: argparse.Namespace, config: Config) -> int:
+    from edgekeeper.cloud.enroll import issue_token
+
+    ttl = config.cloud.token_ttl_seconds if args.ttl is None else args.ttl
+    if not 0 < ttl <= 365 * 86400:
+        raise InputError(f"--ttl {ttl:g} is out of range", fix="use 1 to 31536000 seconds")
+    token = asyncio.run(
+        _with_store(config, lambda store: issue_token(store, ttl_s=ttl, now=time.time()))
+    )
+    until = dt.datetime.fromtimestamp(time.time() + ttl, dt.timezone.utc).isoformat(timespec="seconds")
+    print(token)
+    print(f"valid once, until {until}: edgekeeper device enroll --cloud URL --token TOKEN",
+          file=sys.stderr)
+    return 0
+
+
+def _revoke(args: argparse.Namespace, config: Config) -> int:
+    from edgekeeper.cloud.enroll import revoke
+
+    async def do(store: Any) -> tuple[bool, Any]:
+        changed = await revoke(store, args.device, now=time.time())
+        return changed, await store.get_device(args.device)
+
+    changed, record = asyncio.run(_with_store(config, do))
+    if record is None:
+        raise InputError(f"no device {args.device!r} is enrolled",
+                         fix="see 'edgekeeper cloud devices' for the ids")
+    print(f"{args.device}: revoked" if changed else f"{args.device}: was already revoked")
+    return 0
+
+
+def _devices(args: argparse.Namespace, config: Config) -> int:
+    devices = asyncio.run(_with_store(config, lambda store: store.list_devices()))
+    if not devices:
+        print("no devices enrolled")
+        return 0
+
+    def when(ts: float | None) -> str:
+        if ts is None:
+            return "-"
+        return dt.datetime.fromtimestamp(ts, dt.timezone.utc).isoformat(timespec="seconds")
+
+    print(f"{'DEVICE':<32} {'ENROLLED':<26} {'REVOKED':<26}")
+    for d in devices:
+        print(f"{d.device_id:<32} {when(d.enrolled_at):<26} {when(d.revoked_at):<26}")
+    return 0
+
+
+def _keys(args: argparse.Namespace, config: Config) -> int:
+    from edgekeeper.cloud.keys import CloudKeys
+
+    keys = CloudKeys.ensure(config.cloud_data_dir)
+    pub = keys.public().to_json()
+    print(f"box_pk     {pub['box_pk']}")
+    print(f"release_pk {pub['release_pk']}")
+    print(f"release signing key: {'offline' if keys.release_signing_key is None else 'present'}")
+    return 0

@@ -1,0 +1,154 @@
+"""The store contract (cloud/store/base.py), run against every backend in
+cloudkit.STORE_BACKENDS: enrollment tokens, registry, revocation, sealed results."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import pytest
+from cloudkit import STORE_BACKENDS
+
+from edgekeeper.cloud.backends import open_store
+from edgekeeper.cloud.enroll import EnrollRequest, enroll, issue_token, revoke, token_hash
+from edgekeeper.cloud.store.base import EnrollOutcome, Store
+from edgekeeper.protocol.errors import DeviceExists, InvalidRequest, InvalidToken
+from edgekeeper.protocol.keys import DeviceKeys, b64e
+
+Opener = Callable[[], Awaitable[Store]]
+NOW = 1_790_000_000.0
+
+
+@pytest.fixture(params=STORE_BACKENDS)
+async def make_store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Opener]:
+    opened: list[Store] = []
+
+    async def open_backend() -> Store:
+        s = await open_store(request.param, tmp_path / "data")
+        opened.append(s)
+        return s
+
+    yield open_backend
+    for s in opened:
+        await s.close()
+
+
+def req(token: str, device_id: str, keys: DeviceKeys) -> EnrollRequest:
+    return EnrollRequest.from_json({"token": token, "device_id": device_id,
+                                    "sign_pk": b64e(keys.sign_pk), "box_pk": b64e(keys.box_pk)})
+
+
+async def test_token_enrolls_once(make_store: Opener) -> None:
+    store = await make_store()
+    keys = DeviceKeys.generate()
+    token = await issue_token(store, ttl_s=60, now=NOW)
+    v0 = await store.registry_version()
+    assert await enroll(store, req(token, "pi-1", keys), now=NOW) is EnrollOutcome.ENROLLED
+    assert await store.registry_version() != v0
+    # The device lost our answer and asks again with the same token and keys: same answer.
+    assert await enroll(store, req(token, "pi-1", keys), now=NOW + 1) is EnrollOutcome.REPEATED
+    # Anyone else with the used token is refused.
+    with pytest.raises(InvalidToken, match="already used"):
+        await enroll(store, req(token, "pi-2", DeviceKeys.generate()), now=NOW + 2)
+    with pytest.raises(InvalidToken, match="already used"):
+        await enroll(store, req(token, "pi-1", DeviceKeys.generate()), now=NOW + 2)
+    record = await store.get_device("pi-1")
+    assert record is not None and record.public() == keys.public("pi-1")
+    assert [d.device_id for d in await store.list_devices()] == ["pi-1"]
+
+
+async def test_expired_and_unknown_tokens_change_nothing(make_store: Opener) -> None:
+    store = await make_store()
+    token = await issue_token(store, ttl_s=60, now=NOW)
+    with pytest.raises(InvalidToken, match="expired"):
+        await enroll(store, req(token, "pi-1", DeviceKeys.generate()), now=NOW + 61)
+    with pytest.raises(InvalidToken, match="not known"):
+        await enroll(store, req("made-up", "pi-1", DeviceKeys.generate()), now=NOW)
+    assert await store.list_devices() == []
+
+
+async def test_taken_id_is_refused_without_consuming_the_token(make_store: Opener) -> None:
+    store = await make_store()
+    await enroll(store, req(await issue_token(store, ttl_s=60, now=NOW), "pi-1",
+                            DeviceKeys.generate()), now=NOW)
+    token = await issue_token(store, ttl_s=60, now=NOW)
+    with pytest.raises(DeviceExists):
+        await enroll(store, req(token, "pi-1", DeviceKeys.generate()), now=NOW)
+    # The refusal left the token unused: it still enrolls another id.
+    assert await enroll(store, req(token, "pi-2", DeviceKeys.generate()),
+                        now=NOW) is EnrollOutcome.ENROLLED
+
+
+async def test_revocation(make_store: Opener) -> None:
+    store = await make_store()
+    keys = DeviceKeys.generate()
+    await enroll(store, req(await issue_token(store, ttl_s=60, now=NOW), "pi-1", keys), now=NOW)
+    v = await store.registry_version()
+    assert await revoke(store, "pi-1", now=NOW + 5)
+    assert await store.registry_version() != v
+    assert not await revoke(store, "pi-1", now=NOW + 6)  # already
+    assert not await revoke(store, "nobody", now=NOW)
+    record = await store.get_device("pi-1")
+    assert record is not None and record.revoked and record.revoked_at == NOW + 5
+    assert record.public().revoked
+    # A revoked id stays taken, even for its own keys.
+    with pytest.raises(DeviceExists):
+        await enroll(store, req(await issue_token(store, ttl_s=60, now=NOW), "pi-1", keys),
+                     now=NOW)
+
+
+def test_enroll_request_validation() -> None:
+    keys = DeviceKeys.generate()
+    good = {"token": "t", "device_id": "pi-1", "sign_pk": b64e(keys.sign_pk),
+            "box_pk": b64e(keys.box_pk)}
+    assert EnrollRequest.from_json(good).device_id == "pi-1"
+    assert "secret-token" not in repr(EnrollRequest.from_json({**good, "token": "secret-token"}))
+    for bad in ([], {**good, "extra": 1}, {**good, "token": ""}, {**good, "device_id": "a b"},
+                {**good, "sign_pk": "short"}, {**good, "box_pk": 5}, {"token": "t"}):
+        with pytest.raises(InvalidRequest):
+            EnrollRequest.from_json(bad)
+
+
+async def test_tokens_are_stored_hashed(make_store: Opener, tmp_path: Path) -> None:
+    store = await make_store()
+    token = await issue_token(store, ttl_s=60, now=NOW)
+    assert len(token) >= 40
+    await store.close()
+    blob = b"".join(p.read_bytes() for p in (tmp_path / "data").glob("*") if p.is_file())
+    # File backends: the hash is there, the token is not. (A server backend checks its tables.)
+    assert token_hash(token) in blob
+    assert token.encode() not in blob
+
+
+async def test_results_cursor_ack_and_isolation(make_store: Opener) -> None:
+    store = await make_store()
+    v0 = await store.results_version()
+    ids = [await store.put_result(device_id="pi-1", seq=s, envelope=b"r%d" % s, now=NOW)
+           for s in (1, 2, 3)]
+    other = await store.put_result(device_id="pi-2", seq=1, envelope=b"x", now=NOW)
+    assert ids == sorted(ids) and other > ids[-1]
+    assert await store.results_version() > v0
+    # Idempotent on (device, seq): a re-run worker keeps the first result.
+    assert await store.put_result(device_id="pi-1", seq=2, envelope=b"again", now=NOW) == ids[1]
+    got = await store.results_after("pi-1", 0, 2)
+    assert [(r.seq, r.envelope) for r in got] == [(1, b"r1"), (2, b"r2")]
+    assert [r.seq for r in await store.results_after("pi-1", got[-1].id, 10)] == [3]
+    # Acks count only this device's unacked results.
+    assert await store.ack_results("pi-1", [ids[0], ids[1], other, 999_999], now=NOW) == 2
+    assert await store.ack_results("pi-1", [ids[0]], now=NOW) == 0
+    assert [r.seq for r in await store.results_after("pi-1", 0, 10)] == [3]
+    assert [r.seq for r in await store.results_after("pi-2", 0, 10)] == [1]
+
+
+async def test_store_survives_restart(make_store: Opener) -> None:
+    store = await make_store()
+    keys = DeviceKeys.generate()
+    await enroll(store, req(await issue_token(store, ttl_s=60, now=time.time()), "pi-1", keys),
+                 now=time.time())
+    rid = await store.put_result(device_id="pi-1", seq=1, envelope=b"e", now=NOW)
+    await store.close()
+    again = await make_store()
+    assert (await again.get_device("pi-1")) is not None
+    assert [r.id for r in await again.results_after("pi-1", 0, 10)] == [rid]
+    await again.ping()

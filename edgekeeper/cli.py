@@ -21,6 +21,7 @@ from edgekeeper.errors import EdgekeeperError
 COMMAND_MODULES = (
     "edgekeeper.device.cli",
     "edgekeeper.cloud.cli",
+    "edgekeeper.device.link_cli",
 )
 
 Handler = Callable[[argparse.Namespace, Any], int]

@@ -1,0 +1,198 @@
+"""``edgekeeper device ...``: the device's side of the secure link from the command line.
+
+* ``device keys``    - create the device's keys if it has none; print the public halves.
+* ``device enroll --cloud URL --token T`` - register the keys with the cloud, pin its keys.
+* ``device status``  - outbox depth, dead letters, oldest event age, last upload, drops.
+* ``device upload``  - run the uploader and the results client until SIGINT/SIGTERM;
+  ``--burst`` drains the outbox once and exits (0 when empty, 1 when events remain).
+
+Handlers return exit codes; errors the user can fix are raised as EdgekeeperError and printed
+by edgekeeper.cli with their fix.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import signal
+import sys
+import time
+from typing import Any
+
+from edgekeeper.errors import ConfigError
+
+MIB = 1024 * 1024
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    device = sub.add_parser("device", help="device identity, enrollment and the cloud link")
+    cmds = device.add_subparsers(dest="device_command", metavar="DEVICE_COMMAND")
+    device.set_defaults(handler=_help(device))
+
+    p = cmds.add_parser("keys", help="create this device's keys (if missing) and show them")
+    p.set_defaults(handler=cmd_keys)
+
+    p = cmds.add_parser("enroll", help="register with a cloud using a one-time token")
+    p.add_argument("--cloud", required=True, metavar="URL", help="the cloud ingest base URL")
+    p.add_argument(
+        "--token", required=True, metavar="T",
+        help="token from `edgekeeper cloud token` ('-' reads it from stdin, off the process list)",
+    )
+    p.add_argument("--timeout", type=float, default=30.0, metavar="S")
+    p.set_defaults(handler=cmd_enroll)
+
+    p = cmds.add_parser("status", help="outbox depth, oldest event age, last upload")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(handler=cmd_status)
+
+    p = cmds.add_parser("upload", help="send the outbox to the cloud (and handle results)")
+    p.add_argument("--burst", action="store_true", help="drain the outbox once, then exit")
+    p.add_argument(
+        "--give-up-after", type=float, default=None, metavar="S",
+        help="with --burst: stop after S seconds of consecutive failures (default: never)",
+    )
+    p.set_defaults(handler=cmd_upload)
+
+
+def _help(parser: argparse.ArgumentParser) -> Any:
+    def show(args: argparse.Namespace, config: Any) -> int:
+        parser.print_help()
+        return 2
+
+    return show
+
+
+def cmd_keys(args: argparse.Namespace, config: Any) -> int:
+    from edgekeeper.device import identity
+    from edgekeeper.protocol.keys import b64e
+
+    keys, created = identity.load_or_create_keys(config.device.state_dir)
+    print(f"device id:   {config.device.id}")
+    print(f"keys:        {identity.keys_dir(config.device.state_dir)} "
+          f"({'created now' if created else 'existing'}; private, mode 0600)")
+    print(f"sign_pk:     {b64e(keys.sign_pk)}")
+    print(f"box_pk:      {b64e(keys.box_pk)}")
+    return 0
+
+
+def cmd_enroll(args: argparse.Namespace, config: Any) -> int:
+    from edgekeeper.device import identity
+    from edgekeeper.protocol.keys import b64e
+
+    token = sys.stdin.readline().strip() if args.token == "-" else args.token
+    enrollment = asyncio.run(
+        identity.enroll(
+            args.cloud, token, device_id=config.device.id, state_dir=config.device.state_dir,
+            timeout=args.timeout,
+        )
+    )
+    print(f"enrolled {enrollment.device_id} with {enrollment.cloud_url}")
+    print(f"pinned cloud box key:     {b64e(enrollment.cloud.box_pk)}")
+    print(f"pinned release key:       {b64e(enrollment.cloud.release_pk)}")
+    return 0
+
+
+def _age(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 172800:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} days"
+
+
+def cmd_status(args: argparse.Namespace, config: Any) -> int:
+    from edgekeeper.device import identity
+    from edgekeeper.device.uplink import open_outbox
+
+    now = time.time()
+    state = config.device.state_dir
+    enrolled: dict[str, Any] | None
+    try:
+        e = identity.load_enrollment(state, config.device.id)
+        enrolled = {"cloud_url": config.uplink.cloud_url or e.cloud_url,
+                    "enrolled_at": e.enrolled_at}
+    except ConfigError as err:
+        enrolled = None
+        why = err.message
+    if not config.outbox_path.exists():
+        st = None
+    else:
+        with open_outbox(config) as ob:
+            st = ob.stats()
+    doc: dict[str, Any] = {
+        "device_id": config.device.id,
+        "enrolled": enrolled,
+        "outbox": str(config.outbox_path),
+        "pending": st.pending if st else 0,
+        "dead_letters": st.dead if st else 0,
+        "in_flight": st.leased if st else 0,
+        "bytes": st.bytes if st else 0,
+        "quota_bytes": int(config.outbox.quota_mb * MIB),
+        "oldest_age_seconds": st.oldest_age(now) if st else None,
+        "last_upload_at": st.last_upload_at if st else None,
+        "delivered_total": st.delivered_total if st else 0,
+        "dropped_total": st.dropped_total if st else 0,
+        "dropped_bytes": st.dropped_bytes if st else 0,
+        "last_seq": st.last_seq if st else 0,
+    }
+    if args.json:
+        print(json.dumps(doc, sort_keys=True))
+        return 0
+    print(f"device:        {config.device.id}")
+    if enrolled:
+        print(f"cloud:         {enrolled['cloud_url']}")
+    else:
+        print(f"cloud:         not enrolled: {why}")
+    print(f"outbox:        {doc['outbox']}")
+    print(f"pending:       {doc['pending']} events, {doc['bytes'] / MIB:.1f} MiB of "
+          f"{doc['quota_bytes'] / MIB:.0f} MiB ({doc['in_flight']} in flight)")
+    print(f"oldest event:  {_age(doc['oldest_age_seconds'])}")
+    last = doc["last_upload_at"]
+    print(f"last upload:   {'never' if last is None else _age(now - last) + ' ago'}")
+    print(f"delivered:     {doc['delivered_total']}")
+    print(f"dead letters:  {doc['dead_letters']}")
+    print(f"dropped:       {doc['dropped_total']} events ({doc['dropped_bytes'] / MIB:.1f} MiB) "
+          f"to the quota")
+    print(f"last seq:      {doc['last_seq']}")
+    return 0
+
+
+def cmd_upload(args: argparse.Namespace, config: Any) -> int:
+    return asyncio.run(_upload(args, config))
+
+
+async def _upload(args: argparse.Namespace, config: Any) -> int:
+    from edgekeeper.device.uplink import DeviceLink, UplinkUnavailable
+
+    if args.burst:
+        async with DeviceLink.from_config(config, with_results=False) as link:
+            report = await link.uplink.run_burst(give_up_after=args.give_up_after)
+        print(f"delivered {report.delivered}, duplicates {report.duplicates}, "
+              f"dead letters {report.dead}, remaining {report.remaining}")
+        if report.remaining:
+            raise UplinkUnavailable(
+                f"{report.remaining} events remain in the outbox; last error: "
+                f"{report.last_error}",
+                fix="check the cloud URL and network; the events are kept and sent later",
+            )
+        return 0
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def on_signal() -> None:
+        if stop.is_set():
+            raise SystemExit(130)  # a second signal: leave now
+        stop.set()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, on_signal)
+    async with DeviceLink.from_config(config) as link:
+        await link.run(stop)
+    return 0

@@ -1,0 +1,469 @@
+"""Results on the device: fetched from the cloud, verified, handed to actions, acknowledged.
+
+The client long-polls ``GET /v1/results`` (a signed request, docs/protocol.md), opens every
+result envelope against the cloud key pinned at enrollment (``open_result``: only the cloud can
+have sealed it, and only for this device), then runs the configured actions in order:
+
+* ``jsonl``   - append the result as one JSON line (fsynced) to a file;
+* ``command`` - run an argv (no shell) with the result as JSON on stdin; exit 0 is success;
+* ``post_url`` - POST the result as JSON to a local URL; a 2xx is success.
+
+An action that fails is retried (``results.retries`` times, delays doubling from
+``results.retry_delay_seconds``), then recorded as failed; the other actions still run. Each
+result's outcome is committed to a ledger (``<state_dir>/results.sqlite``) *before* it is acked,
+so a result redelivered after a crash or a lost ack is recognised (by its seq) and only acked
+again. The window between "actions ran" and "ledger committed" is the one place an action can
+run twice, so actions should tolerate a repeat (at-least-once, as the cloud documents).
+
+A result that does not verify (forged, altered, for another device) never reaches an action: it
+is recorded as ``rejected``, logged as an error, and acked so it does not come back forever.
+
+The edge fallback (device/uplink.py) hands provisional results to the same actions through
+``ResultActions.handle_provisional``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Literal
+
+import aiohttp
+from edgekeeper.protocol.envelope import open_result, sign_request
+from edgekeeper.protocol.errors import ProtocolError
+from edgekeeper.protocol.keys import DeviceKeys, b64d
+from edgekeeper.protocol.messages import ResultBody
+from yarl import URL
+
+from edgekeeper.errors import PermanentError
+from edgekeeper.log import get_logger
+
+if TYPE_CHECKING:
+    from edgekeeper.config import Config, ResultsSection
+
+log = get_logger(__name__)
+
+Outcome = Literal["handled", "failed", "rejected", "already"]
+_MAX_ANSWER = 16 * 1024 * 1024
+_MAX_STDERR = 2000
+
+_LEDGER_SCHEMA = """
+CREATE TABLE IF NOT EXISTS results (
+    key        TEXT PRIMARY KEY,      -- 'cloud:<seq>' or 'provisional:<seq>'
+    seq        INTEGER NOT NULL,
+    result_id  INTEGER,               -- the cloud's id (the ack handle), NULL if provisional
+    status     TEXT NOT NULL,         -- handled | failed | rejected
+    error      TEXT,
+    result     TEXT,                  -- the JSON the actions received
+    at         REAL NOT NULL
+);
+"""
+
+
+class ActionFailed(Exception):
+    """One try of one action did not succeed (the message says why)."""
+
+
+@dataclass(frozen=True)
+class LedgerEntry:
+    key: str
+    seq: int
+    result_id: int | None
+    status: str
+    error: str | None
+    result: dict[str, Any] | None
+
+
+class Ledger:
+    """Which results were handled: a small SQLite file (WAL, synchronous=FULL, mode 0600)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
+                                   timeout=30.0)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(_LEDGER_SCHEMA)
+
+    def get(self, key: str) -> LedgerEntry | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT key, seq, result_id, status, error, result FROM results WHERE key = ?",
+                (key,),
+            ).fetchone()
+        return None if row is None else _entry(row)
+
+    def record(self, key: str, seq: int, result_id: int | None, status: str,
+               error: str | None, result: dict[str, Any] | None) -> None:
+        with self._lock:
+            self._db.execute(
+                "INSERT INTO results VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (key) DO NOTHING",
+                (key, seq, result_id, status, error,
+                 None if result is None else json.dumps(result), time.time()),
+            )
+
+    def entries(self) -> list[LedgerEntry]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT key, seq, result_id, status, error, result FROM results ORDER BY at, key"
+            ).fetchall()
+        return [_entry(r) for r in rows]
+
+    def counts(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._db.execute("SELECT status, COUNT(*) FROM results GROUP BY status"))
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+
+def _entry(row: tuple[Any, ...]) -> LedgerEntry:
+    return LedgerEntry(key=row[0], seq=row[1], result_id=row[2], status=row[3], error=row[4],
+                       result=None if row[5] is None else json.loads(row[5]))
+
+
+# --- actions --------------------------------------------------------------------------------
+
+
+Action = Callable[[dict[str, Any]], Awaitable[None]]
+
+
+def _append_line(path: Path, line: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    try:
+        os.write(fd, line)
+        os.fsync(fd)  # "handled" is recorded next: the line must be on disk first
+    finally:
+        os.close(fd)
+
+
+class ResultActions:
+    """The configured actions, their retries, and the ledger that makes them run once."""
+
+    def __init__(
+        self,
+        ledger_path: Path,
+        *,
+        jsonl: Path | None = None,
+        command: tuple[str, ...] = (),
+        command_timeout: float = 30.0,
+        post_url: str = "",
+        retries: int = 3,
+        retry_delay: float = 1.0,
+    ) -> None:
+        self.ledger = Ledger(ledger_path)
+        self.jsonl = jsonl
+        self.command = tuple(command)
+        self.command_timeout = command_timeout
+        self.post_url = post_url
+        self.retries = retries
+        self.retry_delay = retry_delay
+        self.actions: list[tuple[str, Action]] = []
+        if jsonl is not None:
+            self.actions.append(("jsonl", self._jsonl))
+        if self.command:
+            self.actions.append(("command", self._command))
+        if post_url:
+            self.actions.append(("post", self._post))
+
+    @classmethod
+    def from_config(cls, config: Config) -> ResultActions:
+        section = config.results
+        state = config.device.state_dir
+        jsonl = None
+        if section.jsonl:
+            p = Path(section.jsonl).expanduser()
+            jsonl = p if p.is_absolute() else state / p
+        return cls(
+            state / "results.sqlite",
+            jsonl=jsonl,
+            command=section.command,
+            command_timeout=section.command_timeout_seconds,
+            post_url=section.post_url,
+            retries=section.retries,
+            retry_delay=section.retry_delay_seconds,
+        )
+
+    async def close(self) -> None:
+        await asyncio.to_thread(self.ledger.close)
+
+    async def handle(self, key: str, result: ResultBody, *, result_id: int | None = None
+                     ) -> Outcome:
+        """Run every action for ``result`` unless ``key`` was handled before; record it."""
+        if await asyncio.to_thread(self.ledger.get, key) is not None:
+            return "already"
+        doc = {"result_id": result_id, **result.to_json()}
+        errors: list[str] = []
+        for name, action in self.actions:
+            error = await self._with_retries(name, action, doc)
+            if error is not None:
+                errors.append(f"{name}: {error}")
+        status: Outcome = "failed" if errors else "handled"
+        error_text = "; ".join(errors)[:4000] if errors else None
+        await asyncio.to_thread(self.ledger.record, key, result.seq, result_id, status,
+                                error_text, doc)
+        if errors:
+            log.error("results.action_failed", key=key, seq=result.seq, errors=error_text)
+        else:
+            log.info("results.handled", key=key, seq=result.seq, label=result.label,
+                     provisional=result.provisional)
+        return status
+
+    async def handle_provisional(self, result: ResultBody) -> None:
+        await self.handle(f"provisional:{result.seq}", result)
+
+    async def reject(self, key: str, seq: int, result_id: int, reason: str) -> None:
+        await asyncio.to_thread(self.ledger.record, key, seq, result_id, "rejected", reason,
+                                None)
+        log.error("results.rejected", key=key, result_id=result_id, reason=reason)
+
+    async def _with_retries(self, name: str, action: Action, doc: dict[str, Any]) -> str | None:
+        """None on success, else the last error after every retry."""
+        error = ""
+        for attempt in range(self.retries + 1):
+            if attempt:
+                await asyncio.sleep(self.retry_delay * 2 ** (attempt - 1))
+            try:
+                await action(doc)
+                return None
+            except ActionFailed as err:
+                error = str(err)
+            except (OSError, aiohttp.ClientError, TimeoutError) as err:
+                error = f"{type(err).__name__}: {err}"
+            log.warning("results.action_retry", action=name, seq=doc.get("seq"),
+                        attempt=attempt + 1, of=self.retries + 1, error=error[:300])
+        return error
+
+    async def _jsonl(self, doc: dict[str, Any]) -> None:
+        assert self.jsonl is not None
+        line = (json.dumps(doc, sort_keys=True, separators=(",", ":")) + "\n").encode()
+        await asyncio.to_thread(_append_line, self.jsonl, line)
+
+    async def _command(self, doc: dict[str, Any]) -> None:
+        data = json.dumps(doc).encode()
+        proc = await asyncio.create_subprocess_exec(
+            *self.command,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        try:
+            async with asyncio.timeout(self.command_timeout):
+                _, stderr = await proc.communicate(data)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+            raise ActionFailed(f"{self.command[0]} ran longer than {self.command_timeout:g} s"
+                               ) from None
+        except BaseException:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()
+            raise
+        if proc.returncode != 0:
+            tail = stderr[-_MAX_STDERR:].decode("utf-8", "replace").strip()
+            raise ActionFailed(f"{self.command[0]} exited {proc.returncode}: {tail}")
+
+    async def _post(self, doc: dict[str, Any]) -> None:
+        timeout = aiohttp.ClientTimeout(total=self.command_timeout)
+        async with aiohttp.ClientSession(timeout=timeout) as session, session.post(
+            self.post_url, json=doc
+        ) as resp:
+            if not 200 <= resp.status < 300:
+                text = (await resp.content.read(500)).decode("utf-8", "replace")
+                raise ActionFailed(f"POST {self.post_url} answered {resp.status}: {text}")
+
+
+# --- the client -----------------------------------------------------------------------------
+
+
+class ResultsRefused(PermanentError):
+    """The cloud refuses this device's result requests (not enrolled, revoked, bad signature)."""
+
+
+@dataclass
+class PollReport:
+    received: int = 0
+    handled: int = 0
+    failed: int = 0
+    rejected: int = 0
+    already: int = 0
+    acked: int = 0
+
+
+class ResultsClient:
+    """Long-polls the cloud for this device's results and acks them once handled."""
+
+    def __init__(
+        self,
+        actions: ResultActions,
+        *,
+        keys: DeviceKeys,
+        device_id: str,
+        cloud_url: str,
+        cloud_box_pk: bytes,
+        section: ResultsSection,
+        connect_timeout: float = 10.0,
+        limit: int = 20,
+    ) -> None:
+        from edgekeeper.device.uplink import Backoff
+
+        self.actions = actions
+        self.keys = keys
+        self.device_id = device_id
+        self.base = URL(cloud_url.rstrip("/"))
+        self.cloud_box_pk = bytes(cloud_box_pk)
+        self.section = section
+        self.connect_timeout = connect_timeout
+        self.limit = limit
+        self.cursor = 0
+        self.backoff = Backoff(1.0, 300.0)
+        self._session: aiohttp.ClientSession | None = None
+
+    async def __aenter__(self) -> ResultsClient:
+        # The read timeout must outlast the long-poll the cloud may hold open.
+        timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=self.connect_timeout,
+            sock_read=self.section.poll_wait_seconds + 30.0,
+        )
+        self._session = aiohttp.ClientSession(timeout=timeout)
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Poll until ``stop`` is set; failures back off (full jitter, capped)."""
+        from edgekeeper.device.uplink import _wait
+
+        while not stop.is_set():
+            poll = asyncio.ensure_future(self.poll_once(wait=self.section.poll_wait_seconds))
+            stopper = asyncio.ensure_future(stop.wait())
+            try:
+                await asyncio.wait({poll, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                stopper.cancel()
+            if not poll.done():  # stop was set during a long-poll: nothing is lost by leaving
+                poll.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await poll
+                return
+            try:
+                poll.result()
+                self.backoff.reset()
+            except ResultsRefused as err:
+                log.error("results.refused", error=err.message, fix=err.fix)
+                await _wait(stop, self.backoff.cap)
+            except (aiohttp.ClientError, TimeoutError, OSError, ResultsUnavailable) as err:
+                delay = self.backoff.next_delay(getattr(err, "retry_after", None))
+                log.warning("results.poll_failed", error=str(err)[:300], seconds=round(delay, 2))
+                await _wait(stop, delay)
+
+    def _signed(self, method: str, path: str, query: str, body: bytes) -> dict[str, str]:
+        return sign_request(self.keys, device_id=self.device_id, method=method, path=path,
+                            query=query, body=body, timestamp=time.time())
+
+    async def poll_once(self, *, wait: float = 0.0) -> PollReport:
+        """One long-poll: fetch, verify, handle, ack. Raises on transport or auth failure."""
+        assert self._session is not None, "use `async with ResultsClient(...)`"
+        report = PollReport()
+        path = self.base.path.rstrip("/") + "/v1/results"
+        query = f"cursor={self.cursor}&wait={int(wait)}&limit={self.limit}"
+        url = self.base.with_path(path, encoded=True).with_query(None)
+        async with self._session.get(
+            URL(f"{url}?{query}", encoded=True), headers=self._signed("GET", path, query, b"")
+        ) as resp:
+            text = (await resp.content.read(_MAX_ANSWER)).decode("utf-8", "replace")
+            _raise_for(resp.status, text, resp.headers)
+        data = json.loads(text)
+        items = data.get("results", []) if isinstance(data, dict) else []
+        ack: list[int] = []
+        for item in items:
+            report.received += 1
+            outcome = await self._handle_item(item)
+            setattr(report, outcome, getattr(report, outcome) + 1)
+            if isinstance(item, dict) and type(item.get("id")) is int:
+                ack.append(item["id"])
+        if isinstance(data, dict) and type(data.get("cursor")) is int:
+            self.cursor = max(self.cursor, data["cursor"])
+        if ack:
+            report.acked = await self._ack(ack)
+        return report
+
+    async def _handle_item(self, item: Any) -> Outcome:
+        if not isinstance(item, dict) or type(item.get("id")) is not int:
+            log.error("results.malformed_item", item=str(item)[:200])
+            return "rejected"
+        rid = item["id"]
+        seq = item.get("seq") if type(item.get("seq")) is int else -1
+        key = f"cloud:{seq}"
+        try:
+            envelope = b64d(str(item.get("envelope", "")), what="envelope")
+            opened = await asyncio.to_thread(
+                open_result, envelope, device=self.keys, device_id=self.device_id,
+                cloud_box_pk=self.cloud_box_pk,
+            )
+        except (ProtocolError, ValueError) as err:
+            reason = f"{getattr(err, 'code', 'invalid')}: {err}"[:1000]
+            await self.actions.reject(f"rejected:{rid}", int(seq), rid, reason)
+            return "rejected"
+        if opened.seq != seq:
+            await self.actions.reject(f"rejected:{rid}", int(seq), rid,
+                                      f"listed as seq {seq}, sealed as seq {opened.seq}")
+            return "rejected"
+        return await self.actions.handle(key, opened.body, result_id=rid)
+
+    async def _ack(self, ids: list[int]) -> int:
+        assert self._session is not None
+        path = self.base.path.rstrip("/") + "/v1/results/ack"
+        body = json.dumps({"ids": ids}).encode()
+        headers = self._signed("POST", path, "", body)
+        headers["Content-Type"] = "application/json"
+        url = self.base.with_path(path, encoded=True)
+        async with self._session.post(url, data=body, headers=headers) as resp:
+            text = (await resp.content.read(_MAX_ANSWER)).decode("utf-8", "replace")
+            _raise_for(resp.status, text, resp.headers)
+        acked = json.loads(text).get("acked", 0)
+        return int(acked) if isinstance(acked, int) else 0
+
+
+class ResultsUnavailable(ConnectionError):
+    """The cloud answered but cannot serve results now (5xx, 429)."""
+
+    def __init__(self, message: str, retry_after: float | None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+def _raise_for(status: int, text: str, headers: Any) -> None:
+    from edgekeeper.device.uplink import parse_retry_after
+
+    if 200 <= status < 300:
+        return
+    code, message, fix = "", text[:300], None
+    with contextlib.suppress(ValueError, KeyError, TypeError, AttributeError):
+        err = json.loads(text)["error"]
+        code, message, fix = str(err["code"]), str(err.get("message", "")), err.get("fix")
+    if status in (400, 401, 403, 404, 405, 415) and code not in ("stale",):
+        raise ResultsRefused(f"the cloud refused the results request ({code or status}): "
+                             f"{message}", fix=fix)
+    raise ResultsUnavailable(f"HTTP {status} {code}: {message}",
+                             parse_retry_after(headers.get("Retry-After")))

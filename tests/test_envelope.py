@@ -7,6 +7,7 @@ a ProtocolError whose code fits that field.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import re
@@ -17,7 +18,7 @@ from pathlib import Path
 import msgpack
 import pytest
 from cloudkit import jpeg, make_event
-from nacl.public import PrivateKey
+from nacl.public import Box, PrivateKey
 
 from edgekeeper.errors import ConfigError
 from edgekeeper.protocol import envelope as E
@@ -157,6 +158,23 @@ def test_seal_from_stored_bytes_and_digest_matches_sealing_the_body(
     opened = E.open_event(env, cloud_box_sk=bytes(cloud), lookup=strict(device), now=100.0,
                           window_s=1.0, verify_payload_hash=True)
     assert opened.body == body and opened.body_bytes == encoded
+
+
+def test_envelope_bytes_are_plain_msgpack(device: DeviceKeys, cloud: PrivateKey) -> None:
+    # The sealer writes the framing by hand (to encrypt in place); it must be exactly what
+    # msgpack.packb writes, whichever bin length form the box needs (16- or 32-bit here).
+    for size in (10, 300, 70_000):
+        body = make_event(DEV, 1, frame_bytes=size)
+        env = E.seal_event(body, device=device, cloud_box_pk=bytes(cloud.public_key),
+                           sent_at=1.0, model_version="m")
+        items = msgpack.unpackb(env)
+        assert msgpack.packb(items, use_bin_type=True) == env
+        assert items[:2] == [1, 1] and len(items[3]) == 24
+        # The box is what nacl.public.Box makes under the nonce derived as docs/protocol.md says.
+        nonce = hashlib.sha256(b"edgekeeper-envelope-v1" + b"\x01\x01" + items[2]
+                               + items[3]).digest()[:24]
+        expected = Box(device.box_key, cloud.public_key).encrypt(body.encode(), nonce)
+        assert items[4] == expected.ciphertext
 
 
 def test_each_seal_is_fresh_but_payload_hash_is_stable(device: DeviceKeys, cloud: PrivateKey) -> None:

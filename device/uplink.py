@@ -172,8 +172,10 @@ class UplinkStats:
     rounds: int = 0
     provisional: int = 0
     last_error: str | None = None
-    # (reason, seconds) of the most recent waits between failing rounds.
-    waits: deque[tuple[str, float]] = field(default_factory=lambda: deque(maxlen=256))
+    # (code, seconds waited, the cloud's Retry-After or None) of the latest failing rounds.
+    waits: deque[tuple[str, float, float | None]] = field(
+        default_factory=lambda: deque(maxlen=256)
+    )
 
 
 @dataclass(frozen=True)
@@ -310,7 +312,7 @@ class Uplink:
             delay = 0.0  # clock corrected from the cloud's Date: retry at once
         else:
             delay = self.backoff.next_delay(failure.retry_after)
-        self.stats.waits.append((failure.code, delay))
+        self.stats.waits.append((failure.code, delay, failure.retry_after))
         log.warning(
             "uplink.retry_later",
             code=failure.code,

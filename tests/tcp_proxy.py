@@ -9,6 +9,8 @@ Between the device uploader and the cloud server, it can:
   one would once bytes have vanished;
 * ``reset``     - answer every new connection, and every open one as soon as it moves a byte,
   with a TCP RST (SO_LINGER 0 then close): a crashed peer or a firewall rejecting us.
+* ``lose_replies`` - forward requests to the server but let its replies vanish (an asymmetric
+  route): the server acts, the client never hears back. The sharpest test of idempotency.
 
 ``cut()`` resets every open connection at once (a router reboot) without changing the mode.
 
@@ -28,7 +30,7 @@ import struct
 from dataclasses import dataclass, field
 from typing import Literal
 
-Mode = Literal["pass", "blackhole", "reset"]
+Mode = Literal["pass", "blackhole", "reset", "lose_replies"]
 
 
 def _rst(writer: asyncio.StreamWriter) -> None:
@@ -40,7 +42,7 @@ def _rst(writer: asyncio.StreamWriter) -> None:
     writer.transport.abort()
 
 
-@dataclass
+@dataclass(eq=False)  # hashed by identity: kept in a set
 class _Conn:
     client: asyncio.StreamWriter
     upstream: asyncio.StreamWriter | None = None
@@ -125,8 +127,8 @@ class TcpProxy:
                 return
             conn.upstream = up_writer
             await asyncio.gather(
-                self._pump(conn, reader, up_writer),
-                self._pump(conn, up_reader, writer),
+                self._pump(conn, reader, up_writer, reply=False),
+                self._pump(conn, up_reader, writer, reply=True),
                 return_exceptions=True,
             )
         finally:
@@ -142,14 +144,18 @@ class TcpProxy:
                 pass
 
     async def _pump(
-        self, conn: _Conn, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+        self, conn: _Conn, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+        *, reply: bool,
     ) -> None:
         try:
             while True:
                 data = await reader.read(65536)
                 if not data:
-                    # Half-close: pass the FIN on, as a router would.
-                    if not conn.dead and writer.can_write_eof():
+                    if conn.dead:
+                        # The client gave up on a dead route: tear the server side down too,
+                        # as the server's own keepalive eventually would.
+                        conn.reset()
+                    elif writer.can_write_eof():  # half-close: pass the FIN on
                         with contextlib.suppress(OSError):
                             writer.write_eof()
                     return
@@ -157,7 +163,11 @@ class TcpProxy:
                     self.resets += 1
                     conn.reset()
                     return
-                if self.mode == "blackhole" or conn.dead:
+                if (
+                    self.mode == "blackhole"
+                    or conn.dead
+                    or (reply and self.mode == "lose_replies")
+                ):
                     conn.dead = True
                     continue  # the bytes vanish
                 writer.write(data)

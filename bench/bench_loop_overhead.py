@@ -53,6 +53,7 @@ def main() -> None:
     ap.add_argument("--frames", type=int, default=300)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--variant", default="int8")
+    ap.add_argument("--manifest", default="", help="another vision manifest (default: the built-in)")
     args = ap.parse_args()
     from edgekeeper import log
 
@@ -60,7 +61,7 @@ def main() -> None:
     cfg = config_mod.load(None, env={})
     cfg = dataclasses.replace(cfg, pregate=dataclasses.replace(cfg.pregate, motion=False),
                               gate=dataclasses.replace(cfg.gate, variant=args.variant))
-    manifest = config_mod.resolve_model(cfg.gate.vision_model, args.variant)
+    manifest = config_mod.resolve_model(cfg.gate.vision_model, args.variant) if not args.manifest else Path(args.manifest)
     frames = decode(video_path(), args.frames)
     runner = ModelRunner.load(manifest, cfg.gate.num_threads)
     bare_fps, loop_fps = [], []

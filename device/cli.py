@@ -39,6 +39,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                    help="where report.json, report.html and events/ go (default ./replay-report)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.add_argument("--verbose", action="store_true",
+                   help="log every decision as it happens (they are in the report either way)")
     p.set_defaults(handler=cmd_replay)
 
     p = sub.add_parser("record", help="record the camera and microphone into a recording folder")
@@ -57,6 +59,11 @@ def cmd_replay(args: argparse.Namespace, config: Config) -> int:
 
     labels = load_labels(args.labels) if args.labels else None
     report_dir: Path = args.report
+    if not args.verbose and args.log_level is None:
+        # Decisions and events go into the report; keep the terminal for the progress bar.
+        from edgekeeper import log as log_mod
+
+        log_mod.configure("warning", config.log.format)
 
     async def main() -> list[Any]:
         results = []

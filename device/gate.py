@@ -331,15 +331,22 @@ class Gate:
         log.info("gate swapped", modality=self.modality, old=old_tag, new=runner.manifest.tag)
         return runner.manifest
 
-    async def classify(self, data: np.ndarray, position: int | None = None) -> GateOutput:
+    def submit(self, data: np.ndarray, position: int | None = None) -> asyncio.Future[GateOutput]:
+        """Queue one inference on the model's thread; the future resolves with its output.
+
+        The model in place *now* answers, even if a swap lands before it runs. Submitting the
+        next frame before awaiting this one lets the loop's own work overlap the inference.
+        """
         runner, executor = self._runner, self._executor
         if runner is None or executor is None:
             raise RuntimeError("gate used before load()")
-        result = await asyncio.get_running_loop().run_in_executor(
+        self.inferences += 1
+        return asyncio.get_running_loop().run_in_executor(
             executor, runner.classify, data, position
         )
-        self.inferences += 1
-        return result
+
+    async def classify(self, data: np.ndarray, position: int | None = None) -> GateOutput:
+        return await self.submit(data, position)
 
     def close(self) -> None:
         if self._executor is not None:

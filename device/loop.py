@@ -22,6 +22,7 @@ is dropped on the way out.
 from __future__ import annotations
 
 import asyncio
+import collections
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -42,6 +43,8 @@ from edgekeeper.log import get_logger
 log = get_logger(__name__)
 
 _STAGE_QUEUE = 8
+# Frames in flight to the gate's thread at once (see _video_stage).
+_PIPELINE = 2
 
 
 @dataclass(slots=True)
@@ -182,20 +185,41 @@ class Pipeline:
     async def _video_stage(self, out: asyncio.Queue[StageResult | None]) -> None:
         assert self.vision_gate is not None
         lat = self.stats.latencies_ms.setdefault("vision", [])
+        # Up to _PIPELINE frames are submitted to the gate's thread before the oldest is
+        # awaited: the loop's own work (queues, trigger, rings) overlaps the inference instead
+        # of adding to it. Results still come out in frame order (one thread, FIFO).
+        pending: collections.deque[tuple[StageResult, asyncio.Future[Any] | None]] = (
+            collections.deque()
+        )
+
+        async def emit_oldest() -> None:
+            result, fut = pending.popleft()
+            if fut is not None:
+                g = await fut
+                lat.append(g.latency_ms)
+                result.scores, result.features = g.scores, g.features
+            await out.put(result)
+
         try:
             async for frame in self.video.stream():
                 self.stats.frames += 1
                 reason = self.video_pregate.decide(frame.t, frame.motion)
                 result = StageResult("vision", frame.t, frame=frame, reason=reason)
+                fut = None
                 if reason is not None:
-                    g = await self.vision_gate.classify(frame.image)
-                    lat.append(g.latency_ms)
-                    result.scores, result.features = g.scores, g.features
+                    fut = self.vision_gate.submit(frame.image)
                     self.stats.frames_scored += 1
                 else:
                     self.stats.frames_spared += 1
-                await out.put(result)
+                pending.append((result, fut))
+                if len(pending) >= _PIPELINE:
+                    await emit_oldest()
+            while pending:
+                await emit_oldest()
         finally:
+            for _, fut in pending:
+                if fut is not None:
+                    fut.cancel()
             await out.put(None)
 
     async def _audio_stage(self, out: asyncio.Queue[StageResult | None]) -> None:

@@ -152,9 +152,10 @@ def live_sources(config: Config, audio_rate: int | None) -> tuple[Any, Any]:
 
 
 def cmd_run(args: argparse.Namespace, config: Config) -> int:
+    import contextlib
     import time
 
-    from edgekeeper.device.loop import Pipeline
+    from edgekeeper.device.loop import Pipeline, PipelineStats
     from edgekeeper.device.replay import open_gates
     from edgekeeper.device.sink import LocalSink
 
@@ -165,21 +166,47 @@ def cmd_run(args: argparse.Namespace, config: Config) -> int:
         )
 
     async def main() -> dict[str, Any]:
+        from edgekeeper.device import identity
+        from edgekeeper.device.uplink import DeviceLink
+
         stop = asyncio.Event()
         install_stop_signals(stop)
         if args.seconds > 0:
             asyncio.get_running_loop().call_later(args.seconds, stop.set)
-        async with open_gates(config, vision=config.camera.enabled,
-                              audio=config.microphone.enabled) as gates:
+        enrolled = (config.device.state_dir / identity.ENROLLMENT_FILE).exists()
+        async with contextlib.AsyncExitStack() as stack:
+            gates = await stack.enter_async_context(
+                open_gates(config, vision=config.camera.enabled, audio=config.microphone.enabled)
+            )
             rate = gates.audio.manifest.audio.sample_rate if gates.audio else None
             video, audio = live_sources(config, rate)
-            sink = LocalSink(config.sink_dir)
+            link = None
+            if enrolled:
+                # Events go to the durable outbox; the uplink sends them beside the loop.
+                link = await stack.enter_async_context(DeviceLink.from_config(config))
+                sink: Any = link.sink
+                where = f"outbox {config.outbox_path} -> {link.uplink.url}"
+            else:
+                sink = LocalSink(config.sink_dir)
+                where = f"local sink {config.sink_dir} (not enrolled: no cloud)"
             pipeline = Pipeline(config, sink, video=video, audio=audio,
                                 vision_gate=gates.vision, audio_gate=gates.audio,
                                 clock_base=time.time(), ordered=False)
-            log.info("device loop running", sink=str(config.sink_dir), models=gates.models)
-            stats = await pipeline.run(stop)
-            return stats.as_dict()
+            log.info("device loop running", events_to=where, models=gates.models)
+            stop_link = asyncio.Event()
+            async with asyncio.TaskGroup() as tg:
+                if link is not None:
+                    tg.create_task(link.run(stop_link), name="device-link")
+
+                async def loop_then_link() -> PipelineStats:
+                    try:
+                        return await pipeline.run(stop)
+                    finally:
+                        # The loop has committed everything it captured; now stop the link.
+                        stop_link.set()
+
+                loop_task = tg.create_task(loop_then_link(), name="device-loop")
+            return loop_task.result().as_dict()
 
     stats = asyncio.run(main())
     print(json.dumps(stats, indent=2, sort_keys=True))

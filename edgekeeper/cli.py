@@ -22,6 +22,7 @@ COMMAND_MODULES = (
     "edgekeeper.device.cli",
     "edgekeeper.cloud.cli",
     "edgekeeper.device.link_cli",
+    "edgekeeper.demo",
 )
 
 Handler = Callable[[argparse.Namespace, Any], int]

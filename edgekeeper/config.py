@@ -307,8 +307,26 @@ class CloudSection:
     # and how often the ingest re-reads the device registry (revocations from the CLI).
     results_poll_seconds: float = 0.25
     registry_refresh_seconds: float = 0.5
-    queue_backend: Literal["sqlite"] = "sqlite"
-    store_backend: Literal["sqlite"] = "sqlite"
+    # sqlite: files under data_dir (one machine). redis / postgres: shared by ingest processes and
+    # workers on several machines (cloud/queue/redis_streams.py, cloud/store/postgres.py).
+    queue_backend: Literal["sqlite", "redis"] = "sqlite"
+    store_backend: Literal["sqlite", "postgres"] = "sqlite"
+    # redis://[:password@]host:port/db (rediss:// for TLS). A password is better given through
+    # EDGEKEEPER_REDIS_URL than written in the file.
+    # repr=False: a URL or DSN may carry a password, and a Config may be printed in a traceback.
+    redis_url: str = field(default="redis://127.0.0.1:6379/0", repr=False)
+    # Every key lives under "{prefix}:" (one hash slot: scripts stay atomic on Redis Cluster),
+    # so several deployments can share one Redis.
+    redis_prefix: str = "edgekeeper"
+    # "QUEUED" must mean durable: at open the queue reads CONFIG GET appendonly/appendfsync and,
+    # unless they are yes/always, refuses to start ("refuse") or logs a loud warning ("warn").
+    redis_fsync_check: Literal["refuse", "warn"] = "refuse"
+    # libpq DSN or URL; a password is better in ~/.pgpass, PGPASSWORD or EDGEKEEPER_POSTGRES_DSN.
+    postgres_dsn: str = field(
+        default="postgresql://postgres@127.0.0.1:5432/edgekeeper", repr=False
+    )
+    # Connections one process keeps to PostgreSQL.
+    postgres_pool_size: int = 10
     # A leased event not acked within this many seconds is delivered again.
     queue_visibility_seconds: float = 120.0
     # Deliveries before an event goes to the dead-letter list.
@@ -338,6 +356,14 @@ class CloudSection:
             raise ValueError("queue_visibility_seconds > 0 and 1 <= queue_max_attempts <= 1000")
         if not 1 <= self.worker_concurrency <= 256:
             raise ValueError("worker_concurrency must be between 1 and 256")
+        if not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("redis_url must start with redis://, rediss:// or unix://")
+        if not self.redis_prefix or not all(c.isalnum() or c in "-_.:" for c in self.redis_prefix):
+            raise ValueError("redis_prefix must be letters, digits, '-', '_', '.', ':'")
+        if not self.postgres_dsn.strip():
+            raise ValueError("postgres_dsn must not be empty")
+        if not 1 <= self.postgres_pool_size <= 200:
+            raise ValueError("postgres_pool_size must be between 1 and 200")
 
 
 @dataclass(frozen=True)
@@ -390,6 +416,10 @@ ENV_OVERRIDES: dict[str, str] = {
     "EDGEKEEPER_CLOUD_DATA_DIR": "cloud.data_dir",
     "EDGEKEEPER_CLOUD_HOST": "cloud.host",
     "EDGEKEEPER_CLOUD_PORT": "cloud.port",
+    "EDGEKEEPER_QUEUE_BACKEND": "cloud.queue_backend",
+    "EDGEKEEPER_STORE_BACKEND": "cloud.store_backend",
+    "EDGEKEEPER_REDIS_URL": "cloud.redis_url",
+    "EDGEKEEPER_POSTGRES_DSN": "cloud.postgres_dsn",
 }
 
 

@@ -26,10 +26,11 @@ BUSY_TIMEOUT_MS = 10_000
 
 
 class SQLiteDB:
-    def __init__(self, path: Path, schema: str, *, name: str) -> None:
+    def __init__(self, path: Path, schema: str, *, name: str, page_size: int = 4096) -> None:
         self.path = Path(path)
         self._schema = schema
         self._name = name
+        self._page_size = page_size
         self._executor: ThreadPoolExecutor | None = None
         self._conn: sqlite3.Connection | None = None
 
@@ -53,6 +54,8 @@ class SQLiteDB:
             ) from None
         try:
             conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            # Only takes effect on a new file, and must come before WAL mode is switched on.
+            conn.execute(f"PRAGMA page_size = {int(self._page_size)}")
             mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
             if str(mode).lower() != "wal":
                 raise ConfigError(

@@ -64,6 +64,7 @@ class Worker:
         visibility_s: float = 120.0,
         poll_s: float = 0.5,
         consumer: str | None = None,
+        retry_base_s: float = RETRY_BASE_S,
     ) -> None:
         self.queue = queue
         self.store = store
@@ -73,6 +74,7 @@ class Worker:
         self.visibility_s = visibility_s
         self.poll_s = poll_s
         self.consumer = consumer or f"{socket.gethostname()}:{os.getpid()}"
+        self.retry_base_s = retry_base_s
         self.stats = WorkerStats()
 
     async def run(self, *, burst: bool = False, stop: asyncio.Event | None = None) -> WorkerStats:
@@ -173,7 +175,7 @@ class Worker:
         log.debug("worker_event_done", key=ev.key, label=result.label)
 
     async def _retry(self, lease: Lease, reason: str) -> None:
-        delay = min(RETRY_CAP_S, RETRY_BASE_S * 2 ** (lease.attempts - 1))
+        delay = min(RETRY_CAP_S, self.retry_base_s * 2 ** (lease.attempts - 1))
         if await self.queue.nack(lease, reason=reason, delay_s=delay):
             self.stats.retried += 1
             log.warning("worker_event_retry", key=lease.event.key, reason=reason, delay_s=delay)

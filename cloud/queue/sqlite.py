@@ -83,7 +83,9 @@ class SQLiteQueue:
     ) -> None:
         self.max_attempts = max_attempts
         self.seen_retention_s = seen_retention_s
-        self._db = SQLiteDB(Path(path), SCHEMA, name="queue")
+        # 64 KiB pages: a 50 KB envelope fills about one page instead of a chain of 13 overflow
+        # pages, which more than halves the WAL bytes and page writes per committed event.
+        self._db = SQLiteDB(Path(path), SCHEMA, name="queue", page_size=65536)
         self._pending: list[tuple[QueuedEvent, asyncio.Future[EnqueueStatus]]] = []
         self._flusher: asyncio.Task[None] | None = None
         self._batches = 0

@@ -1,0 +1,193 @@
+"""Ingest throughput on loopback, as a ratio to a bare aiohttp handler.
+
+    python bench/bench_ingest.py [--events 1500] [--kb 50] [--concurrency 16] [--rounds 3]
+
+Two servers, each ONE process on 127.0.0.1, take turns (interleaved rounds, so background load
+hits both alike) under the same client, which posts ``--events`` distinct ~50 KB event envelopes
+with ``--concurrency`` requests in flight:
+
+* bare: an aiohttp handler that reads the body and answers 202;
+* ingest: ``edgekeeper.cloud.ingest`` with the SQLite backends in a temp dir: content type and
+  size checks, envelope parse, registry lookup, crypto_box open, freshness, body decode and
+  validation, rate limit, dedupe + enqueue with a durable (WAL, synchronous=FULL, fsync'd)
+  group commit, then 202.
+
+Envelopes are sealed by the client before each round (sealing is the device's cost, not the
+ingest's); every one is a new (device, seq), so every request is a real enqueue.
+Prints one JSON line: events/s of each (median over rounds) and the ratio ingest/bare.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing as mp
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+import aiohttp  # noqa: E402
+from aiohttp import web  # noqa: E402
+
+from edgekeeper.config import CloudSection  # noqa: E402
+from edgekeeper.protocol.envelope import CONTENT_TYPE  # noqa: E402
+
+
+def _serve(kind: str, data_dir: str, conn: Any) -> None:
+    """Child process: run one server until the parent closes the pipe."""
+
+    async def main() -> None:
+        if kind == "bare":
+            async def handler(request: web.Request) -> web.Response:
+                await request.read()
+                return web.Response(status=202)
+
+            app = web.Application(client_max_size=16 * 1024 * 1024)
+            app.router.add_post("/v1/events", handler)
+        else:
+            from edgekeeper.cloud.ingest import create_app
+
+            section = CloudSection(rate_per_second=1e6, rate_burst=1_000_000, max_inflight=10_000)
+            app = create_app(section, Path(data_dir))
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        conn.send(port)
+        await asyncio.get_running_loop().run_in_executor(None, conn.recv)  # wait for "stop"
+        await runner.cleanup()
+
+    asyncio.run(main())
+
+
+async def _prepare(data_dir: Path, devices: int) -> tuple[list[Any], Any]:
+    from edgekeeper.cloud.backends import open_store
+    from edgekeeper.cloud.enroll import EnrollRequest, enroll, issue_token
+    from edgekeeper.cloud.keys import CloudKeys
+    from edgekeeper.protocol.keys import DeviceKeys, b64e
+
+    keys = CloudKeys.ensure(data_dir)
+    store = await open_store("sqlite", data_dir)
+    out = []
+    try:
+        for i in range(devices):
+            dk = DeviceKeys.generate()
+            token = await issue_token(store, ttl_s=600, now=time.time())
+            await enroll(store, EnrollRequest.from_json(
+                {"token": token, "device_id": f"bench-{i}", "sign_pk": b64e(dk.sign_pk),
+                 "box_pk": b64e(dk.box_pk)}), now=time.time())
+            out.append((f"bench-{i}", dk))
+    finally:
+        await store.close()
+    return out, keys.public()
+
+
+def _envelopes(devices: list[Any], cloud: Any, start_seq: int, n: int, kb: float) -> list[bytes]:
+    from cloudkit import jpeg
+
+    from edgekeeper.protocol.envelope import seal_event
+    from edgekeeper.protocol.messages import EventBody
+
+    frame = jpeg(int(kb * 1000))
+    out = []
+    now = time.time()
+    for i in range(n):
+        device_id, dk = devices[i % len(devices)]
+        body = EventBody(device_id=device_id, seq=start_seq + i, captured_at=now,
+                         meta={"label": "person", "scores": {"person": 0.9}}, frames=(frame,))
+        out.append(seal_event(body, device=dk, cloud_box_pk=cloud.box_pk, sent_at=now,
+                              model_version="person@1.0.0"))
+    return out
+
+
+async def _drive(url: str, envelopes: list[bytes], concurrency: int) -> float:
+    """Post every envelope; return events/s. Every answer must be 202."""
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    statuses: dict[int, int] = {}
+    it = iter(envelopes)
+    async with aiohttp.ClientSession(connector=connector) as session:
+
+        async def worker() -> None:
+            for env in it:
+                async with session.post(url, data=env,
+                                        headers={"Content-Type": CONTENT_TYPE}) as resp:
+                    await resp.read()
+                    statuses[resp.status] = statuses.get(resp.status, 0) + 1
+
+        start = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        elapsed = time.perf_counter() - start
+    if set(statuses) != {202}:
+        raise SystemExit(f"unexpected answers: {statuses}")
+    return len(envelopes) / elapsed
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--events", type=int, default=1500)
+    ap.add_argument("--kb", type=float, default=50.0)
+    ap.add_argument("--concurrency", type=int, default=16)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--devices", type=int, default=8)
+    args = ap.parse_args()
+
+    ctx = mp.get_context("spawn")
+    with tempfile.TemporaryDirectory(prefix="bench-ingest-") as tmp:
+        data_dir = Path(tmp)
+        devices, cloud = asyncio.run(_prepare(data_dir, args.devices))
+        servers = {}
+        for kind in ("bare", "ingest"):
+            parent, child = ctx.Pipe()
+            proc = ctx.Process(target=_serve, args=(kind, str(data_dir), child), daemon=True)
+            proc.start()
+            servers[kind] = (proc, parent, f"http://127.0.0.1:{parent.recv()}/v1/events")
+        rates: dict[str, list[float]] = {"bare": [], "ingest": []}
+        ratios: list[float] = []
+        seq = 1
+        try:
+            # A short warm-up of each (JIT-free Python still has caches: allocator, sockets).
+            for kind in ("bare", "ingest"):
+                warm = _envelopes(devices, cloud, seq, 100, args.kb)
+                seq += 100
+                asyncio.run(_drive(servers[kind][2], warm, args.concurrency))
+            for _ in range(args.rounds):
+                for kind in ("bare", "ingest"):
+                    envs = _envelopes(devices, cloud, seq, args.events, args.kb)
+                    seq += args.events
+                    rates[kind].append(asyncio.run(_drive(servers[kind][2], envs,
+                                                          args.concurrency)))
+                ratios.append(rates["ingest"][-1] / rates["bare"][-1])
+        finally:
+            for proc, parent, _ in servers.values():
+                parent.send("stop")
+                proc.join(timeout=30)
+                if proc.is_alive():
+                    proc.kill()
+        queue_file = data_dir / "queue.sqlite"
+        print(json.dumps({
+            "bench": "ingest",
+            "event_bytes": len(envs[0]),
+            "events_per_round": args.events,
+            "concurrency": args.concurrency,
+            "bare_events_per_s": round(statistics.median(rates["bare"]), 1),
+            "ingest_events_per_s": round(statistics.median(rates["ingest"]), 1),
+            "ratio": round(statistics.median(ratios), 3),
+            "ratios": [round(r, 3) for r in ratios],
+            "target_ratio": 0.5,
+            "queue_file_mb": round(queue_file.stat().st_size / 1e6, 1),
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+        }))
+
+
+if __name__ == "__main__":
+    main()

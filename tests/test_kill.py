@@ -92,7 +92,9 @@ async def test_sigkill_during_uploads_loses_and_duplicates_nothing(tmp_path: Pat
                 # later: between sealing, the POST, the 202 and the outbox delete.
                 target = before + rng.randint(1, 4)
 
-                async def progressed(target: int = target) -> bool:
+                async def progressed(
+                    target: int = target, proc: asyncio.subprocess.Process = proc
+                ) -> bool:
                     return proc.returncode is not None or len(await cloud.queued()) >= target
 
                 await until(progressed, timeout=30)
@@ -128,9 +130,10 @@ async def test_sigkill_during_uploads_loses_and_duplicates_nothing(tmp_path: Pat
         )
         assert outbox.stats().pending == 0 and outbox.dead_letters() == []
         assert kills_mid_upload >= KILLS_DURING_UPLOAD
-        status = subprocess.run(cli(cfg_path, "device", "status", "--json"),
-                                capture_output=True, check=True, timeout=60)
-        doc = json.loads(status.stdout)
+        status = await asyncio.create_subprocess_exec(
+            *cli(cfg_path, "device", "status", "--json"), stdout=subprocess.PIPE
+        )
+        doc = json.loads((await status.communicate())[0])
         assert doc["pending"] == 0 and doc["last_seq"] == max(committed)
     finally:
         outbox.close()

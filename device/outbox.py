@@ -613,7 +613,12 @@ class OutboxSink:
             return body.encode(), body.seq, body.priority, model_tag(body.meta)
 
         encoded, seq, priority, tag = await asyncio.to_thread(encode)
-        result = await self.outbox.put(encoded, seq, priority, tag)
+        try:
+            result = await self.outbox.put(encoded, seq, priority, tag)
+        except OutboxFull:
+            # Already counted and logged by the outbox (policy reject_new, or an event larger
+            # than the quota). Capture goes on: one lost event must not stop the device.
+            return
         if not result.stored:
             log.warning("outbox.event_dropped", seq=seq, priority=priority,
                         reason="lowest priority in a full outbox")

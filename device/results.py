@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import email.utils
 import json
 import os
 import sqlite3
@@ -319,6 +320,7 @@ class ResultsClient:
         section: ResultsSection,
         connect_timeout: float = 10.0,
         limit: int = 20,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         from edgekeeper.device.uplink import Backoff
 
@@ -332,6 +334,10 @@ class ResultsClient:
         self.limit = limit
         self.cursor = 0
         self.backoff = Backoff(1.0, 300.0)
+        # The cloud's clock minus ours, learnt from a `stale` answer (signed timestamps must
+        # fall inside the cloud's window even when the board's clock is off).
+        self.clock_offset = 0.0
+        self._clock = clock
         self._session: aiohttp.ClientSession | None = None
 
     async def __aenter__(self) -> ResultsClient:
@@ -379,7 +385,19 @@ class ResultsClient:
 
     def _signed(self, method: str, path: str, query: str, body: bytes) -> dict[str, str]:
         return sign_request(self.keys, device_id=self.device_id, method=method, path=path,
-                            query=query, body=body, timestamp=time.time())
+                            query=query, body=body, timestamp=self._clock() + self.clock_offset)
+
+    def _check(self, status: int, text: str, headers: Any) -> None:
+        try:
+            _raise_for(status, text, headers)
+        except ResultsUnavailable as err:
+            if err.code == "stale":
+                offset = _server_offset(headers, self._clock())
+                if offset is not None and abs(offset - self.clock_offset) > 2.0:
+                    log.warning("results.clock_skew", seconds=round(offset, 1))
+                    self.clock_offset = offset
+                    err.retry_after = 0.0
+            raise
 
     async def poll_once(self, *, wait: float = 0.0) -> PollReport:
         """One long-poll: fetch, verify, handle, ack. Raises on transport or auth failure."""
@@ -392,7 +410,7 @@ class ResultsClient:
             URL(f"{url}?{query}", encoded=True), headers=self._signed("GET", path, query, b"")
         ) as resp:
             text = (await resp.content.read(_MAX_ANSWER)).decode("utf-8", "replace")
-            _raise_for(resp.status, text, resp.headers)
+            self._check(resp.status, text, resp.headers)
         data = json.loads(text)
         items = data.get("results", []) if isinstance(data, dict) else []
         ack: list[int] = []
@@ -440,7 +458,7 @@ class ResultsClient:
         url = self.base.with_path(path, encoded=True)
         async with self._session.post(url, data=body, headers=headers) as resp:
             text = (await resp.content.read(_MAX_ANSWER)).decode("utf-8", "replace")
-            _raise_for(resp.status, text, resp.headers)
+            self._check(resp.status, text, resp.headers)
         acked = json.loads(text).get("acked", 0)
         return int(acked) if isinstance(acked, int) else 0
 
@@ -448,9 +466,18 @@ class ResultsClient:
 class ResultsUnavailable(ConnectionError):
     """The cloud answered but cannot serve results now (5xx, 429)."""
 
-    def __init__(self, message: str, retry_after: float | None) -> None:
+    def __init__(self, message: str, retry_after: float | None, code: str = "") -> None:
         super().__init__(message)
         self.retry_after = retry_after
+        self.code = code
+
+
+def _server_offset(headers: Any, now: float) -> float | None:
+    try:
+        when = email.utils.parsedate_to_datetime(headers.get("Date", ""))
+    except (TypeError, ValueError, IndexError):
+        return None
+    return when.timestamp() - now
 
 
 def _raise_for(status: int, text: str, headers: Any) -> None:
@@ -466,4 +493,4 @@ def _raise_for(status: int, text: str, headers: Any) -> None:
         raise ResultsRefused(f"the cloud refused the results request ({code or status}): "
                              f"{message}", fix=fix)
     raise ResultsUnavailable(f"HTTP {status} {code}: {message}",
-                             parse_retry_after(headers.get("Retry-After")))
+                             parse_retry_after(headers.get("Retry-After")), code)

@@ -245,3 +245,37 @@ async def test_async_outbox_runs_in_threads_and_signals_changes(tmp_path: Path) 
     assert await aob.delete(s)
     assert (await aob.stats()).pending == 0
     await aob.close()
+
+
+async def test_sink_takes_the_runtimes_events_and_never_crashes_capture(tmp_path: Path) -> None:
+    import numpy as np
+    from edgekeeper.device.events import Event
+    from edgekeeper.device.outbox import OutboxSink
+    from edgekeeper.protocol.messages import EventBody
+
+    aob = AsyncOutbox(make(tmp_path, quota_bytes=6000, full_policy="reject_new"))
+    sink = OutboxSink(aob)
+    seq = await sink.next_seq()
+    event = Event(
+        device_id="cam-1", seq=seq, label="person", modality="vision", captured_at=1.8e9,
+        trigger_t=3.0, start_t=0.0, end_t=6.0, decision={"rule": "3 of 5"},
+        scores={"person": 0.93}, models={"vision": "person@1.0.0"},
+        frames=(b"\xff\xd8" + bytes(2000),), frame_times=(3.0,),
+        features=np.ones((1, 8), dtype=np.float32), priority=1,
+    )
+    await sink.deliver(event)
+    (row,) = await aob.lease(1, 30)
+    body = EventBody.decode(row.body)
+    assert (body.seq, body.priority, body.meta["label"]) == (seq, 1, "person")
+    assert body.features_shape == (1, 8) and row.tag == "person@1.0.0"
+    # Full under reject_new: the event is refused, counted and logged, and capture goes on.
+    with capture_logs() as logs:
+        for _ in range(3):
+            s = await sink.next_seq()
+            await sink.deliver(EventBody(device_id="cam-1", seq=s, captured_at=1.8e9,
+                                         frames=(b"\xff\xd8" + bytes(2000),)))
+    assert any(e["event"] == "outbox.refused" for e in logs)
+    st = await aob.stats()
+    assert st.pending == 2 and st.dropped_total == 2
+    await sink.aclose()
+    await aob.close()

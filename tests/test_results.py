@@ -52,7 +52,8 @@ async def unacked(cloud: Cloud) -> list[int]:
     return [r.seq for r in await cloud.store.results_after(DEVICE, 0, 100)]
 
 
-def client(config: Config, actions: ResultActions, e: identity.Enrollment) -> ResultsClient:
+def client(config: Config, actions: ResultActions, e: identity.Enrollment,
+           **kw: Any) -> ResultsClient:
     return ResultsClient(
         actions,
         keys=identity.load_keys(config.device.state_dir),
@@ -60,6 +61,7 @@ def client(config: Config, actions: ResultActions, e: identity.Enrollment) -> Re
         cloud_url=e.cloud_url,
         cloud_box_pk=e.cloud.box_pk,
         section=config.results,
+        **kw,
     )
 
 
@@ -276,4 +278,21 @@ async def test_command_timeout_counts_as_failure(tmp_path: Path) -> None:
     assert await actions.handle("cloud:1", result(1)) == "failed"
     entry = actions.ledger.get("cloud:1")
     assert entry is not None and entry.error and "longer than 0.3 s" in entry.error
+    await actions.close()
+
+
+async def test_skewed_clock_is_corrected_from_the_cloud_date(cloud: Cloud, tmp_path: Path) -> None:
+    from edgekeeper.device.results import ResultsUnavailable
+
+    config = device_config(tmp_path)
+    e = await enrolled(cloud, config)
+    await publish(cloud, result(2))
+    actions = ResultActions.from_config(config)
+    async with client(config, actions, e, clock=lambda: time.time() + 7200.0) as rc:
+        with pytest.raises(ResultsUnavailable) as err:
+            await rc.poll_once()
+        assert err.value.code == "stale" and err.value.retry_after == 0.0
+        assert rc.clock_offset == pytest.approx(-7200.0, abs=3.0)
+        report = await rc.poll_once()  # signed with the cloud's time now
+    assert (report.handled, report.acked) == (1, 1)
     await actions.close()

@@ -32,18 +32,20 @@ from edgekeeper.cloud.sqlitedb import SQLiteDB, transaction
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS events (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    -- Not AUTOINCREMENT (one less page written per commit): a new id is max(id) + 1, so ids
+    -- still grow in arrival order among the events present, which is all FIFO needs.
+    -- (device_id, seq) is unique through `seen`, checked in the same transaction.
+    id INTEGER PRIMARY KEY,
     device_id TEXT NOT NULL,
     seq INTEGER NOT NULL,
     payload_hash BLOB NOT NULL,
-    envelope BLOB NOT NULL,
     received_at REAL NOT NULL,
     available_at REAL NOT NULL,
     attempts INTEGER NOT NULL DEFAULT 0,
     lease_token TEXT,
     leased_by TEXT,
     last_error TEXT,
-    UNIQUE (device_id, seq)
+    envelope BLOB NOT NULL
 );
 CREATE INDEX IF NOT EXISTS events_available ON events (available_at, id);
 CREATE TABLE IF NOT EXISTS seen (
@@ -67,6 +69,11 @@ CREATE TABLE IF NOT EXISTS dead (
 )
 """
 
+# 64 KiB pages: a 50 KB envelope fills about one page instead of a chain of overflow pages,
+# which cuts the page writes per committed event (measured: ~1.1-1.6x the events/s of 4 KiB or
+# 16 KiB pages at 16 events per commit).
+PAGE_SIZE = 65536
+
 # Prune the dedupe table every this many committed batches (cheap: an indexed range delete).
 _PRUNE_EVERY = 256
 
@@ -83,9 +90,7 @@ class SQLiteQueue:
     ) -> None:
         self.max_attempts = max_attempts
         self.seen_retention_s = seen_retention_s
-        # 64 KiB pages: a 50 KB envelope fills about one page instead of a chain of 13 overflow
-        # pages, which more than halves the WAL bytes and page writes per committed event.
-        self._db = SQLiteDB(Path(path), SCHEMA, name="queue", page_size=65536)
+        self._db = SQLiteDB(Path(path), SCHEMA, name="queue", page_size=PAGE_SIZE)
         self._pending: list[tuple[QueuedEvent, asyncio.Future[EnqueueStatus]]] = []
         self._flusher: asyncio.Task[None] | None = None
         self._batches = 0

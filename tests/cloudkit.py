@@ -30,8 +30,9 @@ from edgekeeper.protocol.envelope import CONTENT_TYPE, seal_event, sign_request
 from edgekeeper.protocol.keys import CloudPublicKeys, DeviceKeys, b64e
 from edgekeeper.protocol.messages import EventBody
 
-QUEUE_BACKENDS = ["sqlite"]
-STORE_BACKENDS = ["sqlite"]
+# redis / postgres run against real servers that tests/servers.py finds or starts.
+QUEUE_BACKENDS = ["sqlite", "redis"]
+STORE_BACKENDS = ["sqlite", "postgres"]
 
 
 def jpeg(nbytes: int = 2000, seed: int = 0) -> bytes:
@@ -120,8 +121,9 @@ async def running_cloud(tmp_path: Path, **section: Any) -> AsyncIterator[Cloud]:
     cfg = CloudSection(**{"registry_refresh_seconds": 0.05, "results_poll_seconds": 0.05,
                           **section})
     data_dir = tmp_path / "cloud"
-    store = await open_store(cfg.store_backend, data_dir)
-    queue = await open_queue(cfg.queue_backend, data_dir, max_attempts=cfg.queue_max_attempts)
+    store = await open_store(cfg.store_backend, data_dir, section=cfg)
+    queue = await open_queue(cfg.queue_backend, data_dir, max_attempts=cfg.queue_max_attempts,
+                             section=cfg)
     keys = await asyncio.to_thread(CloudKeys.ensure, data_dir)
     server = IngestServer(create_app(cfg, data_dir, store=store, queue=queue, keys=keys))
     url = await server.start()

@@ -8,11 +8,12 @@ provider is an HTTP server); nothing of ours is patched.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import servers  # tests/servers.py: real Redis / PostgreSQL for the backend tests
 
 from edgekeeper import config as config_mod
 from edgekeeper import log
@@ -54,3 +55,34 @@ def sample_recording() -> Path:
 
 def replace(obj: Any, **changes: Any) -> Any:
     return dataclasses.replace(obj, **changes)
+
+
+# --- real Redis and PostgreSQL (tests/servers.py): found, or started for the session ---------
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[servers.RedisServer]:
+    server = servers.find_or_start_redis()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_prefix(redis_server: servers.RedisServer) -> Iterator[str]:
+    """A key prefix no other test uses; its keys are deleted afterwards."""
+    with servers.fresh_prefix(redis_server) as prefix:
+        yield prefix
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[servers.PostgresServer]:
+    server = servers.find_or_start_postgres()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def postgres_dsn(postgres_server: servers.PostgresServer) -> Iterator[str]:
+    """A postgresql:// URL of a database created for this test and dropped afterwards."""
+    with servers.fresh_database(postgres_server) as url:
+        yield url

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from cloudkit import QUEUE_BACKENDS
+from servers import queue_overrides
 
 from edgekeeper.cloud.backends import open_queue
 from edgekeeper.cloud.queue.base import EnqueueStatus, EventQueue, QueuedEvent
@@ -34,7 +35,8 @@ async def make_queue(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIte
     opened: list[EventQueue] = []
 
     async def open_backend(max_attempts: int = 3) -> EventQueue:
-        q = await open_queue(request.param, tmp_path / "data", max_attempts=max_attempts)
+        q = await open_queue(request.param, tmp_path / "data", max_attempts=max_attempts,
+                             **queue_overrides(request, request.param))
         opened.append(q)
         return q
 

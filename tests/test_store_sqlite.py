@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from cloudkit import STORE_BACKENDS
+from servers import dump_postgres, store_overrides
 
 from edgekeeper.cloud.backends import open_store
 from edgekeeper.cloud.enroll import EnrollRequest, enroll, issue_token, revoke, token_hash
@@ -25,7 +26,8 @@ async def make_store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIte
     opened: list[Store] = []
 
     async def open_backend() -> Store:
-        s = await open_store(request.param, tmp_path / "data")
+        s = await open_store(request.param, tmp_path / "data",
+                             **store_overrides(request, request.param))
         opened.append(s)
         return s
 
@@ -110,12 +112,16 @@ def test_enroll_request_validation() -> None:
             EnrollRequest.from_json(bad)
 
 
-async def test_tokens_are_stored_hashed(make_store: Opener, tmp_path: Path) -> None:
+async def test_tokens_are_stored_hashed(
+    make_store: Opener, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
     store = await make_store()
     token = await issue_token(store, ttl_s=60, now=NOW)
     assert len(token) >= 40
     await store.close()
     blob = b"".join(p.read_bytes() for p in (tmp_path / "data").glob("*") if p.is_file())
+    if "postgres" in request.node.callspec.params.values():
+        blob += dump_postgres(request.getfixturevalue("postgres_dsn"))
     # File backends: the hash is there, the token is not. (A server backend checks its tables.)
     assert token_hash(token) in blob
     assert token.encode() not in blob

@@ -1,0 +1,294 @@
+"""The shared store: registry, enrolment tokens and sealed results in PostgreSQL, for ingest
+processes and workers on several machines. See base.py for the contract; this maps it one to
+one onto three tables, like the SQLite store.
+
+Why it is built this way:
+
+* **One pool per process** (psycopg_pool), autocommit for single statements and an explicit
+  transaction where several must hold together (enrolment: token + device + registry version).
+* **Enrolment races**: the token row is locked (``SELECT ... FOR UPDATE``), so two ingest
+  processes given the same token serialise; a device id taken at the same moment through
+  another token is caught by the primary key (``ON CONFLICT DO NOTHING`` + a check), and the
+  whole transaction, token use included, rolls back.
+* **Result ids are handed out in commit order.** The device's long-poll cursor is "results with
+  id > the last one I saw". With a plain sequence, two workers may take ids 10 and 11 and commit
+  11 first; a device polling in between advances its cursor to 11 and never sees 10. So
+  ``put_result`` takes a transaction-scoped advisory lock before drawing the id: ids become
+  visible in increasing order, and ``MAX(id)`` is a correct ``results_version`` for long-poll
+  wake-ups. The price is that result inserts serialise on one short transaction each (one
+  fsync'd commit), some hundreds per second: far above what LLM-bound workers produce.
+* **Schema created at open**, under an advisory lock so processes starting together do not race
+  on ``CREATE TABLE IF NOT EXISTS``.
+* The DSN may hold a password: it is never logged nor put in an error (``_safe_dsn``).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from typing import Any
+
+from edgekeeper.cloud.store.base import DeviceRecord, EnrollOutcome, StoredResult
+from edgekeeper.errors import ConfigError
+from edgekeeper.protocol.errors import DeviceExists, InvalidToken
+
+# Advisory lock keys (any 64-bit numbers unique to edgekeeper).
+_SCHEMA_LOCK = 0x65646B7301  # "edks" 1
+_RESULTS_LOCK = 0x65646B7302
+
+SCHEMA = [
+    """CREATE TABLE IF NOT EXISTS devices (
+        device_id TEXT PRIMARY KEY,
+        sign_pk BYTEA NOT NULL,
+        box_pk BYTEA NOT NULL,
+        enrolled_at DOUBLE PRECISION NOT NULL,
+        revoked_at DOUBLE PRECISION
+    )""",
+    """CREATE TABLE IF NOT EXISTS tokens (
+        token_hash BYTEA PRIMARY KEY,
+        created_at DOUBLE PRECISION NOT NULL,
+        expires_at DOUBLE PRECISION NOT NULL,
+        used_at DOUBLE PRECISION,
+        used_by TEXT
+    )""",
+    "CREATE SEQUENCE IF NOT EXISTS results_id_seq",
+    """CREATE TABLE IF NOT EXISTS results (
+        id BIGINT PRIMARY KEY,
+        device_id TEXT NOT NULL,
+        seq BIGINT NOT NULL,
+        envelope BYTEA NOT NULL,
+        created_at DOUBLE PRECISION NOT NULL,
+        acked_at DOUBLE PRECISION,
+        UNIQUE (device_id, seq)
+    )""",
+    "CREATE INDEX IF NOT EXISTS results_pending ON results (device_id, id) WHERE acked_at IS NULL",
+    """CREATE TABLE IF NOT EXISTS meta (
+        key TEXT PRIMARY KEY,
+        value BIGINT NOT NULL
+    )""",
+    "INSERT INTO meta (key, value) VALUES ('registry_version', 0) ON CONFLICT DO NOTHING",
+]
+
+_DEVICE_COLS = "device_id, sign_pk, box_pk, enrolled_at, revoked_at"
+
+
+def _safe_dsn(dsn: str) -> str:
+    """The DSN without its password (URL or key=value form), for logs and errors."""
+    dsn = re.sub(r"(://[^:/@]*):[^@]*@", r"\1:***@", dsn)
+    return re.sub(r"(password\s*=\s*)('[^']*'|\S+)", r"\1***", dsn)
+
+
+def _device(row: Sequence[Any]) -> DeviceRecord:
+    return DeviceRecord(row[0], bytes(row[1]), bytes(row[2]), row[3], row[4])
+
+
+class PostgresStore:
+    """Store on PostgreSQL. Create with ``await PostgresStore.open(dsn=...)``."""
+
+    def __init__(self, pool: Any, dsn: str) -> None:
+        self._pool = pool
+        self.dsn = _safe_dsn(dsn)
+
+    @classmethod
+    async def open(
+        cls, *, dsn: str = "postgresql://postgres@127.0.0.1:5432/edgekeeper", pool_size: int = 10,
+        connect_timeout_s: float = 10.0,
+    ) -> PostgresStore:
+        import psycopg
+        from psycopg_pool import AsyncConnectionPool, PoolTimeout
+
+        pool = AsyncConnectionPool(
+            dsn, min_size=1, max_size=max(1, pool_size), open=False, timeout=30.0,
+            kwargs={"autocommit": True, "connect_timeout": max(1, int(connect_timeout_s))},
+            name="edgekeeper-store",
+        )
+        store = cls(pool, dsn)
+        try:
+            await pool.open(wait=True, timeout=connect_timeout_s)
+            await store._create_schema()
+        except (PoolTimeout, psycopg.Error) as err:
+            await pool.close()
+            detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            if isinstance(err, PoolTimeout):
+                # The pool only says it timed out: one direct attempt tells why.
+                try:
+                    conn = await psycopg.AsyncConnection.connect(dsn, connect_timeout=3)
+                    await conn.close()
+                except psycopg.Error as direct:
+                    detail = str(direct).strip().splitlines()[0]
+            raise ConfigError(
+                f"cannot use PostgreSQL at {store.dsn}: {detail}",
+                fix="start PostgreSQL and create the database (README 'Running the cloud': "
+                    "createdb edgekeeper), or fix cloud.postgres_dsn / EDGEKEEPER_POSTGRES_DSN",
+            ) from None
+        except BaseException:
+            await pool.close()
+            raise
+        return store
+
+    async def _create_schema(self) -> None:
+        async with self._pool.connection() as conn, conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
+            for statement in SCHEMA:
+                await conn.execute(statement)
+
+    async def _fetchone(self, sql: str, params: Sequence[Any] = ()) -> Any:
+        async with self._pool.connection() as conn:
+            cur = await conn.execute(sql, params)
+            return await cur.fetchone()
+
+    async def _fetchall(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        async with self._pool.connection() as conn:
+            cur = await conn.execute(sql, params)
+            return list(await cur.fetchall())
+
+    # registry ---------------------------------------------------------------------------
+
+    async def enroll(
+        self, *, token_hash: bytes, device_id: str, sign_pk: bytes, box_pk: bytes, now: float
+    ) -> EnrollOutcome:
+        async with self._pool.connection() as conn, conn.transaction():
+            cur = await conn.execute(
+                "SELECT expires_at, used_at, used_by FROM tokens WHERE token_hash = %s"
+                " FOR UPDATE",
+                (token_hash,),
+            )
+            tok = await cur.fetchone()
+            if tok is None:
+                raise InvalidToken("the enrollment token is not known to this cloud")
+            expires_at, used_at, used_by = tok
+            cur = await conn.execute(
+                f"SELECT {_DEVICE_COLS} FROM devices WHERE device_id = %s", (device_id,)
+            )
+            row = await cur.fetchone()
+            existing = _device(row) if row is not None else None
+            same_keys = (
+                existing is not None
+                and existing.sign_pk == sign_pk
+                and existing.box_pk == box_pk
+                and not existing.revoked
+            )
+            if used_at is not None:
+                if used_by == device_id and same_keys:
+                    return EnrollOutcome.REPEATED
+                raise InvalidToken("the enrollment token was already used")
+            if expires_at <= now:
+                raise InvalidToken("the enrollment token has expired")
+            if existing is not None and not same_keys:
+                raise DeviceExists(
+                    f"device id {device_id!r} is already enrolled"
+                    + (" and revoked" if existing.revoked else " with other keys")
+                )
+            await conn.execute(
+                "UPDATE tokens SET used_at = %s, used_by = %s WHERE token_hash = %s",
+                (now, device_id, token_hash),
+            )
+            if existing is not None:
+                return EnrollOutcome.REPEATED
+            cur = await conn.execute(
+                "INSERT INTO devices (device_id, sign_pk, box_pk, enrolled_at)"
+                " VALUES (%s, %s, %s, %s) ON CONFLICT (device_id) DO NOTHING",
+                (device_id, sign_pk, box_pk, now),
+            )
+            if cur.rowcount != 1:
+                # Taken a moment ago through another token: refuse, and the rollback leaves
+                # this token unused.
+                raise DeviceExists(f"device id {device_id!r} is already enrolled")
+            await conn.execute(
+                "UPDATE meta SET value = value + 1 WHERE key = 'registry_version'"
+            )
+            return EnrollOutcome.ENROLLED
+
+    async def get_device(self, device_id: str) -> DeviceRecord | None:
+        row = await self._fetchone(
+            f"SELECT {_DEVICE_COLS} FROM devices WHERE device_id = %s", (device_id,)
+        )
+        return _device(row) if row is not None else None
+
+    async def list_devices(self) -> list[DeviceRecord]:
+        rows = await self._fetchall(f"SELECT {_DEVICE_COLS} FROM devices ORDER BY device_id")
+        return [_device(r) for r in rows]
+
+    async def revoke(self, device_id: str, *, now: float) -> bool:
+        async with self._pool.connection() as conn, conn.transaction():
+            cur = await conn.execute(
+                "UPDATE devices SET revoked_at = %s WHERE device_id = %s AND revoked_at IS NULL",
+                (now, device_id),
+            )
+            if cur.rowcount != 1:
+                return False
+            await conn.execute(
+                "UPDATE meta SET value = value + 1 WHERE key = 'registry_version'"
+            )
+            return True
+
+    async def registry_version(self) -> int:
+        row = await self._fetchone("SELECT value FROM meta WHERE key = 'registry_version'")
+        return int(row[0])
+
+    # tokens -----------------------------------------------------------------------------
+
+    async def add_token(self, *, token_hash: bytes, created_at: float, expires_at: float) -> None:
+        async with self._pool.connection() as conn:
+            await conn.execute(
+                "INSERT INTO tokens (token_hash, created_at, expires_at) VALUES (%s, %s, %s)",
+                (token_hash, created_at, expires_at),
+            )
+
+    # results ----------------------------------------------------------------------------
+
+    async def put_result(self, *, device_id: str, seq: int, envelope: bytes, now: float) -> int:
+        async with self._pool.connection() as conn:
+            # Already stored (a redelivered event): no lock, no new id.
+            cur = await conn.execute(
+                "SELECT id FROM results WHERE device_id = %s AND seq = %s", (device_id, seq)
+            )
+            row = await cur.fetchone()
+            if row is not None:
+                return int(row[0])
+            async with conn.transaction():
+                # Ids in commit order (module docstring): the lock is held until COMMIT.
+                await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_RESULTS_LOCK,))
+                cur = await conn.execute(
+                    "INSERT INTO results (id, device_id, seq, envelope, created_at)"
+                    " VALUES (nextval('results_id_seq'), %s, %s, %s, %s)"
+                    " ON CONFLICT (device_id, seq) DO NOTHING RETURNING id",
+                    (device_id, seq, envelope, now),
+                )
+                row = await cur.fetchone()
+                if row is None:  # another worker stored it first: keep the first
+                    cur = await conn.execute(
+                        "SELECT id FROM results WHERE device_id = %s AND seq = %s",
+                        (device_id, seq),
+                    )
+                    row = await cur.fetchone()
+            return int(row[0])
+
+    async def results_after(self, device_id: str, cursor: int, limit: int) -> list[StoredResult]:
+        rows = await self._fetchall(
+            "SELECT id, device_id, seq, envelope, created_at FROM results"
+            " WHERE device_id = %s AND id > %s AND acked_at IS NULL ORDER BY id LIMIT %s",
+            (device_id, cursor, limit),
+        )
+        return [StoredResult(int(i), d, int(s), bytes(e), c) for i, d, s, e, c in rows]
+
+    async def ack_results(self, device_id: str, ids: Sequence[int], *, now: float) -> int:
+        if not ids:
+            return 0
+        async with self._pool.connection() as conn:
+            cur = await conn.execute(
+                "UPDATE results SET acked_at = %s WHERE device_id = %s"
+                " AND id = ANY(%s::bigint[]) AND acked_at IS NULL",
+                (now, device_id, list({int(i) for i in ids})),
+            )
+            return int(cur.rowcount)
+
+    async def results_version(self) -> int:
+        row = await self._fetchone("SELECT COALESCE(MAX(id), 0) FROM results")
+        return int(row[0])
+
+    async def ping(self) -> None:
+        await self._fetchone("SELECT 1")
+
+    async def close(self) -> None:
+        await self._pool.close()

@@ -39,7 +39,7 @@ from edgekeeper.cloud.keys import CloudKeys
 from edgekeeper.cloud.queue.base import EnqueueStatus, EventQueue, QueuedEvent
 from edgekeeper.cloud.store.base import DeviceRecord, EnrollOutcome, Store
 from edgekeeper.config import CloudSection, Config
-from edgekeeper.errors import RetryableError
+from edgekeeper.errors import ConfigError, RetryableError
 from edgekeeper.log import get_logger
 from edgekeeper.protocol.envelope import (
     CONTENT_TYPE,
@@ -582,7 +582,15 @@ class IngestServer:
         self._runner = web.AppRunner(self.app, access_log=None, shutdown_timeout=10.0)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port)
-        await site.start()
+        try:
+            await site.start()
+        except OSError as err:
+            await self._runner.cleanup()
+            self._runner = None
+            raise ConfigError(
+                f"cannot listen on {self.host}:{self.port}: {err.strerror or err}",
+                fix="choose another --port / cloud.port, or stop the process using it",
+            ) from None
         server = site._server
         sockets = getattr(server, "sockets", None) or []
         if sockets:

@@ -62,7 +62,8 @@ def _worker(args: argparse.Namespace, config: Config) -> int:
 async def _with_store(config: Config, fn: Any) -> Any:
     from edgekeeper.cloud.backends import open_store
 
-    store = await open_store(config.cloud.store_backend, config.cloud_data_dir)
+    store = await open_store(config.cloud.store_backend, config.cloud_data_dir,
+                             section=config.cloud)
     try:
         return await fn(store)
     finally:

@@ -524,11 +524,13 @@ def create_app(
 
     async def resources(app: web.Application) -> AsyncIterator[None]:
         async with contextlib.AsyncExitStack() as stack:
-            own_store = store or await open_store(section.store_backend, data_dir)
+            own_store = store or await open_store(section.store_backend, data_dir,
+                                                  section=section)
             if store is None:
                 stack.push_async_callback(own_store.close)
             own_queue = queue or await open_queue(
-                section.queue_backend, data_dir, max_attempts=section.queue_max_attempts
+                section.queue_backend, data_dir, max_attempts=section.queue_max_attempts,
+                section=section,
             )
             if queue is None:
                 stack.push_async_callback(own_queue.close)

@@ -200,10 +200,10 @@ async def run_worker(config: Config, *, burst: bool = False) -> WorkerStats:
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
     async with contextlib.AsyncExitStack() as stack:
-        store = await open_store(section.store_backend, data_dir)
+        store = await open_store(section.store_backend, data_dir, section=section)
         stack.push_async_callback(store.close)
         queue = await open_queue(section.queue_backend, data_dir,
-                                 max_attempts=section.queue_max_attempts)
+                                 max_attempts=section.queue_max_attempts, section=section)
         stack.push_async_callback(queue.close)
         keys = await asyncio.to_thread(CloudKeys.ensure, data_dir)
         reasoner = load_reasoner(section.reasoner)

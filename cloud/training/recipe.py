@@ -1,0 +1,486 @@
+"""Rebuild the default gate models, their manifests, metrics, model cards and the sample.
+
+    python -m edgekeeper.cloud.training.recipe --out models/
+
+Needs the ``train`` extra (TensorFlow) and the Debian packages opencv-doc,
+asterisk-core-sounds-en-wav, sound-theme-freedesktop, espeak-ng and ffmpeg. Everything is
+offline except one ``pip download`` of the openWakeWord wheel when models/frontends/ lacks the
+pinned files. Same seed, same data and weights (TF runs with deterministic kernels).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from edgekeeper.cloud.training import cards, frontends, sample, sources
+from edgekeeper.cloud.training.evaluate import (
+    TFLiteModel,
+    event_recall,
+    precision_recall,
+    smoothed,
+    trigger_onsets,
+    triggers_per_hour,
+)
+
+from edgekeeper.errors import EdgekeeperError
+
+VERSION = "1.0.0"
+PERSON_LABELS = ("no_person", "person")
+THRESHOLDS = {"person": 0.7, "speech": 0.8, "alarm": 0.6}
+VISION_EPOCHS = 14
+AUDIO_EPOCHS = 40
+AUDIO_TRAIN_PER_CLASS = 1200
+AUDIO_HELDOUT_PER_CLASS = 300
+BACKGROUND_STREAM_SECONDS = 20 * 60
+EVENT_STREAM_SECONDS = 5 * 60
+VIDEO_FPS = 10.0
+
+
+def _write(path: Path, data: bytes | str) -> None:
+    """Temp file then os.replace: a crash never leaves a half-written model or manifest."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    if isinstance(data, str):
+        tmp.write_text(data)
+    else:
+        tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def _json(path: Path, obj: Any) -> None:
+    _write(path, json.dumps(obj, indent=2) + "\n")
+
+
+def _log(progress: bool, msg: str) -> None:
+    if progress:
+        print(f"[recipe] {msg}", file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------------------------ vision
+
+
+def vision_manifest(variant: str, roles: dict[str, int], width: int, height: int) -> dict[str, Any]:
+    return {
+        "schema": 1,
+        "name": "person",
+        "version": VERSION,
+        "modality": "vision",
+        "labels": "labels.txt",
+        "postprocess": "none",
+        "vision": {
+            "width": width,
+            "height": height,
+            "color": "rgb",
+            "mean": [0.0, 0.0, 0.0],
+            "std": [1.0, 1.0, 1.0],
+        },
+        "stages": [{"model": f"person-{variant}.tflite", "outputs": roles}],
+    }
+
+
+def _video_frames_scores(
+    model: TFLiteModel, video: Path, width: int, height: int, scores_index: int
+) -> np.ndarray:
+    """Person probability of every frame of a video, frames read back through OpenCV."""
+    import cv2
+    from edgekeeper.cloud.training.features import frame_to_input
+
+    cap = cv2.VideoCapture(str(video))
+    out = []
+    while True:
+        ok, frame = cap.read()
+        if not ok:
+            break
+        out.append(model(frame_to_input(frame, width, height))[scores_index][1])
+    cap.release()
+    return np.asarray(out)
+
+
+def build_vision(out_dir: Path, seed: int, progress: bool) -> dict[str, Any]:
+    from edgekeeper.cloud.training import data_vision as dv
+    from edgekeeper.cloud.training import train
+
+    folder = out_dir / "person"
+    t0 = time.perf_counter()
+    data = dv.build(seed, progress=progress)
+    tx, ty, _ = data.train
+    hx, hy, hs = data.heldout
+    _log(progress, f"vision data {data.summary} in {time.perf_counter() - t0:.0f} s")
+
+    train.seed_everything(seed)
+    train_model, export_model = train.vision_model(dv.WIDTH, dv.HEIGHT)
+    t0 = time.perf_counter()
+    history = train.fit(
+        train_model,
+        tx,
+        ty,
+        epochs=VISION_EPOCHS,
+        batch_size=64,
+        learning_rate=2e-3,
+        progress=progress,
+        preprocess=lambda a: a.astype(np.float32) / 255.0,
+    )
+    train_seconds = time.perf_counter() - t0
+    rep = tx[np.random.default_rng(seed).choice(len(tx), 500, replace=False)]
+    blobs = {
+        "float": train.to_tflite_float(export_model),
+        "int8": train.to_tflite_int8(export_model, rep.astype(np.float32) / 255.0),
+    }
+    _write(folder / "labels.txt", "\n".join(PERSON_LABELS) + "\n")
+
+    hxf = hx.astype(np.float32) / 255.0
+    neg_sources = ("vtest-people-removed", "tree", "photo")
+    metrics: dict[str, Any] = {
+        "model": f"person@{VERSION}",
+        "input": {"width": dv.WIDTH, "height": dv.HEIGHT, "color": "rgb", "scale": "pixel/255"},
+        "data": data.summary,
+        "training": {
+            "epochs": VISION_EPOCHS,
+            "seconds": round(train_seconds, 1),
+            "final_loss": round(history["loss"][-1], 4),
+            "final_accuracy": round(history["accuracy"][-1], 4),
+        },
+        "threshold": THRESHOLDS["person"],
+        "variants": {},
+    }
+    for variant, blob in blobs.items():
+        path = folder / f"person-{variant}.tflite"
+        _write(path, blob)
+        model = TFLiteModel(path)
+        roles = model.output_roles(len(PERSON_LABELS))
+        _json(
+            folder / f"manifest-{variant}.json",
+            vision_manifest(variant, roles, dv.WIDTH, dv.HEIGHT),
+        )
+        p = model.batch(hxf, roles["scores"])[:, 1]
+        thr = THRESHOLDS["person"]
+        per_source = {
+            str(s): {
+                "images": int(np.sum(hs == s)),
+                "label": "person" if hy[hs == s][0] else "no_person",
+                "share_over_threshold": round(float(np.mean(p[hs == s] >= thr)), 4),
+            }
+            for s in np.unique(hs)
+        }
+        # Smoothed triggers, as if each sequence were played at 10 fps through the gate.
+        seq_pos = p[hs == "vtest"]
+        seq_neg = {s: p[hs == s] for s in ("vtest-people-removed", "tree")}
+        neg_p = np.concatenate(list(seq_neg.values()))
+        onsets_pos = trigger_onsets(smoothed(seq_pos >= thr))
+        metrics["variants"][variant] = {
+            "file": path.name,
+            "bytes": len(blob),
+            "outputs": roles,
+            "heldout_all": precision_recall(p, hy == 1, thr),
+            "heldout_vtest_vs_scene_negatives": precision_recall(
+                p[np.isin(hs, ["vtest", *neg_sources])],
+                hy[np.isin(hs, ["vtest", *neg_sources])] == 1,
+                thr,
+            ),
+            "per_source": per_source,
+            "smoothed": {
+                "vtest_heldout_first_trigger_frame": int(onsets_pos[0])
+                if len(onsets_pos)
+                else None,
+                "vtest_heldout_share_of_frames_triggered": round(
+                    float(np.mean(smoothed(seq_pos >= thr))), 4
+                ),
+                "person_free_video": triggers_per_hour(neg_p, thr, 1 / VIDEO_FPS),
+            },
+            "latency": model.latency_ms(hxf[0]),
+        }
+        _log(progress, f"person-{variant}: {metrics['variants'][variant]['heldout_all']}")
+    return metrics
+
+
+# ------------------------------------------------------------------------------------- audio
+
+
+def audio_manifest(variant: str) -> dict[str, Any]:
+    from edgekeeper.cloud.training import features as F
+
+    return {
+        "schema": 1,
+        "name": "sound",
+        "version": VERSION,
+        "modality": "audio",
+        "labels": "labels.txt",
+        "postprocess": "none",
+        "audio": {
+            "sample_rate": F.SAMPLE_RATE,
+            "window_seconds": F.WINDOW_SECONDS,
+            "hop_seconds": F.HOP_SECONDS,
+        },
+        "stages": [
+            {
+                "model": f"../frontends/{F.MEL_MODEL}",
+                "input": "pcm",
+                "pcm_scale": F.PCM_SCALE,
+                "scale": F.MEL_SCALE,
+                "offset": F.MEL_OFFSET,
+                "frame_samples": F.MEL_FRAME_SAMPLES,
+            },
+            {
+                "model": f"../frontends/{F.EMBEDDING_MODEL}",
+                "window": F.EMBEDDING_WINDOW,
+                "step": F.EMBEDDING_STEP,
+            },
+            {"model": f"sound-{variant}.tflite", "window": F.HEAD_WINDOW, "outputs": {"scores": 0}},
+        ],
+    }
+
+
+def _featurise(frontend: Any, audio: np.ndarray, progress: bool, desc: str) -> np.ndarray:
+    from tqdm import tqdm
+
+    return np.stack([frontend.features(a) for a in tqdm(audio, desc=desc, disable=not progress)])
+
+
+def _stream_features(
+    frontend: Any, signal: np.ndarray, progress: bool, desc: str
+) -> tuple[np.ndarray, np.ndarray]:
+    from edgekeeper.cloud.training import features as F
+    from tqdm import tqdm
+
+    n = (len(signal) - int(F.WINDOW_SECONDS * F.SAMPLE_RATE)) // int(
+        F.HOP_SECONDS * F.SAMPLE_RATE
+    ) + 1
+    ends, feats = [], []
+    for wf in tqdm(frontend.stream(signal), total=n, desc=desc, disable=not progress):
+        ends.append(wf.end_seconds)
+        feats.append(wf.features)
+    return np.asarray(ends), np.stack(feats)
+
+
+def build_audio(out_dir: Path, seed: int, progress: bool) -> dict[str, Any]:
+    from edgekeeper.cloud.training import data_audio as da
+    from edgekeeper.cloud.training import features as F
+    from edgekeeper.cloud.training import train
+
+    folder = out_dir / "sound"
+    frontend = F.AudioFrontend(out_dir / "frontends")
+    t0 = time.perf_counter()
+    train_pools = da.load_pools(False, np.random.default_rng(seed), progress=progress)
+    held_pools = da.load_pools(True, np.random.default_rng(seed + 1), progress=progress)
+    train_w = da.make_windows(
+        train_pools, AUDIO_TRAIN_PER_CLASS, seed, progress=progress, desc="train windows"
+    )
+    held_w = da.make_windows(
+        held_pools, AUDIO_HELDOUT_PER_CLASS, seed + 7, progress=progress, desc="held-out windows"
+    )
+    tx = _featurise(frontend, train_w.audio, progress, "train features")
+    hx = _featurise(frontend, held_w.audio, progress, "held-out features")
+    bg = da.make_stream(held_pools, BACKGROUND_STREAM_SECONDS, seed + 11, event_every=None)
+    ev = da.make_stream(held_pools, EVENT_STREAM_SECONDS, seed + 13, event_every=10.0)
+    _, bg_x = _stream_features(frontend, bg.audio, progress, "background stream")
+    ev_t, ev_x = _stream_features(frontend, ev.audio, progress, "event stream")
+    data_seconds = time.perf_counter() - t0
+
+    train.seed_everything(seed)
+    train_model, export_model = train.audio_head(F.HEAD_WINDOW, F.EMBEDDING_SIZE, len(da.LABELS))
+    t0 = time.perf_counter()
+    history = train.fit(
+        train_model,
+        tx,
+        train_w.labels,
+        epochs=AUDIO_EPOCHS,
+        batch_size=64,
+        learning_rate=1e-3,
+        progress=progress,
+    )
+    train_seconds = time.perf_counter() - t0
+    rep = tx[np.random.default_rng(seed).choice(len(tx), 600, replace=False)]
+    blobs = {
+        "float": train.to_tflite_float(export_model),
+        "int8": train.to_tflite_int8(export_model, rep),
+    }
+    _write(folder / "labels.txt", "\n".join(da.LABELS) + "\n")
+
+    names = {
+        "train": {k: len(v) for k, v in train_pools.names.items()},
+        "heldout": {k: len(v) for k, v in held_pools.names.items()},
+        "heldout_real_files": sorted(
+            n for v in held_pools.names.values() for n in v if not n.startswith("espeak-ng:")
+        ),
+    }
+    metrics: dict[str, Any] = {
+        "model": f"sound@{VERSION}",
+        "data": {
+            "train_windows": len(train_w.labels),
+            "heldout_windows": len(held_w.labels),
+            "clips": names,
+            "background_stream_seconds": BACKGROUND_STREAM_SECONDS,
+            "event_stream_seconds": EVENT_STREAM_SECONDS,
+            "event_stream_events": len(ev.events),
+            "seconds": round(data_seconds, 1),
+        },
+        "training": {
+            "epochs": AUDIO_EPOCHS,
+            "seconds": round(train_seconds, 1),
+            "final_loss": round(history["loss"][-1], 4),
+            "final_accuracy": round(history["accuracy"][-1], 4),
+        },
+        "thresholds": {k: THRESHOLDS[k] for k in ("speech", "alarm")},
+        "variants": {},
+    }
+    window = np.zeros(int(F.WINDOW_SECONDS * F.SAMPLE_RATE), dtype=np.float32)
+    for variant, blob in blobs.items():
+        path = folder / f"sound-{variant}.tflite"
+        _write(path, blob)
+        _json(folder / f"manifest-{variant}.json", audio_manifest(variant))
+        model = TFLiteModel(path)
+        p_held = model.batch(hx, 0)
+        p_bg = model.batch(bg_x, 0)
+        p_ev = model.batch(ev_x, 0)
+        per_label = {}
+        for label in ("speech", "alarm"):
+            k = da.LABELS.index(label)
+            thr = THRESHOLDS[label]
+            per_label[label] = {
+                "heldout_windows": precision_recall(p_held[:, k], held_w.labels == k, thr),
+                "background_stream": triggers_per_hour(p_bg[:, k], thr, F.HOP_SECONDS),
+                "event_stream": event_recall(
+                    p_ev[:, k], ev_t, F.WINDOW_SECONDS, ev.events, label, thr
+                ),
+            }
+        confusion = np.zeros((3, 3), dtype=int)
+        for t, pr in zip(held_w.labels, p_held.argmax(axis=1), strict=True):
+            confusion[t, pr] += 1
+        t_front = []
+        for _ in range(50):
+            s = time.perf_counter()
+            feats = frontend.features(window)
+            model(feats)
+            t_front.append((time.perf_counter() - s) * 1000)
+        metrics["variants"][variant] = {
+            "file": path.name,
+            "bytes": len(blob),
+            "per_label": per_label,
+            "heldout_confusion_argmax": {
+                "rows_true_cols_pred": list(da.LABELS),
+                "matrix": confusion.tolist(),
+            },
+            "latency_head": model.latency_ms(hx[0]),
+            "latency_full_window": {
+                "p50_ms": float(np.percentile(t_front, 50)),
+                "p99_ms": float(np.percentile(t_front, 99)),
+            },
+        }
+        _log(
+            progress,
+            f"sound-{variant}: { {k: v['heldout_windows'] for k, v in per_label.items()} }",
+        )
+    return metrics
+
+
+# ------------------------------------------------------------------------------------ sample
+
+
+def check_sample(out_dir: Path, person: dict[str, Any], sound: dict[str, Any]) -> dict[str, Any]:
+    """Run both int8 gates over the bundled sample, as a device would, and summarise."""
+    from edgekeeper.cloud.training import data_vision as dv
+    from edgekeeper.cloud.training import features as F
+
+    folder = out_dir / "samples" / "street"
+    labels = json.loads((folder / "labels.json").read_text())["labels"]
+    out: dict[str, Any] = {"labels": labels}
+    manifest = json.loads((out_dir / "person" / "manifest-int8.json").read_text())
+    pm = TFLiteModel(out_dir / "person" / "person-int8.tflite")
+    p = _video_frames_scores(
+        pm, folder / "video.avi", dv.WIDTH, dv.HEIGHT, manifest["stages"][0]["outputs"]["scores"]
+    )
+    out["person_int8"] = {
+        "frames": len(p),
+        "share_over_threshold": round(float(np.mean(p >= THRESHOLDS["person"])), 4),
+        "min_probability": round(float(p.min()), 4),
+    }
+    sm = TFLiteModel(out_dir / "sound" / "sound-int8.tflite")
+    from edgekeeper.cloud.training.sources import decode_audio
+
+    audio = decode_audio(folder / "audio.wav", F.SAMPLE_RATE)
+    ends, feats = _stream_features(F.AudioFrontend(out_dir / "frontends"), audio, False, "")
+    ps = sm.batch(feats, 0)
+    triggers: dict[str, list[float]] = {}
+    for label in ("speech", "alarm"):
+        k = ("background", "speech", "alarm").index(label)
+        on = trigger_onsets(smoothed(ps[:, k] >= THRESHOLDS[label]))
+        triggers[label] = [round(float(ends[i]), 2) for i in on]
+    out["sound_int8_smoothed_triggers_at_window_end_s"] = triggers
+    out["sound_int8_window_top_label"] = [
+        [
+            round(float(e), 2),
+            ("background", "speech", "alarm")[int(np.argmax(q))],
+            round(float(np.max(q)), 3),
+        ]
+        for e, q in zip(ends, ps, strict=True)
+    ]
+    return out
+
+
+def build_all(out_dir: Path, *, seed: int = 0, progress: bool = True) -> dict[str, Any]:
+    """Build both gates, their manifests, metrics and cards, and the sample, into ``out_dir``.
+
+    Returns ``{"person": metrics, "sound": metrics, "sample": sanity}`` (also written to the
+    metrics.json files).
+    """
+    sources.check_all()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _log(progress, "front-ends")
+    frontends.ensure(out_dir / "frontends")
+    _log(progress, "sample recording")
+    sample.build(out_dir, seed)
+    env = {
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "processor_count": os.cpu_count(),
+        "seed": seed,
+    }
+    person = build_vision(out_dir, seed, progress)
+    sound = build_audio(out_dir, seed, progress)
+    sanity = check_sample(out_dir, person, sound)
+    person["environment"] = sound["environment"] = env
+    person["sample_check"] = {k: v for k, v in sanity.items() if k.startswith("person")}
+    sound["sample_check"] = {k: v for k, v in sanity.items() if k.startswith("sound")}
+    _json(out_dir / "person" / "metrics.json", person)
+    _json(out_dir / "sound" / "metrics.json", sound)
+    _write(out_dir / "person" / "MODEL_CARD.md", cards.person_card(person))
+    _write(out_dir / "sound" / "MODEL_CARD.md", cards.sound_card(sound))
+    _write(out_dir / "samples" / "NOTICE", cards.SAMPLES_NOTICE)
+    return {"person": person, "sound": sound, "sample": sanity}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m edgekeeper.cloud.training.recipe",
+        description="Rebuild the default person and sound gates from Debian-packaged data.",
+    )
+    parser.add_argument("--out", type=Path, required=True, help="models folder, e.g. models/")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    args = parser.parse_args(argv)
+    try:
+        result = build_all(args.out, seed=args.seed, progress=not args.quiet)
+    except EdgekeeperError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return err.exit_code
+    summary = {
+        name: {
+            v: m.get("heldout_all") or {k: x["heldout_windows"] for k, x in m["per_label"].items()}
+            for v, m in result[name]["variants"].items()
+        }
+        for name in ("person", "sound")
+    }
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -441,16 +441,25 @@ class Outbox:
 
     def delete(self, seq: int) -> bool:
         """Forget a row the cloud has durably queued. Only call after its 2xx."""
+        return self.delete_many([seq]) == 1
+
+    def delete_many(self, seqs: list[int]) -> int:
+        """Forget rows the cloud has queued, in one transaction (one fsync for a whole batch:
+        a delete lost to a crash only means one resend, which the cloud answers "duplicate")."""
+        if not seqs:
+            return 0
         with self._write() as db:
-            gone = db.execute("DELETE FROM events WHERE seq = ?", (seq,)).rowcount
+            gone = 0
+            for seq in seqs:
+                gone += db.execute("DELETE FROM events WHERE seq = ?", (seq,)).rowcount
             if gone:
-                self._bump(db, "delivered_total", 1)
+                self._bump(db, "delivered_total", gone)
                 db.execute(
                     "INSERT INTO meta VALUES ('last_upload_at', ?) "
                     "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
                     (repr(self._clock()),),
                 )
-        return bool(gone)
+        return gone
 
     def bury(self, seq: int, reason: str) -> None:
         """Keep a row the cloud refused for good as a dead letter (visible, never retried)."""
@@ -559,6 +568,9 @@ class AsyncOutbox:
 
     async def delete(self, seq: int) -> bool:
         return await asyncio.to_thread(self.sync.delete, seq)
+
+    async def delete_many(self, seqs: list[int]) -> int:
+        return await asyncio.to_thread(self.sync.delete_many, seqs)
 
     async def bury(self, seq: int, reason: str) -> None:
         await asyncio.to_thread(self.sync.bury, seq, reason)

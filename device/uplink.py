@@ -332,6 +332,7 @@ class Uplink:
         sem = asyncio.Semaphore(self.section.concurrency)
         failure: Attempt | None = None
         unsent = {r.seq for r in rows}
+        delivered: list[int] = []  # deleted together at the end of the round (one fsync)
 
         async def one(row: OutboxRow) -> None:
             nonlocal failure
@@ -340,7 +341,14 @@ class Uplink:
                     return  # the link is failing: do not hammer it, keep the order
                 attempt = await self._attempt(row)
                 unsent.discard(row.seq)
-                await self._settle(row, attempt)
+                if attempt.verdict is Verdict.DONE:
+                    delivered.append(row.seq)
+                    if attempt.code == "duplicate":
+                        self.stats.duplicates += 1
+                    else:
+                        self.stats.delivered += 1
+                else:
+                    await self._settle(row, attempt)
                 if attempt.verdict in (Verdict.RETRY, Verdict.HALT) and (
                     failure is None or attempt.verdict is Verdict.HALT
                 ):
@@ -351,6 +359,9 @@ class Uplink:
                 for row in rows:
                     tg.create_task(one(row))
         finally:
+            # Only now, after the cloud's 2xx for each of them. A crash before this commit
+            # means those events are sent again and answered "duplicate": nothing is lost.
+            await asyncio.shield(self.outbox.delete_many(delivered))
             # Rows never sent (an earlier failure, or cancellation) go back untouched, so the
             # next round - or the next process - takes them first.
             for seq in sorted(unsent):
@@ -366,13 +377,7 @@ class Uplink:
         return len(rows), failure
 
     async def _settle(self, row: OutboxRow, attempt: Attempt) -> None:
-        if attempt.verdict is Verdict.DONE:
-            await self.outbox.delete(row.seq)
-            if attempt.code == "duplicate":
-                self.stats.duplicates += 1
-            else:
-                self.stats.delivered += 1
-        elif attempt.verdict is Verdict.DEAD:
+        if attempt.verdict is Verdict.DEAD:
             await self.outbox.bury(row.seq, f"{attempt.code}: {attempt.message}"[:1000])
             self.stats.dead += 1
         else:

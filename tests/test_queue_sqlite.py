@@ -178,3 +178,58 @@ async def test_queued_means_committed_to_disk(tmp_path: Path) -> None:
         assert sync == 2  # FULL
     finally:
         await q.close()
+
+
+async def test_requeue_dead_letters(make_queue: Opener) -> None:
+    # `edgekeeper cloud dlq requeue`: the cause was fixed, deliver them again with fresh attempts.
+    q = await make_queue(max_attempts=1)
+    for seq in (1, 2, 3):
+        await q.enqueue(ev(seq))
+    for le in await q.lease("w", count=3, visibility_s=60):
+        assert not await q.nack(le, reason=f"broken {le.event.seq}")
+    assert [d.event.seq for d in await q.dead_letters()] == [1, 2, 3]
+    assert await q.requeue_dead(["pi-1:2", "pi-1:99", "nonsense"]) == ["pi-1:2"]
+    assert [d.event.seq for d in await q.dead_letters()] == [1, 3]
+    (le,) = await q.lease("w", count=5, visibility_s=60)
+    assert le.event == ev(2) and le.attempts == 1  # attempts start again
+    assert await q.ack(le)
+    # Its key is still remembered: the device's late retry is a duplicate, not a second event.
+    assert await q.enqueue(ev(2)) is EnqueueStatus.DUPLICATE
+    assert sorted(await q.requeue_dead()) == ["pi-1:1", "pi-1:3"]
+    assert await q.dead_letters() == []
+    assert await q.requeue_dead() == []
+    assert sorted(le.event.seq for le in await q.lease("w", count=5, visibility_s=60)) == [1, 3]
+    stats = await q.stats()
+    assert (stats.ready, stats.leased, stats.dead) == (0, 2, 0)
+
+
+@pytest.mark.redis
+async def test_redis_refuses_a_queue_that_is_not_fsynced(redis_prefix: str) -> None:
+    # A redis-server of our own with appendfsync everysec: QUEUED would not mean durable.
+    from edgekeeper.errors import ConfigError
+    from servers import start_redis
+
+    server = start_redis(durable=False)
+    try:
+        with pytest.raises(ConfigError, match="appendfsync=everysec") as info:
+            await open_queue("redis", Path("."), url=server.url, prefix=redis_prefix)
+        assert "appendfsync always" in (info.value.fix or "")
+        # Told to accept the risk, it opens (and logs a warning).
+        q = await open_queue("redis", Path("."), url=server.url, prefix=redis_prefix,
+                             fsync_check="warn")
+        assert await q.enqueue(ev(1)) is EnqueueStatus.QUEUED
+        await q.close()
+    finally:
+        server.stop()
+
+
+@pytest.mark.redis
+async def test_redis_unreachable_is_a_clear_config_error(redis_prefix: str) -> None:
+    from edgekeeper.errors import ConfigError
+    from servers import free_port
+
+    url = f"redis://:hunter2@127.0.0.1:{free_port()}/0"
+    with pytest.raises(ConfigError) as info:
+        await open_queue("redis", Path("."), url=url, prefix=redis_prefix)
+    assert "hunter2" not in str(info.value)  # the password never reaches an error or a log
+    assert "redis_url" in (info.value.fix or "")

@@ -3,9 +3,11 @@ cloudkit.STORE_BACKENDS: enrollment tokens, registry, revocation, sealed results
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cloudkit import STORE_BACKENDS
@@ -158,3 +160,48 @@ async def test_store_survives_restart(make_store: Opener) -> None:
     assert (await again.get_device("pi-1")) is not None
     assert [r.id for r in await again.results_after("pi-1", 0, 10)] == [rid]
     await again.ping()
+
+
+async def test_cursor_never_skips_a_result_under_concurrent_writers(make_store: Opener) -> None:
+    # Two workers (two handles) store results while the device's long-poll advances its cursor:
+    # an id that became visible after a larger one would be skipped for good.
+    writers = [await make_store(), await make_store()]
+    reader = await make_store()
+    total = 150
+    seen: list[int] = []
+
+    async def write(seq: int) -> None:
+        await writers[seq % 2].put_result(device_id="pi-1", seq=seq, envelope=b"r", now=NOW)
+
+    async def read() -> None:
+        cursor = 0
+        while len(seen) < total:
+            rows = await reader.results_after("pi-1", cursor, 40)
+            seen.extend(r.seq for r in rows)
+            cursor = rows[-1].id if rows else cursor
+            await asyncio.sleep(0)
+
+    await asyncio.wait_for(asyncio.gather(read(), *(write(s) for s in range(total))), 60)
+    assert sorted(seen) == list(range(total))
+
+
+@pytest.mark.postgres
+async def test_postgres_unreachable_is_a_clear_config_error() -> None:
+    from servers import free_port
+
+    from edgekeeper.errors import ConfigError
+
+    dsn = f"postgresql://edge:hunter2@127.0.0.1:{free_port()}/edgekeeper"
+    with pytest.raises(ConfigError) as info:
+        await open_store("postgres", Path("."), dsn=dsn, connect_timeout_s=2)
+    assert "hunter2" not in str(info.value) and "hunter2" not in (info.value.fix or "")
+    assert "postgres_dsn" in (info.value.fix or "")
+
+
+@pytest.mark.postgres
+async def test_postgres_missing_database_says_how_to_create_it(postgres_server: Any) -> None:
+    from edgekeeper.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="does not exist") as info:
+        await open_store("postgres", Path("."), dsn=postgres_server.url("ektest_missing_db"))
+    assert "createdb" in (info.value.fix or "")

@@ -26,6 +26,7 @@ ZSET); dead letters = a second stream.
 from __future__ import annotations
 
 import enum
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -109,6 +110,13 @@ class EventQueue(Protocol):
         ...
 
     async def dead_letters(self, limit: int = 100) -> list[DeadLetter]: ...
+
+    async def requeue_dead(self, keys: Sequence[str] | None = None) -> list[str]:
+        """Put dead letters back in the queue, attempts reset (``edgekeeper cloud dlq
+        requeue``): those whose ``event.key`` is in ``keys``, or all of them when None. Returns
+        the keys requeued (unknown keys are skipped). The dedupe key stays remembered, so the
+        device's own retries of that event are still duplicates."""
+        ...
 
     async def stats(self) -> QueueStats: ...
 

@@ -17,6 +17,7 @@ import asyncio
 import secrets
 import sqlite3
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -283,6 +284,44 @@ class SQLiteQueue:
                 DeadLetter(QueuedEvent(d, s, bytes(h), bytes(e), r), a, why, f)
                 for d, s, h, e, r, a, why, f in rows
             ]
+
+        return await self._db.run(do)
+
+    async def requeue_dead(self, keys: Sequence[str] | None = None) -> list[str]:
+        def do(conn: sqlite3.Connection) -> list[str]:
+            cols = "id, device_id, seq, payload_hash, envelope, received_at"
+            with transaction(conn):
+                if keys is None:
+                    rows = conn.execute(f"SELECT {cols} FROM dead ORDER BY id").fetchall()
+                else:
+                    rows = []
+                    for key in dict.fromkeys(keys):
+                        device_id, _, seq = key.rpartition(":")
+                        if not seq.isdigit():
+                            continue
+                        rows += conn.execute(
+                            f"SELECT {cols} FROM dead WHERE device_id = ? AND seq = ?"
+                            " ORDER BY id", (device_id, int(seq)),
+                        ).fetchall()
+                moved: list[str] = []
+                for rid, dev, seq, phash, env, received in rows:
+                    queued = conn.execute(
+                        "SELECT 1 FROM events WHERE device_id = ? AND seq = ?", (dev, seq)
+                    ).fetchone()
+                    if queued is None:
+                        conn.execute(
+                            "INSERT INTO events (device_id, seq, payload_hash, envelope,"
+                            " received_at, available_at) VALUES (?,?,?,?,?,?)",
+                            (dev, seq, phash, env, received, 0.0),
+                        )
+                        # The dedupe key may have been pruned while it lay dead.
+                        conn.execute(
+                            "INSERT OR IGNORE INTO seen (device_id, seq, payload_hash,"
+                            " received_at) VALUES (?,?,?,?)", (dev, seq, phash, received),
+                        )
+                        moved.append(f"{dev}:{seq}")
+                    conn.execute("DELETE FROM dead WHERE id = ?", (rid,))
+            return moved
 
         return await self._db.run(do)
 

@@ -104,18 +104,19 @@ class PostgresStore:
         )
         store = cls(pool, dsn)
         try:
+            # One direct connection first: a wrong DSN or a missing database fails at once with
+            # libpq's own reason (the pool would only retry quietly until it timed out).
+            conn = await psycopg.AsyncConnection.connect(
+                dsn, autocommit=True, connect_timeout=max(1, int(connect_timeout_s)))
+            try:
+                await store._create_schema(conn)
+            finally:
+                await conn.close()
             await pool.open(wait=True, timeout=connect_timeout_s)
-            await store._create_schema()
         except (PoolTimeout, psycopg.Error) as err:
             await pool.close()
-            detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            if isinstance(err, PoolTimeout):
-                # The pool only says it timed out: one direct attempt tells why.
-                try:
-                    conn = await psycopg.AsyncConnection.connect(dsn, connect_timeout=3)
-                    await conn.close()
-                except psycopg.Error as direct:
-                    detail = str(direct).strip().splitlines()[0]
+            text = str(err).strip()
+            detail = " ".join(ln.strip() for ln in text.splitlines()) or type(err).__name__
             raise ConfigError(
                 f"cannot use PostgreSQL at {store.dsn}: {detail}",
                 fix="start PostgreSQL and create the database (README 'Running the cloud': "
@@ -126,8 +127,9 @@ class PostgresStore:
             raise
         return store
 
-    async def _create_schema(self) -> None:
-        async with self._pool.connection() as conn, conn.transaction():
+    @staticmethod
+    async def _create_schema(conn: Any) -> None:
+        async with conn.transaction():
             await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
             for statement in SCHEMA:
                 await conn.execute(statement)

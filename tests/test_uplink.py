@@ -500,3 +500,46 @@ def test_outbox_for_the_wrong_device_is_refused_by_config(tmp_path: Path) -> Non
 
     with contextlib.suppress(Exception), pytest.raises(OutboxError):
         open_outbox(config)
+
+
+async def test_cli_keys_enroll_status_and_clear_errors(cloud: Cloud, tmp_path: Path) -> None:
+    """The `device` commands as a user runs them (a real process, the real ingest)."""
+    import json
+    import sys
+
+    cfg = tmp_path / "device.toml"
+    cfg.write_text(f'[device]\nid = "{DEVICE}"\nstate_dir = "{tmp_path / "dev"}"\n'
+                   '[log]\nlevel = "warning"\n')
+
+    async def run(*args: str, stdin: bytes = b"") -> tuple[int, str, str]:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "edgekeeper.cli", "--config", str(cfg), "device", *args,
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        out, err = await proc.communicate(stdin)
+        assert proc.returncode is not None
+        return proc.returncode, out.decode(), err.decode()
+
+    rc, out, _ = await run("keys")
+    assert rc == 0 and "created now" in out and "sign_pk:" in out
+    rc, out2, _ = await run("keys")  # idempotent: the same keys, never regenerated
+    assert rc == 0 and "existing" in out2
+    assert out.splitlines()[2:] == out2.splitlines()[2:]
+    rc, out, err = await run("upload", "--burst")
+    assert rc == 2 and "not enrolled" in err and "fix:" in err and "Traceback" not in err
+    rc, out, err = await run("enroll", "--cloud", "ftp://nope", "--token", "x")
+    assert rc == 2 and "http://" in err and "Traceback" not in err
+    rc, out, err = await run("enroll", "--cloud", cloud.url, "--token", "not-a-token")
+    assert rc == 1 and "invalid_token" in err and "fix:" in err and "Traceback" not in err
+    token = await cloud.token()
+    rc, out, err = await run("enroll", "--cloud", cloud.url, "--token", "-",
+                             stdin=token.encode() + b"\n")
+    assert rc == 0, err
+    assert f"enrolled {DEVICE} with {cloud.url}" in out
+    assert token not in out + err  # the secret is never echoed
+    rc, out, _ = await run("status", "--json")
+    doc = json.loads(out)
+    assert rc == 0 and doc["enrolled"]["cloud_url"] == cloud.url and doc["pending"] == 0
+    rc, out, _ = await run("status")
+    assert rc == 0 and "last upload:   never" in out

@@ -1,4 +1,5 @@
-"""Cloud subcommands: ``edgekeeper cloud serve | worker | token | revoke | devices | keys``."""
+"""Cloud subcommands: ``edgekeeper cloud serve | worker | token | revoke | devices | keys |
+dlq``."""
 
 from __future__ import annotations
 
@@ -40,6 +41,10 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
     _add(csub, "devices", "list enrolled devices", _devices)
     _add(csub, "keys", "print the cloud's public keys (generating them on first use)", _keys)
+
+    from edgekeeper.cloud import dlq  # light: config and errors only
+
+    dlq.register(csub)
 
 
 def _serve(args: argparse.Namespace, config: Config) -> int:

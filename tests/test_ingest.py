@@ -89,7 +89,8 @@ def _flip(data: bytes, index: int) -> bytes:
     return bytes(out)
 
 
-BAD_INPUTS = ["truncated", "garbled", "bitflip_header", "bitflip_nonce", "bitflip_box", "empty",
+BAD_INPUTS = ["truncated", "garbled", "bitflip_header", "bitflip_nonce", "bitflip_box",
+              "bitflip_box_large", "invalid_body_large", "empty",
               "appended", "wrong_type", "no_type", "json_instead", "unknown_device", "stale_past",
               "stale_future", "invalid_body", "oversized_length"]
 
@@ -112,6 +113,14 @@ async def test_bad_input_is_a_4xx_json_error_and_nothing_is_enqueued(
         data, expected = _flip(good, good.index(nonce) + 5), (401, "auth_failed")
     elif case == "bitflip_box":
         data, expected = _flip(good, len(good) - 100), (401, "auth_failed")
+    elif case == "bitflip_box_large":  # opened on a crypto thread: same refusal
+        big = device.seal(make_event(device.device_id, 3, frame_bytes=60_000))
+        data, expected = _flip(big, len(big) - 100), (401, "auth_failed")
+    elif case == "invalid_body_large":
+        header = E._encode_header(device.device_id, 3, time.time(), "m", b"\x00" * 32)
+        data = E._seal(E.KIND_EVENT, header, b"\x00" * 60_000, device.keys.box_sk,
+                       device.cloud.box_pk)
+        expected = (400, "invalid_body")
     elif case == "empty":
         data, expected = b"", (400, "malformed_envelope")
     elif case == "appended":

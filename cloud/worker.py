@@ -1,17 +1,31 @@
 """The worker: lease events from the queue, open them, ask the reasoner, store the result sealed
-for the device, ack.
+for the device, ack. ``cloud.worker_concurrency`` events are in flight per process.
 
-Minimal for now (the next issue adds LLM reasoners, Redis/PostgreSQL backends and cost
-bounds), but the delivery rules are final:
+Delivery rules:
 
 * At-least-once: the result is stored *before* the ack, and ``put_result`` is idempotent on
   (device_id, seq), so a worker killed between the two produces no second result.
+* Effectively-once: before calling a reasoner the worker asks the store whether a result for
+  (device_id, seq) exists; a redelivered event that has one is just acked, with no second
+  provider call. (Two workers holding the same event at once, after a lease expired under a
+  slow call, can still both call; the store keeps the first result.)
 * An event that can never succeed (device unknown or revoked since, envelope fails to open or
   its payload hash does not match, a reasoner's PermanentError) goes to the dead-letter list at
-  once; a transient failure (``ReasonerUnavailable``, any other exception) is nacked with a
-  growing delay and dead-lettered after ``cloud.queue_max_attempts`` deliveries.
-* ``Worker.run(burst=True)`` drains what is ready and returns (tests, cron); otherwise it polls
-  until ``stop`` is set, then finishes the events in hand.
+  once; its own transient failure (``ReasonerUnavailable``: a malformed answer, any other
+  exception) is nacked with an exponential, jittered delay and dead-lettered after
+  ``cloud.queue_max_attempts`` deliveries.
+* Provider down (``ProviderUnavailable``): the event goes back to the queue, due when the next
+  probe is, and the worker's circuit (cloud/backoff.py) opens: no leasing until a probe answers.
+  Each in-flight event spends one delivery per outage; queued ones spend none.
+* Budgets (cloud/budget.py): checked before each call; over a limit, ``wait`` puts the event
+  back until the next UTC day (a spent global budget also pauses leasing), ``cheaper`` asks
+  the cheaper reasoner. Usage of every call (even a failed one that was billed) is recorded.
+* Stand-ins never broaden authority: a result from the cheaper path, the fallback, or any
+  reasoner that says so is ``provisional``, names the reasoner that produced it, and its action
+  is capped at ``reasoner.provisional_max_action``.
+* ``Worker.run(burst=True)`` drains what is ready and returns (tests, cron); it also returns when
+  the provider is down or the global budget is spent, leaving the rest queued. Otherwise it
+  polls until ``stop`` is set, then finishes the events in hand.
 """
 
 from __future__ import annotations
@@ -19,28 +33,44 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import random
 import signal
 import socket
 import time
 from dataclasses import dataclass
+from typing import Literal
 
 from edgekeeper.cloud.backends import open_queue, open_store
+from edgekeeper.cloud.backoff import Circuit, exponential, jittered
+from edgekeeper.cloud.budget import Budget, Decision
 from edgekeeper.cloud.keys import CloudKeys
 from edgekeeper.cloud.queue.base import EventQueue, Lease
-from edgekeeper.cloud.reasoners.base import Reasoner, ReasonerUnavailable, load_reasoner
+from edgekeeper.cloud.reasoners.base import (
+    ProviderUnavailable,
+    Reasoner,
+    ReasonerUnavailable,
+    Usage,
+    Verdict,
+    load_reasoner,
+    resolve_name,
+)
 from edgekeeper.cloud.store.base import Store
-from edgekeeper.config import Config
+from edgekeeper.config import ACTIONS, Config
 from edgekeeper.errors import PermanentError
 from edgekeeper.log import get_logger
 from edgekeeper.protocol.envelope import open_event, seal_result
 from edgekeeper.protocol.errors import ProtocolError
 from edgekeeper.protocol.keys import DevicePublicKeys
-from edgekeeper.protocol.messages import ResultBody
+from edgekeeper.protocol.messages import EventBody, ResultBody
 
 log = get_logger(__name__)
 
 RETRY_BASE_S = 5.0
 RETRY_CAP_S = 300.0
+# The midnight reset is spread over this many seconds, so waiting events do not all come back
+# at 00:00:00 UTC at once.
+BUDGET_RESET_SPREAD_S = 600.0
+PROBE_DEVICE = "(probe)"  # usage of circuit probes (no device id can contain parentheses)
 
 
 @dataclass
@@ -48,6 +78,18 @@ class WorkerStats:
     done: int = 0
     retried: int = 0
     dead: int = 0
+    skipped: int = 0  # redelivered with a result already stored: acked, no reasoner call
+    provisional: int = 0  # results from the cheaper path or the fallback
+    waiting: int = 0  # put back until a budget resets
+    provider_failures: int = 0
+    probes: int = 0
+    cost_usd: float = 0.0
+
+
+def cap_action(action: str, limit: str) -> str:
+    """The weaker of ``action`` and ``limit``; an unknown action counts as the strongest."""
+    rank = ACTIONS.index(action) if action in ACTIONS else len(ACTIONS)
+    return action if rank <= ACTIONS.index(limit) else limit
 
 
 class Worker:
@@ -65,6 +107,14 @@ class Worker:
         poll_s: float = 0.5,
         consumer: str | None = None,
         retry_base_s: float = RETRY_BASE_S,
+        retry_cap_s: float = RETRY_CAP_S,
+        budget: Budget | None = None,
+        over_budget: Literal["wait", "cheaper"] = "wait",
+        cheaper: Reasoner | None = None,
+        fallback: Reasoner | None = None,
+        fallback_after_s: float = 600.0,
+        provisional_max_action: str = "notify",
+        circuit: Circuit | None = None,
     ) -> None:
         self.queue = queue
         self.store = store
@@ -75,18 +125,39 @@ class Worker:
         self.poll_s = poll_s
         self.consumer = consumer or f"{socket.gethostname()}:{os.getpid()}"
         self.retry_base_s = retry_base_s
+        self.retry_cap_s = retry_cap_s
+        # None: no accounting at all (tests and the demo); run_worker always passes one.
+        self.budget = budget
+        self.over_budget = over_budget
+        self.cheaper = cheaper
+        self.fallback = fallback
+        self.fallback_after_s = fallback_after_s
+        self.provisional_max_action = provisional_max_action
+        self.circuit = circuit or Circuit()
         self.stats = WorkerStats()
+        # A spent global budget (wait policy) pauses leasing until this time.time().
+        self._paused_until = 0.0
 
+    # --- the lease loop ---------------------------------------------------------------------
     async def run(self, *, burst: bool = False, stop: asyncio.Event | None = None) -> WorkerStats:
         stop = stop or asyncio.Event()
         slots = asyncio.Semaphore(self.concurrency)
         async with asyncio.TaskGroup() as tg:
             while not stop.is_set():
+                if self.circuit.is_open or self._paused_until > time.time():
+                    if burst:
+                        break  # leave the rest queued: nothing more can be done now
+                    await self._hold(stop)
+                    continue
                 await slots.acquire()
                 free = 1
                 while free < self.concurrency and not slots.locked():
                     await slots.acquire()
                     free += 1
+                if self.circuit.is_open or self._paused_until > time.time():
+                    for _ in range(free):  # it failed while we waited for slots
+                        slots.release()
+                    continue
                 leases = await self.queue.lease(
                     self.consumer, count=free, visibility_s=self.visibility_s
                 )
@@ -106,10 +177,32 @@ class Worker:
                     if not await self._ready():
                         break
                     continue
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(self.poll_s):
-                        await stop.wait()
+                await _sleep(stop, self.poll_s)
         return self.stats
+
+    async def _hold(self, stop: asyncio.Event) -> None:
+        """Leasing is paused: wait for the budget day to turn, or probe the provider."""
+        if self._paused_until > time.time():
+            await _sleep(stop, min(self._paused_until - time.time(), 60.0))
+            return
+        await _sleep(stop, self.circuit.remaining())
+        if stop.is_set():
+            return
+        self.stats.probes += 1
+        try:
+            usage = await self.reasoner.probe()
+        except ProviderUnavailable as err:
+            await self._record(err.usage, PROBE_DEVICE, 0, self.reasoner.name)
+            wait = self.circuit.probe_failed(err.retry_after)
+            log.warning("worker_provider_still_down", reason=err.message, next_probe_s=round(wait, 1))
+            return
+        except Exception as err:  # an unexpected probe failure is still "not back yet"
+            wait = self.circuit.probe_failed()
+            log.warning("worker_probe_failed", error=repr(err), next_probe_s=round(wait, 1))
+            return
+        await self._record(usage, PROBE_DEVICE, 0, self.reasoner.name)
+        down = self.circuit.close()
+        log.warning("worker_provider_back", down_s=round(down, 1))
 
     async def _ready(self) -> bool:
         stats = await self.queue.stats()
@@ -124,8 +217,16 @@ class Worker:
         finally:
             slots.release()
 
+    # --- one event --------------------------------------------------------------------------
     async def process(self, lease: Lease) -> None:
         ev = lease.event
+        if await self.store.has_result(ev.device_id, ev.seq):
+            # Redelivered after its result was stored (the worker died before acking, or a
+            # second copy was leased): nothing to do but ack. No second provider call.
+            await self.queue.ack(lease)
+            self.stats.skipped += 1
+            log.info("worker_event_already_done", key=ev.key, attempts=lease.attempts)
+            return
         record = await self.store.get_device(ev.device_id)
         if record is None or record.revoked:
             why = "device unknown" if record is None else "device revoked"
@@ -145,26 +246,39 @@ class Worker:
         except ProtocolError as err:
             await self._dead(lease, f"cannot open: {err.code}: {err.message}")
             return
-        try:
-            verdict = await self.reasoner.reason(opened.body, model_version=opened.model_version)
-        except ReasonerUnavailable as err:
-            await self._retry(lease, f"reasoner unavailable: {err.message}")
+
+        reasoner, path, note = self.reasoner, "primary", ""
+        if self.budget is not None:
+            decision = await self.budget.check(ev.device_id, now=time.time())
+            if not decision.allowed:
+                if self.over_budget == "wait" or self.cheaper is None:
+                    await self._wait_for_budget(lease, decision)
+                    return
+                reasoner, path, note = self.cheaper, "cheaper", decision.reason
+
+        verdict = await self._reason(lease, reasoner, opened.body, opened.model_version)
+        if verdict is None:
             return
-        except PermanentError as err:
-            await self._dead(lease, f"reasoner refused: {err.message}")
-            return
+        reasoner, verdict, fell_back = verdict
+        if fell_back:
+            path, note = "fallback", "provider unavailable"
+        provisional = verdict.provisional or path != "primary"
+        extra = dict(verdict.extra)
+        if path != "primary":
+            extra.update({"path": path, "why": note})
         result = ResultBody(
             device_id=ev.device_id,
             seq=ev.seq,
-            reasoner=self.reasoner.name,
+            reasoner=reasoner.name,
             label=verdict.label,
             confidence=verdict.confidence,
             summary=verdict.summary,
-            action=verdict.action,
+            action=(cap_action(verdict.action, self.provisional_max_action) if provisional
+                    else verdict.action),
             gate_correct=verdict.gate_correct,
-            provisional=verdict.provisional,
+            provisional=provisional,
             produced_at=time.time(),
-            extra=verdict.extra,
+            extra=extra,
         )
         sealed = seal_result(result, cloud_box_sk=self.keys.box_key, device_box_pk=record.box_pk)
         await self.store.put_result(device_id=ev.device_id, seq=ev.seq, envelope=sealed,
@@ -172,13 +286,72 @@ class Worker:
         if not await self.queue.ack(lease):
             log.warning("worker_lease_lost", key=ev.key, attempts=lease.attempts)
         self.stats.done += 1
-        log.debug("worker_event_done", key=ev.key, label=result.label)
+        self.stats.provisional += path != "primary"
+        log.debug("worker_event_done", key=ev.key, label=result.label, reasoner=result.reasoner)
 
-    async def _retry(self, lease: Lease, reason: str) -> None:
-        delay = min(RETRY_CAP_S, self.retry_base_s * 2 ** (lease.attempts - 1))
+    async def _reason(
+        self, lease: Lease, reasoner: Reasoner, body: EventBody, model_version: str
+    ) -> tuple[Reasoner, Verdict, bool] | None:
+        """Ask ``reasoner``; on failure settle the lease and return None. The bool says the
+        fallback answered instead."""
+        ev = lease.event
+        try:
+            verdict = await reasoner.reason(body, model_version=model_version)
+        except ProviderUnavailable as err:
+            await self._record(err.usage, ev.device_id, ev.seq, reasoner.name)
+            self.stats.provider_failures += 1
+            wait = self.circuit.trip(err.retry_after)
+            waited = time.time() - ev.received_at
+            if self.fallback is not None and reasoner is not self.fallback \
+                    and waited >= self.fallback_after_s:
+                try:
+                    verdict = await self.fallback.reason(body, model_version=model_version)
+                except Exception as ferr:
+                    log.warning("worker_fallback_failed", key=ev.key, error=repr(ferr))
+                else:
+                    log.warning("worker_fallback_used", key=ev.key, waited_s=round(waited, 1))
+                    return self.fallback, verdict, True
+            # Due again when the next probe is: if the provider is back by then, so is it.
+            await self._retry(lease, f"provider unavailable: {err.message}",
+                              delay=wait + jittered(1.0))
+            return None
+        except ReasonerUnavailable as err:
+            await self._record(err.usage, ev.device_id, ev.seq, reasoner.name)
+            await self._retry(lease, f"reasoner unavailable: {err.message}")
+            return None
+        except PermanentError as err:
+            await self._dead(lease, f"reasoner refused: {err.message}")
+            return None
+        await self._record(verdict.usage, ev.device_id, ev.seq, reasoner.name)
+        return reasoner, verdict, False
+
+    async def _record(self, usage: Usage, device_id: str, seq: int, reasoner: str) -> None:
+        if self.budget is None or usage.tokens == 0:
+            return
+        self.stats.cost_usd += await self.budget.record(
+            usage, device_id=device_id, seq=seq, reasoner=reasoner, now=time.time())
+
+    async def _wait_for_budget(self, lease: Lease, decision: Decision) -> None:
+        now = time.time()
+        delay = max(0.0, decision.retry_at - now) + random.random() * BUDGET_RESET_SPREAD_S
+        if decision.scope == "global":
+            self._paused_until = max(self._paused_until, decision.retry_at)
+        if await self.queue.nack(lease, reason=decision.reason, delay_s=delay):
+            self.stats.waiting += 1
+            log.warning("worker_event_waits_for_budget", key=lease.event.key,
+                        reason=decision.reason, delay_s=round(delay))
+        else:
+            self.stats.dead += 1
+            log.error("worker_event_dead", key=lease.event.key, reason=decision.reason,
+                      attempts=lease.attempts)
+
+    async def _retry(self, lease: Lease, reason: str, *, delay: float | None = None) -> None:
+        if delay is None:
+            delay = exponential(lease.attempts, self.retry_base_s, self.retry_cap_s)
         if await self.queue.nack(lease, reason=reason, delay_s=delay):
             self.stats.retried += 1
-            log.warning("worker_event_retry", key=lease.event.key, reason=reason, delay_s=delay)
+            log.warning("worker_event_retry", key=lease.event.key, reason=reason,
+                        delay_s=round(delay, 2))
         else:
             self.stats.dead += 1
             log.error("worker_event_dead", key=lease.event.key, reason=reason,
@@ -188,6 +361,43 @@ class Worker:
         await self.queue.dead_letter(lease, reason=reason)
         self.stats.dead += 1
         log.error("worker_event_dead", key=lease.event.key, reason=reason)
+
+
+async def _sleep(stop: asyncio.Event, seconds: float) -> None:
+    """Sleep up to ``seconds``, waking early when ``stop`` is set."""
+    if seconds <= 0:
+        return
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(seconds):
+            await stop.wait()
+
+
+def build_reasoners(config: Config, budget: Budget) -> tuple[Reasoner, Reasoner | None,
+                                                             Reasoner | None]:
+    """The primary reasoner (``cloud.reasoner``), the cheaper one for ``budget.over_budget =
+    'cheaper'`` and the fallback (``reasoner.fallback``), refusing unpriced models up front."""
+    section = config.reasoner
+    primary = load_reasoner(config.cloud.reasoner, config)
+    offline: Reasoner | None = primary if resolve_name(config.cloud.reasoner) == "offline" \
+        else None
+
+    def get_offline() -> Reasoner:
+        nonlocal offline
+        if offline is None:
+            offline = load_reasoner("offline", config)
+        return offline
+
+    if primary.name.startswith("anthropic:"):
+        budget.check_prices(section.model)
+    cheaper: Reasoner | None = None
+    if config.budget.over_budget == "cheaper":
+        if section.cheaper_model and primary.name.startswith("anthropic:"):
+            budget.check_prices(section.cheaper_model)
+            cheaper = load_reasoner("anthropic", config, model=section.cheaper_model)
+        else:
+            cheaper = get_offline()
+    fallback = get_offline() if section.fallback == "offline" else None
+    return primary, cheaper, fallback
 
 
 async def run_worker(config: Config, *, burst: bool = False) -> WorkerStats:
@@ -206,8 +416,11 @@ async def run_worker(config: Config, *, burst: bool = False) -> WorkerStats:
                                  max_attempts=section.queue_max_attempts, section=section)
         stack.push_async_callback(queue.close)
         keys = await asyncio.to_thread(CloudKeys.ensure, data_dir)
-        reasoner = load_reasoner(section.reasoner)
-        stack.push_async_callback(reasoner.close)
+        budget = Budget(config.budget, store)
+        reasoner, cheaper, fallback = build_reasoners(config, budget)
+        for r in {id(x): x for x in (reasoner, cheaper, fallback) if x is not None}.values():
+            stack.push_async_callback(r.close)
+        rs = config.reasoner
         worker = Worker(
             queue=queue,
             store=store,
@@ -215,8 +428,21 @@ async def run_worker(config: Config, *, burst: bool = False) -> WorkerStats:
             keys=keys,
             concurrency=section.worker_concurrency,
             visibility_s=section.queue_visibility_seconds,
+            retry_base_s=rs.retry_base_seconds,
+            retry_cap_s=rs.retry_max_seconds,
+            budget=budget,
+            over_budget=config.budget.over_budget,
+            cheaper=cheaper,
+            fallback=fallback,
+            fallback_after_s=rs.fallback_after_seconds,
+            provisional_max_action=rs.provisional_max_action,
+            circuit=Circuit(rs.backoff_initial_seconds, rs.backoff_max_seconds),
         )
-        log.info("worker_started", consumer=worker.consumer, reasoner=reasoner.name, burst=burst)
+        log.info("worker_started", consumer=worker.consumer, reasoner=reasoner.name, burst=burst,
+                 concurrency=worker.concurrency,
+                 cheaper=cheaper.name if cheaper else None,
+                 fallback=fallback.name if fallback else None)
         stats = await worker.run(burst=burst, stop=stop)
-        log.info("worker_stopped", done=stats.done, retried=stats.retried, dead=stats.dead)
+        log.info("worker_stopped", done=stats.done, retried=stats.retried, dead=stats.dead,
+                 skipped=stats.skipped, waiting=stats.waiting, cost_usd=round(stats.cost_usd, 6))
         return stats

@@ -331,7 +331,9 @@ class CloudSection:
     queue_visibility_seconds: float = 120.0
     # Deliveries before an event goes to the dead-letter list.
     queue_max_attempts: int = 5
-    reasoner: Literal["echo"] = "echo"
+    # auto: Claude ("anthropic") when ANTHROPIC_API_KEY is set in the worker's environment, else
+    # the offline teacher; echo repeats the gate (link tests). Tuned in [reasoner] and [budget].
+    reasoner: Literal["auto", "anthropic", "offline", "echo"] = "auto"
     # Events reasoned about at once by one worker process.
     worker_concurrency: int = 4
 
@@ -366,6 +368,117 @@ class CloudSection:
             raise ValueError("postgres_pool_size must be between 1 and 200")
 
 
+ACTIONS = ("none", "log", "notify", "alert")  # recommended actions, by growing authority
+
+
+@dataclass(frozen=True)
+class ReasonerSection:
+    # How the cloud worker asks about events (cloud/reasoners/). The API key is NOT a key here:
+    # it comes from ANTHROPIC_API_KEY in the worker's environment only (ANTHROPIC_BASE_URL too).
+    model: str = "claude-sonnet-4-5"
+    # The 'cheaper' over-budget path: this model (priced in [budget.prices]), or the offline
+    # teacher when empty. Either way the result is marked provisional.
+    cheaper_model: str = ""
+    max_tokens: int = 1024
+    # Per provider call (each of the SDK's own retries gets it again).
+    timeout_seconds: float = 60.0
+    # The SDK's retries of 408/409/429/5xx/529 and connection errors, honouring retry-after.
+    max_retries: int = 2
+    # Key frames sent as images (the first, last and evenly spaced between), each scaled so
+    # its longer side is at most image_max_side pixels (0: as captured): images are most of
+    # the input tokens (about width * height / 750 each).
+    max_frames: int = 4
+    image_max_side: int = 1024
+    # The LLM reads no audio: it gets the clip's level and length and, with a recognizer, a
+    # transcript. auto: pocketsphinx when installed (offline, bundled English model).
+    transcriber: Literal["auto", "pocketsphinx", "none"] = "auto"
+    # When the provider keeps failing, an event that has waited fallback_after_seconds since it
+    # was received may get the offline teacher's result instead (provisional); none: it waits.
+    fallback: Literal["none", "offline"] = "none"
+    fallback_after_seconds: float = 600.0
+    # Provisional results (offline, cheaper path, fallback) recommend at most this action:
+    # a fallback never has more authority than the judgement it stands in for.
+    provisional_max_action: Literal["none", "log", "notify", "alert"] = "notify"
+    # Provider down (5xx, 529, timeouts, 429 after the SDK's retries): the worker stops
+    # leasing and probes with one small request after a pause that doubles from
+    # backoff_initial_seconds up to backoff_max_seconds (with jitter).
+    backoff_initial_seconds: float = 2.0
+    backoff_max_seconds: float = 60.0
+    # An event's own retries (malformed answers, other transient failures): delay doubles
+    # from retry_base_seconds per attempt up to retry_max_seconds, with jitter.
+    retry_base_seconds: float = 5.0
+    retry_max_seconds: float = 300.0
+
+    def __post_init__(self) -> None:
+        if not self.model.strip():
+            raise ValueError("model must name a model, e.g. 'claude-sonnet-4-5'")
+        if not 1 <= self.max_tokens <= 64000:
+            raise ValueError("max_tokens must be between 1 and 64000")
+        if not 0 < self.timeout_seconds <= 600:
+            raise ValueError("timeout_seconds must be > 0 and <= 600")
+        if not 0 <= self.max_retries <= 10:
+            raise ValueError("max_retries must be between 0 and 10")
+        if not 0 <= self.max_frames <= 20:
+            raise ValueError("max_frames must be between 0 and 20 (the API takes at most 100)")
+        if self.image_max_side != 0 and not 64 <= self.image_max_side <= 8000:
+            raise ValueError("image_max_side must be 0 (as captured) or 64-8000")
+        if self.fallback_after_seconds < 0:
+            raise ValueError("fallback_after_seconds must be >= 0")
+        if not 0 < self.backoff_initial_seconds <= self.backoff_max_seconds <= 3600:
+            raise ValueError("0 < backoff_initial_seconds <= backoff_max_seconds <= 3600")
+        if not 0 <= self.retry_base_seconds <= self.retry_max_seconds <= 86400:
+            raise ValueError("0 <= retry_base_seconds <= retry_max_seconds <= 86400")
+
+
+@dataclass(frozen=True)
+class ModelPrice:
+    # US dollars per million tokens, from the provider's price list (check it when it changes).
+    # cache_write is the 5-minute cache write price (the system prompt is cached that way).
+    input: float = -1.0
+    output: float = -1.0
+    cache_write: float = -1.0
+    cache_read: float = -1.0
+
+    def __post_init__(self) -> None:
+        for name in ("input", "output", "cache_write", "cache_read"):
+            value = getattr(self, name)
+            if value < 0:
+                raise ValueError(
+                    "input, output, cache_write and cache_read are all required, in US$ per"
+                    f" million tokens (>= 0); {name} is missing or negative"
+                )
+
+
+DEFAULT_PRICES: dict[str, ModelPrice] = {
+    "claude-sonnet-4-5": ModelPrice(3.0, 15.0, 3.75, 0.30),
+    "claude-haiku-4-5": ModelPrice(1.0, 5.0, 1.25, 0.10),
+    "claude-opus-4-5": ModelPrice(5.0, 25.0, 6.25, 0.50),
+}
+
+
+@dataclass(frozen=True)
+class BudgetSection:
+    # Daily (UTC) spending limits for the cloud worker (cloud/budget.py); 0 means no limit.
+    # Tokens count input + output + cache write + cache read. Checked before each provider
+    # call, so the overshoot is at most the calls already in flight.
+    device_daily_usd: float = 2.0
+    device_daily_tokens: int = 0
+    global_daily_usd: float = 20.0
+    global_daily_tokens: int = 0
+    # wait: the event is put back until the next UTC day (never dropped); a spent global
+    # budget also pauses leasing. cheaper: reason now with reasoner.cheaper_model or the
+    # offline teacher, the result marked provisional.
+    over_budget: Literal["wait", "cheaper"] = "wait"
+    # model -> prices. A table in the file replaces this whole default table.
+    prices: dict[str, ModelPrice] = field(default_factory=lambda: dict(DEFAULT_PRICES))
+
+    def __post_init__(self) -> None:
+        if min(self.device_daily_usd, self.global_daily_usd) < 0:
+            raise ValueError("daily_usd limits must be >= 0 (0: no limit)")
+        if min(self.device_daily_tokens, self.global_daily_tokens) < 0:
+            raise ValueError("daily_tokens limits must be >= 0 (0: no limit)")
+
+
 @dataclass(frozen=True)
 class Config:
     device: DeviceSection = field(default_factory=DeviceSection)
@@ -381,6 +494,8 @@ class Config:
     uplink: UplinkSection = field(default_factory=UplinkSection)
     results: ResultsSection = field(default_factory=ResultsSection)
     cloud: CloudSection = field(default_factory=CloudSection)
+    reasoner: ReasonerSection = field(default_factory=ReasonerSection)
+    budget: BudgetSection = field(default_factory=BudgetSection)
     # Where the config came from, for error messages ("defaults" when none was given).
     source: str = field(default="defaults", compare=False)
 
@@ -420,6 +535,8 @@ ENV_OVERRIDES: dict[str, str] = {
     "EDGEKEEPER_STORE_BACKEND": "cloud.store_backend",
     "EDGEKEEPER_REDIS_URL": "cloud.redis_url",
     "EDGEKEEPER_POSTGRES_DSN": "cloud.postgres_dsn",
+    "EDGEKEEPER_REASONER": "cloud.reasoner",
+    "EDGEKEEPER_REASONER_MODEL": "reasoner.model",
 }
 
 

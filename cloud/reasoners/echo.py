@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from edgekeeper.cloud.reasoners.base import Verdict
+from edgekeeper.cloud.reasoners.base import NO_USAGE, Usage, Verdict
 from edgekeeper.protocol.messages import EventBody
 
 
@@ -44,6 +44,9 @@ class EchoReasoner:
                 "features_shape": list(event.features_shape),
             },
         )
+
+    async def probe(self) -> Usage:
+        return NO_USAGE
 
     async def close(self) -> None:
         return None

@@ -55,6 +55,53 @@ class StoredResult:
     created_at: float
 
 
+@dataclass(frozen=True)
+class UsageRecord:
+    """One provider call's usage, priced (cloud/budget.py). ``call_id`` is unique per call
+    (the provider's message id), so recording it twice counts it once; ``day`` is the UTC day
+    'YYYY-MM-DD' the budget charges it to."""
+
+    call_id: str
+    device_id: str
+    seq: int
+    day: str
+    reasoner: str
+    model: str
+    input_tokens: int
+    output_tokens: int
+    cache_write_tokens: int
+    cache_read_tokens: int
+    cost_usd: float
+    created_at: float
+
+    @property
+    def tokens(self) -> int:
+        return (self.input_tokens + self.output_tokens + self.cache_write_tokens
+                + self.cache_read_tokens)
+
+
+@dataclass(frozen=True)
+class UsageTotals:
+    calls: int = 0
+    tokens: int = 0
+    cost_usd: float = 0.0
+
+
+@dataclass(frozen=True)
+class UsageRow:
+    """One device's usage on one UTC day (``edgekeeper cloud usage``)."""
+
+    day: str
+    device_id: str
+    calls: int
+    events: int  # distinct sequence numbers
+    input_tokens: int
+    output_tokens: int
+    cache_write_tokens: int
+    cache_read_tokens: int
+    cost_usd: float
+
+
 @runtime_checkable
 class Store(Protocol):
     """Registry, tokens and results. Coroutines only; none blocks the event loop."""
@@ -97,6 +144,28 @@ class Store(Protocol):
 
     async def results_version(self) -> int:
         """Changes whenever a result is added (the largest id), for long-poll wake-ups."""
+        ...
+
+    async def has_result(self, device_id: str, seq: int) -> bool:
+        """Whether a result for (device_id, seq) is stored (acked or not): the worker asks
+        before calling a reasoner, so a redelivered event costs no second provider call."""
+        ...
+
+    # usage (cloud/budget.py) --------------------------------------------------------------
+    async def record_usage(self, record: UsageRecord) -> bool:
+        """Add one call's usage and, in the same transaction, to the running totals of
+        (record.day, record.device_id) and of (record.day, "*"), the global total. Idempotent
+        on ``call_id``: True if new, False if that call was already recorded."""
+        ...
+
+    async def usage_totals(self, *, day: str, device_id: str | None = None) -> UsageTotals:
+        """The running total of ``day`` for one device, or for all (None). Zeros when none."""
+        ...
+
+    async def usage_by_day(self, *, since_day: str,
+                           device_id: str | None = None) -> list[UsageRow]:
+        """Per (day, device) totals for days >= ``since_day`` (one device, or all but the
+        global row), ordered by day then device."""
         ...
 
     async def ping(self) -> None: ...

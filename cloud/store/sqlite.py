@@ -8,7 +8,14 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from edgekeeper.cloud.sqlitedb import SQLiteDB, transaction
-from edgekeeper.cloud.store.base import DeviceRecord, EnrollOutcome, StoredResult
+from edgekeeper.cloud.store.base import (
+    DeviceRecord,
+    EnrollOutcome,
+    StoredResult,
+    UsageRecord,
+    UsageRow,
+    UsageTotals,
+)
 from edgekeeper.protocol.errors import DeviceExists, InvalidToken
 
 SCHEMA = """
@@ -40,8 +47,39 @@ CREATE TABLE IF NOT EXISTS meta (
     key TEXT PRIMARY KEY,
     value INTEGER NOT NULL
 );
-INSERT OR IGNORE INTO meta (key, value) VALUES ('registry_version', 0)
+INSERT OR IGNORE INTO meta (key, value) VALUES ('registry_version', 0);
+CREATE TABLE IF NOT EXISTS usage (
+    call_id TEXT PRIMARY KEY,
+    device_id TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    day TEXT NOT NULL,
+    reasoner TEXT NOT NULL,
+    model TEXT NOT NULL,
+    input_tokens INTEGER NOT NULL,
+    output_tokens INTEGER NOT NULL,
+    cache_write_tokens INTEGER NOT NULL,
+    cache_read_tokens INTEGER NOT NULL,
+    cost_usd REAL NOT NULL,
+    created_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS usage_event ON usage (device_id, seq);
+-- Running totals per (day, device) and per (day, '*'): a budget check is a point read, not a
+-- sum over the day's calls.
+CREATE TABLE IF NOT EXISTS usage_daily (
+    day TEXT NOT NULL,
+    device_id TEXT NOT NULL,
+    calls INTEGER NOT NULL,
+    events INTEGER NOT NULL,
+    input_tokens INTEGER NOT NULL,
+    output_tokens INTEGER NOT NULL,
+    cache_write_tokens INTEGER NOT NULL,
+    cache_read_tokens INTEGER NOT NULL,
+    cost_usd REAL NOT NULL,
+    PRIMARY KEY (day, device_id)
+) WITHOUT ROWID
 """
+
+_USAGE_SUMS = ("input_tokens, output_tokens, cache_write_tokens, cache_read_tokens")
 
 _DEVICE_COLS = "device_id, sign_pk, box_pk, enrolled_at, revoked_at"
 
@@ -216,6 +254,80 @@ class SQLiteStore:
     async def results_version(self) -> int:
         def do(conn: sqlite3.Connection) -> int:
             return int(conn.execute("SELECT COALESCE(MAX(id), 0) FROM results").fetchone()[0])
+
+        return await self._db.run(do)
+
+    async def has_result(self, device_id: str, seq: int) -> bool:
+        def do(conn: sqlite3.Connection) -> bool:
+            return conn.execute(
+                "SELECT 1 FROM results WHERE device_id = ? AND seq = ?", (device_id, seq)
+            ).fetchone() is not None
+
+        return await self._db.run(do)
+
+    # usage ------------------------------------------------------------------------------
+
+    async def record_usage(self, record: UsageRecord) -> bool:
+        r = record
+
+        def do(conn: sqlite3.Connection) -> bool:
+            with transaction(conn):
+                cur = conn.execute(
+                    "INSERT OR IGNORE INTO usage (call_id, device_id, seq, day, reasoner, model,"
+                    f" {_USAGE_SUMS}, cost_usd, created_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                    (r.call_id, r.device_id, r.seq, r.day, r.reasoner, r.model, r.input_tokens,
+                     r.output_tokens, r.cache_write_tokens, r.cache_read_tokens, r.cost_usd,
+                     r.created_at),
+                )
+                if cur.rowcount != 1:
+                    return False
+                # A second call for the same event (a retry) is another call, not another event.
+                first = conn.execute(
+                    "SELECT COUNT(*) FROM usage WHERE device_id = ? AND seq = ? AND day = ?",
+                    (r.device_id, r.seq, r.day),
+                ).fetchone()[0] == 1
+                for who in (r.device_id, "*"):
+                    conn.execute(
+                        "INSERT INTO usage_daily (day, device_id, calls, events,"
+                        f" {_USAGE_SUMS}, cost_usd) VALUES (?,?,1,?,?,?,?,?,?)"
+                        " ON CONFLICT (day, device_id) DO UPDATE SET calls = calls + 1,"
+                        " events = events + excluded.events,"
+                        " input_tokens = input_tokens + excluded.input_tokens,"
+                        " output_tokens = output_tokens + excluded.output_tokens,"
+                        " cache_write_tokens = cache_write_tokens + excluded.cache_write_tokens,"
+                        " cache_read_tokens = cache_read_tokens + excluded.cache_read_tokens,"
+                        " cost_usd = cost_usd + excluded.cost_usd",
+                        (r.day, who, int(first), r.input_tokens, r.output_tokens,
+                         r.cache_write_tokens, r.cache_read_tokens, r.cost_usd),
+                    )
+                return True
+
+        return await self._db.run(do)
+
+    async def usage_totals(self, *, day: str, device_id: str | None = None) -> UsageTotals:
+        def do(conn: sqlite3.Connection) -> UsageTotals:
+            row = conn.execute(
+                f"SELECT calls, {' + '.join(_USAGE_SUMS.split(', '))}, cost_usd FROM usage_daily"
+                " WHERE day = ? AND device_id = ?",
+                (day, "*" if device_id is None else device_id),
+            ).fetchone()
+            return UsageTotals(0, 0, 0.0) if row is None else UsageTotals(*row)
+
+        return await self._db.run(do)
+
+    async def usage_by_day(self, *, since_day: str,
+                           device_id: str | None = None) -> list[UsageRow]:
+        def do(conn: sqlite3.Connection) -> list[UsageRow]:
+            sql = (f"SELECT day, device_id, calls, events, {_USAGE_SUMS}, cost_usd"
+                   " FROM usage_daily WHERE day >= ? AND device_id ")
+            args: tuple[str, ...] = (since_day,)
+            if device_id is None:
+                sql += "!= '*'"
+            else:
+                sql += "= ?"
+                args += (device_id,)
+            rows = conn.execute(sql + " ORDER BY day, device_id", args).fetchall()
+            return [UsageRow(*row) for row in rows]
 
         return await self._db.run(do)
 

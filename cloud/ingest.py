@@ -611,10 +611,8 @@ class IngestServer:
                 f"cannot listen on {self.host}:{self.port}: {err.strerror or err}",
                 fix="choose another --port / cloud.port, or stop the process using it",
             ) from None
-        server = site._server
-        sockets = getattr(server, "sockets", None) or []
-        if sockets:
-            self.port = sockets[0].getsockname()[1]
+        if self._runner.addresses:
+            self.port = int(self._runner.addresses[0][1])
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"http://{host}:{self.port}"
 

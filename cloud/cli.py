@@ -1,5 +1,5 @@
 """Cloud subcommands: ``edgekeeper cloud serve | worker | token | revoke | devices | keys |
-dlq``."""
+dlq | usage``."""
 
 from __future__ import annotations
 
@@ -46,6 +46,10 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
     dlq.register(csub)
 
+    from edgekeeper.cloud import usage  # light: config and errors only
+
+    usage.register(csub)
+
 
 def _serve(args: argparse.Namespace, config: Config) -> int:
     from edgekeeper.cloud.ingest import serve
@@ -60,7 +64,9 @@ def _worker(args: argparse.Namespace, config: Config) -> int:
     from edgekeeper.cloud.worker import run_worker
 
     stats = asyncio.run(run_worker(config, burst=args.burst))
-    print(f"done {stats.done}, retried {stats.retried}, dead-lettered {stats.dead}")
+    print(f"done {stats.done}, retried {stats.retried}, dead-lettered {stats.dead}, "
+          f"already done {stats.skipped}, waiting for budget {stats.waiting}, "
+          f"cost {stats.cost_usd:.4f} USD")
     return 0
 
 

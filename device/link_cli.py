@@ -176,9 +176,10 @@ async def _upload(args: argparse.Namespace, config: Any) -> int:
         print(f"delivered {report.delivered}, duplicates {report.duplicates}, "
               f"dead letters {report.dead}, remaining {report.remaining}")
         if report.remaining:
+            why = (f"last error: {report.last_error}" if report.last_error
+                   else "they are leased by another uploader (edgekeeper run?) right now")
             raise UplinkUnavailable(
-                f"{report.remaining} events remain in the outbox; last error: "
-                f"{report.last_error}",
+                f"{report.remaining} events remain in the outbox; {why}",
                 fix="check the cloud URL and network; the events are kept and sent later",
             )
         return 0

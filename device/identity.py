@@ -17,6 +17,7 @@ cloud answers 200 with the same body).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from dataclasses import dataclass
@@ -165,7 +166,8 @@ async def enroll(
     if not token or len(token) > 512:
         raise ConfigError("the enrollment token is empty or too long",
                           fix="copy the token printed by `edgekeeper cloud token`")
-    keys, _ = load_or_create_keys(state_dir)
+    # Files and key generation: off the event loop, like every disk access.
+    keys, _ = await asyncio.to_thread(load_or_create_keys, state_dir)
     base = cloud_url.rstrip("/")
     payload = {
         "token": token,
@@ -207,7 +209,7 @@ async def enroll(
         ) from None
     enrollment = Enrollment(device_id=device_id, cloud_url=base, cloud=cloud,
                             enrolled_at=time.time())
-    path = save_enrollment(state_dir, enrollment)
+    path = await asyncio.to_thread(save_enrollment, state_dir, enrollment)
     log.info("device.enrolled", cloud_url=base, pinned=str(path),
              cloud_box_pk=b64e(cloud.box_pk))
     return enrollment

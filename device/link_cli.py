@@ -171,7 +171,7 @@ async def _upload(args: argparse.Namespace, config: Any) -> int:
     from edgekeeper.device.uplink import DeviceLink, UplinkUnavailable
 
     if args.burst:
-        async with DeviceLink.from_config(config, with_results=False) as link:
+        async with await DeviceLink.open(config, with_results=False) as link:
             report = await link.uplink.run_burst(give_up_after=args.give_up_after)
         print(f"delivered {report.delivered}, duplicates {report.duplicates}, "
               f"dead letters {report.dead}, remaining {report.remaining}")
@@ -194,6 +194,6 @@ async def _upload(args: argparse.Namespace, config: Any) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, on_signal)
-    async with DeviceLink.from_config(config) as link:
+    async with await DeviceLink.open(config) as link:
         await link.run(stop)
     return 0

@@ -593,6 +593,11 @@ class DeviceLink:
             )
         return cls(outbox, uplink, actions, results)
 
+    @classmethod
+    async def open(cls, config: Config, *, with_results: bool = True) -> DeviceLink:
+        """``from_config`` off the event loop (it opens SQLite files and reads the keys)."""
+        return await asyncio.to_thread(cls.from_config, config, with_results=with_results)
+
     async def __aenter__(self) -> DeviceLink:
         try:
             self._stack.push_async_callback(self.outbox.close)

@@ -28,7 +28,14 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-from edgekeeper.cloud.store.base import DeviceRecord, EnrollOutcome, StoredResult
+from edgekeeper.cloud.store.base import (
+    DeviceRecord,
+    EnrollOutcome,
+    StoredResult,
+    UsageRecord,
+    UsageRow,
+    UsageTotals,
+)
 from edgekeeper.errors import ConfigError
 from edgekeeper.protocol.errors import DeviceExists, InvalidToken
 
@@ -67,7 +74,37 @@ SCHEMA = [
         value BIGINT NOT NULL
     )""",
     "INSERT INTO meta (key, value) VALUES ('registry_version', 0) ON CONFLICT DO NOTHING",
+    """CREATE TABLE IF NOT EXISTS usage (
+        call_id TEXT PRIMARY KEY,
+        device_id TEXT NOT NULL,
+        seq BIGINT NOT NULL,
+        day TEXT NOT NULL,
+        reasoner TEXT NOT NULL,
+        model TEXT NOT NULL,
+        input_tokens BIGINT NOT NULL,
+        output_tokens BIGINT NOT NULL,
+        cache_write_tokens BIGINT NOT NULL,
+        cache_read_tokens BIGINT NOT NULL,
+        cost_usd DOUBLE PRECISION NOT NULL,
+        created_at DOUBLE PRECISION NOT NULL
+    )""",
+    "CREATE INDEX IF NOT EXISTS usage_event ON usage (device_id, seq)",
+    # Running totals per (day, device) and per (day, '*'): a budget check is a point read.
+    """CREATE TABLE IF NOT EXISTS usage_daily (
+        day TEXT NOT NULL,
+        device_id TEXT NOT NULL,
+        calls BIGINT NOT NULL,
+        events BIGINT NOT NULL,
+        input_tokens BIGINT NOT NULL,
+        output_tokens BIGINT NOT NULL,
+        cache_write_tokens BIGINT NOT NULL,
+        cache_read_tokens BIGINT NOT NULL,
+        cost_usd DOUBLE PRECISION NOT NULL,
+        PRIMARY KEY (day, device_id)
+    )""",
 ]
+
+_USAGE_SUMS = ("input_tokens", "output_tokens", "cache_write_tokens", "cache_read_tokens")
 
 _DEVICE_COLS = "device_id, sign_pk, box_pk, enrolled_at, revoked_at"
 
@@ -288,6 +325,78 @@ class PostgresStore:
     async def results_version(self) -> int:
         row = await self._fetchone("SELECT COALESCE(MAX(id), 0) FROM results")
         return int(row[0])
+
+    async def has_result(self, device_id: str, seq: int) -> bool:
+        row = await self._fetchone(
+            "SELECT 1 FROM results WHERE device_id = %s AND seq = %s", (device_id, seq)
+        )
+        return row is not None
+
+    # usage ------------------------------------------------------------------------------
+
+    async def record_usage(self, record: UsageRecord) -> bool:
+        r = record
+        sums = ", ".join(_USAGE_SUMS)
+        async with self._pool.connection() as conn, conn.transaction():
+            cur = await conn.execute(
+                f"INSERT INTO usage (call_id, device_id, seq, day, reasoner, model, {sums},"
+                " cost_usd, created_at) VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s)"
+                " ON CONFLICT (call_id) DO NOTHING",
+                (r.call_id, r.device_id, r.seq, r.day, r.reasoner, r.model, r.input_tokens,
+                 r.output_tokens, r.cache_write_tokens, r.cache_read_tokens, r.cost_usd,
+                 r.created_at),
+            )
+            if cur.rowcount != 1:
+                return False
+            # Two calls for one event recorded at once by two workers must not both count as
+            # its first: serialise on the event (a lock only these two transactions share).
+            await conn.execute(
+                "SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))",
+                (f"usage:{r.device_id}:{r.seq}",),
+            )
+            cur = await conn.execute(
+                "SELECT COUNT(*) FROM usage WHERE device_id = %s AND seq = %s AND day = %s",
+                (r.device_id, r.seq, r.day),
+            )
+            row = await cur.fetchone()
+            first = int(row[0]) == 1
+            update = ", ".join(f"{c} = usage_daily.{c} + excluded.{c}" for c in _USAGE_SUMS)
+            # Device row first, then '*': every transaction locks them in the same order.
+            for who in (r.device_id, "*"):
+                await conn.execute(
+                    f"INSERT INTO usage_daily (day, device_id, calls, events, {sums}, cost_usd)"
+                    " VALUES (%s, %s, 1, %s, %s, %s, %s, %s, %s)"
+                    " ON CONFLICT (day, device_id) DO UPDATE SET calls = usage_daily.calls + 1,"
+                    " events = usage_daily.events + excluded.events,"
+                    f" {update}, cost_usd = usage_daily.cost_usd + excluded.cost_usd",
+                    (r.day, who, int(first), r.input_tokens, r.output_tokens,
+                     r.cache_write_tokens, r.cache_read_tokens, r.cost_usd),
+                )
+            return True
+
+    async def usage_totals(self, *, day: str, device_id: str | None = None) -> UsageTotals:
+        row = await self._fetchone(
+            f"SELECT calls, {' + '.join(_USAGE_SUMS)}, cost_usd FROM usage_daily"
+            " WHERE day = %s AND device_id = %s",
+            (day, "*" if device_id is None else device_id),
+        )
+        if row is None:
+            return UsageTotals(0, 0, 0.0)
+        return UsageTotals(int(row[0]), int(row[1]), float(row[2]))
+
+    async def usage_by_day(self, *, since_day: str,
+                           device_id: str | None = None) -> list[UsageRow]:
+        sql = (f"SELECT day, device_id, calls, events, {', '.join(_USAGE_SUMS)}, cost_usd"
+               " FROM usage_daily WHERE day >= %s AND device_id ")
+        args: tuple[str, ...] = (since_day,)
+        if device_id is None:
+            sql += "<> '*'"
+        else:
+            sql += "= %s"
+            args += (device_id,)
+        rows = await self._fetchall(sql + " ORDER BY day, device_id", args)
+        return [UsageRow(d, dev, *(int(v) for v in rest[:-1]), float(rest[-1]))
+                for d, dev, *rest in rows]
 
     async def ping(self) -> None:
         await self._fetchone("SELECT 1")

@@ -205,3 +205,31 @@ async def test_postgres_missing_database_says_how_to_create_it(postgres_server: 
     with pytest.raises(ConfigError, match="does not exist") as info:
         await open_store("postgres", Path("."), dsn=postgres_server.url("ektest_missing_db"))
     assert "createdb" in (info.value.fix or "")
+
+
+async def test_usage_running_totals_and_has_result(make_store: Opener) -> None:
+    from edgekeeper.cloud.store.base import UsageRecord, UsageRow, UsageTotals
+
+    store = await make_store()
+
+    def call(call_id: str, device: str, seq: int, day: str, cost: float = 0.5) -> UsageRecord:
+        return UsageRecord(call_id, device, seq, day, "anthropic:m", "m", 10, 20, 3, 4, cost, NOW)
+
+    assert await store.record_usage(call("c1", "pi-1", 1, "2026-11-23"))
+    assert await store.record_usage(call("c2", "pi-1", 1, "2026-11-23"))  # a retry: 2nd call
+    assert await store.record_usage(call("c3", "pi-2", 2, "2026-11-23", cost=1.0))
+    assert await store.record_usage(call("c4", "pi-1", 3, "2026-11-24"))
+    assert not await store.record_usage(call("c1", "pi-1", 1, "2026-11-23"))  # counted once
+    assert await store.usage_totals(day="2026-11-23") == UsageTotals(3, 111, 2.0)
+    assert await store.usage_totals(day="2026-11-23", device_id="pi-1") == UsageTotals(2, 74, 1.0)
+    assert await store.usage_totals(day="2026-11-25") == UsageTotals(0, 0, 0.0)
+    assert await store.usage_by_day(since_day="2026-11-23") == [
+        UsageRow("2026-11-23", "pi-1", 2, 1, 20, 40, 6, 8, 1.0),
+        UsageRow("2026-11-23", "pi-2", 1, 1, 10, 20, 3, 4, 1.0),
+        UsageRow("2026-11-24", "pi-1", 1, 1, 10, 20, 3, 4, 0.5),
+    ]
+    assert [r.day for r in await store.usage_by_day(since_day="2026-11-24",
+                                                     device_id="pi-1")] == ["2026-11-24"]
+    assert not await store.has_result("pi-1", 1)
+    await store.put_result(device_id="pi-1", seq=1, envelope=b"r", now=NOW)
+    assert await store.has_result("pi-1", 1) and not await store.has_result("pi-2", 1)

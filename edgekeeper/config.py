@@ -375,7 +375,7 @@ ACTIONS = ("none", "log", "notify", "alert")  # recommended actions, by growing 
 class ReasonerSection:
     # How the cloud worker asks about events (cloud/reasoners/). The API key is NOT a key here:
     # it comes from ANTHROPIC_API_KEY in the worker's environment only (ANTHROPIC_BASE_URL too).
-    model: str = "claude-sonnet-4-5"
+    model: str = "claude-sonnet-4-6"
     # The 'cheaper' over-budget path: this model (priced in [budget.prices]), or the offline
     # teacher when empty. Either way the result is marked provisional.
     cheaper_model: str = ""
@@ -411,7 +411,7 @@ class ReasonerSection:
 
     def __post_init__(self) -> None:
         if not self.model.strip():
-            raise ValueError("model must name a model, e.g. 'claude-sonnet-4-5'")
+            raise ValueError("model must name a model, e.g. 'claude-sonnet-4-6'")
         if not 1 <= self.max_tokens <= 64000:
             raise ValueError("max_tokens must be between 1 and 64000")
         if not 0 < self.timeout_seconds <= 600:
@@ -450,7 +450,7 @@ class ModelPrice:
 
 
 DEFAULT_PRICES: dict[str, ModelPrice] = {
-    "claude-sonnet-4-5": ModelPrice(3.0, 15.0, 3.75, 0.30),
+    "claude-sonnet-4-6": ModelPrice(3.0, 15.0, 3.75, 0.30),
     "claude-haiku-4-5": ModelPrice(1.0, 5.0, 1.25, 0.10),
     "claude-opus-4-5": ModelPrice(5.0, 25.0, 6.25, 0.50),
 }

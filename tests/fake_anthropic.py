@@ -7,8 +7,9 @@ What it checks on every ``POST /v1/messages`` (a violation is answered 400
 ``invalid_request_error`` naming the problem, and recorded in ``fake.problems`` so a test can
 assert ``fake.problems == []``):
 
-* headers: an API key, as ``x-api-key`` or ``Authorization: Bearer`` (equal to ``api_key``
-  when given), and ``anthropic-version``;
+* headers: an API key, as ``x-api-key`` or ``Authorization: Bearer``, and
+  ``anthropic-version``; a key other than ``api_key`` (when given) is answered 401
+  ``authentication_error``, as the real API does;
 * ``model`` a non-empty string (equal to ``model`` when given), ``max_tokens`` a positive int;
 * ``system`` a list of text blocks, one of them with ``cache_control: {"type": "ephemeral"}``
   (the system prompt is what we cache);
@@ -227,6 +228,12 @@ class FakeAnthropic:
             body, problems = {}, [*problems, "body is not a JSON object"]
         rec = RecordedRequest(len(self.requests), time.time(), headers, body, problems)
         self.requests.append(rec)
+        key = self.request_key(headers)
+        if key and self.api_key is not None and key != self.api_key:
+            # A wrong key is the provider's 401, not a malformed request.
+            rec.status = 401
+            return web.json_response(
+                _error_body("authentication_error", "invalid x-api-key"), status=401)
         if not problems:
             problems.extend(self._check(headers, body))
         if problems:
@@ -327,11 +334,8 @@ class FakeAnthropic:
 
     def _check(self, headers: dict[str, str], body: dict[str, Any]) -> list[str]:
         p: list[str] = []
-        key = self.request_key(headers)
-        if not key:
+        if not self.request_key(headers):
             p.append("no API key (x-api-key or Authorization: Bearer)")
-        elif self.api_key is not None and key != self.api_key:
-            p.append("the API key is not the expected key")
         if not headers.get("anthropic-version"):
             p.append("no anthropic-version header")
         model = body.get("model")

@@ -323,7 +323,8 @@ class AnthropicReasoner:
                                           retry_after=_retry_after(err)) from None
             if code in (400, 413, 422):
                 # This event's request is refused (e.g. content, size): it will never pass.
-                raise PermanentError(f"provider refused the request: {code} {kind}".rstrip())
+                raise PermanentError(
+                    f"provider refused the request: {code} {kind}".rstrip()) from None
             raise ReasonerUnavailable(f"provider error {code} {kind}".rstrip()) from None
 
     async def reason(self, event: EventBody, *, model_version: str) -> Verdict:

@@ -14,7 +14,8 @@ with ``--concurrency`` requests in flight:
 
 Envelopes are sealed by the client before each round (sealing is the device's cost, not the
 ingest's); every one is a new (device, seq), so every request is a real enqueue.
-Prints one JSON line: events/s of each (median over rounds) and the ratio ingest/bare.
+Prints one JSON line: events/s of each (median over rounds), the ratio ingest/bare (median of
+the per-round ratios), and each server's CPU time per event (all its threads).
 """
 
 from __future__ import annotations
@@ -63,7 +64,9 @@ def _serve(kind: str, data_dir: str, conn: Any) -> None:
         await site.start()
         port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
         conn.send(port)
-        await asyncio.get_running_loop().run_in_executor(None, conn.recv)  # wait for "stop"
+        loop = asyncio.get_running_loop()
+        while (await loop.run_in_executor(None, conn.recv)) == "cpu":
+            conn.send(time.process_time())  # this process's CPU seconds, all threads
         await runner.cleanup()
 
     asyncio.run(main())
@@ -151,6 +154,12 @@ def main() -> None:
             proc.start()
             servers[kind] = (proc, parent, f"http://127.0.0.1:{parent.recv()}/v1/events")
         rates: dict[str, list[float]] = {"bare": [], "ingest": []}
+        cpu_per_event: dict[str, list[float]] = {"bare": [], "ingest": []}
+
+        def cpu(kind: str) -> float:
+            servers[kind][1].send("cpu")
+            return float(servers[kind][1].recv())
+
         ratios: list[float] = []
         seq = 1
         try:
@@ -163,8 +172,10 @@ def main() -> None:
                 for kind in ("bare", "ingest"):
                     envs = _envelopes(devices, cloud, seq, args.events, args.kb)
                     seq += args.events
+                    before = cpu(kind)
                     rates[kind].append(asyncio.run(_drive(servers[kind][2], envs,
                                                           args.concurrency)))
+                    cpu_per_event[kind].append((cpu(kind) - before) / args.events)
                 ratios.append(rates["ingest"][-1] / rates["bare"][-1])
         finally:
             for proc, parent, _ in servers.values():
@@ -183,6 +194,9 @@ def main() -> None:
             "ratio": round(statistics.median(ratios), 3),
             "ratios": [round(r, 3) for r in ratios],
             "target_ratio": 0.5,
+            # Server CPU (all threads) per event: less sensitive to other load than events/s.
+            "bare_cpu_us_per_event": round(statistics.median(cpu_per_event["bare"]) * 1e6),
+            "ingest_cpu_us_per_event": round(statistics.median(cpu_per_event["ingest"]) * 1e6),
             "queue_file_mb": round(queue_file.stat().st_size / 1e6, 1),
             "cpus": os.cpu_count(),
             "python": platform.python_version(),

@@ -328,8 +328,9 @@ class Worker:
     async def _record(self, usage: Usage, device_id: str, seq: int, reasoner: str) -> None:
         if self.budget is None or usage.tokens == 0:
             return
-        self.stats.cost_usd += await self.budget.record(
-            usage, device_id=device_id, seq=seq, reasoner=reasoner, now=time.time())
+        cost = await self.budget.record(usage, device_id=device_id, seq=seq, reasoner=reasoner,
+                                        now=time.time())
+        self.stats.cost_usd += cost  # after the await: "x += await f()" loses concurrent adds
 
     async def _wait_for_budget(self, lease: Lease, decision: Decision) -> None:
         now = time.time()

@@ -7,7 +7,9 @@ hits both alike) under the same client, which posts ``--events`` distinct ~50 KB
 with ``--concurrency`` requests in flight:
 
 * bare: an aiohttp handler that reads the body and answers 202;
-* ingest: ``edgekeeper.cloud.ingest`` with the SQLite backends in a temp dir: content type and
+* ingest (and with ``--inline`` a third server, the same ingest opening every envelope on the
+  event loop instead of its crypto threads): ``edgekeeper.cloud.ingest`` with the SQLite
+  backends in a temp dir: content type and
   size checks, envelope parse, registry lookup, crypto_box open, freshness, body decode and
   validation, rate limit, dedupe + enqueue with a durable (WAL, synchronous=FULL, fsync'd)
   group commit, then 202.
@@ -54,7 +56,11 @@ def _serve(kind: str, data_dir: str, conn: Any) -> None:
             app = web.Application(client_max_size=16 * 1024 * 1024)
             app.router.add_post("/v1/events", handler)
         else:
+            from edgekeeper.cloud import ingest
             from edgekeeper.cloud.ingest import create_app
+
+            if kind == "ingest-inline":  # the same ingest, every envelope opened on the loop
+                ingest.CRYPTO_THREAD_MIN_BYTES = 1 << 62
 
             section = CloudSection(rate_per_second=1e6, rate_burst=1_000_000, max_inflight=10_000)
             app = create_app(section, Path(data_dir))
@@ -141,6 +147,8 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--devices", type=int, default=8)
+    ap.add_argument("--inline", action="store_true",
+                    help="also run the ingest with every envelope opened on the event loop")
     args = ap.parse_args()
 
     ctx = mp.get_context("spawn")
@@ -148,13 +156,14 @@ def main() -> None:
         data_dir = Path(tmp)
         devices, cloud = asyncio.run(_prepare(data_dir, args.devices))
         servers = {}
-        for kind in ("bare", "ingest"):
+        kinds = ["bare", "ingest", *(["ingest-inline"] if args.inline else [])]
+        for kind in kinds:
             parent, child = ctx.Pipe()
             proc = ctx.Process(target=_serve, args=(kind, str(data_dir), child), daemon=True)
             proc.start()
             servers[kind] = (proc, parent, f"http://127.0.0.1:{parent.recv()}/v1/events")
-        rates: dict[str, list[float]] = {"bare": [], "ingest": []}
-        cpu_per_event: dict[str, list[float]] = {"bare": [], "ingest": []}
+        rates: dict[str, list[float]] = {k: [] for k in kinds}
+        cpu_per_event: dict[str, list[float]] = {k: [] for k in kinds}
 
         def cpu(kind: str) -> float:
             servers[kind][1].send("cpu")
@@ -164,12 +173,12 @@ def main() -> None:
         seq = 1
         try:
             # A short warm-up of each (JIT-free Python still has caches: allocator, sockets).
-            for kind in ("bare", "ingest"):
+            for kind in kinds:
                 warm = _envelopes(devices, cloud, seq, 100, args.kb)
                 seq += 100
                 asyncio.run(_drive(servers[kind][2], warm, args.concurrency))
             for _ in range(args.rounds):
-                for kind in ("bare", "ingest"):
+                for kind in kinds:
                     envs = _envelopes(devices, cloud, seq, args.events, args.kb)
                     seq += args.events
                     before = cpu(kind)
@@ -195,8 +204,12 @@ def main() -> None:
             "ratios": [round(r, 3) for r in ratios],
             "target_ratio": 0.5,
             # Server CPU (all threads) per event: less sensitive to other load than events/s.
-            "bare_cpu_us_per_event": round(statistics.median(cpu_per_event["bare"]) * 1e6),
-            "ingest_cpu_us_per_event": round(statistics.median(cpu_per_event["ingest"]) * 1e6),
+            **{f"{k.replace('-', '_')}_cpu_us_per_event":
+               round(statistics.median(v) * 1e6) for k, v in cpu_per_event.items()},
+            **({"ingest_inline_events_per_s": round(statistics.median(rates["ingest-inline"]), 1),
+                "ratio_inline": round(statistics.median(
+                    [i / b for i, b in zip(rates["ingest-inline"], rates["bare"], strict=True)]
+                ), 3)} if args.inline else {}),
             "queue_file_mb": round(queue_file.stat().st_size / 1e6, 1),
             "cpus": os.cpu_count(),
             "python": platform.python_version(),

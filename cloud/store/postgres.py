@@ -89,6 +89,14 @@ SCHEMA = [
         created_at DOUBLE PRECISION NOT NULL
     )""",
     "CREATE INDEX IF NOT EXISTS usage_event ON usage (device_id, seq)",
+    # One row per (event, day) charged: the first call for an event is the one whose row goes
+    # in, which a unique key decides safely between concurrent workers without a lock.
+    """CREATE TABLE IF NOT EXISTS usage_events (
+        device_id TEXT NOT NULL,
+        seq BIGINT NOT NULL,
+        day TEXT NOT NULL,
+        PRIMARY KEY (device_id, seq, day)
+    )""",
     # Running totals per (day, device) and per (day, '*'): a budget check is a point read.
     """CREATE TABLE IF NOT EXISTS usage_daily (
         day TEXT NOT NULL,
@@ -278,29 +286,23 @@ class PostgresStore:
 
     async def put_result(self, *, device_id: str, seq: int, envelope: bytes, now: float) -> int:
         async with self._pool.connection() as conn:
-            # Already stored (a redelivered event): no lock, no new id.
+            # Ids in commit order (module docstring), in one round trip: a single statement in
+            # autocommit is its own transaction; its CTE takes the lock before nextval() is
+            # drawn (the CTE row is produced before the projection that calls nextval), and
+            # the lock is held until that transaction commits.
             cur = await conn.execute(
-                "SELECT id FROM results WHERE device_id = %s AND seq = %s", (device_id, seq)
+                "WITH ordered AS (SELECT pg_advisory_xact_lock(%s))"
+                " INSERT INTO results (id, device_id, seq, envelope, created_at)"
+                " SELECT nextval('results_id_seq'), %s, %s, %s, %s FROM ordered"
+                " ON CONFLICT (device_id, seq) DO NOTHING RETURNING id",
+                (_RESULTS_LOCK, device_id, seq, envelope, now),
             )
             row = await cur.fetchone()
-            if row is not None:
-                return int(row[0])
-            async with conn.transaction():
-                # Ids in commit order (module docstring): the lock is held until COMMIT.
-                await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_RESULTS_LOCK,))
+            if row is None:  # stored before (a redelivered event): keep the first
                 cur = await conn.execute(
-                    "INSERT INTO results (id, device_id, seq, envelope, created_at)"
-                    " VALUES (nextval('results_id_seq'), %s, %s, %s, %s)"
-                    " ON CONFLICT (device_id, seq) DO NOTHING RETURNING id",
-                    (device_id, seq, envelope, now),
+                    "SELECT id FROM results WHERE device_id = %s AND seq = %s", (device_id, seq)
                 )
                 row = await cur.fetchone()
-                if row is None:  # another worker stored it first: keep the first
-                    cur = await conn.execute(
-                        "SELECT id FROM results WHERE device_id = %s AND seq = %s",
-                        (device_id, seq),
-                    )
-                    row = await cur.fetchone()
             return int(row[0])
 
     async def results_after(self, device_id: str, cursor: int, limit: int) -> list[StoredResult]:
@@ -337,42 +339,37 @@ class PostgresStore:
     async def record_usage(self, record: UsageRecord) -> bool:
         r = record
         sums = ", ".join(_USAGE_SUMS)
-        async with self._pool.connection() as conn, conn.transaction():
+        update = ", ".join(f"{c} = usage_daily.{c} + excluded.{c}" for c in _USAGE_SUMS)
+        async with self._pool.connection() as conn:
+            # One statement (one transaction, one round trip): the call row, then, only if it
+            # is new, the event row (new only for the event's first call that day) and both
+            # running totals, the device's row before '*' in every transaction (no deadlock).
             cur = await conn.execute(
-                f"INSERT INTO usage (call_id, device_id, seq, day, reasoner, model, {sums},"
+                "WITH call AS ("
+                f" INSERT INTO usage (call_id, device_id, seq, day, reasoner, model, {sums},"
                 " cost_usd, created_at) VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s)"
-                " ON CONFLICT (call_id) DO NOTHING",
+                " ON CONFLICT (call_id) DO NOTHING RETURNING 1"
+                "), first AS ("
+                " INSERT INTO usage_events (device_id, seq, day) SELECT %s, %s, %s FROM call"
+                " ON CONFLICT DO NOTHING RETURNING 1"
+                "), totals AS ("
+                f" INSERT INTO usage_daily (day, device_id, calls, events, {sums}, cost_usd)"
+                " SELECT %s, w.who, 1, (SELECT count(*) FROM first), %s, %s, %s, %s, %s"
+                " FROM call, (VALUES (1, %s::text), (2, '*')) AS w(n, who) ORDER BY w.n"
+                " ON CONFLICT (day, device_id) DO UPDATE SET calls = usage_daily.calls + 1,"
+                " events = usage_daily.events + excluded.events,"
+                f" {update}, cost_usd = usage_daily.cost_usd + excluded.cost_usd"
+                " RETURNING 1"
+                ") SELECT (SELECT count(*) FROM call), (SELECT count(*) FROM totals)",
                 (r.call_id, r.device_id, r.seq, r.day, r.reasoner, r.model, r.input_tokens,
                  r.output_tokens, r.cache_write_tokens, r.cache_read_tokens, r.cost_usd,
-                 r.created_at),
-            )
-            if cur.rowcount != 1:
-                return False
-            # Two calls for one event recorded at once by two workers must not both count as
-            # its first: serialise on the event (a lock only these two transactions share).
-            await conn.execute(
-                "SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))",
-                (f"usage:{r.device_id}:{r.seq}",),
-            )
-            cur = await conn.execute(
-                "SELECT COUNT(*) FROM usage WHERE device_id = %s AND seq = %s AND day = %s",
-                (r.device_id, r.seq, r.day),
+                 r.created_at,
+                 r.device_id, r.seq, r.day,
+                 r.day, r.input_tokens, r.output_tokens, r.cache_write_tokens,
+                 r.cache_read_tokens, r.cost_usd, r.device_id),
             )
             row = await cur.fetchone()
-            first = int(row[0]) == 1
-            update = ", ".join(f"{c} = usage_daily.{c} + excluded.{c}" for c in _USAGE_SUMS)
-            # Device row first, then '*': every transaction locks them in the same order.
-            for who in (r.device_id, "*"):
-                await conn.execute(
-                    f"INSERT INTO usage_daily (day, device_id, calls, events, {sums}, cost_usd)"
-                    " VALUES (%s, %s, 1, %s, %s, %s, %s, %s, %s)"
-                    " ON CONFLICT (day, device_id) DO UPDATE SET calls = usage_daily.calls + 1,"
-                    " events = usage_daily.events + excluded.events,"
-                    f" {update}, cost_usd = usage_daily.cost_usd + excluded.cost_usd",
-                    (r.day, who, int(first), r.input_tokens, r.output_tokens,
-                     r.cache_write_tokens, r.cache_read_tokens, r.cost_usd),
-                )
-            return True
+            return row is not None and int(row[0]) == 1
 
     async def usage_totals(self, *, day: str, device_id: str | None = None) -> UsageTotals:
         row = await self._fetchone(

@@ -195,8 +195,10 @@ async def deployment(tmp_path: Path, redis: RedisServer, prefix: str, dsn: str, 
     made = []
     for i in range(boxes):
         data_dir = tmp_path / f"box{i}" / "data"
-        if i:
-            shutil.copytree(first / "keys", data_dir / "keys")
+        if i:  # README: the box key and the release public key; the signing key stays home
+            (data_dir / "keys").mkdir(parents=True, mode=0o700)
+            for name in ("cloud-box.key", "release-sign.pub"):
+                shutil.copy2(first / "keys" / name, data_dir / "keys" / name)
         config = tmp_path / f"box{i}" / "cloud.toml"
         write_config(config, data_dir, redis_url=redis.url, prefix=prefix, dsn=dsn,
                      cloud=cloud, extra=extra)

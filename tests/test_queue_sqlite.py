@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import io
+import json
 import os
 import sqlite3
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -18,6 +21,7 @@ import pytest
 from cloudkit import QUEUE_BACKENDS
 from servers import queue_overrides
 
+from edgekeeper import log
 from edgekeeper.cloud.backends import open_queue
 from edgekeeper.cloud.queue.base import EnqueueStatus, EventQueue, QueuedEvent
 
@@ -214,12 +218,18 @@ async def test_redis_refuses_a_queue_that_is_not_fsynced(redis_prefix: str) -> N
         with pytest.raises(ConfigError, match="appendfsync=everysec") as info:
             await open_queue("redis", Path("."), url=server.url, prefix=redis_prefix)
         assert "appendfsync always" in (info.value.fix or "")
-        # Told to accept the risk, it opens (and logs a warning).
+        # Told to accept the risk, it opens, and says so loudly in the log.
+        logged = io.StringIO()
+        log.configure("warning", "json", stream=logged)
         q = await open_queue("redis", Path("."), url=server.url, prefix=redis_prefix,
                              fsync_check="warn")
         assert await q.enqueue(ev(1)) is EnqueueStatus.QUEUED
         await q.close()
+        (line,) = [json.loads(x) for x in logged.getvalue().splitlines()]
+        assert line["event"] == "redis_not_durable" and line["level"] == "warning"
+        assert "appendfsync always" in line["fix"]
     finally:
+        log.configure("warning", "json", stream=sys.__stderr__)  # not a per-test capture
         server.stop()
 
 

@@ -3,7 +3,8 @@
 Which server a test run uses, in order:
 
 1. ``EDGEKEEPER_TEST_REDIS_URL`` / ``EDGEKEEPER_TEST_POSTGRES_DSN`` when set (a DSN of a server
-   where the tests may create and drop databases).
+   where the tests may create and drop databases). ``EDGEKEEPER_TEST_START_SERVERS=1`` skips
+   step 2 (to check, on a machine that has them running, what a fresh CI machine does).
 2. The usual local one (127.0.0.1:6379 / 127.0.0.1:5432 as user postgres) when it answers. For
    Redis only if it runs as the deployment must (``appendonly yes``, ``appendfsync always``):
    the queue refuses a non-durable Redis by default, and the tests should exercise the real
@@ -133,6 +134,8 @@ def find_or_start_redis() -> RedisServer:
     url = os.environ.get("EDGEKEEPER_TEST_REDIS_URL")
     if url:
         return RedisServer(url)
+    if os.environ.get("EDGEKEEPER_TEST_START_SERVERS") == "1":
+        return start_redis()
     usual = RedisServer(USUAL_REDIS)
     with contextlib.suppress(Exception):
         if usual.ping() and usual.durable():
@@ -251,6 +254,8 @@ def find_or_start_postgres() -> PostgresServer:
     dsn = os.environ.get("EDGEKEEPER_TEST_POSTGRES_DSN")
     if dsn:
         return PostgresServer(" ".join(p for p in dsn.split() if not p.startswith("dbname=")))
+    if os.environ.get("EDGEKEEPER_TEST_START_SERVERS") == "1":
+        return start_postgres()
     usual = PostgresServer(USUAL_POSTGRES.replace(" dbname=postgres", ""))
     with contextlib.suppress(Exception), usual.admin() as conn:
         conn.execute("SELECT 1")

@@ -68,7 +68,6 @@ def frame() -> bytes:
 
 
 async def run(args: argparse.Namespace, workdir: Path, url: str) -> dict[str, Any]:
-    from edgekeeper import config as config_mod
     from edgekeeper.cloud.budget import Budget
     from edgekeeper.cloud.enroll import issue_token
     from edgekeeper.cloud.ingest import IngestServer, create_app
@@ -77,6 +76,8 @@ async def run(args: argparse.Namespace, workdir: Path, url: str) -> dict[str, An
     from edgekeeper.device import identity
     from edgekeeper.device.uplink import DeviceLink
     from edgekeeper.protocol.messages import EventBody
+
+    from edgekeeper import config as config_mod
 
     base = config_mod.build_from_dict({
         "cloud": {"data_dir": str(workdir / "cloud"), "port": 0, "reasoner": "anthropic",
@@ -158,7 +159,8 @@ async def run(args: argparse.Namespace, workdir: Path, url: str) -> dict[str, An
                          "stored_to_device": pct(to_device)},
         "goal_p99_overhead_ms": 200,
         "meets_goal": float(np.percentile(overhead, 99)) < 200,
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
+        "machine": (f"{platform.machine()}, {os.cpu_count()} CPUs, "
+                    f"Python {platform.python_version()}"),
     }
 
 

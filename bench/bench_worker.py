@@ -155,7 +155,8 @@ def main() -> None:
         "goal_events_per_s": 50,
         "meets_goal": rate >= 50,
         "window_s": args.window,
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
+        "machine": (f"{platform.machine()}, {os.cpu_count()} CPUs, "
+                    f"Python {platform.python_version()}"),
     }, indent=1))
 
 

@@ -55,13 +55,14 @@ from edgekeeper.cloud.reasoners.base import (
     resolve_name,
 )
 from edgekeeper.cloud.store.base import Store
-from edgekeeper.config import ACTIONS, Config
-from edgekeeper.errors import PermanentError
-from edgekeeper.log import get_logger
 from edgekeeper.protocol.envelope import open_event, seal_result
 from edgekeeper.protocol.errors import ProtocolError
 from edgekeeper.protocol.keys import DevicePublicKeys
 from edgekeeper.protocol.messages import EventBody, ResultBody
+
+from edgekeeper.config import ACTIONS, Config
+from edgekeeper.errors import PermanentError
+from edgekeeper.log import get_logger
 
 log = get_logger(__name__)
 
@@ -194,7 +195,8 @@ class Worker:
         except ProviderUnavailable as err:
             await self._record(err.usage, PROBE_DEVICE, 0, self.reasoner.name)
             wait = self.circuit.probe_failed(err.retry_after)
-            log.warning("worker_provider_still_down", reason=err.message, next_probe_s=round(wait, 1))
+            log.warning("worker_provider_still_down", reason=err.message,
+                        next_probe_s=round(wait, 1))
             return
         except Exception as err:  # an unexpected probe failure is still "not back yet"
             wait = self.circuit.probe_failed()

@@ -10,16 +10,16 @@ from pathlib import Path
 
 import pytest
 from cloudkit import STORE_BACKENDS
-from servers import store_overrides
-
-from edgekeeper import config as config_mod
-from edgekeeper.cli import main
 from edgekeeper.cloud.backends import open_store
 from edgekeeper.cloud.backoff import Circuit, exponential
 from edgekeeper.cloud.budget import Budget, cost_usd, next_utc_midnight, utc_day
 from edgekeeper.cloud.reasoners.base import Usage
 from edgekeeper.cloud.store.base import Store, UsageRecord
 from edgekeeper.cloud.worker import cap_action
+from servers import store_overrides
+
+from edgekeeper import config as config_mod
+from edgekeeper.cli import main
 from edgekeeper.config import BudgetSection, ModelPrice
 from edgekeeper.errors import ConfigError
 
@@ -188,5 +188,12 @@ async def test_usage_command_shows_cost_per_device_per_day(
 async def _run(argv: list[str]) -> int:
     import asyncio
 
+    import structlog
+
+    saved = structlog.get_config()
     # The CLI runs its own event loop: give it a thread, as a user's shell would a process.
-    return await asyncio.to_thread(main, argv)
+    try:
+        return await asyncio.to_thread(main, argv)
+    finally:
+        # main() pointed the log at this test's captured stderr, which closes after the test.
+        structlog.configure(**saved)

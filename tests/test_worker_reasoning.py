@@ -14,9 +14,6 @@ from typing import Any
 
 import pytest
 from cloudkit import make_event
-from fake_anthropic import FakeAnthropic, RecordedRequest, Reply
-
-from edgekeeper import config as config_mod
 from edgekeeper.cloud.backends import open_queue, open_store
 from edgekeeper.cloud.backoff import Circuit
 from edgekeeper.cloud.budget import Budget, utc_day
@@ -28,10 +25,13 @@ from edgekeeper.cloud.reasoners.base import Reasoner
 from edgekeeper.cloud.reasoners.offline import OfflineReasoner
 from edgekeeper.cloud.store.base import Store
 from edgekeeper.cloud.worker import Worker, WorkerStats, build_reasoners
-from edgekeeper.errors import ConfigError
 from edgekeeper.protocol import envelope as E
 from edgekeeper.protocol.keys import DeviceKeys, b64e
 from edgekeeper.protocol.messages import ResultBody
+from fake_anthropic import FakeAnthropic, RecordedRequest, Reply
+
+from edgekeeper import config as config_mod
+from edgekeeper.errors import ConfigError
 
 KEY = "sk-ant-worker-test-key"
 DEVICE = "pi-1"
@@ -55,7 +55,8 @@ class Env:
 
     def claude(self, model: str | None = None, **reasoner: Any) -> AnthropicReasoner:
         r = AnthropicReasoner(config=self.config(reasoner=reasoner), model=model,
-                              environ={"ANTHROPIC_API_KEY": KEY, "ANTHROPIC_BASE_URL": self.fake.url})
+                              environ={"ANTHROPIC_API_KEY": KEY,
+                                       "ANTHROPIC_BASE_URL": self.fake.url})
         self.made.append(r)
         return r
 
@@ -112,7 +113,8 @@ async def env(tmp_path: Path) -> AsyncIterator[Env]:
 
 def event_calls(fake: FakeAnthropic, status: int | None = 200) -> list[RecordedRequest]:
     """Requests about events (not circuit probes), optionally only those answered ``status``."""
-    return [r for r in fake.requests if '"seq"' in r.text and (status is None or r.status == status)]
+    return [r for r in fake.requests
+            if '"seq"' in r.text and (status is None or r.status == status)]
 
 
 def seq_of(req: RecordedRequest) -> int:

@@ -27,7 +27,6 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import anthropic
-
 from edgekeeper.cloud.reasoners.base import (
     MalformedAnswer,
     ProviderUnavailable,
@@ -37,10 +36,11 @@ from edgekeeper.cloud.reasoners.base import (
 )
 from edgekeeper.cloud.reasoners.media import audio_summary, fit_jpeg, pick_frames
 from edgekeeper.cloud.reasoners.transcribe import Transcriber, make_transcriber
+from edgekeeper.protocol.messages import EventBody
+
 from edgekeeper.config import ACTIONS, ReasonerSection
 from edgekeeper.errors import ConfigError, PermanentError
 from edgekeeper.log import get_logger
-from edgekeeper.protocol.messages import EventBody
 
 if TYPE_CHECKING:
     from edgekeeper.config import Config
@@ -210,7 +210,7 @@ class AnthropicReasoner:
         config: Config | None = None,
         model: str | None = None,
         environ: Mapping[str, str] | None = None,
-        transcriber: Transcriber | None | bool = True,
+        transcriber: Transcriber | bool | None = True,
         **_: Any,
     ) -> None:
         section = config.reasoner if config is not None else ReasonerSection()
@@ -333,7 +333,8 @@ class AnthropicReasoner:
         usage = _usage(message, self.model)
         tool_input = None
         for block in getattr(message, "content", None) or []:
-            if getattr(block, "type", None) == "tool_use" and getattr(block, "name", "") == TOOL_NAME:
+            kind, name = getattr(block, "type", None), getattr(block, "name", "")
+            if kind == "tool_use" and name == TOOL_NAME:
                 tool_input = block.input
                 break
         if tool_input is None:

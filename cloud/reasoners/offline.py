@@ -11,8 +11,8 @@ neither confirmed nor denied (``gate_correct = None``) unless speech was recogni
 Every result says ``reasoner = "offline:hog+haar[+pocketsphinx]"`` and ``provisional = True``,
 and recommends at most "log": no one mistakes it for an LLM's judgement, and it never has the
 authority of one. The detectors are CPU work (about 0.4 s per 768x576 frame); they run on a
-small thread pool (OpenCV parallelises inside each call too) with one detector set per thread (OpenCV objects are not shared across
-threads).
+small thread pool (OpenCV parallelises inside each call too) with one detector set per
+thread (OpenCV objects are not shared across threads).
 """
 
 from __future__ import annotations
@@ -27,12 +27,12 @@ from typing import TYPE_CHECKING, Any
 
 import cv2
 import numpy as np
-
 from edgekeeper.cloud.reasoners.base import NO_USAGE, Usage, Verdict
 from edgekeeper.cloud.reasoners.media import audio_summary, decode_jpeg, pick_frames
 from edgekeeper.cloud.reasoners.transcribe import Transcriber, make_transcriber
-from edgekeeper.config import ReasonerSection
 from edgekeeper.protocol.messages import EventBody
+
+from edgekeeper.config import ReasonerSection
 
 if TYPE_CHECKING:
     from edgekeeper.config import Config
@@ -101,7 +101,7 @@ class OfflineReasoner:
     """Stand-in teacher; see the module docstring."""
 
     def __init__(self, *, config: Config | None = None,
-                 transcriber: Transcriber | None | bool = True, **_: Any) -> None:
+                 transcriber: Transcriber | bool | None = True, **_: Any) -> None:
         section = config.reasoner if config is not None else ReasonerSection()
         self.max_frames = max(1, section.max_frames)
         if transcriber is True:

@@ -30,8 +30,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
-from edgekeeper.errors import ConfigError, RetryableError
 from edgekeeper.protocol.messages import EventBody
+
+from edgekeeper.errors import ConfigError, RetryableError
 
 if TYPE_CHECKING:
     from edgekeeper.config import Config

@@ -70,6 +70,30 @@ class RedisServer:
     started: bool = False
     proc: subprocess.Popen[bytes] | None = None
     workdir: Path | None = None
+    argv: list[str] = field(default_factory=list)
+
+    def launch(self) -> None:
+        """Start (or restart, same port and directory) a server we own; wait for PING."""
+        assert self.argv and self.workdir is not None, "not a server we started"
+        with open(self.workdir / "redis.log", "ab") as log:
+            proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL)
+        self.proc = proc
+        workdir = self.workdir
+
+        def up() -> bool:
+            if proc.poll() is not None:
+                raise RuntimeError((workdir / "redis.log").read_text(errors="replace")[-2000:])
+            return self.ping()
+
+        _wait(up, f"redis-server {self.url}")
+
+    def kill(self) -> None:
+        """SIGKILL: a crash. Its files stay for ``launch()`` to start again from."""
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait()
+        self.proc = None
 
     def client(self) -> Any:
         import redis
@@ -108,22 +132,13 @@ def start_redis(*, durable: bool = True, extra: tuple[str, ...] = ()) -> RedisSe
     port = free_port()
     fsync = ["--appendonly", "yes", "--appendfsync", "always"] if durable else [
         "--appendonly", "no", "--appendfsync", "everysec"]
-    log = open(workdir / "redis.log", "wb")  # noqa: SIM115 - lives as long as the server
-    proc = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", *fsync,
-         "--dir", str(workdir), "--daemonize", "no", *extra],
-        stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+    server = RedisServer(
+        f"redis://127.0.0.1:{port}/0", started=True, workdir=workdir,
+        argv=[binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", *fsync,
+              "--dir", str(workdir), "--daemonize", "no", *extra],
     )
-    log.close()
-    server = RedisServer(f"redis://127.0.0.1:{port}/0", started=True, proc=proc, workdir=workdir)
-
-    def up() -> bool:
-        if proc.poll() is not None:
-            raise RuntimeError((workdir / "redis.log").read_text(errors="replace")[-2000:])
-        return server.ping()
-
     try:
-        _wait(up, f"redis-server on port {port}")
+        server.launch()
     except BaseException:
         server.stop()
         raise

@@ -414,3 +414,75 @@ async def test_dlq_list_and_requeue_through_the_cli(
         assert code == 0 and "done 2" in out, out + err[-3000:]
         assert sorted(await d.stored("pi-garage")) == [5, 6]
         assert await d.queue_empty()
+
+
+# --- Redis itself crashing or going away ----------------------------------------------------
+
+
+async def test_queue_state_survives_a_redis_crash() -> None:
+    """SIGKILL redis-server (appendonly, appendfsync always) and start it again from its files:
+    queued events, a worker's lease, dead letters and dedupe keys are all still there."""
+    from servers import start_redis
+
+    from edgekeeper.cloud.queue.base import EnqueueStatus
+
+    server = start_redis()
+    try:
+        q = await open_queue("redis", Path("."), url=server.url, prefix="crash", max_attempts=2)
+        events = []
+        for seq in range(1, 41):
+            env = f"sealed {seq}".encode()
+            events.append(QueuedEvent("pi-1", seq, bytes(32 * [seq]), env, 1.79e9 + seq))
+        statuses = await asyncio.gather(*(q.enqueue(e) for e in events))
+        assert set(statuses) == {EnqueueStatus.QUEUED}
+        (held,) = await q.lease("w1", count=1, visibility_s=600)
+        (dying,) = await q.lease("w1", count=1, visibility_s=600)
+        assert await q.dead_letter(dying, reason="cannot open")
+        before = await q.stats()
+        await q.close()
+
+        server.kill()
+        server.launch()
+
+        q = await open_queue("redis", Path("."), url=server.url, prefix="crash", max_attempts=2)
+        try:
+            assert await q.stats() == before
+            assert await q.enqueue(events[0]) is EnqueueStatus.DUPLICATE
+            assert await q.ack(held)  # the lease held before the crash is still that worker's
+            rest = await q.lease("w2", count=100, visibility_s=600)
+            expected = set(range(1, 41)) - {held.event.seq, dying.event.seq}
+            assert sorted(le.event.seq for le in rest) == sorted(expected)
+            assert all(le.attempts == 1 for le in rest)
+            (dead,) = await q.dead_letters()
+            assert dead.event == dying.event and dead.reason == "cannot open"
+        finally:
+            await q.close()
+    finally:
+        server.stop()
+
+
+async def test_ingest_answers_503_while_redis_is_down_and_recovers(tmp_path: Path) -> None:
+    """Redis down: the ingest says "try later" (503 + Retry-After), so the device keeps the
+    event in its outbox; back up, the same envelope is queued, once."""
+    from cloudkit import running_cloud
+    from servers import start_redis
+
+    server = start_redis()
+    try:
+        async with running_cloud(tmp_path, queue_backend="redis", redis_url=server.url,
+                                 redis_prefix="outage") as cloud:
+            dev = await cloud.enroll("pi-1")
+            envelope = dev.seal(make_event("pi-1", 1))
+            server.kill()
+            status, body, headers = await cloud.post_envelope(envelope)
+            assert status == 503 and body["error"]["code"] == "unavailable", body
+            assert float(headers["Retry-After"]) > 0
+            server.launch()
+            status, body, _ = await cloud.post_envelope(envelope)
+            assert (status, body["status"]) == (202, "queued"), body
+            status, body, _ = await cloud.post_envelope(envelope)
+            assert (status, body["status"]) == (200, "duplicate"), body
+            assert isinstance(cloud.queue, RedisStreamsQueue)
+            assert await cloud.queue.keys() == [("pi-1", 1)]
+    finally:
+        server.stop()

@@ -403,6 +403,43 @@ def build_reasoners(config: Config, budget: Budget) -> tuple[Reasoner, Reasoner 
     return primary, cheaper, fallback
 
 
+def build_worker(
+    config: Config,
+    *,
+    queue: EventQueue,
+    store: Store,
+    keys: CloudKeys,
+    stack: contextlib.AsyncExitStack,
+    poll_s: float = 0.5,
+) -> Worker:
+    """A Worker wired from the config: reasoners, budget, fallbacks, backoff. The reasoners are
+    closed by ``stack``. `cloud worker` and `edgekeeper demo` build theirs here."""
+    section = config.cloud
+    budget = Budget(config.budget, store)
+    reasoner, cheaper, fallback = build_reasoners(config, budget)
+    for r in {id(x): x for x in (reasoner, cheaper, fallback) if x is not None}.values():
+        stack.push_async_callback(r.close)
+    rs = config.reasoner
+    return Worker(
+        queue=queue,
+        store=store,
+        reasoner=reasoner,
+        keys=keys,
+        concurrency=section.worker_concurrency,
+        visibility_s=section.queue_visibility_seconds,
+        poll_s=poll_s,
+        retry_base_s=rs.retry_base_seconds,
+        retry_cap_s=rs.retry_max_seconds,
+        budget=budget,
+        over_budget=config.budget.over_budget,
+        cheaper=cheaper,
+        fallback=fallback,
+        fallback_after_s=rs.fallback_after_seconds,
+        provisional_max_action=rs.provisional_max_action,
+        circuit=Circuit(rs.backoff_initial_seconds, rs.backoff_max_seconds),
+    )
+
+
 async def run_worker(config: Config, *, burst: bool = False) -> WorkerStats:
     """The ``edgekeeper cloud worker`` command: open backends, run until signalled (or drained)."""
     section = config.cloud
@@ -419,28 +456,8 @@ async def run_worker(config: Config, *, burst: bool = False) -> WorkerStats:
                                  max_attempts=section.queue_max_attempts, section=section)
         stack.push_async_callback(queue.close)
         keys = await asyncio.to_thread(CloudKeys.ensure, data_dir)
-        budget = Budget(config.budget, store)
-        reasoner, cheaper, fallback = build_reasoners(config, budget)
-        for r in {id(x): x for x in (reasoner, cheaper, fallback) if x is not None}.values():
-            stack.push_async_callback(r.close)
-        rs = config.reasoner
-        worker = Worker(
-            queue=queue,
-            store=store,
-            reasoner=reasoner,
-            keys=keys,
-            concurrency=section.worker_concurrency,
-            visibility_s=section.queue_visibility_seconds,
-            retry_base_s=rs.retry_base_seconds,
-            retry_cap_s=rs.retry_max_seconds,
-            budget=budget,
-            over_budget=config.budget.over_budget,
-            cheaper=cheaper,
-            fallback=fallback,
-            fallback_after_s=rs.fallback_after_seconds,
-            provisional_max_action=rs.provisional_max_action,
-            circuit=Circuit(rs.backoff_initial_seconds, rs.backoff_max_seconds),
-        )
+        worker = build_worker(config, queue=queue, store=store, keys=keys, stack=stack)
+        reasoner, cheaper, fallback = worker.reasoner, worker.cheaper, worker.fallback
         log.info("worker_started", consumer=worker.consumer, reasoner=reasoner.name, burst=burst,
                  concurrency=worker.concurrency,
                  cheaper=cheaper.name if cheaper else None,

@@ -90,8 +90,7 @@ async def run_demo(
 ) -> dict[str, Any]:
     from edgekeeper.cloud.enroll import issue_token
     from edgekeeper.cloud.ingest import IngestServer, create_app
-    from edgekeeper.cloud.reasoners.base import load_reasoner
-    from edgekeeper.cloud.worker import Worker
+    from edgekeeper.cloud.worker import build_worker
     from edgekeeper.device import identity
     from edgekeeper.device.replay import replay_recording
     from edgekeeper.device.uplink import DeviceLink
@@ -108,12 +107,10 @@ async def run_demo(
         url = await server.start()
         stack.push_async_callback(server.stop)
         state = server.state
-        reasoner = load_reasoner(cloud_cfg.cloud.reasoner)
-        stack.push_async_callback(reasoner.close)
+        worker = build_worker(cloud_cfg, queue=state.queue, store=state.store, keys=state.keys,
+                              stack=stack, poll_s=0.1)
+        reasoner = worker.reasoner
         say(f"cloud     ingest on {url}, reasoner: {reasoner.name}")
-        worker = Worker(queue=state.queue, store=state.store, reasoner=reasoner, keys=state.keys,
-                        concurrency=cloud_cfg.cloud.worker_concurrency,
-                        visibility_s=cloud_cfg.cloud.queue_visibility_seconds, poll_s=0.1)
 
         # -- the device: enroll with a one-time token, pin the cloud's keys ----------------
         token = await issue_token(state.store, ttl_s=600.0, now=time.time())

@@ -24,9 +24,23 @@ def _redact(_: Any, __: str, event_dict: dict[str, Any]) -> dict[str, Any]:
     return event_dict
 
 
+class _CurrentStderr:
+    """Writes to whatever sys.stderr is *now* (not the one at configure time): a CLI run inside
+    a test, or a process that redirects stderr later, never logs to a closed stream."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+    def isatty(self) -> bool:
+        return sys.stderr.isatty()
+
+
 def configure(level: str = "info", fmt: str = "auto", stream: Any = None) -> None:
     """Configure structlog once, at the CLI. ``fmt``: auto | json | console."""
-    stream = stream or sys.stderr
+    stream = stream or _CurrentStderr()
     if fmt == "auto":
         fmt = "console" if getattr(stream, "isatty", lambda: False)() else "json"
     renderer: Any
@@ -45,7 +59,7 @@ def configure(level: str = "info", fmt: str = "auto", stream: Any = None) -> Non
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(
-            logging.getLevelNamesMapping()[level.upper()]
+            getattr(logging, level.upper())  # logging.DEBUG ... (3.10 has no name mapping API)
         ),
         logger_factory=structlog.PrintLoggerFactory(file=stream),
         cache_logger_on_first_use=False,

@@ -156,8 +156,8 @@ global_daily_usd = 0
         env = {**os.environ, "ANTHROPIC_API_KEY": API_KEY, "ANTHROPIC_BASE_URL": self.fake_url}
         logs = [self.tmp / f"worker-{workers}-{i}.log" for i in range(workers)]
         procs = []
-        for log in logs:
-            with log.open("wb") as err:
+        for path in logs:
+            with path.open("wb") as err:
                 procs.append(await asyncio.create_subprocess_exec(
                     sys.executable, "-m", "edgekeeper.cli", "--config", str(self.config),
                     "cloud", "worker", stdin=subprocess.DEVNULL, stdout=err, stderr=err,
@@ -170,7 +170,7 @@ global_daily_usd = 0
             while await self.results() < start + workers * a.concurrency:
                 if time.monotonic() > deadline or any(p.returncode is not None for p in procs):
                     raise RuntimeError("workers did not start: " + " | ".join(
-                        log.read_text(errors="replace")[-800:] for log in logs))
+                        path.read_text(errors="replace")[-800:] for path in logs))
                 await asyncio.sleep(0.1)
             await asyncio.sleep(a.warmup)
             pids = [p.pid for p in procs] + [self.fake_pid]
@@ -207,11 +207,11 @@ global_daily_usd = 0
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     redis = servers.find_or_start_redis()
     pg = servers.find_or_start_postgres()
-    fake = subprocess.Popen(
-        [sys.executable, str(ROOT / "tests" / "fake_anthropic.py"), "--latency",
-         str(args.latency)], stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
+    fake = await asyncio.create_subprocess_exec(
+        sys.executable, str(ROOT / "tests" / "fake_anthropic.py"), "--latency", str(args.latency),
+        stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
     try:
-        line = fake.stdout.readline() if fake.stdout else ""
+        line = (await fake.stdout.readline()).decode() if fake.stdout else ""
         if not line.startswith("url="):
             raise RuntimeError(f"the fake provider did not start: {line!r}")
         with tempfile.TemporaryDirectory(prefix="bench-workers-") as tmp, \
@@ -230,7 +230,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             cpu_ms = bench.cpu_ms
     finally:
         fake.send_signal(signal.SIGTERM)
-        fake.wait(30)
+        await fake.wait()
         redis.stop()
         pg.stop()
     r1, r2 = statistics.median(one), statistics.median(two)

@@ -41,6 +41,8 @@ from typing import Any
 
 import numpy as np
 
+from edgekeeper import compat
+
 ROOT = Path(__file__).resolve().parent.parent
 API_KEY = "sk-ant-bench-e2e"
 
@@ -118,7 +120,7 @@ async def run(args: argparse.Namespace, workdir: Path, url: str) -> dict[str, An
         link.actions.actions.append(("bench-clock", on_result))
         jpeg = frame()
         stop_link, stop_worker = asyncio.Event(), asyncio.Event()
-        async with asyncio.TaskGroup() as tg:
+        async with compat.TaskGroup() as tg:
             tg.create_task(worker.run(stop=stop_worker))
             tg.create_task(link.run(stop_link))
             try:
@@ -131,7 +133,7 @@ async def run(args: argparse.Namespace, workdir: Path, url: str) -> dict[str, An
                     await link.sink.deliver(body)
                     captured[seq] = t0
                     await asyncio.sleep(max(0.0, 1.0 / args.rate - (time.time() - t0)))
-                async with asyncio.timeout(60 + args.events * args.latency):
+                async with compat.timeout(60 + args.events * args.latency):
                     await all_in.wait()
             finally:
                 stop_link.set()

@@ -35,15 +35,11 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import web
-
 from edgekeeper.cloud import enroll as enroll_mod
 from edgekeeper.cloud.backends import open_queue, open_store
 from edgekeeper.cloud.keys import CloudKeys
 from edgekeeper.cloud.queue.base import EnqueueStatus, EventQueue, QueuedEvent
 from edgekeeper.cloud.store.base import DeviceRecord, EnrollOutcome, Store
-from edgekeeper.config import CloudSection, Config
-from edgekeeper.errors import ConfigError, RetryableError
-from edgekeeper.log import get_logger
 from edgekeeper.protocol.envelope import (
     CONTENT_TYPE,
     PROTOCOL_VERSION,
@@ -60,6 +56,11 @@ from edgekeeper.protocol.errors import (
     UnsupportedMediaType,
 )
 from edgekeeper.protocol.keys import DevicePublicKeys, b64e
+
+from edgekeeper import compat
+from edgekeeper.config import CloudSection, Config
+from edgekeeper.errors import ConfigError, RetryableError
+from edgekeeper.log import get_logger
 
 log = get_logger(__name__)
 
@@ -221,7 +222,7 @@ class ResultsWatch:
                     return False
                 changed = self._changed
                 try:
-                    async with asyncio.timeout(remaining):
+                    async with compat.timeout(remaining):
                         await changed.wait()
                 except TimeoutError:
                     return False
@@ -469,7 +470,7 @@ async def get_health(request: web.Request) -> web.Response:
     }
     for name, ping in pings.items():
         try:
-            async with asyncio.timeout(HEALTH_TIMEOUT_S):
+            async with compat.timeout(HEALTH_TIMEOUT_S):
                 await ping()
             checks[name] = "ok"
         except Exception as err:

@@ -60,6 +60,7 @@ from edgekeeper.protocol.errors import ProtocolError
 from edgekeeper.protocol.keys import DevicePublicKeys
 from edgekeeper.protocol.messages import EventBody, ResultBody
 
+from edgekeeper import compat
 from edgekeeper.config import ACTIONS, Config
 from edgekeeper.errors import PermanentError
 from edgekeeper.log import get_logger
@@ -143,7 +144,7 @@ class Worker:
     async def run(self, *, burst: bool = False, stop: asyncio.Event | None = None) -> WorkerStats:
         stop = stop or asyncio.Event()
         slots = asyncio.Semaphore(self.concurrency)
-        async with asyncio.TaskGroup() as tg:
+        async with compat.TaskGroup() as tg:
             while not stop.is_set():
                 if self.circuit.is_open or self._paused_until > time.time():
                     if burst:
@@ -371,7 +372,7 @@ async def _sleep(stop: asyncio.Event, seconds: float) -> None:
     if seconds <= 0:
         return
     with contextlib.suppress(TimeoutError):
-        async with asyncio.timeout(seconds):
+        async with compat.timeout(seconds):
             await stop.wait()
 
 

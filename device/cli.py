@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from edgekeeper import compat
 from edgekeeper.config import Config
 from edgekeeper.errors import InputError
 from edgekeeper.log import get_logger
@@ -194,7 +195,7 @@ def cmd_run(args: argparse.Namespace, config: Config) -> int:
                                 clock_base=time.time(), ordered=False)
             log.info("device loop running", events_to=where, models=gates.models)
             stop_link = asyncio.Event()
-            async with asyncio.TaskGroup() as tg:
+            async with compat.TaskGroup() as tg:
                 if link is not None:
                     tg.create_task(link.run(stop_link), name="device-link")
 

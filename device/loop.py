@@ -1,6 +1,6 @@
 """The device loop: sources -> pre-gate -> gate -> trigger -> capture -> sink.
 
-One ``Pipeline`` owns every task of a run in one ``asyncio.TaskGroup``:
+One ``Pipeline`` owns every task of a run in one ``compat.TaskGroup``:
 
 - a *stage* per modality reads its source, asks the pre-gate whether the model should look, runs
   the gate (in the gate's own thread) and emits a ``StageResult`` per frame or audio block, in time
@@ -29,8 +29,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-
-from edgekeeper.config import Config
 from edgekeeper.device.capture import Capture, PendingEvent
 from edgekeeper.device.events import Event
 from edgekeeper.device.gate import Gate
@@ -38,6 +36,9 @@ from edgekeeper.device.pregate import AudioPregate, MotionMeter, VideoPregate
 from edgekeeper.device.sink import Sink
 from edgekeeper.device.sources import AudioBlock, Frame
 from edgekeeper.device.trigger import Decision, TriggerPolicy
+
+from edgekeeper import compat
+from edgekeeper.config import Config
 from edgekeeper.log import get_logger
 
 log = get_logger(__name__)
@@ -132,6 +133,16 @@ class _AudioWindow:
         return out
 
 
+class _Tagged:
+    """A stage's output in live mode: puts (stage name, result) into the shared queue."""
+
+    def __init__(self, name: str, merged: asyncio.Queue[tuple[str, StageResult | None]]) -> None:
+        self.name, self.merged = name, merged
+
+    async def put(self, item: StageResult | None) -> None:
+        await self.merged.put((self.name, item))
+
+
 class Pipeline:
     def __init__(
         self,
@@ -182,7 +193,7 @@ class Pipeline:
             video.annotate = MotionMeter(config.pregate).annotate
 
     # -- stages -----------------------------------------------------------------------------
-    async def _video_stage(self, out: asyncio.Queue[StageResult | None]) -> None:
+    async def _video_stage(self, out: Any) -> None:
         assert self.vision_gate is not None
         lat = self.stats.latencies_ms.setdefault("vision", [])
         # Up to _PIPELINE frames are submitted to the gate's thread before the oldest is
@@ -222,7 +233,7 @@ class Pipeline:
                     fut.cancel()
             await out.put(None)
 
-    async def _audio_stage(self, out: asyncio.Queue[StageResult | None]) -> None:
+    async def _audio_stage(self, out: Any) -> None:
         assert self.audio_gate is not None
         a = self.audio_gate.manifest.audio
         assert a is not None
@@ -258,35 +269,29 @@ class Pipeline:
             await out.put(None)
 
     # -- decider ----------------------------------------------------------------------------
-    async def _merged(
-        self, queues: dict[str, asyncio.Queue[StageResult | None]]
-    ) -> Any:
-        """Yield (result, watermark) from all stages; time-ordered when self.ordered."""
+    async def _merged(self, queues: dict[str, Any]) -> Any:
+        """Yield (result, watermark) from all stages; time-ordered when self.ordered.
+
+        Unordered (live), every stage writes into one shared queue, tagged with its name, and
+        results are taken as they come. Ordered (replay), each stage has its own queue and the
+        result with the smallest time goes first, once every live stream has one waiting.
+        """
         heads: dict[str, StageResult] = {}
         last_t = {name: -math.inf for name in queues}
         live = set(queues)
         if not self.ordered:
-            merged: asyncio.Queue[tuple[str, StageResult | None]] = asyncio.Queue()
-
-            async def pump(name: str, q: asyncio.Queue[StageResult | None]) -> None:
-                while True:
-                    item = await q.get()
-                    await merged.put((name, item))
-                    if item is None:
-                        return
-
-            async with asyncio.TaskGroup() as tg:
-                for name, q in queues.items():
-                    tg.create_task(pump(name, q))
-                while live:
-                    name, item = await merged.get()
-                    if item is None:
-                        live.discard(name)
-                        last_t[name] = math.inf
-                        yield None, min(last_t.values())
-                        continue
-                    last_t[name] = item.t
-                    yield item, min(last_t.values())
+            merged: asyncio.Queue[tuple[str, StageResult | None]] = next(
+                iter(queues.values())
+            ).merged
+            while live:
+                name, item = await merged.get()
+                if item is None:
+                    live.discard(name)
+                    last_t[name] = math.inf
+                    yield None, min(last_t.values())
+                    continue
+                last_t[name] = item.t
+                yield item, min(last_t.values())
             return
         while live:
             for name in list(live):
@@ -308,7 +313,7 @@ class Pipeline:
 
     async def _decide(
         self,
-        queues: dict[str, asyncio.Queue[StageResult | None]],
+        queues: dict[str, Any],
         deliver: asyncio.Queue[tuple[PendingEvent, dict[str, Any]] | None],
     ) -> None:
         cap = self.capture
@@ -376,14 +381,18 @@ class Pipeline:
                 src.stop()
 
     async def run(self, stop: asyncio.Event | None = None) -> PipelineStats:
-        queues: dict[str, asyncio.Queue[StageResult | None]] = {}
         deliver: asyncio.Queue[tuple[PendingEvent, dict[str, Any]] | None] = asyncio.Queue()
-        async with asyncio.TaskGroup() as tg:
+        names = [n for n, src in (("vision", self.video), ("audio", self.audio)) if src is not None]
+        queues: dict[str, Any]
+        if self.ordered:
+            queues = {n: asyncio.Queue(_STAGE_QUEUE) for n in names}
+        else:
+            merged: asyncio.Queue[tuple[str, StageResult | None]] = asyncio.Queue(_STAGE_QUEUE)
+            queues = {n: _Tagged(n, merged) for n in names}
+        async with compat.TaskGroup() as tg:
             if self.video is not None:
-                queues["vision"] = asyncio.Queue(_STAGE_QUEUE)
                 tg.create_task(self._video_stage(queues["vision"]), name="stage-vision")
             if self.audio is not None:
-                queues["audio"] = asyncio.Queue(_STAGE_QUEUE)
                 tg.create_task(self._audio_stage(queues["audio"]), name="stage-audio")
             tg.create_task(self._decide(queues, deliver), name="decider")
             deliverer = tg.create_task(self._deliver(deliver), name="deliverer")

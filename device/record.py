@@ -20,9 +20,10 @@ from typing import Any
 
 import cv2
 import numpy as np
-
-from edgekeeper.config import Config
 from edgekeeper.device.cli import install_stop_signals, live_sources
+
+from edgekeeper import compat
+from edgekeeper.config import Config
 from edgekeeper.errors import InputError
 from edgekeeper.log import get_logger
 
@@ -110,7 +111,7 @@ async def record(
 
     t0 = time.monotonic()
     try:
-        async with asyncio.TaskGroup() as tg:
+        async with compat.TaskGroup() as tg:
             if vsrc is not None:
                 tg.create_task(record_video())
             if asrc is not None:

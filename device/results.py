@@ -45,6 +45,7 @@ from edgekeeper.protocol.keys import DeviceKeys, b64d
 from edgekeeper.protocol.messages import ResultBody
 from yarl import URL
 
+from edgekeeper import compat
 from edgekeeper.errors import PermanentError
 from edgekeeper.log import get_logger
 
@@ -263,7 +264,7 @@ class ResultActions:
             stderr=asyncio.subprocess.PIPE,
         )
         try:
-            async with asyncio.timeout(self.command_timeout):
+            async with compat.timeout(self.command_timeout):
                 _, stderr = await proc.communicate(data)
         except TimeoutError:
             proc.kill()

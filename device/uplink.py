@@ -54,6 +54,7 @@ from edgekeeper.protocol.errors import ProtocolError
 from edgekeeper.protocol.keys import DeviceKeys
 from edgekeeper.protocol.messages import EventBody, ResultBody
 
+from edgekeeper import compat
 from edgekeeper.errors import PermanentError, RetryableError
 from edgekeeper.log import get_logger
 
@@ -253,7 +254,7 @@ class Uplink:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Upload until ``stop`` is set; the edge fallback runs beside it when enabled."""
-        async with asyncio.TaskGroup() as tg:
+        async with compat.TaskGroup() as tg:
             tg.create_task(self._upload_loop(stop), name="uplink-upload")
             if self.section.edge_fallback:
                 tg.create_task(self._fallback_loop(stop), name="uplink-fallback")
@@ -355,7 +356,7 @@ class Uplink:
                     failure = attempt
 
         try:
-            async with asyncio.TaskGroup() as tg:
+            async with compat.TaskGroup() as tg:
                 for row in rows:
                     tg.create_task(one(row))
         finally:
@@ -614,7 +615,7 @@ class DeviceLink:
         await self._stack.aclose()
 
     async def run(self, stop: asyncio.Event) -> None:
-        async with asyncio.TaskGroup() as tg:
+        async with compat.TaskGroup() as tg:
             tg.create_task(self.uplink.run(stop), name="device-uplink")
             if self.results is not None:
                 tg.create_task(self.results.run(stop), name="device-results")

@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from edgekeeper import compat
 from edgekeeper.config import MODELS_DIR, Config
 from edgekeeper.errors import EdgekeeperError
 from edgekeeper.log import get_logger
@@ -130,7 +131,7 @@ async def run_demo(
         link.actions.actions.append(("demo-print", show))
 
         stop_link, stop_worker = asyncio.Event(), asyncio.Event()
-        async with asyncio.TaskGroup() as tg:
+        async with compat.TaskGroup() as tg:
             tg.create_task(worker.run(stop=stop_worker), name="demo-worker")
             tg.create_task(link.run(stop_link), name="demo-link")
             say(f"device    replaying {recording} through the device loop")
@@ -144,7 +145,7 @@ async def run_demo(
                 if len(received) >= result.stats.events:
                     all_in.set()
                 try:
-                    async with asyncio.timeout(timeout):
+                    async with compat.timeout(timeout):
                         await all_in.wait()
                 except TimeoutError:
                     log.warning("demo timed out waiting for results",

@@ -40,6 +40,7 @@ from edgekeeper.device.uplink import (
 from edgekeeper.protocol.messages import EventBody
 from tcp_proxy import TcpProxy
 
+from edgekeeper import compat
 from edgekeeper import config as config_mod
 from edgekeeper.config import CloudSection, Config
 
@@ -157,7 +158,7 @@ def free_port() -> int:
 
 async def until(pred: Callable[[], Any], timeout: float = 20.0, every: float = 0.02) -> None:
     """Wait for a condition (a deadline only guards against hanging; nothing is timed)."""
-    async with asyncio.timeout(timeout):
+    async with compat.timeout(timeout):
         while not await pred():  # noqa: ASYNC110 - the state lives in another component
             await asyncio.sleep(every)
 
@@ -289,7 +290,7 @@ async def test_network_cut_blackhole_and_reset_lose_and_duplicate_nothing(
             proxy.mode = "pass"
 
         async with make_uplink(config, outbox, enrollment, url=url) as up:
-            async with asyncio.TaskGroup() as tg:
+            async with compat.TaskGroup() as tg:
                 runner = tg.create_task(up.run(stop))
                 await asyncio.gather(producer(), saboteur())
 

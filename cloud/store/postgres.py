@@ -116,6 +116,11 @@ _USAGE_SUMS = ("input_tokens", "output_tokens", "cache_write_tokens", "cache_rea
 
 _DEVICE_COLS = "device_id, sign_pk, box_pk, enrolled_at, revoked_at"
 
+# Longest wait for a pooled connection. While PostgreSQL is down a request fails after this
+# long (the ingest answers 5xx and the device retries) instead of hanging past the device's
+# read timeout.
+POOL_WAIT_S = 10.0
+
 
 def _safe_dsn(dsn: str) -> str:
     """The DSN without its password (URL or key=value form), for logs and errors."""
@@ -143,7 +148,7 @@ class PostgresStore:
         from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
         pool = AsyncConnectionPool(
-            dsn, min_size=1, max_size=max(1, pool_size), open=False, timeout=30.0,
+            dsn, min_size=1, max_size=max(1, pool_size), open=False, timeout=POOL_WAIT_S,
             kwargs={"autocommit": True, "connect_timeout": max(1, int(connect_timeout_s))},
             name="edgekeeper-store",
         )

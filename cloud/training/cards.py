@@ -203,9 +203,11 @@ exactly as the contract describes.
 - background: generated white/pink/brown noise, mains hum, rumble; Asterisk's recorded
   "silence" files; short non-alarm UI sounds (clicks, shutter, plug). Chimes and bells are left
   out: whether they are alarms is a judgement the labels cannot settle.
-- Each window is a background bed with (for speech/alarm) at least 0.5 s of the event at a
-  random position, level and SNR >= ~3 dB; a quarter of all windows, of every class, are passed
-  through an 8 kHz telephone band so "narrow band" cannot mean "speech".
+- Each window is a background bed plus, for speech, at least 0.5 s of speech (0.3 s audible)
+  and, for alarm, at least 1.0 s of the alarm (0.5 s audible: an alarm goes on or repeats), at a
+  random position, level and SNR >= ~3 dB. A fifth of background beds carry one or two short
+  synthetic beeps/blips, so a lone UI beep stays `background`. A quarter of all windows, of every
+  class, pass through an 8 kHz telephone band so "narrow band" cannot mean "speech".
 - **Split by file**: a stable hash of each file name holds out about a quarter of the real files;
   `alarm-clock-elapsed.oga` is always held out (the sample recording uses it). Held-out real
   files: {held_files}. Held-out synthetic alarms are fresh random draws from the same families.

@@ -15,7 +15,8 @@ voices and sentences are split the same way, and synthetic alarms for the held-o
 a separate random stream. No held-out file is ever mixed into a training window.
 
 Labels are set by construction: a window is ``speech`` or ``alarm`` when at least
-``MIN_EVENT_SECONDS`` of that (trimmed, audible) event lies inside it, else ``background``.
+``MIN_EVENT_SECONDS`` of that event (of which ``ACTIVE_SECONDS`` audible) lies inside it, else
+``background``. Single short beeps and blips are generated as background on purpose.
 To keep the model from learning "band-limited audio means Asterisk means speech", every class is
 sometimes passed through a telephone band filter.
 """
@@ -45,7 +46,12 @@ SR = 16_000
 WINDOW = 2 * SR
 LABELS = ("background", "speech", "alarm")
 BACKGROUND, SPEECH, ALARM = 0, 1, 2
-MIN_EVENT_SECONDS = 0.5
+# How much of an event a window must hold to carry its label: the part inside the window must
+# span this long *and* be audible for ACTIVE_SECONDS (a T3 smoke alarm's 1.5 s pause or a gap
+# between words does not count). Alarms need more than speech: an alarm is a sound that goes on
+# or repeats, and one short UI beep must stay `background`.
+MIN_EVENT_SECONDS = {1: 0.5, 2: 1.0}
+ACTIVE_SECONDS = {1: 0.3, 2: 0.5}
 
 ALARM_SOUNDS = (
     "alarm-clock-elapsed.oga",
@@ -142,6 +148,8 @@ def trim(x: np.ndarray, top_db: float = 35.0) -> np.ndarray:
     if n == 0:
         return x
     rms = np.sqrt(np.mean(x[: n * frame].reshape(n, frame) ** 2, axis=1) + 1e-12)
+    if rms.max() < 1e-5:  # digital silence (below -100 dBFS): nothing audible to keep
+        return x[:0]
     loud = np.nonzero(20 * np.log10(rms / rms.max()) > -top_db)[0]
     if len(loud) == 0:
         return x[:0]
@@ -304,6 +312,13 @@ def background_bed(rng: np.random.Generator, n: int, real: list[np.ndarray]) -> 
     elif kind < 0.4:  # slowly varying rumble (traffic, wind)
         env = np.interp(np.arange(n), np.linspace(0, n, 8), rng.uniform(0.2, 1.0, 8))
         out = _colored_noise(rng, n, 2.0) * env
+    if rng.random() < 0.2:  # one or two short UI beeps/blips: not an alarm
+        t = np.arange(int(rng.uniform(0.03, 0.3) * SR)) / SR
+        for _ in range(int(rng.integers(1, 3))):
+            blip = _tone(rng.uniform(300, 4000), len(t), int(rng.integers(0, 3)), rng)
+            blip = blip * np.exp(-t * rng.uniform(0, 20)) * 10 ** (rng.uniform(-8, 6) / 20)
+            at = int(rng.integers(0, n - len(t)))
+            out[at : at + len(t)] += blip * np.std(out) * 4
     level = 10 ** (rng.uniform(-70, -28) / 20)
     out = out / (np.sqrt(np.mean(out**2)) + 1e-9) * level
     if real and rng.random() < 0.35:  # a real snippet: a click, a shutter, a quiet room
@@ -313,6 +328,24 @@ def background_bed(rng: np.random.Generator, n: int, real: list[np.ndarray]) -> 
         at = int(rng.integers(0, n - len(clip) + 1))
         out[at : at + len(clip)] += clip
     return out.astype(np.float32)
+
+
+def _frame_rms(x: np.ndarray, frame: int = 320) -> np.ndarray:
+    n = len(x) // frame
+    return np.sqrt(np.mean(x[: n * frame].reshape(n, frame) ** 2, axis=1) + 1e-12)
+
+
+def active_seconds(x: np.ndarray, reference: float | None = None, top_db: float = 30.0) -> float:
+    """Seconds of 20 ms frames within ``top_db`` of ``reference`` (default: x's loudest frame).
+
+    Pass the whole event's loudest frame as ``reference`` when measuring a part of it, so a faint
+    tail does not count as the event.
+    """
+    rms = _frame_rms(x)
+    if len(rms) == 0:
+        return 0.0
+    ref = rms.max() if reference is None else reference
+    return float(np.sum(rms > ref * 10 ** (-top_db / 20))) * 320 / SR
 
 
 def phone_band(x: np.ndarray) -> np.ndarray:
@@ -362,11 +395,16 @@ def make_window(
     """One 2 s training window whose label holds by construction."""
     bed = background_bed(rng, WINDOW, pools.background_real)
     if label != BACKGROUND:
-        ev = _event(label, pools, rng, synth_rng, rng.uniform(1.0, 4.0))
-        need = min(int(MIN_EVENT_SECONDS * SR), len(ev))
-        # Start anywhere that leaves at least `need` samples of the event inside the window.
-        lo = -(len(ev) - need)
-        at = int(rng.integers(lo, WINDOW - need + 1))
+        ev = _event(label, pools, rng, synth_rng, rng.uniform(1.5, 4.0))
+        need = min(int(MIN_EVENT_SECONDS[label] * SR), len(ev))
+        peak = float(_frame_rms(ev).max(initial=0.0))
+        active = min(ACTIVE_SECONDS[label], 0.8 * active_seconds(ev))
+        # Start anywhere that leaves `need` samples of the event, enough of them audible, inside.
+        for _ in range(50):
+            at = int(rng.integers(-(len(ev) - need), WINDOW - need + 1))
+            part = ev[max(0, -at) : max(0, -at) + WINDOW - max(0, at)]
+            if active_seconds(part, peak) >= active:
+                break
         if at < 0:
             ev, at = ev[-at:], 0
         bed = mix(bed, ev, at, rng)

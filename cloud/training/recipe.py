@@ -5,7 +5,7 @@
 Needs the ``train`` extra (TensorFlow) and the Debian packages opencv-doc,
 asterisk-core-sounds-en-wav, sound-theme-freedesktop, espeak-ng and ffmpeg. Everything is
 offline except one ``pip download`` of the openWakeWord wheel when models/frontends/ lacks the
-pinned files. Same seed, same data and weights (TF runs with deterministic kernels).
+pinned files. Same seed, same data, initial weights and batch order (see train.seed_everything).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from edgekeeper.errors import EdgekeeperError
 VERSION = "1.0.0"
 PERSON_LABELS = ("no_person", "person")
 THRESHOLDS = {"person": 0.7, "speech": 0.8, "alarm": 0.6}
-VISION_EPOCHS = 14
+VISION_EPOCHS = 8
 AUDIO_EPOCHS = 40
 AUDIO_TRAIN_PER_CLASS = 1200
 AUDIO_HELDOUT_PER_CLASS = 300
@@ -425,12 +425,18 @@ def check_sample(out_dir: Path, person: dict[str, Any], sound: dict[str, Any]) -
     return out
 
 
-def build_all(out_dir: Path, *, seed: int = 0, progress: bool = True) -> dict[str, Any]:
+def build_all(
+    out_dir: Path, *, seed: int = 0, progress: bool = True, only: str | None = None
+) -> dict[str, Any]:
     """Build both gates, their manifests, metrics and cards, and the sample, into ``out_dir``.
 
+    ``only="person"`` or ``only="sound"`` retrains one gate and keeps the other's files and
+    metrics as they are (the sample check and both cards are refreshed either way).
     Returns ``{"person": metrics, "sound": metrics, "sample": sanity}`` (also written to the
     metrics.json files).
     """
+    if only not in (None, "person", "sound"):
+        raise EdgekeeperError(f"only={only!r}: expected 'person' or 'sound'")
     sources.check_all()
     out_dir.mkdir(parents=True, exist_ok=True)
     _log(progress, "front-ends")
@@ -443,8 +449,18 @@ def build_all(out_dir: Path, *, seed: int = 0, progress: bool = True) -> dict[st
         "processor_count": os.cpu_count(),
         "seed": seed,
     }
-    person = build_vision(out_dir, seed, progress)
-    sound = build_audio(out_dir, seed, progress)
+    kept = {}
+    for name in ("person", "sound"):
+        if only not in (None, name):
+            path = out_dir / name / "metrics.json"
+            if not path.is_file():
+                raise EdgekeeperError(
+                    f"{path} does not exist, so the {name} gate cannot be kept",
+                    fix="run the recipe without --only first",
+                )
+            kept[name] = json.loads(path.read_text())
+    person = kept.get("person") or build_vision(out_dir, seed, progress)
+    sound = kept.get("sound") or build_audio(out_dir, seed, progress)
     sanity = check_sample(out_dir, person, sound)
     person["environment"] = sound["environment"] = env
     person["sample_check"] = {k: v for k, v in sanity.items() if k.startswith("person")}
@@ -465,9 +481,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="models folder, e.g. models/")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument(
+        "--only", choices=("person", "sound"), help="retrain one gate, keep the other as built"
+    )
     args = parser.parse_args(argv)
     try:
-        result = build_all(args.out, seed=args.seed, progress=not args.quiet)
+        result = build_all(args.out, seed=args.seed, progress=not args.quiet, only=args.only)
     except EdgekeeperError as err:
         print(f"error: {err}", file=sys.stderr)
         return err.exit_code

@@ -199,7 +199,7 @@ async def replay_recording(
         )
         stats = await _run_with_progress(pipeline, rec, show=progress)
         result = ReplayResult(rec, stats, gates.models, events=recorder.metas)
-        if rec.labels:
+        if rec.labels is not None:
             result.metrics = evaluate(rec.labels, stats, config, max(rec.duration, stats.media_seconds))
         return result
 

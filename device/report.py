@@ -32,7 +32,7 @@ def _plot_png(result: ReplayResult, config: Config) -> bytes | None:
     labels = [lb for lb in config.trigger.labels if any(lb in s for _, _, s in timeline)]
     rows = max(1, len(labels)) + 1
     fig, axes = plt.subplots(rows, 1, figsize=(10, 2.2 * rows), squeeze=False)
-    truth = result.recording.labels
+    truth = result.recording.labels or []
     for ax, label in zip(axes[:-1, 0], labels, strict=False):
         rule = config.trigger.labels[label]
         pts = [(t, s[label]) for t, _, s in timeline if label in s]

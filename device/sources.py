@@ -531,9 +531,13 @@ class MicrophoneSource:
         self.overflows = 0
         self._factory = stream_factory
         self._stop = threading.Event()
+        self._wake: Callable[[], None] | None = None
 
     def stop(self) -> None:
         self._stop.set()
+        wake = self._wake
+        if wake is not None:
+            wake()  # a stream waiting for its next block ends now, not at the next block
 
     def _stream_factory(self) -> Callable[..., Any]:
         if self._factory is not None:
@@ -559,6 +563,11 @@ class MicrophoneSource:
                         source=self.name, dropped=self.stats.dropped, t=item.t)
 
         handoff.on_drop = on_drop
+
+        def wake() -> None:
+            loop.call_soon_threadsafe(handoff._put, _End())
+
+        self._wake = wake
 
         def callback(indata: Any, frames: int, _time: Any, status: Any) -> None:
             nonlocal samples_seen
@@ -596,6 +605,7 @@ class MicrophoneSource:
                     return
                 yield item
         finally:
+            self._wake = None
             stream.stop()
             stream.close()
             if self.overflows:
@@ -615,7 +625,8 @@ class Recording:
     video: Any = None
     audio: Any = None
     started_at: float = 0.0  # epoch seconds of t=0 (from recording.json or the file's mtime)
-    labels: list[dict[str, Any]] = field(default_factory=list)
+    # Ground truth, when there is any: None means "unknown", [] means "nothing is there".
+    labels: list[dict[str, Any]] | None = None
 
     @property
     def duration(self) -> float:

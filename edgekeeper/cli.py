@@ -46,6 +46,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def user_error(exc: BaseException) -> EdgekeeperError | None:
+    """The EdgekeeperError behind ``exc``: itself, or the first one inside an exception group
+    (a TaskGroup wraps a failing task's error; the user should still see one clear message)."""
+    if isinstance(exc, EdgekeeperError):
+        return exc
+    for inner in getattr(exc, "exceptions", ()):
+        found = user_error(inner)
+        if found is not None:
+            return found
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -61,7 +73,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.configure(args.log_level or config.log.level, config.log.format)
         log.bind_context(device_id=config.device.id)
         return handler(args, config)
-    except EdgekeeperError as err:
+    except Exception as exc:  # noqa: BLE001 - only our own errors are shown, the rest re-raised
+        err = user_error(exc)
+        if err is None:
+            raise
         print(f"edgekeeper: error: {err}", file=sys.stderr)
         return err.exit_code
     except KeyboardInterrupt:

@@ -8,6 +8,7 @@ import wave
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from edgekeeper import config as config_mod
 from edgekeeper.device.gate import Gate
@@ -25,8 +26,8 @@ async def test_event_contents_follow_the_event_config(tmp_path: Path, sample_rec
     assert res.events
     for e in res.events:
         assert 1 <= e["frames"] <= 2
-        assert e["end_t"] - e["trigger_t"] == 2.0
-        assert e["trigger_t"] - e["start_t"] <= 1.0
+        assert e["end_t"] - e["trigger_t"] == pytest.approx(2.0)
+        assert e["trigger_t"] - e["start_t"] <= 1.0 + 1e-9
         folder = tmp_path / "ev" / f"{e['seq']:010d}"
         assert e["features_shape"]
         for jpg in folder.glob("frame-*.jpg"):

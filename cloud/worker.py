@@ -62,7 +62,7 @@ from edgekeeper.protocol.messages import EventBody, ResultBody
 
 from edgekeeper import compat
 from edgekeeper.config import ACTIONS, Config
-from edgekeeper.errors import PermanentError
+from edgekeeper.errors import PermanentError, RetryableError
 from edgekeeper.log import get_logger
 
 log = get_logger(__name__)
@@ -144,6 +144,7 @@ class Worker:
     async def run(self, *, burst: bool = False, stop: asyncio.Event | None = None) -> WorkerStats:
         stop = stop or asyncio.Event()
         slots = asyncio.Semaphore(self.concurrency)
+        backend_down = 0
         async with compat.TaskGroup() as tg:
             while not stop.is_set():
                 if self.circuit.is_open or self._paused_until > time.time():
@@ -160,9 +161,23 @@ class Worker:
                     for _ in range(free):  # it failed while we waited for slots
                         slots.release()
                     continue
-                leases = await self.queue.lease(
-                    self.consumer, count=free, visibility_s=self.visibility_s
-                )
+                try:
+                    leases = await self.queue.lease(
+                        self.consumer, count=free, visibility_s=self.visibility_s
+                    )
+                    backend_down = 0
+                except (OSError, ConnectionError, TimeoutError, RetryableError) as err:
+                    # Redis or PostgreSQL went away: nothing is lost (events stay queued, leases
+                    # expire), so wait and try again instead of exiting.
+                    backend_down += 1
+                    delay = min(30.0, 0.5 * 2 ** min(backend_down, 6))
+                    log.warning("worker_queue_unavailable", error=str(err)[:300], retry_in_s=delay)
+                    for _ in range(free):
+                        slots.release()
+                    with contextlib.suppress(TimeoutError):
+                        async with compat.timeout(delay):
+                            await stop.wait()
+                    continue
                 for _ in range(free - len(leases)):
                     slots.release()
                 for lease in leases:

@@ -12,7 +12,6 @@ Figures:
 from __future__ import annotations
 
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -21,18 +20,6 @@ from pathlib import Path
 
 import cv2
 from _common import SAMPLE, emit, video_path
-
-
-def child_rss_run(argv: list[str]) -> tuple[float, float, str]:
-    """Run argv as a child; return (wall seconds, peak RSS MB of that child, stdout)."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    t0 = time.perf_counter()
-    proc = subprocess.run(argv, capture_output=True, text=True, check=True)
-    wall = time.perf_counter() - t0
-    after = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    # ru_maxrss of children is the max over all waited children: run the biggest first, or
-    # measure each in a fresh grandparent. We measure each run in its own helper process.
-    return wall, max(after, before) / 1024.0, proc.stdout
 
 
 def measure(argv: list[str]) -> tuple[float, float, str]:

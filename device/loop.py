@@ -171,6 +171,7 @@ class Pipeline:
         self.record_timeline = record_timeline
         self.on_event, self.on_decision = on_event, on_decision
         self.stats = PipelineStats()
+        self._debug = config.log.level == "debug"
         self.trigger = TriggerPolicy(config.trigger)
         self.video_pregate = VideoPregate(config.pregate)
         self.audio_pregate = AudioPregate(config.pregate)
@@ -342,8 +343,9 @@ class Pipeline:
             cap.observe(item.t, item.scores)
             if self.record_timeline:
                 self.stats.timeline.append((item.t, item.modality, item.scores))
-            log.debug("scores", modality=item.modality, t=round(item.t, 3), why=item.reason,
-                      scores={k: round(v, 3) for k, v in item.scores.items()})
+            if self._debug:  # building the fields costs more than the check, every frame
+                log.debug("scores", modality=item.modality, t=round(item.t, 3), why=item.reason,
+                          scores={k: round(v, 3) for k, v in item.scores.items()})
 
     async def _apply_trigger(self, item: StageResult) -> None:
         assert item.scores is not None

@@ -128,7 +128,10 @@ class GateSection:
     audio_model: str = DEFAULT_AUDIO_MODEL
     # "" or "int8" / "float": pick that variant of a built-in model.
     variant: Literal["int8", "float"] = "int8"
-    num_threads: int = 2
+    # TFLite threads per interpreter. 1 is right on 2-4 core boards: the vision and audio gates
+    # each keep a core, and a second XNNPACK thread would fight the loop, the decoder and the
+    # other gate for the same cores (measured: bench/bench_loop_overhead.py, docs/benchmarks.md).
+    num_threads: int = 1
 
     def __post_init__(self) -> None:
         if not 1 <= self.num_threads <= 16:

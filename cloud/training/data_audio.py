@@ -6,7 +6,7 @@ Sources, all from Debian packages:
   channel announcements in the freedesktop theme (real voice), and espeak-ng (synthetic, full
   band, many accents and languages);
 * alarm: freedesktop ringing/busy/warning sounds plus synthesised alarms (smoke-alarm T3 beeps,
-  sirens, hi-lo two-tone, buzzers, beep trains);
+  sirens, hi-lo two-tone, buzzers, beep trains, mechanical bells);
 * background: generated noise beds (white/pink/brown, mains hum, rumble, silence with hiss),
   real near-silent Asterisk recordings, and short non-alarm UI sounds (clicks, shutters).
 
@@ -257,7 +257,7 @@ def synth_alarm(rng: np.random.Generator, seconds: float) -> np.ndarray:
     """One synthetic alarm of a random family: what smoke alarms, sirens and buzzers sound like."""
     n = int(seconds * SR)
     t = np.arange(n) / SR
-    family = int(rng.integers(5))
+    family = int(rng.integers(6))
     harmonics = int(rng.integers(0, 4))
     if family == 0:  # beep train: on/off at one pitch
         f = rng.uniform(700, 4000)
@@ -280,6 +280,23 @@ def synth_alarm(rng: np.random.Generator, seconds: float) -> np.ndarray:
         period = rng.uniform(0.3, 1.2)
         f = np.where((t % period) < period / 2, f1, f2)
         out = _tone(f, n, harmonics, rng)
+    elif family == 5:  # mechanical bell (fire bell, alarm clock): a clapper striking metal
+        out = np.zeros(n)
+        f0 = rng.uniform(1200, 4000)
+        partials = np.array([1.0, 2.32, 4.25, 6.63]) * rng.uniform(0.97, 1.03, 4)
+        k = np.arange(int(0.15 * SR)) / SR
+        strike = sum(
+            np.sin(2 * np.pi * f0 * r * k) * np.exp(-k * rng.uniform(15, 60) * r) / r
+            for r in partials
+        )
+        rate = rng.uniform(12, 30)  # strikes per second
+        burst, gap = rng.uniform(0.3, 1.5), rng.uniform(0.0, 0.8)
+        for hit in np.arange(0, seconds, 1 / rate):
+            if hit % (burst + gap) < burst:
+                at = int(hit * SR)
+                seg = strike[: n - at] * rng.uniform(0.6, 1.0)
+                out[at : at + len(seg)] += seg
+        out = out / (np.max(np.abs(out)) + 1e-9)
     else:  # buzzer: harsh low square-ish tone, pulsed
         f = rng.uniform(200, 700)
         out = np.sign(np.sin(2 * np.pi * f * t)) * 0.7 + _tone(f, n, 1, rng) * 0.3

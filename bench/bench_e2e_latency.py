@@ -44,7 +44,7 @@ import numpy as np
 from edgekeeper import compat
 
 ROOT = Path(__file__).resolve().parent.parent
-API_KEY = "sk-ant-bench-e2e"
+API_KEY = "fake-key-bench-e2e"
 
 
 def start_fake(latency: float) -> tuple[subprocess.Popen[str], str]:

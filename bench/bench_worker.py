@@ -41,7 +41,7 @@ from edgekeeper.protocol.keys import DeviceKeys, b64e  # noqa: E402
 from edgekeeper.protocol.messages import EventBody  # noqa: E402
 
 DEVICES = 8
-API_KEY = "sk-ant-bench-worker"
+API_KEY = "fake-key-bench-worker"
 
 
 def jpeg(seed: int) -> bytes:

@@ -48,7 +48,7 @@ from edgekeeper.protocol.keys import DeviceKeys, b64e  # noqa: E402
 from edgekeeper.protocol.messages import EventBody  # noqa: E402
 
 DEVICES = 8
-API_KEY = "sk-ant-bench-workers"
+API_KEY = "fake-key-bench-workers"
 
 
 def cpu_seconds(pid: int) -> float:

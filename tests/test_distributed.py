@@ -47,7 +47,7 @@ from edgekeeper.protocol.messages import ResultBody
 
 pytestmark = [pytest.mark.redis, pytest.mark.postgres, pytest.mark.slow]
 
-API_KEY = "sk-ant-test-distributed-0123456789"
+API_KEY = "fake-key-test-distributed-0123456789"
 
 
 async def until(pred: Callable[[], Awaitable[bool]], timeout: float = 60.0,

@@ -35,7 +35,7 @@ from edgekeeper.cloud.reasoners.base import (
 from edgekeeper.errors import ConfigError, PermanentError
 from edgekeeper.protocol.messages import EventBody
 
-KEY = "sk-ant-test-0123456789-SECRET-do-not-log"
+KEY = "fake-key-test-0123456789-SECRET-do-not-log"
 
 
 @pytest.fixture

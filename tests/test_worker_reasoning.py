@@ -33,7 +33,7 @@ from fake_anthropic import FakeAnthropic, RecordedRequest, Reply
 from edgekeeper import config as config_mod
 from edgekeeper.errors import ConfigError
 
-KEY = "sk-ant-worker-test-key"
+KEY = "fake-key-worker-test"
 DEVICE = "pi-1"
 
 

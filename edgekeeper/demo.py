@@ -47,10 +47,17 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                    help="keep the demo's state here (default: a temporary folder, removed after)")
     p.add_argument("--timeout", type=float, default=120.0,
                    help="give up waiting for results after this many seconds")
+    p.add_argument("--verbose", action="store_true",
+                   help="show every log line (decisions, uploads, results) as well")
     p.set_defaults(handler=cmd_demo)
 
 
 def cmd_demo(args: argparse.Namespace, config: Config) -> int:
+    if not args.verbose and args.log_level is None:
+        # The demo narrates what happens; the log lines would bury it.
+        from edgekeeper import log as log_mod
+
+        log_mod.configure("warning", config.log.format)
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="edgekeeper-demo-"))
     try:
         summary = asyncio.run(run_demo(config, workdir, args.recording, timeout=args.timeout,

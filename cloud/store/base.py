@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
+from edgekeeper.protocol.errors import DeviceExists, InvalidToken
 from edgekeeper.protocol.keys import DevicePublicKeys
 
 
@@ -171,3 +172,39 @@ class Store(Protocol):
     async def ping(self) -> None: ...
 
     async def close(self) -> None: ...
+
+
+def check_enrollment(
+    *,
+    existing: DeviceRecord | None,
+    used_at: float | None,
+    used_by: str | None,
+    expires_at: float,
+    device_id: str,
+    sign_pk: bytes,
+    box_pk: bytes,
+    now: float,
+) -> EnrollOutcome | None:
+    """The enrollment rule every backend applies inside its transaction.
+
+    Returns REPEATED when this exact enrollment already happened (the device lost our answer),
+    None when the token may be consumed now, and raises InvalidToken / DeviceExists otherwise.
+    """
+    same_keys = (
+        existing is not None
+        and existing.sign_pk == sign_pk
+        and existing.box_pk == box_pk
+        and not existing.revoked
+    )
+    if used_at is not None:
+        if used_by == device_id and same_keys:
+            return EnrollOutcome.REPEATED
+        raise InvalidToken("the enrollment token was already used")
+    if expires_at <= now:
+        raise InvalidToken("the enrollment token has expired")
+    if existing is not None and not same_keys:
+        raise DeviceExists(
+            f"device id {device_id!r} is already enrolled"
+            + (" and revoked" if existing.revoked else " with other keys")
+        )
+    return None

@@ -35,9 +35,11 @@ from edgekeeper.cloud.store.base import (
     UsageRecord,
     UsageRow,
     UsageTotals,
+    check_enrollment,
 )
-from edgekeeper.errors import ConfigError
 from edgekeeper.protocol.errors import DeviceExists, InvalidToken
+
+from edgekeeper.errors import ConfigError
 
 # Advisory lock keys (any 64-bit numbers unique to edgekeeper).
 _SCHEMA_LOCK = 0x65646B7301  # "edks" 1
@@ -214,23 +216,12 @@ class PostgresStore:
             )
             row = await cur.fetchone()
             existing = _device(row) if row is not None else None
-            same_keys = (
-                existing is not None
-                and existing.sign_pk == sign_pk
-                and existing.box_pk == box_pk
-                and not existing.revoked
+            repeated = check_enrollment(
+                existing=existing, used_at=used_at, used_by=used_by, expires_at=expires_at,
+                device_id=device_id, sign_pk=sign_pk, box_pk=box_pk, now=now,
             )
-            if used_at is not None:
-                if used_by == device_id and same_keys:
-                    return EnrollOutcome.REPEATED
-                raise InvalidToken("the enrollment token was already used")
-            if expires_at <= now:
-                raise InvalidToken("the enrollment token has expired")
-            if existing is not None and not same_keys:
-                raise DeviceExists(
-                    f"device id {device_id!r} is already enrolled"
-                    + (" and revoked" if existing.revoked else " with other keys")
-                )
+            if repeated is not None:
+                return repeated
             await conn.execute(
                 "UPDATE tokens SET used_at = %s, used_by = %s WHERE token_hash = %s",
                 (now, device_id, token_hash),

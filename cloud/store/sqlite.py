@@ -15,8 +15,9 @@ from edgekeeper.cloud.store.base import (
     UsageRecord,
     UsageRow,
     UsageTotals,
+    check_enrollment,
 )
-from edgekeeper.protocol.errors import DeviceExists, InvalidToken
+from edgekeeper.protocol.errors import InvalidToken
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS devices (
@@ -126,23 +127,12 @@ class SQLiteStore:
                     f"SELECT {_DEVICE_COLS} FROM devices WHERE device_id = ?", (device_id,)
                 ).fetchone()
                 existing = _device(row) if row is not None else None
-                same_keys = (
-                    existing is not None
-                    and existing.sign_pk == sign_pk
-                    and existing.box_pk == box_pk
-                    and not existing.revoked
+                repeated = check_enrollment(
+                    existing=existing, used_at=used_at, used_by=used_by, expires_at=expires_at,
+                    device_id=device_id, sign_pk=sign_pk, box_pk=box_pk, now=now,
                 )
-                if used_at is not None:
-                    if used_by == device_id and same_keys:
-                        return EnrollOutcome.REPEATED
-                    raise InvalidToken("the enrollment token was already used")
-                if expires_at <= now:
-                    raise InvalidToken("the enrollment token has expired")
-                if existing is not None and not same_keys:
-                    raise DeviceExists(
-                        f"device id {device_id!r} is already enrolled"
-                        + (" and revoked" if existing.revoked else " with other keys")
-                    )
+                if repeated is not None:
+                    return repeated
                 conn.execute(
                     "UPDATE tokens SET used_at = ?, used_by = ? WHERE token_hash = ?",
                     (now, device_id, token_hash),

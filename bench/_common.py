@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -13,9 +14,9 @@ from typing import Any
 
 import cv2
 import numpy as np
+from edgekeeper.device.sources import Frame, ThreadedSource
 
 from edgekeeper import config as config_mod
-from edgekeeper.device.sources import ThreadedSource, Frame
 
 ROOT = Path(__file__).resolve().parent.parent
 VTEST = Path("/usr/share/doc/opencv-doc/examples/data/vtest.avi")
@@ -80,3 +81,17 @@ def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
 def chunks(seq: list[Any], n: int) -> Iterator[list[Any]]:
     for i in range(0, len(seq), n):
         yield seq[i : i + n]
+
+
+def start_fake(latency: float) -> tuple[subprocess.Popen[str], str]:
+    """The fake Messages API (tests/fake_anthropic.py) in its own process, answering after
+    ``latency`` seconds; returns the process and its base URL."""
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "tests" / "fake_anthropic.py"), "--latency", str(latency)],
+        stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    line = proc.stdout.readline().strip()
+    if not line.startswith("url="):
+        proc.kill()
+        raise SystemExit(f"the fake provider did not start: {line!r}")
+    return proc, line[4:]

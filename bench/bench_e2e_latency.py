@@ -32,7 +32,6 @@ import json
 import os
 import platform
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -44,19 +43,12 @@ import numpy as np
 from edgekeeper import compat
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+from _common import start_fake  # noqa: E402
+
 API_KEY = "fake-key-bench-e2e"
 
 
-def start_fake(latency: float) -> tuple[subprocess.Popen[str], str]:
-    proc = subprocess.Popen(
-        [sys.executable, str(ROOT / "tests" / "fake_anthropic.py"), "--latency", str(latency)],
-        stdout=subprocess.PIPE, text=True)
-    assert proc.stdout is not None
-    line = proc.stdout.readline().strip()
-    if not line.startswith("url="):
-        proc.kill()
-        raise SystemExit(f"the fake provider did not start: {line!r}")
-    return proc, line[4:]
 
 
 def frame() -> bytes:

@@ -31,7 +31,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-
+sys.path.insert(0, str(ROOT / "bench"))
+from _common import start_fake  # noqa: E402
 from edgekeeper.cloud.backends import open_queue, open_store  # noqa: E402
 from edgekeeper.cloud.enroll import EnrollRequest, enroll, issue_token  # noqa: E402
 from edgekeeper.cloud.keys import CloudKeys  # noqa: E402
@@ -54,16 +55,6 @@ def jpeg(seed: int) -> bytes:
     return bytes(buf)
 
 
-def start_fake(latency: float) -> tuple[subprocess.Popen[str], str]:
-    proc = subprocess.Popen(
-        [sys.executable, str(ROOT / "tests" / "fake_anthropic.py"), "--latency", str(latency)],
-        stdout=subprocess.PIPE, text=True)
-    assert proc.stdout is not None
-    line = proc.stdout.readline().strip()
-    if not line.startswith("url="):
-        proc.kill()
-        raise SystemExit(f"the fake provider did not start: {line!r}")
-    return proc, line[4:]
 
 
 async def fill(data_dir: Path, events: int) -> None:

@@ -284,6 +284,12 @@ class VideoCaptureSource(ThreadedSource):
         first = cap.read() if ok else (False, None)
         if not ok or not first[0]:
             cap.release()
+            if " ! " in self.spec and "GStreamer:                   NO" in cv2.getBuildInformation():
+                raise InputError(
+                    f"camera pipeline {self.spec!r} needs GStreamer, and this OpenCV has none",
+                    fix="use an OpenCV built with GStreamer (docs/configuration.md, [camera]), "
+                    "or a device index or stream URL as camera.source",
+                )
             what = "video file" if self.is_file else "camera"
             raise InputError(
                 f"{what} {self.spec!r} cannot be opened or read",

@@ -129,6 +129,9 @@ async def test_unreadable_video_and_missing_camera(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="camera") as err:
         await collect(VideoCaptureSource("97", live=True))
     assert "camera.source" in (err.value.fix or "")
+    if "GStreamer:                   NO" in cv2.getBuildInformation():  # the pip wheel
+        with pytest.raises(InputError, match="needs GStreamer"):
+            await collect(VideoCaptureSource("videotestsrc ! appsink", live=True))
 
 
 async def test_mjpeg_stream_over_http(sample_recording: Path) -> None:

@@ -170,7 +170,7 @@ async def test_mjpeg_stream_over_http(sample_recording: Path) -> None:
         assert len(frames) == 12
         assert frames[0].image.shape == (jpegs and cv2.imdecode(
             np.frombuffer(jpegs[0], np.uint8), cv2.IMREAD_COLOR).shape)
-        assert all(b.t >= a.t for a, b in zip(frames, frames[1:]))
+        assert all(b.t >= a.t for a, b in zip(frames, frames[1:], strict=False))
     finally:
         await runner.cleanup()
 

@@ -69,9 +69,12 @@ MAX_ACK_BYTES = 64 * 1024
 MAX_ACK_IDS = 1000
 MAX_RESULTS_LIMIT = 100
 HEALTH_TIMEOUT_S = 2.0
-# Envelopes at least this big are opened on a crypto thread (about 15 us of crypto and decoding
-# per 16 KB, against ~50 us for the thread hop).
-CRYPTO_THREAD_MIN_BYTES = 32 * 1024
+# Envelopes at least this big are opened on a crypto thread. Opening and validating a 57 KB event
+# costs ~100 us on the loop; handing it to a thread and back cost ~300 us of CPU on 2 cores
+# (two wake-ups, GIL hand-offs, futures) and made the ingest slower (bench_ingest 2026-11-23:
+# 1228 vs 1039 us CPU per event). Only envelopes that would stall the loop for a third of a
+# millisecond or more (~0.35 ms per 192 KB) are worth the hop.
+CRYPTO_THREAD_MIN_BYTES = 192 * 1024
 JSON_TYPE = "application/json"
 
 Clock = Callable[[], float]

@@ -18,6 +18,7 @@ from cloudkit import Cloud, Device, make_event, running_cloud
 
 from edgekeeper.cloud.backends import open_store
 from edgekeeper.cloud.enroll import revoke
+from edgekeeper.cloud.ingest import CRYPTO_THREAD_MIN_BYTES
 from edgekeeper.cloud.reasoners.echo import EchoReasoner
 from edgekeeper.cloud.worker import Worker
 from edgekeeper.protocol import envelope as E
@@ -114,12 +115,15 @@ async def test_bad_input_is_a_4xx_json_error_and_nothing_is_enqueued(
     elif case == "bitflip_box":
         data, expected = _flip(good, len(good) - 100), (401, "auth_failed")
     elif case == "bitflip_box_large":  # opened on a crypto thread: same refusal
-        big = device.seal(make_event(device.device_id, 3, frame_bytes=60_000))
+        # (over ingest.CRYPTO_THREAD_MIN_BYTES, under MAX_BYTES)
+        big = device.seal(make_event(device.device_id, 3, frame_bytes=200_000))
+        assert CRYPTO_THREAD_MIN_BYTES <= len(big) <= MAX_BYTES
         data, expected = _flip(big, len(big) - 100), (401, "auth_failed")
     elif case == "invalid_body_large":
         header = E._encode_header(device.device_id, 3, time.time(), "m", b"\x00" * 32)
-        data = E._seal(E.KIND_EVENT, header, b"\x00" * 60_000, device.keys.box_sk,
+        data = E._seal(E.KIND_EVENT, header, b"\x00" * 200_000, device.keys.box_sk,
                        device.cloud.box_pk)
+        assert CRYPTO_THREAD_MIN_BYTES <= len(data) <= MAX_BYTES
         expected = (400, "invalid_body")
     elif case == "empty":
         data, expected = b"", (400, "malformed_envelope")

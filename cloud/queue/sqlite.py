@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 import sqlite3
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -75,6 +76,10 @@ CREATE TABLE IF NOT EXISTS dead (
 # 16 KiB pages at 16 events per commit).
 PAGE_SIZE = 65536
 
+# At most this many group commits run back to back in one database-thread job before other
+# queue calls (lease, ack, stats) get their turn.
+_MAX_CHAINED_BATCHES = 8
+
 # Prune the dedupe table every this many committed batches (cheap: an indexed range delete).
 _PRUNE_EVERY = 256
 
@@ -94,6 +99,7 @@ class SQLiteQueue:
         self._db = SQLiteDB(Path(path), SCHEMA, name="queue", page_size=PAGE_SIZE)
         self._pending: list[tuple[QueuedEvent, asyncio.Future[EnqueueStatus]]] = []
         self._flusher: asyncio.Task[None] | None = None
+        self._lock = threading.Lock()
         self._batches = 0
         # How many events each commit carried, for the bench and logs.
         self.commits = 0
@@ -112,28 +118,65 @@ class SQLiteQueue:
     # --- enqueue (group commit) ---------------------------------------------------------
 
     async def enqueue(self, event: QueuedEvent) -> EnqueueStatus:
-        fut: asyncio.Future[EnqueueStatus] = asyncio.get_running_loop().create_future()
-        self._pending.append((event, fut))
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[EnqueueStatus] = loop.create_future()
+        with self._lock:  # the database thread takes batches from this list
+            self._pending.append((event, fut))
         if self._flusher is None or self._flusher.done():
-            self._flusher = asyncio.get_running_loop().create_task(self._flush())
+            self._flusher = loop.create_task(self._flush())
         # shield: a client that disconnects must not cancel a commit other callers share.
         return await asyncio.shield(fut)
 
-    async def _flush(self) -> None:
-        while self._pending:
+    def _take(self) -> list[tuple[QueuedEvent, asyncio.Future[EnqueueStatus]]]:
+        with self._lock:
             batch, self._pending = self._pending, []
+        return batch
+
+    async def _flush(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self._pending:
             try:
-                outcomes = await self._db.run(self._write_batch, [e for e, _ in batch])
+                await self._db.run(self._drain, loop)
+            except Exception as err:  # the job never ran (database closed): fail the waiters
+                self._fail(self._take(), err)
+
+    def _drain(self, conn: sqlite3.Connection, loop: asyncio.AbstractEventLoop) -> None:
+        """On the database thread: commit batch after batch while uploads keep arriving.
+
+        The next commit starts as soon as the previous one is fsync'd, without a round trip
+        through the (busy) event loop in between; each batch's callers are woken as soon as
+        their own commit is done. Bounded so other queue calls are not starved.
+        """
+        for _ in range(_MAX_CHAINED_BATCHES):
+            batch = self._take()
+            if not batch:
+                return
+            try:
+                outcomes = self._write_batch(conn, [e for e, _ in batch])
             except BaseException as err:
-                for _, fut in batch:
-                    if not fut.done():
-                        fut.set_exception(err if isinstance(err, Exception) else RuntimeError(err))
+                failure = err if isinstance(err, Exception) else RuntimeError(err)
+                loop.call_soon_threadsafe(self._fail, batch, failure)
                 if not isinstance(err, Exception):
                     raise
                 continue
-            for (_, fut), outcome in zip(batch, outcomes, strict=True):
-                if not fut.done():
-                    fut.set_result(outcome)
+            loop.call_soon_threadsafe(self._settle, batch, outcomes)
+
+    @staticmethod
+    def _settle(
+        batch: list[tuple[QueuedEvent, asyncio.Future[EnqueueStatus]]],
+        outcomes: list[EnqueueStatus],
+    ) -> None:
+        for (_, fut), outcome in zip(batch, outcomes, strict=True):
+            if not fut.done():
+                fut.set_result(outcome)
+
+    @staticmethod
+    def _fail(
+        batch: list[tuple[QueuedEvent, asyncio.Future[EnqueueStatus]]], err: Exception
+    ) -> None:
+        for _, fut in batch:
+            if not fut.done():
+                fut.set_exception(err)
 
     def _write_batch(self, conn: sqlite3.Connection, events: list[QueuedEvent]) -> list[EnqueueStatus]:
         outcomes: list[EnqueueStatus] = []

@@ -14,9 +14,9 @@ from typing import Any
 
 import cv2
 import numpy as np
-from edgekeeper.device.sources import Frame, ThreadedSource
 
 from edgekeeper import config as config_mod
+from edgekeeper.device.sources import Frame, ThreadedSource
 
 ROOT = Path(__file__).resolve().parent.parent
 VTEST = Path("/usr/share/doc/opencv-doc/examples/data/vtest.avi")

@@ -62,6 +62,7 @@ def frame() -> bytes:
 
 
 async def run(args: argparse.Namespace, workdir: Path, url: str) -> dict[str, Any]:
+    from edgekeeper import config as config_mod
     from edgekeeper.cloud.budget import Budget
     from edgekeeper.cloud.enroll import issue_token
     from edgekeeper.cloud.ingest import IngestServer, create_app
@@ -70,8 +71,6 @@ async def run(args: argparse.Namespace, workdir: Path, url: str) -> dict[str, An
     from edgekeeper.device import identity
     from edgekeeper.device.uplink import DeviceLink
     from edgekeeper.protocol.messages import EventBody
-
-    from edgekeeper import config as config_mod
 
     base = config_mod.build_from_dict({
         "cloud": {"data_dir": str(workdir / "cloud"), "port": 0, "reasoner": "anthropic",

@@ -14,10 +14,11 @@ import time
 import wave
 
 import numpy as np
-from _common import SAMPLE, decode, emit, percentiles, video_path
 
 from edgekeeper import config as config_mod
 from edgekeeper.device.gate import ModelRunner
+
+from _common import SAMPLE, decode, emit, percentiles, video_path
 
 
 def main() -> None:

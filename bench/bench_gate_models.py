@@ -28,6 +28,7 @@ from typing import Any
 
 import cv2
 import numpy as np
+
 from edgekeeper.cloud.training.evaluate import TFLiteModel
 from edgekeeper.cloud.training.features import AudioFrontend, frame_to_input
 

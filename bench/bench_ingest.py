@@ -101,10 +101,10 @@ async def _prepare(data_dir: Path, devices: int) -> tuple[list[Any], Any]:
 
 
 def _envelopes(devices: list[Any], cloud: Any, start_seq: int, n: int, kb: float) -> list[bytes]:
-    from cloudkit import jpeg
-
     from edgekeeper.protocol.envelope import seal_event
     from edgekeeper.protocol.messages import EventBody
+
+    from cloudkit import jpeg
 
     frame = jpeg(int(kb * 1000))
     out = []

@@ -19,12 +19,13 @@ import time
 from pathlib import Path
 
 import numpy as np
-from _common import MemoryFrames, decode, emit, video_path
 
 from edgekeeper import config as config_mod
 from edgekeeper.device.gate import Gate, ModelRunner
 from edgekeeper.device.loop import Pipeline
 from edgekeeper.device.sink import LocalSink
+
+from _common import MemoryFrames, decode, emit, video_path
 
 
 def bare(runner: ModelRunner, frames: list) -> float:

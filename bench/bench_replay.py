@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import cv2
+
 from _common import SAMPLE, emit, video_path
 
 

@@ -33,15 +33,16 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-from edgekeeper.protocol.envelope import CONTENT_TYPE, seal_event
-from edgekeeper.protocol.messages import EventBody
 
 from edgekeeper.config import CloudSection, build_from_dict
+from edgekeeper.protocol.envelope import CONTENT_TYPE, seal_event
+from edgekeeper.protocol.messages import EventBody
 
 
 def _serve(data_dir: str, conn: Any) -> None:
     async def main() -> None:
         from aiohttp import web
+
         from edgekeeper.cloud.ingest import create_app
 
         section = CloudSection(rate_per_second=1e6, rate_burst=1_000_000, max_inflight=10_000)

@@ -32,7 +32,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
-from _common import start_fake  # noqa: E402
 from edgekeeper.cloud.backends import open_queue, open_store  # noqa: E402
 from edgekeeper.cloud.enroll import EnrollRequest, enroll, issue_token  # noqa: E402
 from edgekeeper.cloud.keys import CloudKeys  # noqa: E402
@@ -40,6 +39,8 @@ from edgekeeper.cloud.queue.base import QueuedEvent  # noqa: E402
 from edgekeeper.protocol.envelope import peek_header, seal_event  # noqa: E402
 from edgekeeper.protocol.keys import DeviceKeys, b64e  # noqa: E402
 from edgekeeper.protocol.messages import EventBody  # noqa: E402
+
+from _common import start_fake  # noqa: E402
 
 DEVICES = 8
 API_KEY = "fake-key-bench-worker"

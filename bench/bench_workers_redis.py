@@ -36,8 +36,6 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
-import servers  # noqa: E402 - the tests' harness for real Redis / PostgreSQL
-
 from edgekeeper import log  # noqa: E402
 from edgekeeper.cloud.backends import open_queue, open_store  # noqa: E402
 from edgekeeper.cloud.enroll import EnrollRequest, enroll, issue_token  # noqa: E402
@@ -46,6 +44,8 @@ from edgekeeper.cloud.queue.base import QueuedEvent  # noqa: E402
 from edgekeeper.protocol.envelope import peek_header, seal_event  # noqa: E402
 from edgekeeper.protocol.keys import DeviceKeys, b64e  # noqa: E402
 from edgekeeper.protocol.messages import EventBody  # noqa: E402
+
+import servers  # noqa: E402 - the tests' harness for real Redis / PostgreSQL
 
 DEVICES = 8
 API_KEY = "fake-key-bench-workers"

@@ -22,7 +22,6 @@ from typing import Literal
 
 from edgekeeper.cloud.reasoners.base import Usage
 from edgekeeper.cloud.store.base import Store, UsageRecord, UsageTotals
-
 from edgekeeper.config import BudgetSection, ModelPrice
 from edgekeeper.errors import ConfigError
 

@@ -35,11 +35,16 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import web
+
+from edgekeeper import compat
 from edgekeeper.cloud import enroll as enroll_mod
 from edgekeeper.cloud.backends import open_queue, open_store
 from edgekeeper.cloud.keys import CloudKeys
 from edgekeeper.cloud.queue.base import EnqueueStatus, EventQueue, QueuedEvent
 from edgekeeper.cloud.store.base import DeviceRecord, EnrollOutcome, Store
+from edgekeeper.config import CloudSection, Config
+from edgekeeper.errors import ConfigError, RetryableError
+from edgekeeper.log import get_logger
 from edgekeeper.protocol.envelope import (
     CONTENT_TYPE,
     PROTOCOL_VERSION,
@@ -56,11 +61,6 @@ from edgekeeper.protocol.errors import (
     UnsupportedMediaType,
 )
 from edgekeeper.protocol.keys import DevicePublicKeys, b64e
-
-from edgekeeper import compat
-from edgekeeper.config import CloudSection, Config
-from edgekeeper.errors import ConfigError, RetryableError
-from edgekeeper.log import get_logger
 
 log = get_logger(__name__)
 

@@ -12,10 +12,9 @@ import asyncio
 import time
 from typing import Any
 
-from edgekeeper.protocol.messages import valid_device_id
-
 from edgekeeper.config import Config
 from edgekeeper.errors import InputError
+from edgekeeper.protocol.messages import valid_device_id
 
 MAX_DAYS = 366
 

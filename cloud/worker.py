@@ -40,6 +40,7 @@ import time
 from dataclasses import dataclass
 from typing import Literal
 
+from edgekeeper import compat
 from edgekeeper.cloud.backends import open_queue, open_store
 from edgekeeper.cloud.backoff import Circuit, exponential, jittered
 from edgekeeper.cloud.budget import Budget, Decision
@@ -55,15 +56,13 @@ from edgekeeper.cloud.reasoners.base import (
     resolve_name,
 )
 from edgekeeper.cloud.store.base import Store
+from edgekeeper.config import ACTIONS, Config
+from edgekeeper.errors import PermanentError, RetryableError
+from edgekeeper.log import get_logger
 from edgekeeper.protocol.envelope import open_event, seal_result
 from edgekeeper.protocol.errors import ProtocolError
 from edgekeeper.protocol.keys import DevicePublicKeys
 from edgekeeper.protocol.messages import EventBody, ResultBody
-
-from edgekeeper import compat
-from edgekeeper.config import ACTIONS, Config
-from edgekeeper.errors import PermanentError, RetryableError
-from edgekeeper.log import get_logger
 
 log = get_logger(__name__)
 

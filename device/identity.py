@@ -25,10 +25,10 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-from edgekeeper.protocol.keys import CloudPublicKeys, DeviceKeys, b64e, read_secret, write_secret
 
 from edgekeeper.errors import ConfigError, PermanentError, RetryableError
 from edgekeeper.log import get_logger
+from edgekeeper.protocol.keys import CloudPublicKeys, DeviceKeys, b64e, read_secret, write_secret
 
 log = get_logger(__name__)
 

@@ -29,6 +29,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
+from edgekeeper import compat
+from edgekeeper.config import Config
 from edgekeeper.device.capture import Capture, PendingEvent
 from edgekeeper.device.events import Event
 from edgekeeper.device.gate import Gate
@@ -36,9 +39,6 @@ from edgekeeper.device.pregate import AudioPregate, MotionMeter, VideoPregate
 from edgekeeper.device.sink import Sink
 from edgekeeper.device.sources import AudioBlock, Frame
 from edgekeeper.device.trigger import Decision, TriggerPolicy
-
-from edgekeeper import compat
-from edgekeeper.config import Config
 from edgekeeper.log import get_logger
 
 log = get_logger(__name__)

@@ -20,10 +20,10 @@ from typing import Any
 
 import cv2
 import numpy as np
-from edgekeeper.device.cli import install_stop_signals, live_sources
 
 from edgekeeper import compat
 from edgekeeper.config import Config
+from edgekeeper.device.cli import install_stop_signals, live_sources
 from edgekeeper.errors import InputError
 from edgekeeper.log import get_logger
 

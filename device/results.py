@@ -39,15 +39,15 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal
 
 import aiohttp
-from edgekeeper.protocol.envelope import open_result, sign_request
-from edgekeeper.protocol.errors import ProtocolError
-from edgekeeper.protocol.keys import DeviceKeys, b64d
-from edgekeeper.protocol.messages import ResultBody
 from yarl import URL
 
 from edgekeeper import compat
 from edgekeeper.errors import PermanentError
 from edgekeeper.log import get_logger
+from edgekeeper.protocol.envelope import open_result, sign_request
+from edgekeeper.protocol.errors import ProtocolError
+from edgekeeper.protocol.keys import DeviceKeys, b64d
+from edgekeeper.protocol.messages import ResultBody
 
 if TYPE_CHECKING:
     from edgekeeper.config import Config, ResultsSection

@@ -48,20 +48,19 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
+
+from edgekeeper import compat
 from edgekeeper.device.outbox import AsyncOutbox, Outbox, OutboxRow, OutboxSink
+from edgekeeper.errors import PermanentError, RetryableError
+from edgekeeper.log import get_logger
 from edgekeeper.protocol.envelope import CONTENT_TYPE, seal_event
 from edgekeeper.protocol.errors import ProtocolError
 from edgekeeper.protocol.keys import DeviceKeys
 from edgekeeper.protocol.messages import EventBody, ResultBody
 
-from edgekeeper import compat
-from edgekeeper.errors import PermanentError, RetryableError
-from edgekeeper.log import get_logger
-
 if TYPE_CHECKING:
-    from edgekeeper.device.results import ResultActions, ResultsClient
-
     from edgekeeper.config import Config, UplinkSection
+    from edgekeeper.device.results import ResultActions, ResultsClient
 
 log = get_logger(__name__)
 

@@ -13,10 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import servers  # tests/servers.py: real Redis / PostgreSQL for the backend tests
 
 from edgekeeper import config as config_mod
 from edgekeeper import log
+
+import servers  # tests/servers.py: real Redis / PostgreSQL for the backend tests
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = config_mod.MODELS_DIR

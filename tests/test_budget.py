@@ -9,19 +9,20 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from cloudkit import STORE_BACKENDS
+
+from edgekeeper import config as config_mod
+from edgekeeper.cli import main
 from edgekeeper.cloud.backends import open_store
 from edgekeeper.cloud.backoff import Circuit, exponential
 from edgekeeper.cloud.budget import Budget, cost_usd, next_utc_midnight, utc_day
 from edgekeeper.cloud.reasoners.base import Usage
 from edgekeeper.cloud.store.base import Store, UsageRecord
 from edgekeeper.cloud.worker import cap_action
-from servers import store_overrides
-
-from edgekeeper import config as config_mod
-from edgekeeper.cli import main
 from edgekeeper.config import BudgetSection, ModelPrice
 from edgekeeper.errors import ConfigError
+
+from cloudkit import STORE_BACKENDS
+from servers import store_overrides
 
 NOW = dt.datetime(2026, 11, 23, 23, 59, 30, tzinfo=dt.timezone.utc).timestamp()
 DAY = "2026-11-23"

@@ -16,11 +16,12 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from cloudkit import make_event
 
 from edgekeeper.cli import main
 from edgekeeper.protocol import envelope as E
 from edgekeeper.protocol.keys import CloudPublicKeys, DeviceKeys, b64e
+
+from cloudkit import make_event
 
 
 @pytest.fixture

@@ -31,9 +31,6 @@ from typing import Any
 
 import aiohttp
 import pytest
-from cloudkit import Device, make_event
-from fake_anthropic import FakeAnthropic, Reply
-from servers import RedisServer
 
 from edgekeeper.cloud.backends import open_queue, open_store
 from edgekeeper.cloud.enroll import issue_token
@@ -44,6 +41,10 @@ from edgekeeper.cloud.store.base import Store
 from edgekeeper.protocol.envelope import CONTENT_TYPE, peek_header, seal_result
 from edgekeeper.protocol.keys import CloudPublicKeys, DeviceKeys, b64e
 from edgekeeper.protocol.messages import ResultBody
+
+from cloudkit import Device, make_event
+from fake_anthropic import FakeAnthropic, Reply
+from servers import RedisServer
 
 pytestmark = [pytest.mark.redis, pytest.mark.postgres, pytest.mark.slow]
 
@@ -430,9 +431,9 @@ async def test_dlq_list_and_requeue_through_the_cli(
 async def test_queue_state_survives_a_redis_crash() -> None:
     """SIGKILL redis-server (appendonly, appendfsync always) and start it again from its files:
     queued events, a worker's lease, dead letters and dedupe keys are all still there."""
-    from servers import start_redis
-
     from edgekeeper.cloud.queue.base import EnqueueStatus
+
+    from servers import start_redis
 
     server = start_redis()
     try:

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import msgpack
 import pytest
-from cloudkit import jpeg, make_event
 from nacl.public import Box, PrivateKey
 
 from edgekeeper.errors import ConfigError
@@ -37,6 +36,8 @@ from edgekeeper.protocol.errors import (
 )
 from edgekeeper.protocol.keys import CloudPublicKeys, DeviceKeys, DevicePublicKeys
 from edgekeeper.protocol.messages import EventBody, ResultBody, payload_digest
+
+from cloudkit import jpeg, make_event
 
 ROOT = Path(__file__).resolve().parent.parent
 WINDOW = 300.0

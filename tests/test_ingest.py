@@ -14,7 +14,6 @@ from typing import Any
 import aiohttp
 import msgpack
 import pytest
-from cloudkit import Cloud, Device, make_event, running_cloud
 
 from edgekeeper.cloud.backends import open_store
 from edgekeeper.cloud.enroll import revoke
@@ -24,6 +23,8 @@ from edgekeeper.cloud.worker import Worker
 from edgekeeper.protocol import envelope as E
 from edgekeeper.protocol.keys import DeviceKeys, b64d, b64e
 from edgekeeper.protocol.messages import payload_digest
+
+from cloudkit import Cloud, Device, make_event, running_cloud
 
 MAX_BYTES = 256 * 1024
 

@@ -20,10 +20,10 @@ import time
 from pathlib import Path
 
 import pytest
-from edgekeeper.device.outbox import Outbox
 from test_uplink import DEVICE, enrolled, event_body, start_cloud, until
 
 from edgekeeper import config as config_mod
+from edgekeeper.device.outbox import Outbox
 
 KILLS_DURING_UPLOAD = 20
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+
 from edgekeeper.cloud.training import data_audio, data_vision, features, frontends
 from edgekeeper.cloud.training.evaluate import (
     TFLiteModel,
@@ -25,7 +26,6 @@ from edgekeeper.cloud.training.evaluate import (
     triggers_per_hour,
 )
 from edgekeeper.cloud.training.sources import require
-
 from edgekeeper.errors import InputError, ModelError
 
 MODELS = Path(__file__).resolve().parent.parent / "models"

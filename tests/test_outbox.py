@@ -11,8 +11,9 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from edgekeeper.device.outbox import AsyncOutbox, Outbox, OutboxError, OutboxFull
 from structlog.testing import capture_logs
+
+from edgekeeper.device.outbox import AsyncOutbox, Outbox, OutboxError, OutboxFull
 
 PY = sys.executable
 
@@ -249,6 +250,7 @@ async def test_async_outbox_runs_in_threads_and_signals_changes(tmp_path: Path) 
 
 async def test_sink_takes_the_runtimes_events_and_never_crashes_capture(tmp_path: Path) -> None:
     import numpy as np
+
     from edgekeeper.device.events import Event
     from edgekeeper.device.outbox import OutboxSink
     from edgekeeper.protocol.messages import EventBody

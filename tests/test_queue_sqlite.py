@@ -18,12 +18,13 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
-from cloudkit import QUEUE_BACKENDS
-from servers import queue_overrides
 
 from edgekeeper import log
 from edgekeeper.cloud.backends import open_queue
 from edgekeeper.cloud.queue.base import EnqueueStatus, EventQueue, QueuedEvent
+
+from cloudkit import QUEUE_BACKENDS
+from servers import queue_overrides
 
 Opener = Callable[[], Awaitable[EventQueue]]
 
@@ -211,6 +212,7 @@ async def test_requeue_dead_letters(make_queue: Opener) -> None:
 async def test_redis_refuses_a_queue_that_is_not_fsynced(redis_prefix: str) -> None:
     # A redis-server of our own with appendfsync everysec: QUEUED would not mean durable.
     from edgekeeper.errors import ConfigError
+
     from servers import start_redis
 
     server = start_redis(durable=False)
@@ -236,6 +238,7 @@ async def test_redis_refuses_a_queue_that_is_not_fsynced(redis_prefix: str) -> N
 @pytest.mark.redis
 async def test_redis_unreachable_is_a_clear_config_error(redis_prefix: str) -> None:
     from edgekeeper.errors import ConfigError
+
     from servers import free_port
 
     url = f"redis://:hunter2@127.0.0.1:{free_port()}/0"

@@ -14,8 +14,6 @@ from typing import Any
 import cv2
 import numpy as np
 import pytest
-from cloudkit import jpeg, make_event
-from fake_anthropic import FakeAnthropic, Reply
 
 from edgekeeper import config as config_mod
 from edgekeeper import log as log_mod
@@ -34,6 +32,9 @@ from edgekeeper.cloud.reasoners.base import (
 )
 from edgekeeper.errors import ConfigError, PermanentError
 from edgekeeper.protocol.messages import EventBody
+
+from cloudkit import jpeg, make_event
+from fake_anthropic import FakeAnthropic, Reply
 
 KEY = "fake-key-test-0123456789-SECRET-do-not-log"
 

@@ -14,6 +14,7 @@ import cv2
 import numpy as np
 import pytest
 from conftest import SAMPLE
+
 from edgekeeper.cloud.reasoners.base import load_reasoner
 from edgekeeper.cloud.reasoners.offline import OfflineReasoner
 from edgekeeper.cloud.reasoners.transcribe import make_transcriber, pocketsphinx_available

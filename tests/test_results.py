@@ -13,14 +13,14 @@ from typing import Any
 
 import pytest
 from aiohttp import web
-from edgekeeper.device import identity
-from edgekeeper.device.results import ResultActions, ResultsClient
-from edgekeeper.protocol.envelope import seal_result
-from edgekeeper.protocol.messages import ResultBody
 from nacl.public import PrivateKey
 from test_uplink import DEVICE, Cloud, device_config, enrolled, start_cloud, until
 
 from edgekeeper.config import Config
+from edgekeeper.device import identity
+from edgekeeper.device.results import ResultActions, ResultsClient
+from edgekeeper.protocol.envelope import seal_result
+from edgekeeper.protocol.messages import ResultBody
 
 
 @pytest.fixture

@@ -10,14 +10,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cloudkit import STORE_BACKENDS
-from servers import dump_postgres, store_overrides
 
 from edgekeeper.cloud.backends import open_store
 from edgekeeper.cloud.enroll import EnrollRequest, enroll, issue_token, revoke, token_hash
 from edgekeeper.cloud.store.base import EnrollOutcome, Store
 from edgekeeper.protocol.errors import DeviceExists, InvalidRequest, InvalidToken
 from edgekeeper.protocol.keys import DeviceKeys, b64e
+
+from cloudkit import STORE_BACKENDS
+from servers import dump_postgres, store_overrides
 
 Opener = Callable[[], Awaitable[Store]]
 NOW = 1_790_000_000.0
@@ -187,9 +188,9 @@ async def test_cursor_never_skips_a_result_under_concurrent_writers(make_store: 
 
 @pytest.mark.postgres
 async def test_postgres_unreachable_is_a_clear_config_error() -> None:
-    from servers import free_port
-
     from edgekeeper.errors import ConfigError
+
+    from servers import free_port
 
     dsn = f"postgresql://edge:hunter2@127.0.0.1:{free_port()}/edgekeeper"
     with pytest.raises(ConfigError) as info:

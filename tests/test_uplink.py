@@ -20,12 +20,16 @@ from typing import Any
 
 import pytest
 from aiohttp import web
+
+from edgekeeper import compat
+from edgekeeper import config as config_mod
 from edgekeeper.cloud import enroll as enroll_mod
 from edgekeeper.cloud.backends import open_queue, open_store
 from edgekeeper.cloud.ingest import IngestServer, create_app
 from edgekeeper.cloud.keys import CloudKeys
 from edgekeeper.cloud.queue.sqlite import SQLiteQueue
 from edgekeeper.cloud.store.base import Store
+from edgekeeper.config import CloudSection, Config
 from edgekeeper.device import identity
 from edgekeeper.device.outbox import AsyncOutbox, Outbox, OutboxSink
 from edgekeeper.device.results import ResultActions
@@ -38,11 +42,8 @@ from edgekeeper.device.uplink import (
     parse_retry_after,
 )
 from edgekeeper.protocol.messages import EventBody
-from tcp_proxy import TcpProxy
 
-from edgekeeper import compat
-from edgekeeper import config as config_mod
-from edgekeeper.config import CloudSection, Config
+from tcp_proxy import TcpProxy
 
 DEVICE = "test-device"
 

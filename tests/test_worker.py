@@ -10,7 +10,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from cloudkit import make_event
 
 from edgekeeper.cloud.backends import open_queue, open_store
 from edgekeeper.cloud.enroll import EnrollRequest, enroll, issue_token
@@ -24,6 +23,8 @@ from edgekeeper.errors import ConfigError, PermanentError
 from edgekeeper.protocol import envelope as E
 from edgekeeper.protocol.keys import DeviceKeys, b64e
 from edgekeeper.protocol.messages import EventBody, payload_digest
+
+from cloudkit import make_event
 
 
 @dataclass

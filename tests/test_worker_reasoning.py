@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cloudkit import make_event
+
+from edgekeeper import config as config_mod
 from edgekeeper.cloud.backends import open_queue, open_store
 from edgekeeper.cloud.backoff import Circuit
 from edgekeeper.cloud.budget import Budget, utc_day
@@ -25,13 +26,13 @@ from edgekeeper.cloud.reasoners.base import Reasoner
 from edgekeeper.cloud.reasoners.offline import OfflineReasoner
 from edgekeeper.cloud.store.base import Store
 from edgekeeper.cloud.worker import Worker, WorkerStats, build_reasoners
+from edgekeeper.errors import ConfigError
 from edgekeeper.protocol import envelope as E
 from edgekeeper.protocol.keys import DeviceKeys, b64e
 from edgekeeper.protocol.messages import ResultBody
-from fake_anthropic import FakeAnthropic, RecordedRequest, Reply
 
-from edgekeeper import config as config_mod
-from edgekeeper.errors import ConfigError
+from cloudkit import make_event
+from fake_anthropic import FakeAnthropic, RecordedRequest, Reply
 
 KEY = "fake-key-worker-test"
 DEVICE = "pi-1"

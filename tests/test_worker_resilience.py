@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from servers import start_redis
 from structlog.testing import capture_logs
 
 from edgekeeper.cloud.backends import open_queue
@@ -14,6 +13,8 @@ from edgekeeper.cloud.queue.base import QueuedEvent
 from edgekeeper.cloud.reasoners.echo import EchoReasoner
 from edgekeeper.cloud.store.sqlite import SQLiteStore
 from edgekeeper.cloud.worker import Worker
+
+from servers import start_redis
 
 
 async def test_worker_waits_out_a_redis_restart(tmp_path: Path) -> None:

@@ -27,6 +27,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import anthropic
+
 from edgekeeper.cloud.reasoners.base import (
     MalformedAnswer,
     ProviderUnavailable,
@@ -36,11 +37,10 @@ from edgekeeper.cloud.reasoners.base import (
 )
 from edgekeeper.cloud.reasoners.media import audio_summary, fit_jpeg, pick_frames
 from edgekeeper.cloud.reasoners.transcribe import Transcriber, make_transcriber
-from edgekeeper.protocol.messages import EventBody
-
 from edgekeeper.config import ACTIONS, ReasonerSection
 from edgekeeper.errors import ConfigError, PermanentError
 from edgekeeper.log import get_logger
+from edgekeeper.protocol.messages import EventBody
 
 if TYPE_CHECKING:
     from edgekeeper.config import Config

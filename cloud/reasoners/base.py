@@ -30,9 +30,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
-from edgekeeper.protocol.messages import EventBody
-
 from edgekeeper.errors import ConfigError, RetryableError
+from edgekeeper.protocol.messages import EventBody
 
 if TYPE_CHECKING:
     from edgekeeper.config import Config

@@ -27,12 +27,12 @@ from typing import TYPE_CHECKING, Any
 
 import cv2
 import numpy as np
+
 from edgekeeper.cloud.reasoners.base import NO_USAGE, Usage, Verdict
 from edgekeeper.cloud.reasoners.media import audio_summary, decode_jpeg, pick_frames
 from edgekeeper.cloud.reasoners.transcribe import Transcriber, make_transcriber
-from edgekeeper.protocol.messages import EventBody
-
 from edgekeeper.config import ReasonerSection
+from edgekeeper.protocol.messages import EventBody
 
 if TYPE_CHECKING:
     from edgekeeper.config import Config

@@ -16,8 +16,8 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Literal, Protocol
 
 import numpy as np
-from edgekeeper.cloud.reasoners.media import read_wav
 
+from edgekeeper.cloud.reasoners.media import read_wav
 from edgekeeper.errors import ConfigError
 from edgekeeper.log import get_logger
 

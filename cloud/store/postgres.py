@@ -37,9 +37,8 @@ from edgekeeper.cloud.store.base import (
     UsageTotals,
     check_enrollment,
 )
-from edgekeeper.protocol.errors import DeviceExists, InvalidToken
-
 from edgekeeper.errors import ConfigError
+from edgekeeper.protocol.errors import DeviceExists, InvalidToken
 
 # Advisory lock keys (any 64-bit numbers unique to edgekeeper).
 _SCHEMA_LOCK = 0x65646B7301  # "edks" 1

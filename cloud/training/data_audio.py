@@ -33,6 +33,8 @@ from pathlib import Path
 
 import numpy as np
 import soxr
+from tqdm import tqdm
+
 from edgekeeper.cloud.training.sources import (
     ASTERISK_SOUNDS,
     FREEDESKTOP_SOUNDS,
@@ -40,7 +42,6 @@ from edgekeeper.cloud.training.sources import (
     require,
     require_tool,
 )
-from tqdm import tqdm
 
 SR = 16_000
 WINDOW = 2 * SR

@@ -28,8 +28,9 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-from edgekeeper.cloud.training.sources import OPENCV_DATA, require
 from tqdm import tqdm
+
+from edgekeeper.cloud.training.sources import OPENCV_DATA, require
 
 WIDTH, HEIGHT = 160, 120  # 4:3 like the camera; see the model card for why not 96x96
 FRAME_SIZE = (768, 576)  # composites are made at vtest's resolution

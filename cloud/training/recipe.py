@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from edgekeeper.cloud.training import cards, frontends, sample, sources
 from edgekeeper.cloud.training.evaluate import (
     TFLiteModel,
@@ -29,7 +30,6 @@ from edgekeeper.cloud.training.evaluate import (
     trigger_onsets,
     triggers_per_hour,
 )
-
 from edgekeeper.errors import EdgekeeperError
 
 VERSION = "1.0.0"
@@ -91,6 +91,7 @@ def _video_frames_scores(
 ) -> np.ndarray:
     """Person probability of every frame of a video, frames read back through OpenCV."""
     import cv2
+
     from edgekeeper.cloud.training.features import frame_to_input
 
     cap = cv2.VideoCapture(str(video))
@@ -247,8 +248,9 @@ def _featurise(frontend: Any, audio: np.ndarray, progress: bool, desc: str) -> n
 def _stream_features(
     frontend: Any, signal: np.ndarray, progress: bool, desc: str
 ) -> tuple[np.ndarray, np.ndarray]:
-    from edgekeeper.cloud.training import features as F
     from tqdm import tqdm
+
+    from edgekeeper.cloud.training import features as F
 
     n = (len(signal) - int(F.WINDOW_SECONDS * F.SAMPLE_RATE)) // int(
         F.HOP_SECONDS * F.SAMPLE_RATE

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
 from edgekeeper.cloud.training import data_audio as da
 from edgekeeper.cloud.training import data_vision as dv
 from edgekeeper.cloud.training.sources import (

@@ -95,3 +95,20 @@ def start_fake(latency: float) -> tuple[subprocess.Popen[str], str]:
         proc.kill()
         raise SystemExit(f"the fake provider did not start: {line!r}")
     return proc, line[4:]
+
+
+async def enroll_devices(store: Any, n: int, *, ttl_s: float = 600.0) -> list[tuple[str, Any]]:
+    """Enroll ``n`` fresh devices (bench-0 ...) through the real enrollment rule; return
+    (device id, DeviceKeys) pairs for sealing events."""
+    from edgekeeper.cloud.enroll import EnrollRequest, enroll, issue_token
+    from edgekeeper.protocol.keys import DeviceKeys, b64e
+
+    out = []
+    for i in range(n):
+        dk = DeviceKeys.generate()
+        token = await issue_token(store, ttl_s=ttl_s, now=time.time())
+        await enroll(store, EnrollRequest.from_json(
+            {"token": token, "device_id": f"bench-{i}", "sign_pk": b64e(dk.sign_pk),
+             "box_pk": b64e(dk.box_pk)}), now=time.time())
+        out.append((f"bench-{i}", dk))
+    return out

@@ -36,9 +36,12 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import aiohttp  # noqa: E402
 from aiohttp import web  # noqa: E402
+
+from _common import enroll_devices  # noqa: E402
 
 from edgekeeper.config import CloudSection  # noqa: E402
 from edgekeeper.protocol.envelope import CONTENT_TYPE  # noqa: E402
@@ -80,21 +83,12 @@ def _serve(kind: str, data_dir: str, conn: Any) -> None:
 
 async def _prepare(data_dir: Path, devices: int) -> tuple[list[Any], Any]:
     from edgekeeper.cloud.backends import open_store
-    from edgekeeper.cloud.enroll import EnrollRequest, enroll, issue_token
     from edgekeeper.cloud.keys import CloudKeys
-    from edgekeeper.protocol.keys import DeviceKeys, b64e
 
     keys = CloudKeys.ensure(data_dir)
     store = await open_store("sqlite", data_dir)
-    out = []
     try:
-        for i in range(devices):
-            dk = DeviceKeys.generate()
-            token = await issue_token(store, ttl_s=600, now=time.time())
-            await enroll(store, EnrollRequest.from_json(
-                {"token": token, "device_id": f"bench-{i}", "sign_pk": b64e(dk.sign_pk),
-                 "box_pk": b64e(dk.box_pk)}), now=time.time())
-            out.append((f"bench-{i}", dk))
+        out = await enroll_devices(store, devices)
     finally:
         await store.close()
     return out, keys.public()

@@ -33,14 +33,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 from edgekeeper.cloud.backends import open_queue, open_store  # noqa: E402
-from edgekeeper.cloud.enroll import EnrollRequest, enroll, issue_token  # noqa: E402
 from edgekeeper.cloud.keys import CloudKeys  # noqa: E402
 from edgekeeper.cloud.queue.base import QueuedEvent  # noqa: E402
 from edgekeeper.protocol.envelope import peek_header, seal_event  # noqa: E402
-from edgekeeper.protocol.keys import DeviceKeys, b64e  # noqa: E402
 from edgekeeper.protocol.messages import EventBody  # noqa: E402
 
-from _common import start_fake  # noqa: E402
+from _common import enroll_devices, start_fake  # noqa: E402
 
 DEVICES = 8
 API_KEY = "fake-key-bench-worker"
@@ -62,14 +60,7 @@ async def fill(data_dir: Path, events: int) -> None:
     store = await open_store("sqlite", data_dir)
     queue = await open_queue("sqlite", data_dir)
     keys = await asyncio.to_thread(CloudKeys.ensure, data_dir)
-    devices = []
-    for i in range(DEVICES):
-        dk = DeviceKeys.generate()
-        token = await issue_token(store, ttl_s=60, now=time.time())
-        await enroll(store, EnrollRequest.from_json(
-            {"token": token, "device_id": f"bench-{i}", "sign_pk": b64e(dk.sign_pk),
-             "box_pk": b64e(dk.box_pk)}), now=time.time())
-        devices.append((f"bench-{i}", dk))
+    devices = await enroll_devices(store, DEVICES, ttl_s=60)
     frame = jpeg(1)
     for n in range(events):
         device_id, dk = devices[n % DEVICES]

@@ -1,22 +1,27 @@
 """Ingest throughput on loopback, as a ratio to a bare aiohttp handler.
 
     python bench/bench_ingest.py [--events 1500] [--kb 50] [--concurrency 16] [--rounds 3]
+                                 [--ceiling] [--pin]
 
-Two servers, each ONE process on 127.0.0.1, take turns (interleaved rounds, so background load
-hits both alike) under the same client, which posts ``--events`` distinct ~50 KB event envelopes
+Servers, each ONE process on 127.0.0.1, take turns (interleaved rounds, so background load
+hits all alike) under the same client, which posts ``--events`` distinct ~50 KB event envelopes
 with ``--concurrency`` requests in flight:
 
 * bare: an aiohttp handler that reads the body and answers 202;
-* ingest (and with ``--inline`` a third server, the same ingest opening every envelope on the
-  event loop instead of its crypto threads): ``edgekeeper.cloud.ingest`` with the SQLite
-  backends in a temp dir: content type and
+* ingest: ``edgekeeper.cloud.ingest`` with the SQLite backends in a temp dir: content type and
   size checks, envelope parse, registry lookup, crypto_box open, freshness, body decode and
   validation, rate limit, dedupe + enqueue with a durable (WAL, synchronous=FULL, fsync'd)
-  group commit, then 202.
+  group commit, then 202;
+* with ``--ceiling``, "ingest without a queue": the same ingest whose queue answers QUEUED at
+  once and keeps nothing. Not a backend (it would lose every event): it measures what the
+  ingest costs before any queue, i.e. the best ratio ANY queue backend could reach here.
+
+``--pin`` puts the client on CPU 0 and every server on CPU 1 (Linux), so the servers do not
+compete with the client for cores: closer to production, where the devices are elsewhere.
 
 Envelopes are sealed by the client before each round (sealing is the device's cost, not the
 ingest's); every one is a new (device, seq), so every request is a real enqueue.
-Prints one JSON line: events/s of each (median over rounds), the ratio ingest/bare (median of
+Prints one JSON line: events/s of each (median over rounds), the ratio to bare (median of
 the per-round ratios), and each server's CPU time per event (all its threads).
 """
 
@@ -47,8 +52,27 @@ from edgekeeper.config import CloudSection  # noqa: E402
 from edgekeeper.protocol.envelope import CONTENT_TYPE  # noqa: E402
 
 
-def _serve(kind: str, data_dir: str, conn: Any) -> None:
+class _NoQueue:
+    """The ``--ceiling`` queue: answers QUEUED at once and keeps nothing (see the docstring)."""
+
+    max_attempts = 1
+
+    async def enqueue(self, event: Any) -> Any:
+        from edgekeeper.cloud.queue.base import EnqueueStatus
+
+        return EnqueueStatus.QUEUED
+
+    async def ping(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+
+def _serve(kind: str, data_dir: str, conn: Any, cpu: int | None) -> None:
     """Child process: run one server until the parent closes the pipe."""
+    if cpu is not None:
+        os.sched_setaffinity(0, {cpu})
 
     async def main() -> None:
         if kind == "bare":
@@ -59,14 +83,11 @@ def _serve(kind: str, data_dir: str, conn: Any) -> None:
             app = web.Application(client_max_size=16 * 1024 * 1024)
             app.router.add_post("/v1/events", handler)
         else:
-            from edgekeeper.cloud import ingest
             from edgekeeper.cloud.ingest import create_app
 
-            if kind == "ingest-inline":  # the same ingest, every envelope opened on the loop
-                ingest.CRYPTO_THREAD_MIN_BYTES = 1 << 62
-
             section = CloudSection(rate_per_second=1e6, rate_burst=1_000_000, max_inflight=10_000)
-            app = create_app(section, Path(data_dir))
+            queue = _NoQueue() if kind == "ingest-noqueue" else None
+            app = create_app(section, Path(data_dir), queue=queue)  # type: ignore[arg-type]
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
         site = web.TCPSite(runner, "127.0.0.1", 0)
@@ -141,19 +162,28 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--devices", type=int, default=8)
-    ap.add_argument("--inline", action="store_true",
-                    help="also run the ingest with every envelope opened on the event loop")
+    ap.add_argument("--ceiling", action="store_true",
+                    help="also run the ingest with a queue that keeps nothing (best case)")
+    ap.add_argument("--pin", action="store_true",
+                    help="client on CPU 0, servers on CPU 1 (needs 2+ CPUs, Linux)")
     args = ap.parse_args()
+    server_cpu = None
+    if args.pin:
+        if (os.cpu_count() or 1) < 2 or not hasattr(os, "sched_setaffinity"):
+            raise SystemExit("--pin needs Linux and at least 2 CPUs")
+        os.sched_setaffinity(0, {0})
+        server_cpu = 1
 
     ctx = mp.get_context("spawn")
     with tempfile.TemporaryDirectory(prefix="bench-ingest-") as tmp:
         data_dir = Path(tmp)
         devices, cloud = asyncio.run(_prepare(data_dir, args.devices))
         servers = {}
-        kinds = ["bare", "ingest", *(["ingest-inline"] if args.inline else [])]
+        kinds = ["bare", "ingest", *(["ingest-noqueue"] if args.ceiling else [])]
         for kind in kinds:
             parent, child = ctx.Pipe()
-            proc = ctx.Process(target=_serve, args=(kind, str(data_dir), child), daemon=True)
+            proc = ctx.Process(target=_serve, args=(kind, str(data_dir), child, server_cpu),
+                               daemon=True)
             proc.start()
             servers[kind] = (proc, parent, f"http://127.0.0.1:{parent.recv()}/v1/events")
         rates: dict[str, list[float]] = {k: [] for k in kinds}
@@ -200,10 +230,11 @@ def main() -> None:
             # Server CPU (all threads) per event: less sensitive to other load than events/s.
             **{f"{k.replace('-', '_')}_cpu_us_per_event":
                round(statistics.median(v) * 1e6) for k, v in cpu_per_event.items()},
-            **({"ingest_inline_events_per_s": round(statistics.median(rates["ingest-inline"]), 1),
-                "ratio_inline": round(statistics.median(
-                    [i / b for i, b in zip(rates["ingest-inline"], rates["bare"], strict=True)]
-                ), 3)} if args.inline else {}),
+            **({"noqueue_events_per_s": round(statistics.median(rates["ingest-noqueue"]), 1),
+                "ratio_noqueue": round(statistics.median(
+                    [i / b for i, b in zip(rates["ingest-noqueue"], rates["bare"], strict=True)]
+                ), 3)} if args.ceiling else {}),
+            "pinned": args.pin,
             "queue_file_mb": round(queue_file.stat().st_size / 1e6, 1),
             "cpus": os.cpu_count(),
             "python": platform.python_version(),

@@ -36,13 +36,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from nacl.public import Box, PrivateKey  # noqa: E402
+from nacl.public import Box, PrivateKey
 
-from edgekeeper.protocol.envelope import open_event, seal_event  # noqa: E402
-from edgekeeper.protocol.keys import DeviceKeys  # noqa: E402
-from edgekeeper.protocol.messages import EventBody, payload_digest  # noqa: E402
+from edgekeeper.protocol.envelope import open_event, seal_event
+from edgekeeper.protocol.keys import DeviceKeys
+from edgekeeper.protocol.messages import EventBody, payload_digest
 
-from cloudkit import jpeg  # noqa: E402
+from cloudkit import jpeg
 
 
 def per_call(fn: Callable[[], object], n: int) -> float:

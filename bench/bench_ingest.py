@@ -43,13 +43,13 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import aiohttp  # noqa: E402
-from aiohttp import web  # noqa: E402
+import aiohttp
+from aiohttp import web
 
-from _common import enroll_devices  # noqa: E402
+from edgekeeper.config import CloudSection
+from edgekeeper.protocol.envelope import CONTENT_TYPE
 
-from edgekeeper.config import CloudSection  # noqa: E402
-from edgekeeper.protocol.envelope import CONTENT_TYPE  # noqa: E402
+from _common import enroll_devices
 
 
 class _NoQueue:

@@ -56,7 +56,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--variant", default="int8")
     ap.add_argument("--threads", type=int, default=0, help="gate.num_threads (default: config)")
-    ap.add_argument("--manifest", default="", help="another vision manifest (default: the built-in)")
+    ap.add_argument("--manifest", default="",
+                    help="another vision manifest (default: the built-in)")
     args = ap.parse_args()
     from edgekeeper import log
 
@@ -66,7 +67,8 @@ def main() -> None:
                               gate=dataclasses.replace(cfg.gate, variant=args.variant,
                                                        num_threads=args.threads
                                                        or cfg.gate.num_threads))
-    manifest = config_mod.resolve_model(cfg.gate.vision_model, args.variant) if not args.manifest else Path(args.manifest)
+    manifest = (Path(args.manifest) if args.manifest
+                else config_mod.resolve_model(cfg.gate.vision_model, args.variant))
     frames = decode(video_path(), args.frames)
     runner = ModelRunner.load(manifest, cfg.gate.num_threads)
     bare_fps, loop_fps = [], []
@@ -78,7 +80,8 @@ def main() -> None:
     ratios = sorted(lp / bp for lp, bp in zip(loop_fps, bare_fps, strict=True))
     emit("loop_overhead", {
         "video": str(video_path()), "frames": len(frames), "model": runner.manifest.tag,
-        "variant": args.variant, "num_threads": cfg.gate.num_threads, "bare_fps": [round(x, 1) for x in bare_fps],
+        "variant": args.variant, "num_threads": cfg.gate.num_threads,
+        "bare_fps": [round(x, 1) for x in bare_fps],
         "loop_fps": [round(x, 1) for x in loop_fps],
         "ratio_per_round": [round(r, 3) for r in ratios],
         "ratio_loop_over_bare_median": round(float(np.median(ratios)), 3), "target": ">= 0.90",

@@ -54,11 +54,12 @@ def main() -> None:
         wall, rss_video, out = measure(
             [*exe, "replay", str(video), "--no-progress", "--json", "--report", f"{tmp}/a"])
         media = json.loads(out)[0]["media_seconds"]
-        wall_both, rss_both, out_both = measure(
+        _, rss_both, out_both = measure(
             [*exe, "replay", str(SAMPLE), "--no-progress", "--json", "--report", f"{tmp}/b"])
         models = json.loads(out_both)[0]["models"]
         _, rss_bare, _ = measure([sys.executable, "-c",
-                                  "import numpy, cv2; from ai_edge_litert.interpreter import Interpreter"])
+                                  "import numpy, cv2; "
+                                  "from ai_edge_litert.interpreter import Interpreter"])
     emit("replay", {
         "video": str(video),
         "media_seconds": media,

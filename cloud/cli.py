@@ -90,7 +90,8 @@ def _token(args: argparse.Namespace, config: Config) -> int:
     token = asyncio.run(
         _with_store(config, lambda store: issue_token(store, ttl_s=ttl, now=time.time()))
     )
-    until = dt.datetime.fromtimestamp(time.time() + ttl, dt.timezone.utc).isoformat(timespec="seconds")
+    until = dt.datetime.fromtimestamp(time.time() + ttl, dt.timezone.utc)
+    until = until.isoformat(timespec="seconds")
     print(token)
     print(f"valid once, until {until}: edgekeeper device enroll --cloud URL --token TOKEN",
           file=sys.stderr)

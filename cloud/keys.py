@@ -36,7 +36,8 @@ class CloudKeys:
     release_signing_key: SigningKey | None = None
 
     def __repr__(self) -> str:
-        return f"CloudKeys(box_pk={bytes(self.box_key.public_key).hex()[:16]}..., offline_release={self.release_signing_key is None})"
+        return (f"CloudKeys(box_pk={bytes(self.box_key.public_key).hex()[:16]}..., "
+                f"offline_release={self.release_signing_key is None})")
 
     @property
     def box_pk(self) -> bytes:

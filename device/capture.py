@@ -194,7 +194,8 @@ class Capture:
             ok, buf = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, self.cfg.jpeg_quality])
             if ok:
                 jpegs.append(buf.tobytes())
-        audio_wav = encode_wav(snap["audio"], self.audio_rate) if snap["audio"] is not None else None
+        audio = snap["audio"]
+        audio_wav = encode_wav(audio, self.audio_rate) if audio is not None else None
         d = p.decision
         return Event(
             device_id=self.device_id,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import signal
 import sys
@@ -69,7 +70,8 @@ def cmd_replay(args: argparse.Namespace, config: Config) -> int:
     async def main() -> list[Any]:
         results = []
         for i, path in enumerate(args.paths):
-            events_dir = report_dir / "events" / (f"{i:02d}-{path.stem}" if len(args.paths) > 1 else "")
+            sub = f"{i:02d}-{path.stem}" if len(args.paths) > 1 else ""
+            events_dir = report_dir / "events" / sub
             results.append(
                 await replay_recording(
                     path,
@@ -130,10 +132,9 @@ def install_stop_signals(stop: asyncio.Event) -> None:
         stop.set()
 
     for sig in (signal.SIGTERM, signal.SIGINT):
-        try:
+        # Not available off the main thread or on Windows: Ctrl-C then ends the loop directly.
+        with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, on_signal, sig.name)
-        except (NotImplementedError, RuntimeError):  # pragma: no cover - non-main thread
-            pass
 
 
 def live_sources(config: Config, audio_rate: int | None) -> tuple[Any, Any]:

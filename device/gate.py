@@ -178,7 +178,8 @@ class ModelRunner:
         """
         seq: np.ndarray | None = None
         base_frame: int | None = None
-        if position is not None and (self._last_position is None or position <= self._last_position):
+        last = self._last_position
+        if position is not None and (last is None or position <= last):
             self._cache.clear()  # a new stream (or a rewind): cached frames belong to another
         self._last_position = position
         for i, runner in enumerate(self.stages):

@@ -80,7 +80,7 @@ def _need(data: dict[str, Any], key: str, kind: type | tuple[type, ...], where: 
     if key not in data:
         raise ModelError(f"model manifest {where}: missing key '{key}'", fix="see docs/models.md")
     value = data[key]
-    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
         raise ModelError(
             f"model manifest {where}: key '{key}' = {value!r} has the wrong type",
             fix="see docs/models.md for the expected types",
@@ -112,7 +112,9 @@ def _stage(raw: Any, base: Path, where: Path, index: int) -> Stage:
     if not isinstance(outputs, dict) or not all(
         isinstance(v, int) and v >= 0 for v in outputs.values()
     ):
-        raise ModelError(f"model manifest {where}: stages[{index}].outputs must map names to indices")
+        raise ModelError(
+            f"model manifest {where}: stages[{index}].outputs must map names to indices"
+        )
     return Stage(
         model=model,
         input=inp,
@@ -170,7 +172,8 @@ def load_manifest(path: Path) -> Manifest:
         raise ModelError(f"model manifest {path}: stages must list at least one model")
     stages = tuple(_stage(s, base, path, i) for i, s in enumerate(raw_stages))
     if "scores" not in stages[-1].outputs:
-        stages = stages[:-1] + (
+        stages = (
+            *stages[:-1],
             Stage(**{**stages[-1].__dict__, "outputs": {**stages[-1].outputs, "scores": 0}}),
         )
     vision = audio = None
@@ -203,7 +206,9 @@ def load_manifest(path: Path) -> Manifest:
         except (KeyError, TypeError, ValueError) as err:
             raise ModelError(f"model manifest {path}: bad 'audio' block ({err})") from None
         if audio.sample_rate < 4000 or audio.window_seconds <= 0 or audio.hop_seconds <= 0:
-            raise ModelError(f"model manifest {path}: audio needs sample_rate >= 4000, window, hop > 0")
+            raise ModelError(
+                f"model manifest {path}: audio needs sample_rate >= 4000, window, hop > 0"
+            )
         if stages[0].input != "pcm" and len(stages) > 1:
             raise ModelError(f"model manifest {path}: the first audio stage must take 'pcm' input")
     return Manifest(

@@ -88,12 +88,13 @@ async def record(
                 await asyncio.to_thread(writer.release)
 
     async def record_audio() -> None:
-        w = wave.open(str(tmp / "audio.wav"), "wb")
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(rate)
-        meta["audio"] = "audio.wav"
+        # Not a `with`: closing flushes the header to disk, so it runs on a thread (finally).
+        w = wave.open(str(tmp / "audio.wav"), "wb")  # noqa: SIM115
         try:
+            w.setnchannels(1)
+            w.setsampwidth(2)
+            w.setframerate(rate)
+            meta["audio"] = "audio.wav"
             async for block in asrc.stream():
                 if stop.is_set():
                     break

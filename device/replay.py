@@ -87,7 +87,9 @@ class ReplayResult:
             "bytes_sent": self.stats.event_bytes,
             "bytes_streaming_everything": self.streaming_bytes,
             "bytes_ratio": (
-                round(self.stats.event_bytes / self.streaming_bytes, 5) if self.streaming_bytes else None
+                round(self.stats.event_bytes / self.streaming_bytes, 5)
+                if self.streaming_bytes
+                else None
             ),
             "metrics": self.metrics,
         }
@@ -132,7 +134,9 @@ def evaluate(
             "triggers": len(triggers),
             "event_precision": round(ev_tp / len(triggers), 4) if triggers else None,
             "event_recall": round(hit_ranges / len(ranges), 4) if ranges else None,
-            "triggers_per_hour": round(len(triggers) / (duration / 3600.0), 2) if duration else None,
+            "triggers_per_hour": (
+                round(len(triggers) / (duration / 3600.0), 2) if duration else None
+            ),
         }
     return out
 
@@ -200,7 +204,8 @@ async def replay_recording(
         stats = await _run_with_progress(pipeline, rec, show=progress)
         result = ReplayResult(rec, stats, gates.models, events=recorder.metas)
         if rec.labels is not None:
-            result.metrics = evaluate(rec.labels, stats, config, max(rec.duration, stats.media_seconds))
+            duration = max(rec.duration, stats.media_seconds)
+            result.metrics = evaluate(rec.labels, stats, config, duration)
         return result
 
 
@@ -214,8 +219,9 @@ async def _run_with_progress(pipeline: Pipeline, rec: Recording, *, show: bool) 
         return await pipeline.run()
     from tqdm import tqdm
 
+    bar_format = "{l_bar}{bar}| {n:.1f}/{total:.1f} media s [{elapsed}<{remaining}]"
     with tqdm(total=round(total, 1), unit="s", desc=f"replay {rec.path.name}", leave=False,
-              bar_format="{l_bar}{bar}| {n:.1f}/{total:.1f} media s [{elapsed}<{remaining}]") as bar:
+              bar_format=bar_format) as bar:
         task = asyncio.create_task(pipeline.run())
         while not task.done():
             await asyncio.wait({task}, timeout=0.25)

@@ -70,8 +70,11 @@ def _plot_png(result: ReplayResult, config: Config) -> bytes | None:
 
 
 def _table(rows: dict[str, Any]) -> str:
+    def text(v: Any) -> str:
+        return json.dumps(v) if isinstance(v, (dict, list)) else str(v)
+
     cells = "".join(
-        f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(json.dumps(v) if isinstance(v, (dict, list)) else str(v))}</td></tr>"
+        f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(text(v))}</td></tr>"
         for k, v in rows.items()
     )
     return f"<table>{cells}</table>"
@@ -97,7 +100,8 @@ def write_report(results: list[ReplayResult], config: Config, out_dir: Path) -> 
         s = r.summary()
         png = _plot_png(r, config)
         plot = (
-            f'<img alt="scores over time" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
+            '<img alt="scores over time" src="data:image/png;base64,'
+            f'{base64.b64encode(png).decode()}">'
             if png
             else "<p><em>Plots need matplotlib: pip install 'edgekeeper[report]'.</em></p>"
         )

@@ -1,4 +1,5 @@
-"""Where finished events go. ``LocalSink`` keeps them on disk: one folder per event plus index.jsonl.
+"""Where finished events go. ``LocalSink`` keeps them on disk: one folder per event plus
+index.jsonl.
 
 The outbox (device/outbox.py) is the other sink: it commits events for the uplink to send. Both
 hand out the per-device sequence number, persisted before it is used, so a restart never reuses

@@ -104,7 +104,8 @@ class Handoff:
         return True
 
     def _put(self, item: Any) -> None:
-        if self._credits is None and len(self._items) >= self._maxsize and not isinstance(item, _End):
+        full = len(self._items) >= self._maxsize
+        if self._credits is None and full and not isinstance(item, _End):
             dropped = self._items.popleft()
             self.dropped += 1
             if self.on_drop is not None:
@@ -276,7 +277,8 @@ class VideoCaptureSource(ThreadedSource):
             if not path.is_file():
                 raise InputError(
                     f"video file {path} does not exist",
-                    fix="check the path (replay takes video files, image folders, WAVs or recordings)",
+                    fix="check the path (replay takes video files, image folders, WAVs or "
+                    "recordings)",
                 )
             self.stats.bytes_read = path.stat().st_size
         cap = self._open_capture()
@@ -284,7 +286,8 @@ class VideoCaptureSource(ThreadedSource):
         first = cap.read() if ok else (False, None)
         if not ok or not first[0]:
             cap.release()
-            if " ! " in self.spec and "GStreamer:                   NO" in cv2.getBuildInformation():
+            no_gstreamer = "GStreamer:                   NO" in cv2.getBuildInformation()
+            if " ! " in self.spec and no_gstreamer:
                 raise InputError(
                     f"camera pipeline {self.spec!r} needs GStreamer, and this OpenCV has none",
                     fix="use an OpenCV built with GStreamer (docs/configuration.md, [camera]), "

@@ -95,7 +95,7 @@ class TriggerPolicy:
             hits = sum(1 for s in st.window if s >= rule.threshold)
 
             def decide(action: Literal["fire", "hold", "release"], reason: str) -> None:
-                decisions.append(  # noqa: B023 - used immediately, in this iteration
+                decisions.append(
                     Decision(t, label, action, reason, score, hits, n, rule.threshold)  # noqa: B023
                 )
 

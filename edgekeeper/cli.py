@@ -73,7 +73,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.configure(args.log_level or config.log.level, config.log.format)
         log.bind_context(device_id=config.device.id)
         return handler(args, config)
-    except Exception as exc:  # noqa: BLE001 - only our own errors are shown, the rest re-raised
+    except Exception as exc:
         err = user_error(exc)
         if err is None:
             raise

@@ -177,7 +177,8 @@ async def run_demo(
 
 
 def print_summary(s: dict[str, Any]) -> None:
-    ratio = s["bytes_sent"] / s["bytes_streaming_everything"] if s["bytes_streaming_everything"] else 0
+    everything = s["bytes_streaming_everything"]
+    ratio = s["bytes_sent"] / everything if everything else 0
     print()
     print("summary")
     print(f"  recording            {s['recording']}")

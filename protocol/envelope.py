@@ -335,7 +335,8 @@ def _open(header: EnvelopeHeader, header_bytes: bytes, seed: bytes, box: memoryv
     if _HAVE_EASY:
         size = len(box) - MAC_BYTES
         out = _alloc("unsigned char[]", size)
-        ok = _lib.crypto_box_open_easy_afternm(out, _ffi.from_buffer(box), len(box), nonce, key) == 0
+        status = _lib.crypto_box_open_easy_afternm(out, _ffi.from_buffer(box), len(box), nonce, key)
+        ok = status == 0
         body = _ffi.buffer(out, size)[:] if ok else b""
     else:  # pragma: no cover
         try:
@@ -597,7 +598,9 @@ def verify_request(
     try:
         VerifyKey(device.sign_pk).verify(message, signature)
     except nacl.exceptions.BadSignatureError:
-        raise AuthenticationFailed(f"the request signature of {device_id!r} does not verify") from None
+        raise AuthenticationFailed(
+            f"the request signature of {device_id!r} does not verify"
+        ) from None
     if abs(ts - now) > window_s:
         raise StaleMessage(
             f"{HEADER_TIMESTAMP} is {ts - now:+.1f} s from the cloud's clock; "

@@ -18,7 +18,8 @@ Public API:
 * ``DevicePublicKeys(device_id, sign_pk, box_pk, revoked=False)``: what the cloud's registry
   knows about a device.
 * ``CloudPublicKeys(box_pk, release_pk)``: what a device pins at enrollment;
-  ``.to_json()`` / ``CloudPublicKeys.from_json()``, ``.save(path)`` / ``CloudPublicKeys.load(path)``.
+  ``.to_json()`` / ``CloudPublicKeys.from_json()``, ``.save(path)`` /
+  ``CloudPublicKeys.load(path)``.
 * ``write_secret(path, data)`` / ``read_secret(path)``: files of mode 0600, written atomically,
   refused on load when group or others can read them (as ssh does).
 * ``b64e`` / ``b64d``: the base64 used for keys in JSON (standard alphabet, padded).
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import json
 import os
 import stat
@@ -80,10 +82,8 @@ def write_secret(path: Path, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    with contextlib.suppress(FileNotFoundError):  # left by a crash of this pid's predecessor
         tmp.unlink()
-    except FileNotFoundError:
-        pass
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         os.write(fd, data)

@@ -38,7 +38,9 @@ def make_config(tmp_path: Path) -> Callable[..., config_mod.Config]:
     """
 
     def make(**sections: Any) -> config_mod.Config:
-        data: dict[str, Any] = {"device": {"id": "test-device", "state_dir": str(tmp_path / "state")}}
+        data: dict[str, Any] = {
+            "device": {"id": "test-device", "state_dir": str(tmp_path / "state")}
+        }
         for name, values in sections.items():
             data.setdefault(name, {}).update(values)
         cfg = config_mod.build_from_dict(data, source="test")

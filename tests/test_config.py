@@ -27,7 +27,8 @@ def test_defaults_load_without_a_file() -> None:
 def test_file_values_and_env_overrides(tmp_path: Path) -> None:
     f = tmp_path / "c.toml"
     f.write_text('[device]\nid = "porch"\n[trigger.labels.person]\nthreshold = 0.9\n')
-    cfg = config_mod.load(f, env={"EDGEKEEPER_LOG_LEVEL": "debug", "EDGEKEEPER_GATE_NUM_THREADS": "3"})
+    env = {"EDGEKEEPER_LOG_LEVEL": "debug", "EDGEKEEPER_GATE_NUM_THREADS": "3"}
+    cfg = config_mod.load(f, env=env)
     assert cfg.device.id == "porch"
     assert cfg.trigger.labels["person"].threshold == 0.9
     assert cfg.log.level == "debug" and cfg.gate.num_threads == 3
@@ -62,11 +63,13 @@ def test_bad_values_name_file_key_and_expectation(tmp_path: Path, toml: str, nee
 
 
 def test_bad_env_value_is_refused() -> None:
-    with pytest.raises(ConfigError, match="gate.num_threads"):
+    with pytest.raises(ConfigError, match=r"gate\.num_threads"):
         config_mod.load(None, env={"EDGEKEEPER_GATE_NUM_THREADS": "many"})
 
 
-def test_cli_reports_bad_config_without_traceback(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_reports_bad_config_without_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     f = tmp_path / "bad.toml"
     f.write_text("[camera]\nfps = -1\n")
     assert main(["--config", str(f), "replay", str(tmp_path)]) == 2

@@ -75,7 +75,7 @@ def small_body(seq: int = 7) -> EventBody:
 
 def field_spans(env: bytes) -> list[tuple[str, int, int]]:
     """(field, start, end) for every byte of an envelope, following docs/protocol.md."""
-    version, kind, header, nonce, box = msgpack.unpackb(env)
+    version, kind, header, _seed, box = msgpack.unpackb(env)
     device_id, seq, ts, tag, phash = msgpack.unpackb(header)
     spans: list[tuple[str, int, int]] = []
     pos = 0
@@ -178,7 +178,9 @@ def test_envelope_bytes_are_plain_msgpack(device: DeviceKeys, cloud: PrivateKey)
         assert items[4] == expected.ciphertext
 
 
-def test_each_seal_is_fresh_but_payload_hash_is_stable(device: DeviceKeys, cloud: PrivateKey) -> None:
+def test_each_seal_is_fresh_but_payload_hash_is_stable(
+    device: DeviceKeys, cloud: PrivateKey
+) -> None:
     body = small_body()
     a = E.seal_event(body, device=device, cloud_box_pk=bytes(cloud.public_key), sent_at=1.0,
                      model_version="m")
@@ -228,7 +230,9 @@ def test_every_bit_flip_of_a_result_is_refused(device: DeviceKeys, cloud: Privat
         assert info.value.code in FIELD_CODES[name], f"byte {index} ({name}): {info.value.code}"
 
 
-def test_truncated_and_extended_envelopes_are_refused(device: DeviceKeys, cloud: PrivateKey) -> None:
+def test_truncated_and_extended_envelopes_are_refused(
+    device: DeviceKeys, cloud: PrivateKey
+) -> None:
     env = E.seal_event(small_body(), device=device, cloud_box_pk=bytes(cloud.public_key),
                        sent_at=5.0, model_version="m")
     for cut in range(len(env)):
@@ -324,7 +328,9 @@ def test_body_must_agree_with_header(device: DeviceKeys, cloud: PrivateKey) -> N
         E.open_event(env, cloud_box_sk=cloud, lookup=strict(device), now=1.0, window_s=WINDOW)
 
 
-def test_payload_hash_mismatch_is_caught_when_verifying(device: DeviceKeys, cloud: PrivateKey) -> None:
+def test_payload_hash_mismatch_is_caught_when_verifying(
+    device: DeviceKeys, cloud: PrivateKey
+) -> None:
     env = _seal_raw(device, cloud, 7, small_body().encode(), phash=b"\x01" * 32)
     with pytest.raises(InvalidBody, match="payload_hash"):
         E.open_event(env, cloud_box_sk=cloud, lookup=strict(device), now=1.0, window_s=WINDOW,

@@ -122,14 +122,14 @@ def test_missing_manifest_and_bad_json(tmp_path: Path) -> None:
     with pytest.raises(ModelError, match="does not exist"):
         ModelRunner.load(tmp_path / "nope.json")
     (tmp_path / "bad.json").write_text("{")
-    with pytest.raises(ModelError, match="bad.json.*not valid JSON"):
+    with pytest.raises(ModelError, match=r"bad\.json.*not valid JSON"):
         ModelRunner.load(tmp_path / "bad.json")
 
 
 def test_missing_model_file(tmp_path: Path) -> None:
     m = copy_model(tmp_path)
     (tmp_path / "person-int8.tflite").unlink()
-    with pytest.raises(ModelError, match="person-int8.tflite does not exist"):
+    with pytest.raises(ModelError, match=r"person-int8\.tflite does not exist"):
         ModelRunner.load(m)
 
 
@@ -144,7 +144,7 @@ def test_corrupt_model_file(tmp_path: Path, damage: str) -> None:
         f.write_bytes(data[: len(data) // 3])
     else:
         f.write_bytes(b"")
-    with pytest.raises(ModelError, match="person-int8.tflite") as err:
+    with pytest.raises(ModelError, match=r"person-int8\.tflite") as err:
         ModelRunner.load(m)
     assert err.value.fix
 
@@ -152,7 +152,7 @@ def test_corrupt_model_file(tmp_path: Path, damage: str) -> None:
 def test_label_count_must_match_outputs(tmp_path: Path) -> None:
     m = copy_model(tmp_path)
     (tmp_path / "labels.txt").write_text("no_person\nperson\ncat\n")
-    with pytest.raises(ModelError, match="3 labels.*2 values"):
+    with pytest.raises(ModelError, match=r"3 labels.*2 values"):
         ModelRunner.load(m)
     (tmp_path / "labels.txt").write_text("")
     with pytest.raises(ModelError, match="labels"):
@@ -206,15 +206,17 @@ async def test_swap_between_two_inferences_without_stopping(tmp_path: Path,
     gate = Gate("vision")
     await gate.load(manifest("person", "float"))
     tags: list[str] = []
+    warmed_up = asyncio.Event()
 
     async def infer_forever() -> None:
         for i in range(200):
             out = await gate.classify(frames[i % len(frames)])
             tags.append(out.model)
+            if len(tags) == 20:
+                warmed_up.set()
 
     task = asyncio.create_task(infer_forever())
-    while len(tags) < 20:
-        await asyncio.sleep(0.001)
+    await warmed_up.wait()
     new = await gate.swap(candidate)
     await task
     gate.close()

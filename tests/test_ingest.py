@@ -54,7 +54,9 @@ def assert_error(status: int, body: Any, expected_status: int, code: str) -> Non
 # --- events -------------------------------------------------------------------------------
 
 
-async def test_event_is_queued_once_and_retries_are_duplicates(cloud: Cloud, device: Device) -> None:
+async def test_event_is_queued_once_and_retries_are_duplicates(
+    cloud: Cloud, device: Device
+) -> None:
     body = make_event(device.device_id, 1, frame_bytes=50_000)
     status, data, _ = await cloud.post_envelope(device.seal(body))
     assert (status, data) == (202, {"status": "queued", "device_id": "pi-kitchen", "seq": 1})
@@ -267,10 +269,12 @@ async def test_enrollment_api(cloud: Cloud) -> None:
         assert resp.status == 200 and await resp.json() == data
     async with cloud.session.post(url, json={**payload, "device_id": "pi-other"}) as resp:
         assert_error(resp.status, await resp.json(), 401, "invalid_token")
+    other_key = b64e(DeviceKeys.generate().sign_pk)
     async with cloud.session.post(url, json={**payload, "token": await cloud.token(),
-                                             "sign_pk": b64e(DeviceKeys.generate().sign_pk)}) as resp:
+                                             "sign_pk": other_key}) as resp:
         assert_error(resp.status, await resp.json(), 409, "device_exists")
-    async with cloud.session.post(url, data=b"{not json", headers={"Content-Type": "application/json"}) as resp:
+    async with cloud.session.post(url, data=b"{not json",
+                                  headers={"Content-Type": "application/json"}) as resp:
         assert_error(resp.status, await resp.json(), 400, "invalid_json")
     async with cloud.session.post(url, json={"token": token}) as resp:
         assert_error(resp.status, await resp.json(), 400, "invalid_request")
@@ -341,7 +345,9 @@ async def test_long_poll_times_out_empty(cloud: Cloud, device: Device) -> None:
     assert (status, data) == (200, {"results": [], "cursor": 5})
 
 
-async def test_results_requests_must_be_signed_fresh_and_valid(cloud: Cloud, device: Device) -> None:
+async def test_results_requests_must_be_signed_fresh_and_valid(
+    cloud: Cloud, device: Device
+) -> None:
     url = f"{cloud.url}/v1/results?cursor=0&wait=0&limit=20"
     async with cloud.session.get(url) as resp:
         assert_error(resp.status, await resp.json(), 401, "missing_signature")

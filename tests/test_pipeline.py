@@ -61,8 +61,9 @@ async def test_pregate_spares_frames_and_counts(tmp_path: Path, sample_recording
                                                 make_config) -> None:
     on = await replay_recording(sample_recording, make_config(), events_dir=tmp_path / "a",
                                 progress=False)
-    off = await replay_recording(sample_recording, make_config(pregate={"motion": False, "energy": False}),
-                                 events_dir=tmp_path / "b", progress=False)
+    no_pregate = make_config(pregate={"motion": False, "energy": False})
+    off = await replay_recording(sample_recording, no_pregate, events_dir=tmp_path / "b",
+                                 progress=False)
     assert off.stats.frames_spared == 0 and off.stats.frames_scored == off.stats.frames
     assert on.stats.frames_scored + on.stats.frames_spared == on.stats.frames == off.stats.frames
 

@@ -33,7 +33,7 @@ from edgekeeper.cloud.reasoners.base import (
 from edgekeeper.errors import ConfigError, PermanentError
 from edgekeeper.protocol.messages import EventBody
 
-from cloudkit import jpeg, make_event
+from cloudkit import make_event
 from fake_anthropic import FakeAnthropic, Reply
 
 KEY = "fake-key-test-0123456789-SECRET-do-not-log"

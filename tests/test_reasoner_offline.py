@@ -108,7 +108,7 @@ async def test_audio_only_event_gets_metadata_and_no_opinion(teacher: OfflineRea
 
 @pytest.mark.skipif(not pocketsphinx_available(), reason="pocketsphinx is in the cloud extra")
 async def test_speech_is_transcribed_offline() -> None:
-    if not SPEECH.is_file():  # noqa: ASYNC240 - one stat, before anything runs
+    if not SPEECH.is_file():
         pytest.fail(f"{SPEECH} is missing: apt-get install asterisk-core-sounds-en-wav")
     transcriber = make_transcriber("pocketsphinx")
     assert transcriber is not None

@@ -31,8 +31,10 @@ def test_replay_is_deterministic(tmp_path: Path, sample_recording: Path,
     for key in ("frames", "frames_scored", "audio_windows", "audio_scored", "event_bytes"):
         assert a[key] == b[key]
     # The events on disk are byte-identical too (JPEG, WAV, features).
-    files_a = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a" / "events").rglob("*") if p.is_file())
-    files_b = sorted(p.relative_to(tmp_path / "b") for p in (tmp_path / "b" / "events").rglob("*") if p.is_file())
+    def files(root: Path) -> list[Path]:
+        return sorted(p.relative_to(root) for p in (root / "events").rglob("*") if p.is_file())
+
+    files_a, files_b = files(tmp_path / "a"), files(tmp_path / "b")
     assert files_a == files_b
     for rel in files_a:
         assert (tmp_path / "a" / rel).read_bytes() == (tmp_path / "b" / rel).read_bytes(), rel
@@ -53,7 +55,8 @@ def test_report_has_metrics_plots_and_byte_comparison(tmp_path: Path, sample_rec
     html = (tmp_path / "r" / "report.html").read_text()
     assert "data:image/png;base64," in html and "Gate quality" in html
     # Event folders hold what the index says.
-    events = [json.loads(line) for line in (tmp_path / "r" / "events" / "index.jsonl").read_text().splitlines()]
+    index = (tmp_path / "r" / "events" / "index.jsonl").read_text()
+    events = [json.loads(line) for line in index.splitlines()]
     assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
     for e in events:
         folder = tmp_path / "r" / "events" / f"{e['seq']:010d}"
@@ -63,7 +66,9 @@ def test_report_has_metrics_plots_and_byte_comparison(tmp_path: Path, sample_rec
                 assert w.getsampwidth() == 2 and w.getframerate() == 16000
 
 
-def test_labels_file_overrides_and_scores_each_label(tmp_path: Path, sample_recording: Path) -> None:
+def test_labels_file_overrides_and_scores_each_label(
+    tmp_path: Path, sample_recording: Path
+) -> None:
     labels = tmp_path / "truth.json"
     labels.write_text(json.dumps({"schema": 1, "labels": []}))  # nothing is there
     assert run_cli("replay", str(sample_recording / "video.avi"), "--labels", str(labels),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import threading
 import wave
@@ -34,7 +35,9 @@ async def collect(source: Any, limit: int = 10_000) -> list[Any]:
     return out
 
 
-def write_wav(path: Path, samples: np.ndarray, rate: int, width: int = 2, channels: int = 1) -> None:
+def write_wav(
+    path: Path, samples: np.ndarray, rate: int, width: int = 2, channels: int = 1
+) -> None:
     if channels > 1:
         samples = np.repeat(samples[:, None], channels, axis=1)
     with wave.open(str(path), "wb") as w:
@@ -80,13 +83,15 @@ async def test_image_folder(tmp_path: Path, sample_recording: Path) -> None:
 
 async def test_image_folder_with_a_corrupt_image_names_it(tmp_path: Path) -> None:
     (tmp_path / "a.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
-    with pytest.raises(InputError, match="a.jpg"):
+    with pytest.raises(InputError, match=r"a\.jpg"):
         await collect(ImageFolderSource(tmp_path))
 
 
 @pytest.mark.parametrize("rate", [8000, 16000, 22050, 44100, 48000])
 @pytest.mark.parametrize(("width", "channels"), [(2, 1), (2, 2), (1, 1), (4, 1)])
-async def test_wav_at_any_rate_is_resampled(tmp_path: Path, rate: int, width: int, channels: int) -> None:
+async def test_wav_at_any_rate_is_resampled(
+    tmp_path: Path, rate: int, width: int, channels: int
+) -> None:
     t = np.arange(int(1.5 * rate)) / rate
     tone = (0.5 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)
     path = tmp_path / "tone.wav"
@@ -112,19 +117,19 @@ async def test_wav_that_is_not_pcm_is_refused_with_the_fix(tmp_path: Path) -> No
               + (4).to_bytes(2, "little") + (32).to_bytes(2, "little")
               + b"data" + len(data).to_bytes(4, "little"))
     bad.write_bytes(header + data)
-    with pytest.raises(InputError, match="float.wav") as err:
+    with pytest.raises(InputError, match=r"float\.wav") as err:
         await collect(WavSource(bad))
     assert "sox" in (err.value.fix or "")
     garbage = tmp_path / "garbage.wav"
     garbage.write_bytes(b"definitely not riff")
-    with pytest.raises(InputError, match="garbage.wav"):
+    with pytest.raises(InputError, match=r"garbage\.wav"):
         await collect(WavSource(garbage))
 
 
 async def test_unreadable_video_and_missing_camera(tmp_path: Path) -> None:
     bad = tmp_path / "broken.avi"
     bad.write_bytes(b"\x00" * 4096)
-    with pytest.raises(InputError, match="broken.avi"):
+    with pytest.raises(InputError, match=r"broken\.avi"):
         await collect(VideoCaptureSource(str(bad), live=False))
     with pytest.raises(InputError, match="camera") as err:
         await collect(VideoCaptureSource("97", live=True))
@@ -170,7 +175,7 @@ async def test_mjpeg_stream_over_http(sample_recording: Path) -> None:
         assert len(frames) == 12
         assert frames[0].image.shape == (jpegs and cv2.imdecode(
             np.frombuffer(jpegs[0], np.uint8), cv2.IMREAD_COLOR).shape)
-        assert all(b.t >= a.t for a, b in zip(frames, frames[1:], strict=False))
+        assert all(b.t >= a.t for a, b in itertools.pairwise(frames))
     finally:
         await runner.cleanup()
 

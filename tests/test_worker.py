@@ -179,5 +179,5 @@ async def test_recovered_reasoner_result_is_not_provisional(env: Env) -> None:
 
 def test_unknown_reasoner_name_is_a_config_error() -> None:
     assert load_reasoner("echo").name == "echo"
-    with pytest.raises(ConfigError, match="cloud.reasoner"):
+    with pytest.raises(ConfigError, match=r"cloud\.reasoner"):
         load_reasoner("gpt-17")

@@ -35,7 +35,9 @@ class SQLiteDB:
         self._conn: sqlite3.Connection | None = None
 
     async def open(self) -> None:
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"sqlite-{self._name}")
+        self._executor = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix=f"sqlite-{self._name}"
+        )
         try:
             await self._submit(self._connect)
         except BaseException:

@@ -81,19 +81,34 @@ def test_audio_model_multi_stage(variant: str, sample_recording: Path) -> None:
     assert max(quiet.scores, key=quiet.scores.get) == "background"
 
 
-def test_cached_audio_windows_match_fresh_computation(sample_recording: Path) -> None:
-    cached = ModelRunner.load(manifest("sound", "int8"))
-    fresh = ModelRunner.load(manifest("sound", "int8"))
+@pytest.mark.parametrize("variant", ["float", "int8"])
+def test_cached_audio_windows_match_fresh_computation(
+    sample_recording: Path, variant: str
+) -> None:
+    cached = ModelRunner.load(manifest("sound", variant))
+    fresh = ModelRunner.load(manifest("sound", variant))
     a = cached.manifest.audio
     assert a is not None
+    frame = cached.manifest.stages[0].frame_samples
     with wave.open(str(sample_recording / "audio.wav"), "rb") as w:
         pcm = np.frombuffer(w.readframes(w.getnframes()), "<i2").astype(np.float32) / 32768
-    for end in range(a.window_samples, min(len(pcm), a.window_samples + 10 * a.hop_samples),
-                     a.hop_samples):
+    # The shipped hop, then hops too short for the front end's minimum input (some cached
+    # frames are recomputed), a jump past the cache, and a rewind (a new stream).
+    ends = [a.window_samples + k * a.hop_samples for k in range(6)]
+    ends += [ends[-1] + k * 8 * frame for k in range(1, 4)]
+    ends += [ends[-1] + a.window_samples + 3 * frame, a.window_samples + frame]
+    front_end_inputs = []
+    for end in ends:
         win = pcm[end - a.window_samples : end]
         x, y = cached.classify(win, end), fresh.classify(win)
+        front_end_inputs.append(cached.stages[0].shape[-1])
         assert np.array_equal(x.features, y.features)
         assert x.scores == y.scores
+    # The cache did its job: after the first window, a hop ran the front end on about a hop
+    # of audio, not the whole window; the jump and the rewind computed whole windows.
+    assert front_end_inputs[0] == a.window_samples
+    assert all(n < a.window_samples // 2 for n in front_end_inputs[1:9])
+    assert front_end_inputs[9:] == [a.window_samples, a.window_samples]
 
 
 # -- bad models ---------------------------------------------------------------------------

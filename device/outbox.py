@@ -209,12 +209,26 @@ class Outbox:
                 f"outbox {self.path} cannot be created: {err.strerror}",
                 fix="set outbox.path (or device.state_dir) to a writable directory",
             ) from None
+        # isolation_level=None: we issue BEGIN IMMEDIATE ourselves, so a writer takes the
+        # lock up front instead of failing on upgrade when another process also writes.
         try:
-            # isolation_level=None: we issue BEGIN IMMEDIATE ourselves, so a writer takes the
-            # lock up front instead of failing on upgrade when another process also writes.
             db = sqlite3.connect(
                 self.path, isolation_level=None, check_same_thread=False, timeout=30.0
             )
+        except sqlite3.Error as err:
+            raise OutboxError(
+                f"outbox {self.path} cannot be opened: {err}",
+                fix="set outbox.path (or device.state_dir) to a writable directory",
+            ) from None
+        try:
+            self._prepare(db)
+        except BaseException:
+            db.close()  # refused: do not leave the file open behind the error
+            raise
+        return db
+
+    def _prepare(self, db: sqlite3.Connection) -> None:
+        try:
             mode = db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
             if str(mode).lower() != "wal":
                 raise OutboxError(
@@ -243,7 +257,6 @@ class Outbox:
                     f"outbox {self.path} belongs to device {row[0]!r}, not {self.device_id!r}",
                     fix=f"set device.id = {row[0]!r}, or point outbox.path at another file",
                 )
-        return db
 
     @staticmethod
     @contextlib.contextmanager

@@ -8,6 +8,7 @@ import stat
 import subprocess
 import sys
 import textwrap
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,9 +19,23 @@ from edgekeeper.device.outbox import AsyncOutbox, Outbox, OutboxError, OutboxFul
 PY = sys.executable
 
 
+_opened: list[Outbox] = []
+
+
 def make(tmp_path: Path, **kw: object) -> Outbox:
     kw.setdefault("device_id", "cam-1")
-    return Outbox(tmp_path / "state" / "outbox.sqlite", **kw)  # type: ignore[arg-type]
+    ob = Outbox(tmp_path / "state" / "outbox.sqlite", **kw)  # type: ignore[arg-type]
+    _opened.append(ob)
+    return ob
+
+
+@pytest.fixture(autouse=True)
+def _close_outboxes() -> Iterator[None]:
+    # Every outbox a test opened is closed (closing twice is harmless): an unclosed SQLite
+    # connection is a ResourceWarning, an error under this suite's filterwarnings.
+    yield
+    while _opened:
+        _opened.pop().close()
 
 
 def test_file_is_private_wal_and_fully_synchronous(tmp_path: Path) -> None:
@@ -60,6 +75,7 @@ def test_put_is_idempotent_for_the_same_body_only(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="positive integer"):
         ob.put(b"b", 0)
     assert ob.stats().pending == 1
+    ob.close()
 
 
 def test_outbox_of_another_device_is_refused(tmp_path: Path) -> None:

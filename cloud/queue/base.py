@@ -15,6 +15,12 @@ attempts ran out (a poison message that kills its worker). Ack and nack only suc
 current holder of the lease (``receipt``): a worker whose lease expired and was re-leased cannot
 ack someone else's delivery.
 
+A worker whose reasoner call may outlive ``visibility_s`` keeps its lease with ``extend``
+(a heartbeat): otherwise the lease expires under the call, a second worker leases the event and
+the provider is paid twice. ``extend`` only ever prolongs the caller's own delivery; once that
+was lost (expired and re-leased, or the event is gone) it answers False and changes nothing, so
+a late heartbeat never takes an event back from its new holder.
+
 How a Redis Streams backend maps onto this (next issue): ``enqueue`` = a Lua script doing
 ``HGET seen {key}`` / ``HSET`` + ``XADD`` atomically (with appendfsync always for durability);
 ``lease`` = ``XAUTOCLAIM`` (min-idle = visibility) for expired leases, then ``XREADGROUP >``;
@@ -99,6 +105,12 @@ class EventQueue(Protocol):
 
     async def ack(self, lease: Lease) -> bool:
         """Done: delete the event. False when the lease was lost (expired and re-leased)."""
+        ...
+
+    async def extend(self, lease: Lease, *, visibility_s: float) -> bool:
+        """Still working on it: keep the event invisible to others for ``visibility_s`` from
+        now. False when the lease was lost (expired and re-leased by someone else, or the event
+        is gone); the caller must then stop, store nothing and not ack."""
         ...
 
     async def nack(self, lease: Lease, *, reason: str, delay_s: float = 0.0) -> bool:

@@ -25,6 +25,11 @@ Why each piece (the contract is cloud/queue/base.py):
 * **A receipt names one delivery**: ``"<entry id>:<delivery count>"``, kept in the ``holder``
   hash. Ack/nack compare it, so a worker whose lease expired and was taken over cannot ack or
   nack the new holder's delivery.
+* **Extending a lease** (the worker's heartbeat during a long reasoner call) moves the entry's
+  deadline in ``due`` and re-``XCLAIM``s it to the same consumer with ``JUSTID`` (which resets
+  its idle time without counting a delivery, so ``XPENDING`` shows a live holder), in one
+  script, and only if the receipt still matches and the PEL still names this consumer: a
+  heartbeat arriving after the lease was taken over changes nothing and says so.
 * **Dead letters** go to a second stream, with an index from event key to entry so ``edgekeeper
   cloud dlq requeue KEY`` finds one without a scan.
 * **Dedupe keys** (``seen``: key -> payload hash) stay while the event is queued, leased or dead,
@@ -191,6 +196,17 @@ prune_seen()
 return 1
 """
 
+# ARGV: group, id, receipt, consumer, visibility_us -> 1 extended, 0 lease lost
+_EXTEND = _K + """
+local group, id, consumer = ARGV[1], ARGV[2], ARGV[4]
+if redis.call('HGET', K_HOLDER, id) ~= ARGV[3] then return 0 end
+local p = redis.call('XPENDING', K_EVENTS, group, id, id, 1)
+if #p == 0 or p[1][2] ~= consumer then return 0 end
+redis.call('XCLAIM', K_EVENTS, group, consumer, 0, id, 'JUSTID')
+redis.call('ZADD', K_DUE, now + tonumber(ARGV[5]), id)
+return 1
+"""
+
 # ARGV: group, id, receipt, reason, delay_us, max_attempts, retention_us, bury_now
 # -> 1 will be redelivered, 2 dead-lettered, 0 lease lost
 _NACK = _K + """
@@ -278,6 +294,7 @@ class RedisStreamsQueue:
         self._lua_enqueue = client.register_script(_ENQUEUE)
         self._lua_lease = client.register_script(_LEASE)
         self._lua_ack = client.register_script(_ACK)
+        self._lua_extend = client.register_script(_EXTEND)
         self._lua_nack = client.register_script(_NACK)
         self._lua_requeue = client.register_script(_REQUEUE)
         self._lua_stats = client.register_script(_STATS)
@@ -421,6 +438,13 @@ class RedisStreamsQueue:
     async def ack(self, lease: Lease) -> bool:
         done = await self._run(self._lua_ack, [
             GROUP, self._entry_id(lease), lease.receipt, lease.event.key, self._retention_us,
+        ])
+        return int(done) == 1
+
+    async def extend(self, lease: Lease, *, visibility_s: float) -> bool:
+        done = await self._run(self._lua_extend, [
+            GROUP, self._entry_id(lease), lease.receipt, lease.consumer,
+            int(max(0.0, visibility_s) * 1e6),
         ])
         return int(done) == 1
 

@@ -178,7 +178,9 @@ class SQLiteQueue:
             if not fut.done():
                 fut.set_exception(err)
 
-    def _write_batch(self, conn: sqlite3.Connection, events: list[QueuedEvent]) -> list[EnqueueStatus]:
+    def _write_batch(
+        self, conn: sqlite3.Connection, events: list[QueuedEvent]
+    ) -> list[EnqueueStatus]:
         outcomes: list[EnqueueStatus] = []
         now = time.time()
         with transaction(conn):
@@ -402,7 +404,8 @@ class SQLiteQueue:
         """Every (device_id, seq) waiting or leased, in order (for tests and inspection)."""
 
         def do(conn: sqlite3.Connection) -> list[tuple[str, int]]:
-            return [(d, s) for d, s in conn.execute("SELECT device_id, seq FROM events ORDER BY id")]
+            rows = conn.execute("SELECT device_id, seq FROM events ORDER BY id")
+            return [(d, s) for d, s in rows]
 
         return await self._db.run(do)
 

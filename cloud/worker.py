@@ -7,8 +7,11 @@ Delivery rules:
   (device_id, seq), so a worker killed between the two produces no second result.
 * Effectively-once: before calling a reasoner the worker asks the store whether a result for
   (device_id, seq) exists; a redelivered event that has one is just acked, with no second
-  provider call. (Two workers holding the same event at once, after a lease expired under a
-  slow call, can still both call; the store keeps the first result.)
+  provider call. While a reasoner call runs, a heartbeat extends the lease every
+  ``visibility_s / 3``, so a call slower than the visibility does not let a second worker
+  lease the event and pay the provider again. If an extension finds the lease lost anyway (this
+  process stalled past the deadline and another worker took the event over), the call is
+  cancelled and nothing is stored or acked: the new holder answers the event.
 * An event that can never succeed (device unknown or revoked since, envelope fails to open or
   its payload hash does not match, a reasoner's PermanentError) goes to the dead-letter list at
   once; its own transient failure (``ReasonerUnavailable``: a malformed answer, any other
@@ -37,8 +40,9 @@ import random
 import signal
 import socket
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal, TypeVar
 
 from edgekeeper import compat
 from edgekeeper.cloud.backends import open_queue, open_store
@@ -72,6 +76,15 @@ RETRY_CAP_S = 300.0
 # at 00:00:00 UTC at once.
 BUDGET_RESET_SPREAD_S = 600.0
 PROBE_DEVICE = "(probe)"  # usage of circuit probes (no device id can contain parentheses)
+# A lease is extended this many times per visibility timeout while a reasoner call runs: two
+# extensions can fail or come late before the lease expires under the call.
+HEARTBEATS_PER_VISIBILITY = 3
+
+T = TypeVar("T")
+
+
+class _LeaseLost(Exception):
+    """Our lease on an event was taken over while its reasoner call ran (worker-internal)."""
 
 
 @dataclass
@@ -83,6 +96,7 @@ class WorkerStats:
     provisional: int = 0  # results from the cheaper path or the fallback
     waiting: int = 0  # put back until a budget resets
     provider_failures: int = 0
+    lost: int = 0  # lease taken over during a reasoner call: call cancelled, nothing stored
     probes: int = 0
     cost_usd: float = 0.0
 
@@ -301,7 +315,7 @@ class Worker:
         await self.store.put_result(device_id=ev.device_id, seq=ev.seq, envelope=sealed,
                                     now=time.time())
         if not await self.queue.ack(lease):
-            log.warning("worker_lease_lost", key=ev.key, attempts=lease.attempts)
+            log.warning("worker_lease_lost", key=ev.key, attempts=lease.attempts, during="ack")
         self.stats.done += 1
         self.stats.provisional += path != "primary"
         log.debug("worker_event_done", key=ev.key, label=result.label, reasoner=result.reasoner)
@@ -313,7 +327,11 @@ class Worker:
         fallback answered instead."""
         ev = lease.event
         try:
-            verdict = await reasoner.reason(body, model_version=model_version)
+            verdict = await self._call_leased(
+                lease, reasoner.reason(body, model_version=model_version))
+        except _LeaseLost:
+            self._lease_lost(lease, reasoner)
+            return None
         except ProviderUnavailable as err:
             await self._record(err.usage, ev.device_id, ev.seq, reasoner.name)
             self.stats.provider_failures += 1
@@ -322,7 +340,11 @@ class Worker:
             if self.fallback is not None and reasoner is not self.fallback \
                     and waited >= self.fallback_after_s:
                 try:
-                    verdict = await self.fallback.reason(body, model_version=model_version)
+                    verdict = await self._call_leased(
+                        lease, self.fallback.reason(body, model_version=model_version))
+                except _LeaseLost:
+                    self._lease_lost(lease, self.fallback)
+                    return None
                 except Exception as ferr:
                     log.warning("worker_fallback_failed", key=ev.key, error=repr(ferr))
                 else:
@@ -341,6 +363,51 @@ class Worker:
             return None
         await self._record(verdict.usage, ev.device_id, ev.seq, reasoner.name)
         return reasoner, verdict, False
+
+    async def _call_leased(self, lease: Lease, call: Coroutine[Any, Any, T]) -> T:
+        """Await ``call`` (a reasoner's) while a heartbeat keeps ``lease`` alive.
+
+        Both are children of this event's task: the heartbeat is cancelled and awaited as soon
+        as the call ends, and the call is cancelled and awaited when the heartbeat finds the
+        lease lost, which raises _LeaseLost. The call's own exceptions reach the caller as they
+        are (not wrapped in an ExceptionGroup), so _reason handles them as before.
+        """
+        async with compat.TaskGroup() as tg:
+            answer = tg.create_task(_outcome(call))
+            heartbeat = tg.create_task(self._heartbeat(lease, answer))
+            answer.add_done_callback(lambda _: heartbeat.cancel())
+        if not heartbeat.cancelled() and heartbeat.result():
+            raise _LeaseLost
+        value, error = answer.result()
+        if error is not None:
+            raise error
+        return value  # type: ignore[return-value]  # no error: the call returned a T
+
+    async def _heartbeat(self, lease: Lease, call: asyncio.Task[Any]) -> bool:
+        """Extend ``lease`` every visibility_s / HEARTBEATS_PER_VISIBILITY until cancelled;
+        if the queue says the lease was lost, cancel ``call`` and return True."""
+        every = self.visibility_s / HEARTBEATS_PER_VISIBILITY
+        while True:
+            await asyncio.sleep(every)
+            try:
+                kept = await self.queue.extend(lease, visibility_s=self.visibility_s)
+            except Exception as err:
+                # The backend did not answer (Redis restarting, a busy SQLite file): the lease
+                # may well still hold, and if it does expire the event is delivered again (at
+                # least once). Abandoning a call already paid for would only cost more.
+                log.warning("worker_lease_extend_failed", key=lease.event.key,
+                            error=repr(err)[:300])
+                continue
+            if not kept:
+                call.cancel()
+                return True
+
+    def _lease_lost(self, lease: Lease, reasoner: Reasoner) -> None:
+        self.stats.lost += 1
+        log.warning("worker_lease_lost", key=lease.event.key, attempts=lease.attempts,
+                    reasoner=reasoner.name, during="reasoning",
+                    outcome="call cancelled; no result stored, not acked (the new holder "
+                            "answers it)")
 
     async def _record(self, usage: Usage, device_id: str, seq: int, reasoner: str) -> None:
         if self.budget is None or usage.tokens == 0:
@@ -379,6 +446,14 @@ class Worker:
         await self.queue.dead_letter(lease, reason=reason)
         self.stats.dead += 1
         log.error("worker_event_dead", key=lease.event.key, reason=reason)
+
+
+async def _outcome(call: Coroutine[Any, Any, T]) -> tuple[T | None, Exception | None]:
+    """What ``call`` returned or raised, so a task group does not wrap its error."""
+    try:
+        return await call, None
+    except Exception as err:
+        return None, err
 
 
 async def _sleep(stop: asyncio.Event, seconds: float) -> None:

@@ -318,6 +318,20 @@ class SQLiteQueue:
 
         return await self._db.run(do)
 
+    async def release(self, lease: Lease, *, delay_s: float = 0.0) -> bool:
+        def do(conn: sqlite3.Connection) -> bool:
+            # attempts was raised when this delivery was leased; taking it back is what makes
+            # the wait free. last_error is kept: it is the reason of the last real failure.
+            with transaction(conn):
+                cur = conn.execute(
+                    "UPDATE events SET available_at = ?, attempts = MAX(attempts - 1, 0),"
+                    " lease_token = NULL, leased_by = NULL WHERE id = ? AND lease_token = ?",
+                    (time.time() + max(0.0, delay_s), self._row_id(lease), lease.receipt),
+                )
+            return cur.rowcount == 1
+
+        return await self._db.run(do)
+
     async def dead_letter(self, lease: Lease, *, reason: str) -> bool:
         def do(conn: sqlite3.Connection) -> bool:
             with transaction(conn):

@@ -17,12 +17,14 @@ Delivery rules:
   once; its own transient failure (``ReasonerUnavailable``: a malformed answer, any other
   exception) is nacked with an exponential, jittered delay and dead-lettered after
   ``cloud.queue_max_attempts`` deliveries.
-* Provider down (``ProviderUnavailable``): the event goes back to the queue, due when the next
-  probe is, and the worker's circuit (cloud/backoff.py) opens: no leasing until a probe answers.
-  Each in-flight event spends one delivery per outage; queued ones spend none.
-* Budgets (cloud/budget.py): checked before each call; over a limit, ``wait`` puts the event
-  back until the next UTC day (a spent global budget also pauses leasing), ``cheaper`` asks
-  the cheaper reasoner. Usage of every call (even a failed one that was billed) is recorded.
+* Waits that are not the event's fault put it back with ``queue.release``, which charges no
+  attempt, so no number of them dead-letters it:
+
+  - Provider down (``ProviderUnavailable``): the event is released, due when the next probe
+    is, and the worker's circuit (cloud/backoff.py) opens: no leasing until a probe answers.
+  - Budgets (cloud/budget.py): checked before each call; over a limit, ``wait`` releases the
+    event until the next UTC day (a spent global budget also pauses leasing), ``cheaper`` asks
+    the cheaper reasoner. Usage of every call (even a failed one that was billed) is recorded.
 * Stand-ins never broaden authority: a result from the cheaper path, the fallback, or any
   reasoner that says so is ``provisional``, names the reasoner that produced it, and its action
   is capped at ``reasoner.provisional_max_action``.
@@ -40,7 +42,7 @@ import random
 import signal
 import socket
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
@@ -94,7 +96,8 @@ class WorkerStats:
     dead: int = 0
     skipped: int = 0  # redelivered with a result already stored: acked, no reasoner call
     provisional: int = 0  # results from the cheaper path or the fallback
-    waiting: int = 0  # put back until a budget resets
+    waiting: int = 0  # put back until a budget resets (no attempt spent)
+    deferred: int = 0  # put back while the provider is down (no attempt spent)
     provider_failures: int = 0
     lost: int = 0  # lease taken over during a reasoner call: call cancelled, nothing stored
     probes: int = 0
@@ -130,6 +133,8 @@ class Worker:
         fallback_after_s: float = 600.0,
         provisional_max_action: str = "notify",
         circuit: Circuit | None = None,
+        budget_reset_spread_s: float = BUDGET_RESET_SPREAD_S,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.queue = queue
         self.store = store
@@ -149,8 +154,12 @@ class Worker:
         self.fallback_after_s = fallback_after_s
         self.provisional_max_action = provisional_max_action
         self.circuit = circuit or Circuit()
+        self.budget_reset_spread_s = budget_reset_spread_s
+        # Wall-clock time for budget days, pauses and timestamps (tests cross a UTC midnight
+        # with their own; the circuit keeps its own monotonic clock).
+        self.clock = clock
         self.stats = WorkerStats()
-        # A spent global budget (wait policy) pauses leasing until this time.time().
+        # A spent global budget (wait policy) pauses leasing until this clock() time.
         self._paused_until = 0.0
 
     # --- the lease loop ---------------------------------------------------------------------
@@ -160,7 +169,7 @@ class Worker:
         backend_down = 0
         async with compat.TaskGroup() as tg:
             while not stop.is_set():
-                if self.circuit.is_open or self._paused_until > time.time():
+                if self.circuit.is_open or self._paused_until > self.clock():
                     if burst:
                         break  # leave the rest queued: nothing more can be done now
                     await self._hold(stop)
@@ -170,7 +179,7 @@ class Worker:
                 while free < self.concurrency and not slots.locked():
                     await slots.acquire()
                     free += 1
-                if self.circuit.is_open or self._paused_until > time.time():
+                if self.circuit.is_open or self._paused_until > self.clock():
                     for _ in range(free):  # it failed while we waited for slots
                         slots.release()
                     continue
@@ -212,8 +221,8 @@ class Worker:
 
     async def _hold(self, stop: asyncio.Event) -> None:
         """Leasing is paused: wait for the budget day to turn, or probe the provider."""
-        if self._paused_until > time.time():
-            await _sleep(stop, min(self._paused_until - time.time(), 60.0))
+        if self._paused_until > self.clock():
+            await _sleep(stop, min(self._paused_until - self.clock(), 60.0))
             return
         await _sleep(stop, self.circuit.remaining())
         if stop.is_set():
@@ -280,7 +289,7 @@ class Worker:
 
         reasoner, path, note = self.reasoner, "primary", ""
         if self.budget is not None:
-            decision = await self.budget.check(ev.device_id, now=time.time())
+            decision = await self.budget.check(ev.device_id, now=self.clock())
             if not decision.allowed:
                 if self.over_budget == "wait" or self.cheaper is None:
                     await self._wait_for_budget(lease, decision)
@@ -308,12 +317,12 @@ class Worker:
                     else verdict.action),
             gate_correct=verdict.gate_correct,
             provisional=provisional,
-            produced_at=time.time(),
+            produced_at=self.clock(),
             extra=extra,
         )
         sealed = seal_result(result, cloud_box_sk=self.keys.box_key, device_box_pk=record.box_pk)
         await self.store.put_result(device_id=ev.device_id, seq=ev.seq, envelope=sealed,
-                                    now=time.time())
+                                    now=self.clock())
         if not await self.queue.ack(lease):
             log.warning("worker_lease_lost", key=ev.key, attempts=lease.attempts, during="ack")
         self.stats.done += 1
@@ -336,7 +345,7 @@ class Worker:
             await self._record(err.usage, ev.device_id, ev.seq, reasoner.name)
             self.stats.provider_failures += 1
             wait = self.circuit.trip(err.retry_after)
-            waited = time.time() - ev.received_at
+            waited = self.clock() - ev.received_at
             if self.fallback is not None and reasoner is not self.fallback \
                     and waited >= self.fallback_after_s:
                 try:
@@ -351,8 +360,16 @@ class Worker:
                     log.warning("worker_fallback_used", key=ev.key, waited_s=round(waited, 1))
                     return self.fallback, verdict, True
             # Due again when the next probe is: if the provider is back by then, so is it.
-            await self._retry(lease, f"provider unavailable: {err.message}",
-                              delay=wait + jittered(1.0))
+            # The outage is not this event's fault, so it spends no attempt: released, not
+            # nacked. (ProviderUnavailable means the provider as a whole, reasoners/base.py;
+            # a reasoner must not raise it for a failure that only this event would cause,
+            # or the event would come back after every outage forever.)
+            reason = f"provider unavailable: {err.message}"
+            delay = wait + jittered(1.0)
+            if await self._put_back(lease, reason, delay):
+                self.stats.deferred += 1
+                log.warning("worker_event_deferred", key=ev.key, reason=reason,
+                            delay_s=round(delay, 2))
             return None
         except ReasonerUnavailable as err:
             await self._record(err.usage, ev.device_id, ev.seq, reasoner.name)
@@ -413,22 +430,29 @@ class Worker:
         if self.budget is None or usage.tokens == 0:
             return
         cost = await self.budget.record(usage, device_id=device_id, seq=seq, reasoner=reasoner,
-                                        now=time.time())
+                                        now=self.clock())
         self.stats.cost_usd += cost  # after the await: "x += await f()" loses concurrent adds
 
     async def _wait_for_budget(self, lease: Lease, decision: Decision) -> None:
-        now = time.time()
-        delay = max(0.0, decision.retry_at - now) + random.random() * BUDGET_RESET_SPREAD_S
+        now = self.clock()
+        delay = max(0.0, decision.retry_at - now) + random.random() * self.budget_reset_spread_s
         if decision.scope == "global":
             self._paused_until = max(self._paused_until, decision.retry_at)
-        if await self.queue.nack(lease, reason=decision.reason, delay_s=delay):
+        # Released, not nacked: a day spent over budget is no failure of the event, so an
+        # event that waits longer than queue_max_attempts days is still never dead-lettered.
+        if await self._put_back(lease, decision.reason, delay):
             self.stats.waiting += 1
             log.warning("worker_event_waits_for_budget", key=lease.event.key,
                         reason=decision.reason, delay_s=round(delay))
-        else:
-            self.stats.dead += 1
-            log.error("worker_event_dead", key=lease.event.key, reason=decision.reason,
-                      attempts=lease.attempts)
+
+    async def _put_back(self, lease: Lease, reason: str, delay: float) -> bool:
+        """Release ``lease`` for ``delay`` seconds without charging an attempt. False when
+        the lease was lost meanwhile (whoever holds it now decides)."""
+        if await self.queue.release(lease, delay_s=delay):
+            return True
+        log.warning("worker_lease_lost", key=lease.event.key, attempts=lease.attempts,
+                    during="release", reason=reason)
+        return False
 
     async def _retry(self, lease: Lease, reason: str, *, delay: float | None = None) -> None:
         if delay is None:

@@ -22,18 +22,23 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
+from edgekeeper import config as config_mod
 from edgekeeper.cloud.backends import open_queue, open_store
+from edgekeeper.cloud.backoff import Circuit
+from edgekeeper.cloud.budget import Budget, next_utc_midnight, utc_day
 from edgekeeper.cloud.enroll import EnrollRequest, enroll, issue_token
 from edgekeeper.cloud.keys import CloudKeys
 from edgekeeper.cloud.queue.base import EventQueue, Lease, QueuedEvent
+from edgekeeper.cloud.reasoners.anthropic import AnthropicReasoner
 from edgekeeper.cloud.reasoners.base import NO_USAGE, Usage, Verdict
-from edgekeeper.cloud.store.base import Store
+from edgekeeper.cloud.store.base import Store, UsageRecord
 from edgekeeper.cloud.worker import Worker, WorkerStats
 from edgekeeper.protocol import envelope as E
 from edgekeeper.protocol.keys import DeviceKeys, b64e
 from edgekeeper.protocol.messages import EventBody
 
 from cloudkit import QUEUE_BACKENDS, make_event
+from fake_anthropic import FakeAnthropic, Reply
 from servers import queue_overrides
 
 DEVICE = "pi-1"
@@ -248,3 +253,81 @@ async def test_a_lease_lost_during_the_call_cancels_it_and_stores_nothing(env: E
     assert (s.done, s.retried, s.dead, s.lost) == (0, 0, 0, 1)
     (lost,) = [e for e in logs if e["event"] == "worker_lease_lost"]
     assert lost["key"] == f"{DEVICE}:1" and lost["during"] == "reasoning"
+
+
+# --- waits that are not the event's fault spend no attempt -----------------------------------
+
+
+@dataclass
+class Clock:
+    """The worker's wall clock, held by the test (to cross a UTC midnight on demand)."""
+
+    now: float
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def _count_or_dead(env: Env, count: Callable[[], int], target: int) -> bool:
+    """``count()`` reached ``target``, or the event was dead-lettered (the failure to catch)."""
+    return count() >= target or bool(await env.queue.dead_letters())
+
+
+async def test_budget_waits_beyond_max_attempts_never_dead_letter(env: Env) -> None:
+    midnight = next_utc_midnight(time.time())
+    clock = Clock(midnight - 0.05)  # the last moments of a UTC day, held there
+    cfg = config_mod.build_from_dict({"budget": {"device_daily_usd": 0.5}}, source="test")
+    # The device spent its day's budget already.
+    await env.store.record_usage(UsageRecord(
+        "msg_earlier", DEVICE, 0, utc_day(clock.now), "anthropic:m", "m", 1000, 100, 0, 0, 1.0,
+        clock.now))
+    provider = HeldProvider(hold=set())
+    worker = env.worker(provider, budget=Budget(cfg.budget, env.store), over_budget="wait",
+                        budget_reset_spread_s=0.0, clock=clock)
+    await env.put(1)
+    waits = env.max_attempts + 2
+    async with running(worker):
+        # Each wait lasts until the (held) clock's midnight: 0.05 s of real time, so the event
+        # is delivered and put back again and again, as it would be on days of waiting.
+        await until(lambda: _count_or_dead(env, lambda: worker.stats.waiting, waits),
+                    f"{waits} budget waits")
+        assert await env.queue.dead_letters() == []
+        assert worker.stats.dead == 0
+        clock.now = midnight + 1.0  # a new UTC day: the budget is fresh
+        await until(lambda: _has(env, 1), "the event to be reasoned about")
+    assert provider.calls == [1]
+    s = worker.stats
+    assert s.waiting >= waits and (s.done, s.dead, s.retried) == (1, 0, 0)
+    stats = await env.queue.stats()
+    assert (stats.ready, stats.leased, stats.dead) == (0, 0, 0)
+
+
+async def test_provider_outages_beyond_max_attempts_never_dead_letter(env: Env) -> None:
+    # The provider answers the circuit's probes but fails every event call: the worker's
+    # circuit closes and opens again and again, each time putting the event back.
+    key = "fake-key-leases"
+    async with FakeAnthropic(api_key=key) as fake:
+        fake.responder = lambda req: None if "Health check" in req.text else Reply.overloaded()
+        cfg = config_mod.build_from_dict(
+            {"reasoner": {"transcriber": "none", "max_retries": 0}}, source="test")
+        claude = AnthropicReasoner(config=cfg, environ={"ANTHROPIC_API_KEY": key,
+                                                         "ANTHROPIC_BASE_URL": fake.url})
+        try:
+            worker = env.worker(claude, circuit=Circuit(0.05, 0.1))
+            await env.put(1)
+            outages = env.max_attempts + 2
+            async with running(worker):
+                await until(lambda: _count_or_dead(env, lambda: worker.stats.deferred, outages),
+                            f"{outages} failed calls")
+                assert await env.queue.dead_letters() == []
+                assert worker.stats.dead == 0
+                fake.responder = None  # the provider is back for good
+                await until(lambda: _has(env, 1), "the event to be reasoned about")
+        finally:
+            await claude.close()
+    failed = [r for r in fake.requests if '"seq"' in r.text and r.status == 529]
+    answered = [r for r in fake.requests if '"seq"' in r.text and r.status == 200]
+    assert len(failed) >= outages and len(answered) == 1
+    s = worker.stats
+    assert (s.done, s.dead, s.retried) == (1, 0, 0) and s.deferred >= outages
+    assert fake.problems == []

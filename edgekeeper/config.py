@@ -504,7 +504,9 @@ class Config:
 
     @property
     def sink_dir(self) -> Path:
-        return Path(self.sink.directory) if self.sink.directory else self.device.state_dir / "events"
+        if self.sink.directory:
+            return Path(self.sink.directory)
+        return self.device.state_dir / "events"
 
     @property
     def cloud_data_dir(self) -> Path:
@@ -565,14 +567,17 @@ def load(path: str | Path | None = None, env: typing.Mapping[str, str] | None = 
         except FileNotFoundError:
             raise ConfigError(
                 f"config file {p} does not exist",
-                fix="pass an existing file to --config / EDGEKEEPER_CONFIG, or omit it for defaults",
+                fix="pass an existing file to --config / EDGEKEEPER_CONFIG, or omit it for "
+                    "defaults",
             ) from None
         except OSError as err:
             raise ConfigError(f"config file {p} cannot be read: {err.strerror}") from None
         try:
             data = tomllib.loads(raw.decode("utf-8"))
         except UnicodeDecodeError:
-            raise ConfigError(f"config file {p} is not UTF-8 text", fix="save it as UTF-8") from None
+            raise ConfigError(
+                f"config file {p} is not UTF-8 text", fix="save it as UTF-8"
+            ) from None
         except tomllib.TOMLDecodeError as err:
             raise ConfigError(
                 f"config file {p} is not valid TOML: {err}", fix="fix the syntax at that line"

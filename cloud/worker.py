@@ -31,6 +31,9 @@ Delivery rules:
 * ``Worker.run(burst=True)`` drains what is ready and returns (tests, cron); it also returns when
   the provider is down or the global budget is spent, leaving the rest queued. Otherwise it
   polls until ``stop`` is set, then finishes the events in hand.
+* Upkeep: results the devices acknowledged more than ``cloud.results_retention_seconds`` ago
+  are deleted when ``run`` starts and every hour while it runs (``_prune_results_hourly`` says
+  why the worker is the one to do it).
 """
 
 from __future__ import annotations
@@ -78,6 +81,11 @@ RETRY_CAP_S = 300.0
 # at 00:00:00 UTC at once.
 BUDGET_RESET_SPREAD_S = 600.0
 PROBE_DEVICE = "(probe)"  # usage of circuit probes (no device id can contain parentheses)
+# cloud.results_retention_seconds' default; acked results are pruned every PRUNE_EVERY_S, at
+# most PRUNE_BATCH per transaction (the SQLite store's write lock is shared with the ingest).
+RESULTS_RETENTION_S = 7 * 86400.0
+PRUNE_EVERY_S = 3600.0
+PRUNE_BATCH = 1000
 # A lease is extended this many times per visibility timeout while a reasoner call runs: two
 # extensions can fail or come late before the lease expires under the call.
 HEARTBEATS_PER_VISIBILITY = 3
@@ -100,6 +108,7 @@ class WorkerStats:
     deferred: int = 0  # put back while the provider is down (no attempt spent)
     provider_failures: int = 0
     lost: int = 0  # lease taken over during a reasoner call: call cancelled, nothing stored
+    pruned: int = 0  # acknowledged results deleted after the retention
     probes: int = 0
     cost_usd: float = 0.0
 
@@ -134,6 +143,7 @@ class Worker:
         provisional_max_action: str = "notify",
         circuit: Circuit | None = None,
         budget_reset_spread_s: float = BUDGET_RESET_SPREAD_S,
+        results_retention_s: float = RESULTS_RETENTION_S,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.queue = queue
@@ -155,6 +165,7 @@ class Worker:
         self.provisional_max_action = provisional_max_action
         self.circuit = circuit or Circuit()
         self.budget_reset_spread_s = budget_reset_spread_s
+        self.results_retention_s = results_retention_s  # 0: keep acknowledged results
         # Wall-clock time for budget days, pauses and timestamps (tests cross a UTC midnight
         # with their own; the circuit keeps its own monotonic clock).
         self.clock = clock
@@ -167,7 +178,10 @@ class Worker:
         stop = stop or asyncio.Event()
         slots = asyncio.Semaphore(self.concurrency)
         backend_down = 0
+        leasing_done = asyncio.Event()
         async with compat.TaskGroup() as tg:
+            if self.results_retention_s > 0:
+                tg.create_task(self._prune_results_hourly(leasing_done))
             while not stop.is_set():
                 if self.circuit.is_open or self._paused_until > self.clock():
                     if burst:
@@ -217,6 +231,7 @@ class Worker:
                         break
                     continue
                 await _sleep(stop, self.poll_s)
+            leasing_done.set()  # upkeep ends with the lease loop; the group awaits it
         return self.stats
 
     async def _hold(self, stop: asyncio.Event) -> None:
@@ -243,6 +258,41 @@ class Worker:
         await self._record(usage, PROBE_DEVICE, 0, self.reasoner.name)
         down = self.circuit.close()
         log.warning("worker_provider_back", down_s=round(down, 1))
+
+    async def _prune_results_hourly(self, leasing_done: asyncio.Event) -> None:
+        """Prune acknowledged results now, then every PRUNE_EVERY_S until leasing is done.
+
+        Why the worker owns this and not the ingest: the ingest's request path is the one that
+        is latency- and CPU-critical (benchmarked against a bare handler), while a worker
+        mostly waits on a provider and already runs for the whole life of the cloud; it also
+        writes the results. Several workers pruning at once is harmless: each batch is the same
+        idempotent delete. Only workers prune.
+        """
+        while True:
+            await self._prune_results(leasing_done)
+            await _sleep(leasing_done, PRUNE_EVERY_S)
+            if leasing_done.is_set():
+                return
+
+    async def _prune_results(self, leasing_done: asyncio.Event) -> None:
+        # Acked before the cutoff: the retention counts from the device's ack, not from when
+        # the result was made, so a device that was offline for weeks still gets its full
+        # retention after it finally fetched them.
+        cutoff = self.clock() - self.results_retention_s
+        pruned = 0
+        try:
+            while True:  # one batch at least, even when leasing is done already (burst)
+                n = await self.store.prune_results(acked_before=cutoff, limit=PRUNE_BATCH)
+                pruned += n
+                if n < PRUNE_BATCH or leasing_done.is_set():
+                    break
+        except Exception as err:
+            # Housekeeping: the store being away must not stop the worker; next hour again.
+            log.warning("worker_results_prune_failed", error=repr(err)[:300],
+                        retry_in_s=PRUNE_EVERY_S)
+        self.stats.pruned += pruned
+        if pruned:
+            log.info("worker_results_pruned", count=pruned, acked_before=round(cutoff))
 
     async def _ready(self) -> bool:
         stats = await self.queue.stats()
@@ -546,6 +596,7 @@ def build_worker(
         retry_cap_s=rs.retry_max_seconds,
         budget=budget,
         over_budget=config.budget.over_budget,
+        results_retention_s=section.results_retention_seconds,
         cheaper=cheaper,
         fallback=fallback,
         fallback_after_s=rs.fallback_after_seconds,

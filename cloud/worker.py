@@ -47,7 +47,7 @@ import socket
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, cast
 
 from edgekeeper import compat
 from edgekeeper.cloud.backends import open_queue, open_store
@@ -448,7 +448,7 @@ class Worker:
         value, error = answer.result()
         if error is not None:
             raise error
-        return value  # type: ignore[return-value]  # no error: the call returned a T
+        return cast(T, value)  # no error: the call returned a T
 
     async def _heartbeat(self, lease: Lease, call: asyncio.Task[Any]) -> bool:
         """Extend ``lease`` every visibility_s / HEARTBEATS_PER_VISIBILITY until cancelled;

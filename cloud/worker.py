@@ -7,25 +7,33 @@ Delivery rules:
   (device_id, seq), so a worker killed between the two produces no second result.
 * Effectively-once: before calling a reasoner the worker asks the store whether a result for
   (device_id, seq) exists; a redelivered event that has one is just acked, with no second
-  provider call. (Two workers holding the same event at once, after a lease expired under a
-  slow call, can still both call; the store keeps the first result.)
+  provider call. While a reasoner call runs, a heartbeat extends the lease every
+  ``visibility_s / 3``, so a call slower than the visibility does not let a second worker
+  lease the event and pay the provider again. If an extension finds the lease lost anyway (this
+  process stalled past the deadline and another worker took the event over), the call is
+  cancelled and nothing is stored or acked: the new holder answers the event.
 * An event that can never succeed (device unknown or revoked since, envelope fails to open or
   its payload hash does not match, a reasoner's PermanentError) goes to the dead-letter list at
   once; its own transient failure (``ReasonerUnavailable``: a malformed answer, any other
   exception) is nacked with an exponential, jittered delay and dead-lettered after
   ``cloud.queue_max_attempts`` deliveries.
-* Provider down (``ProviderUnavailable``): the event goes back to the queue, due when the next
-  probe is, and the worker's circuit (cloud/backoff.py) opens: no leasing until a probe answers.
-  Each in-flight event spends one delivery per outage; queued ones spend none.
-* Budgets (cloud/budget.py): checked before each call; over a limit, ``wait`` puts the event
-  back until the next UTC day (a spent global budget also pauses leasing), ``cheaper`` asks
-  the cheaper reasoner. Usage of every call (even a failed one that was billed) is recorded.
+* Waits that are not the event's fault put it back with ``queue.release``, which charges no
+  attempt, so no number of them dead-letters it:
+
+  - Provider down (``ProviderUnavailable``): the event is released, due when the next probe
+    is, and the worker's circuit (cloud/backoff.py) opens: no leasing until a probe answers.
+  - Budgets (cloud/budget.py): checked before each call; over a limit, ``wait`` releases the
+    event until the next UTC day (a spent global budget also pauses leasing), ``cheaper`` asks
+    the cheaper reasoner. Usage of every call (even a failed one that was billed) is recorded.
 * Stand-ins never broaden authority: a result from the cheaper path, the fallback, or any
   reasoner that says so is ``provisional``, names the reasoner that produced it, and its action
   is capped at ``reasoner.provisional_max_action``.
 * ``Worker.run(burst=True)`` drains what is ready and returns (tests, cron); it also returns when
   the provider is down or the global budget is spent, leaving the rest queued. Otherwise it
   polls until ``stop`` is set, then finishes the events in hand.
+* Upkeep: results the devices acknowledged more than ``cloud.results_retention_seconds`` ago
+  are deleted when ``run`` starts and every hour while it runs (``_prune_results_hourly`` says
+  why the worker is the one to do it).
 """
 
 from __future__ import annotations
@@ -37,8 +45,9 @@ import random
 import signal
 import socket
 import time
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal, TypeVar, cast
 
 from edgekeeper import compat
 from edgekeeper.cloud.backends import open_queue, open_store
@@ -72,6 +81,20 @@ RETRY_CAP_S = 300.0
 # at 00:00:00 UTC at once.
 BUDGET_RESET_SPREAD_S = 600.0
 PROBE_DEVICE = "(probe)"  # usage of circuit probes (no device id can contain parentheses)
+# cloud.results_retention_seconds' default; acked results are pruned every PRUNE_EVERY_S, at
+# most PRUNE_BATCH per transaction (the SQLite store's write lock is shared with the ingest).
+RESULTS_RETENTION_S = 7 * 86400.0
+PRUNE_EVERY_S = 3600.0
+PRUNE_BATCH = 1000
+# A lease is extended this many times per visibility timeout while a reasoner call runs: two
+# extensions can fail or come late before the lease expires under the call.
+HEARTBEATS_PER_VISIBILITY = 3
+
+T = TypeVar("T")
+
+
+class _LeaseLost(Exception):
+    """Our lease on an event was taken over while its reasoner call ran (worker-internal)."""
 
 
 @dataclass
@@ -81,8 +104,11 @@ class WorkerStats:
     dead: int = 0
     skipped: int = 0  # redelivered with a result already stored: acked, no reasoner call
     provisional: int = 0  # results from the cheaper path or the fallback
-    waiting: int = 0  # put back until a budget resets
+    waiting: int = 0  # put back until a budget resets (no attempt spent)
+    deferred: int = 0  # put back while the provider is down (no attempt spent)
     provider_failures: int = 0
+    lost: int = 0  # lease taken over during a reasoner call: call cancelled, nothing stored
+    pruned: int = 0  # acknowledged results deleted after the retention
     probes: int = 0
     cost_usd: float = 0.0
 
@@ -116,6 +142,9 @@ class Worker:
         fallback_after_s: float = 600.0,
         provisional_max_action: str = "notify",
         circuit: Circuit | None = None,
+        budget_reset_spread_s: float = BUDGET_RESET_SPREAD_S,
+        results_retention_s: float = RESULTS_RETENTION_S,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.queue = queue
         self.store = store
@@ -135,8 +164,13 @@ class Worker:
         self.fallback_after_s = fallback_after_s
         self.provisional_max_action = provisional_max_action
         self.circuit = circuit or Circuit()
+        self.budget_reset_spread_s = budget_reset_spread_s
+        self.results_retention_s = results_retention_s  # 0: keep acknowledged results
+        # Wall-clock time for budget days, pauses and timestamps (tests cross a UTC midnight
+        # with their own; the circuit keeps its own monotonic clock).
+        self.clock = clock
         self.stats = WorkerStats()
-        # A spent global budget (wait policy) pauses leasing until this time.time().
+        # A spent global budget (wait policy) pauses leasing until this clock() time.
         self._paused_until = 0.0
 
     # --- the lease loop ---------------------------------------------------------------------
@@ -144,9 +178,12 @@ class Worker:
         stop = stop or asyncio.Event()
         slots = asyncio.Semaphore(self.concurrency)
         backend_down = 0
+        leasing_done = asyncio.Event()
         async with compat.TaskGroup() as tg:
+            if self.results_retention_s > 0:
+                tg.create_task(self._prune_results_hourly(leasing_done))
             while not stop.is_set():
-                if self.circuit.is_open or self._paused_until > time.time():
+                if self.circuit.is_open or self._paused_until > self.clock():
                     if burst:
                         break  # leave the rest queued: nothing more can be done now
                     await self._hold(stop)
@@ -156,7 +193,7 @@ class Worker:
                 while free < self.concurrency and not slots.locked():
                     await slots.acquire()
                     free += 1
-                if self.circuit.is_open or self._paused_until > time.time():
+                if self.circuit.is_open or self._paused_until > self.clock():
                     for _ in range(free):  # it failed while we waited for slots
                         slots.release()
                     continue
@@ -194,12 +231,13 @@ class Worker:
                         break
                     continue
                 await _sleep(stop, self.poll_s)
+            leasing_done.set()  # upkeep ends with the lease loop; the group awaits it
         return self.stats
 
     async def _hold(self, stop: asyncio.Event) -> None:
         """Leasing is paused: wait for the budget day to turn, or probe the provider."""
-        if self._paused_until > time.time():
-            await _sleep(stop, min(self._paused_until - time.time(), 60.0))
+        if self._paused_until > self.clock():
+            await _sleep(stop, min(self._paused_until - self.clock(), 60.0))
             return
         await _sleep(stop, self.circuit.remaining())
         if stop.is_set():
@@ -220,6 +258,41 @@ class Worker:
         await self._record(usage, PROBE_DEVICE, 0, self.reasoner.name)
         down = self.circuit.close()
         log.warning("worker_provider_back", down_s=round(down, 1))
+
+    async def _prune_results_hourly(self, leasing_done: asyncio.Event) -> None:
+        """Prune acknowledged results now, then every PRUNE_EVERY_S until leasing is done.
+
+        Why the worker owns this and not the ingest: the ingest's request path is the one that
+        is latency- and CPU-critical (benchmarked against a bare handler), while a worker
+        mostly waits on a provider and already runs for the whole life of the cloud; it also
+        writes the results. Several workers pruning at once is harmless: each batch is the same
+        idempotent delete. Only workers prune.
+        """
+        while True:
+            await self._prune_results(leasing_done)
+            await _sleep(leasing_done, PRUNE_EVERY_S)
+            if leasing_done.is_set():
+                return
+
+    async def _prune_results(self, leasing_done: asyncio.Event) -> None:
+        # Acked before the cutoff: the retention counts from the device's ack, not from when
+        # the result was made, so a device that was offline for weeks still gets its full
+        # retention after it finally fetched them.
+        cutoff = self.clock() - self.results_retention_s
+        pruned = 0
+        try:
+            while True:  # one batch at least, even when leasing is done already (burst)
+                n = await self.store.prune_results(acked_before=cutoff, limit=PRUNE_BATCH)
+                pruned += n
+                if n < PRUNE_BATCH or leasing_done.is_set():
+                    break
+        except Exception as err:
+            # Housekeeping: the store being away must not stop the worker; next hour again.
+            log.warning("worker_results_prune_failed", error=repr(err)[:300],
+                        retry_in_s=PRUNE_EVERY_S)
+        self.stats.pruned += pruned
+        if pruned:
+            log.info("worker_results_pruned", count=pruned, acked_before=round(cutoff))
 
     async def _ready(self) -> bool:
         stats = await self.queue.stats()
@@ -266,7 +339,7 @@ class Worker:
 
         reasoner, path, note = self.reasoner, "primary", ""
         if self.budget is not None:
-            decision = await self.budget.check(ev.device_id, now=time.time())
+            decision = await self.budget.check(ev.device_id, now=self.clock())
             if not decision.allowed:
                 if self.over_budget == "wait" or self.cheaper is None:
                     await self._wait_for_budget(lease, decision)
@@ -294,14 +367,14 @@ class Worker:
                     else verdict.action),
             gate_correct=verdict.gate_correct,
             provisional=provisional,
-            produced_at=time.time(),
+            produced_at=self.clock(),
             extra=extra,
         )
         sealed = seal_result(result, cloud_box_sk=self.keys.box_key, device_box_pk=record.box_pk)
         await self.store.put_result(device_id=ev.device_id, seq=ev.seq, envelope=sealed,
-                                    now=time.time())
+                                    now=self.clock())
         if not await self.queue.ack(lease):
-            log.warning("worker_lease_lost", key=ev.key, attempts=lease.attempts)
+            log.warning("worker_lease_lost", key=ev.key, attempts=lease.attempts, during="ack")
         self.stats.done += 1
         self.stats.provisional += path != "primary"
         log.debug("worker_event_done", key=ev.key, label=result.label, reasoner=result.reasoner)
@@ -313,24 +386,40 @@ class Worker:
         fallback answered instead."""
         ev = lease.event
         try:
-            verdict = await reasoner.reason(body, model_version=model_version)
+            verdict = await self._call_leased(
+                lease, reasoner.reason(body, model_version=model_version))
+        except _LeaseLost:
+            self._lease_lost(lease, reasoner)
+            return None
         except ProviderUnavailable as err:
             await self._record(err.usage, ev.device_id, ev.seq, reasoner.name)
             self.stats.provider_failures += 1
             wait = self.circuit.trip(err.retry_after)
-            waited = time.time() - ev.received_at
+            waited = self.clock() - ev.received_at
             if self.fallback is not None and reasoner is not self.fallback \
                     and waited >= self.fallback_after_s:
                 try:
-                    verdict = await self.fallback.reason(body, model_version=model_version)
+                    verdict = await self._call_leased(
+                        lease, self.fallback.reason(body, model_version=model_version))
+                except _LeaseLost:
+                    self._lease_lost(lease, self.fallback)
+                    return None
                 except Exception as ferr:
                     log.warning("worker_fallback_failed", key=ev.key, error=repr(ferr))
                 else:
                     log.warning("worker_fallback_used", key=ev.key, waited_s=round(waited, 1))
                     return self.fallback, verdict, True
             # Due again when the next probe is: if the provider is back by then, so is it.
-            await self._retry(lease, f"provider unavailable: {err.message}",
-                              delay=wait + jittered(1.0))
+            # The outage is not this event's fault, so it spends no attempt: released, not
+            # nacked. (ProviderUnavailable means the provider as a whole, reasoners/base.py;
+            # a reasoner must not raise it for a failure that only this event would cause,
+            # or the event would come back after every outage forever.)
+            reason = f"provider unavailable: {err.message}"
+            delay = wait + jittered(1.0)
+            if await self._put_back(lease, reason, delay):
+                self.stats.deferred += 1
+                log.warning("worker_event_deferred", key=ev.key, reason=reason,
+                            delay_s=round(delay, 2))
             return None
         except ReasonerUnavailable as err:
             await self._record(err.usage, ev.device_id, ev.seq, reasoner.name)
@@ -342,26 +431,78 @@ class Worker:
         await self._record(verdict.usage, ev.device_id, ev.seq, reasoner.name)
         return reasoner, verdict, False
 
+    async def _call_leased(self, lease: Lease, call: Coroutine[Any, Any, T]) -> T:
+        """Await ``call`` (a reasoner's) while a heartbeat keeps ``lease`` alive.
+
+        Both are children of this event's task: the heartbeat is cancelled and awaited as soon
+        as the call ends, and the call is cancelled and awaited when the heartbeat finds the
+        lease lost, which raises _LeaseLost. The call's own exceptions reach the caller as they
+        are (not wrapped in an ExceptionGroup), so _reason handles them as before.
+        """
+        async with compat.TaskGroup() as tg:
+            answer = tg.create_task(_outcome(call))
+            heartbeat = tg.create_task(self._heartbeat(lease, answer))
+            answer.add_done_callback(lambda _: heartbeat.cancel())
+        if not heartbeat.cancelled() and heartbeat.result():
+            raise _LeaseLost
+        value, error = answer.result()
+        if error is not None:
+            raise error
+        return cast(T, value)  # no error: the call returned a T
+
+    async def _heartbeat(self, lease: Lease, call: asyncio.Task[Any]) -> bool:
+        """Extend ``lease`` every visibility_s / HEARTBEATS_PER_VISIBILITY until cancelled;
+        if the queue says the lease was lost, cancel ``call`` and return True."""
+        every = self.visibility_s / HEARTBEATS_PER_VISIBILITY
+        while True:
+            await asyncio.sleep(every)
+            try:
+                kept = await self.queue.extend(lease, visibility_s=self.visibility_s)
+            except Exception as err:
+                # The backend did not answer (Redis restarting, a busy SQLite file): the lease
+                # may well still hold, and if it does expire the event is delivered again (at
+                # least once). Abandoning a call already paid for would only cost more.
+                log.warning("worker_lease_extend_failed", key=lease.event.key,
+                            error=repr(err)[:300])
+                continue
+            if not kept:
+                call.cancel()
+                return True
+
+    def _lease_lost(self, lease: Lease, reasoner: Reasoner) -> None:
+        self.stats.lost += 1
+        log.warning("worker_lease_lost", key=lease.event.key, attempts=lease.attempts,
+                    reasoner=reasoner.name, during="reasoning",
+                    outcome="call cancelled; no result stored, not acked (the new holder "
+                            "answers it)")
+
     async def _record(self, usage: Usage, device_id: str, seq: int, reasoner: str) -> None:
         if self.budget is None or usage.tokens == 0:
             return
         cost = await self.budget.record(usage, device_id=device_id, seq=seq, reasoner=reasoner,
-                                        now=time.time())
+                                        now=self.clock())
         self.stats.cost_usd += cost  # after the await: "x += await f()" loses concurrent adds
 
     async def _wait_for_budget(self, lease: Lease, decision: Decision) -> None:
-        now = time.time()
-        delay = max(0.0, decision.retry_at - now) + random.random() * BUDGET_RESET_SPREAD_S
+        now = self.clock()
+        delay = max(0.0, decision.retry_at - now) + random.random() * self.budget_reset_spread_s
         if decision.scope == "global":
             self._paused_until = max(self._paused_until, decision.retry_at)
-        if await self.queue.nack(lease, reason=decision.reason, delay_s=delay):
+        # Released, not nacked: a day spent over budget is no failure of the event, so an
+        # event that waits longer than queue_max_attempts days is still never dead-lettered.
+        if await self._put_back(lease, decision.reason, delay):
             self.stats.waiting += 1
             log.warning("worker_event_waits_for_budget", key=lease.event.key,
                         reason=decision.reason, delay_s=round(delay))
-        else:
-            self.stats.dead += 1
-            log.error("worker_event_dead", key=lease.event.key, reason=decision.reason,
-                      attempts=lease.attempts)
+
+    async def _put_back(self, lease: Lease, reason: str, delay: float) -> bool:
+        """Release ``lease`` for ``delay`` seconds without charging an attempt. False when
+        the lease was lost meanwhile (whoever holds it now decides)."""
+        if await self.queue.release(lease, delay_s=delay):
+            return True
+        log.warning("worker_lease_lost", key=lease.event.key, attempts=lease.attempts,
+                    during="release", reason=reason)
+        return False
 
     async def _retry(self, lease: Lease, reason: str, *, delay: float | None = None) -> None:
         if delay is None:
@@ -379,6 +520,14 @@ class Worker:
         await self.queue.dead_letter(lease, reason=reason)
         self.stats.dead += 1
         log.error("worker_event_dead", key=lease.event.key, reason=reason)
+
+
+async def _outcome(call: Coroutine[Any, Any, T]) -> tuple[T | None, Exception | None]:
+    """What ``call`` returned or raised, so a task group does not wrap its error."""
+    try:
+        return await call, None
+    except Exception as err:
+        return None, err
 
 
 async def _sleep(stop: asyncio.Event, seconds: float) -> None:
@@ -447,6 +596,7 @@ def build_worker(
         retry_cap_s=rs.retry_max_seconds,
         budget=budget,
         over_budget=config.budget.over_budget,
+        results_retention_s=section.results_retention_seconds,
         cheaper=cheaper,
         fallback=fallback,
         fallback_after_s=rs.fallback_after_seconds,

@@ -334,6 +334,11 @@ class CloudSection:
     queue_visibility_seconds: float = 120.0
     # Deliveries before an event goes to the dead-letter list.
     queue_max_attempts: int = 5
+    # Acknowledged results are deleted (by the workers) this long after the device acked them;
+    # 0 keeps them forever. Unacked ones are kept however old (a device may be offline for
+    # weeks). Far longer than an event can stay queued once its result is stored (until its
+    # lease expires), or a redelivery would find no result and be paid for twice: validated.
+    results_retention_seconds: float = 7 * 86400.0
     # auto: Claude ("anthropic") when ANTHROPIC_API_KEY is set in the worker's environment, else
     # the offline teacher; echo repeats the gate (link tests). Tuned in [reasoner] and [budget].
     reasoner: Literal["auto", "anthropic", "offline", "echo"] = "auto"
@@ -359,6 +364,13 @@ class CloudSection:
             raise ValueError("results_poll_seconds and registry_refresh_seconds must be > 0")
         if self.queue_visibility_seconds <= 0 or not 1 <= self.queue_max_attempts <= 1000:
             raise ValueError("queue_visibility_seconds > 0 and 1 <= queue_max_attempts <= 1000")
+        floor = max(86400.0, 10 * self.queue_visibility_seconds)
+        if self.results_retention_seconds != 0 and not self.results_retention_seconds >= floor:
+            raise ValueError(
+                f"results_retention_seconds must be 0 (keep acknowledged results forever) or at"
+                f" least {floor:g} (one day, and 10 x queue_visibility_seconds): an event can"
+                " still be queued after its result was acked, and the worker must find that"
+                " result to not pay for the event twice")
         if not 1 <= self.worker_concurrency <= 256:
             raise ValueError("worker_concurrency must be between 1 and 256")
         if not self.redis_url.startswith(("redis://", "rediss://", "unix://")):

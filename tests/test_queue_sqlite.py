@@ -102,6 +102,91 @@ async def test_expired_lease_is_redelivered_and_old_holder_cannot_ack(make_queue
     assert await q.ack(fresh)
 
 
+async def test_extend_keeps_the_lease_from_expiring(make_queue: Opener) -> None:
+    q = await make_queue()
+    await q.enqueue(ev(1))
+    (le,) = await q.lease("slow", count=1, visibility_s=0.0)  # would expire at once...
+    assert await q.extend(le, visibility_s=3600)  # ...but its holder is still working on it
+    assert await q.lease("other", count=1, visibility_s=60) == []
+    stats = await q.stats()
+    assert (stats.ready, stats.leased) == (0, 1)
+    assert await q.extend(le, visibility_s=3600)  # again and again, as a heartbeat does
+    assert await q.ack(le)
+    assert not await q.extend(le, visibility_s=60)  # acked: nothing left to extend
+
+
+async def test_extend_after_the_lease_was_taken_over_is_refused(make_queue: Opener) -> None:
+    q = await make_queue()
+    await q.enqueue(ev(1))
+    (stale,) = await q.lease("stalled", count=1, visibility_s=0.0)
+    assert await q.extend(stale, visibility_s=0.0)  # still its own: expires at once again
+    (fresh,) = await q.lease("live", count=1, visibility_s=60)
+    assert fresh.event == stale.event and fresh.attempts == 2  # a heartbeat is no delivery
+    # The stalled worker's heartbeat arrives late: refused, and it takes nothing back.
+    assert not await q.extend(stale, visibility_s=3600)
+    assert await q.extend(fresh, visibility_s=60)
+    assert not await q.ack(stale)
+    assert await q.ack(fresh)
+
+
+async def test_extend_after_nack_or_dead_letter_is_refused(make_queue: Opener) -> None:
+    q = await make_queue()
+    await q.enqueue(ev(1))
+    await q.enqueue(ev(2))
+    first, second = await q.lease("w", count=2, visibility_s=60)
+    assert await q.nack(first, reason="later", delay_s=3600)
+    assert await q.dead_letter(second, reason="cannot open")
+    assert not await q.extend(first, visibility_s=60)
+    assert not await q.extend(second, visibility_s=60)
+    assert await q.lease("w", count=2, visibility_s=60) == []  # the nack's delay still holds
+
+
+async def test_release_spends_no_attempt(make_queue: Opener) -> None:
+    # A budget wait or a provider outage, day after day: never the event's fault, so never
+    # dead-lettered for it, however often it happens.
+    q = await make_queue(max_attempts=2)
+    await q.enqueue(ev(1))
+    for _ in range(5):
+        (le,) = await q.lease("w", count=1, visibility_s=60)
+        assert le.attempts == 1
+        assert await q.release(le)
+    assert await q.dead_letters() == []
+    # Real failures still count, from where they were: two nacks and it is dead.
+    (le,) = await q.lease("w", count=1, visibility_s=60)
+    assert await q.nack(le, reason="boom 1")
+    (le,) = await q.lease("w", count=1, visibility_s=60)
+    assert le.attempts == 2
+    assert await q.release(le)  # a wait after a failure does not reset the count either
+    (le,) = await q.lease("w", count=1, visibility_s=60)
+    assert le.attempts == 2
+    assert not await q.nack(le, reason="boom 2")
+    (dead,) = await q.dead_letters()
+    assert dead.attempts == 2 and dead.reason == "boom 2"
+
+
+async def test_release_delay_and_lost_leases(make_queue: Opener) -> None:
+    q = await make_queue()
+    await q.enqueue(ev(1))
+    (le,) = await q.lease("w", count=1, visibility_s=60)
+    assert await q.release(le, delay_s=3600)
+    assert await q.lease("w", count=1, visibility_s=60) == []
+    stats = await q.stats()
+    assert (stats.ready, stats.leased, stats.dead) == (0, 0, 0)
+    assert not await q.release(le)  # released already: that lease is over
+    assert not await q.ack(le)
+
+    await q.enqueue(ev(2))
+    (stale,) = await q.lease("stalled", count=1, visibility_s=0.0)
+    (fresh,) = await q.lease("live", count=1, visibility_s=60)
+    assert not await q.release(stale)  # taken over: no change
+    assert await q.release(fresh)
+    (again,) = await q.lease("live", count=1, visibility_s=60)
+    # Each delivery has its own receipt, released ones too: an old lease settles nothing.
+    assert again.event == fresh.event and again.attempts == 2
+    assert not await q.ack(fresh) and not await q.extend(fresh, visibility_s=60)
+    assert await q.ack(again)
+
+
 async def test_nack_redelivers_then_dead_letters(make_queue: Opener) -> None:
     q = await make_queue(max_attempts=3)
     await q.enqueue(ev(9))

@@ -234,3 +234,62 @@ async def test_usage_running_totals_and_has_result(make_store: Opener) -> None:
     assert not await store.has_result("pi-1", 1)
     await store.put_result(device_id="pi-1", seq=1, envelope=b"r", now=NOW)
     assert await store.has_result("pi-1", 1) and not await store.has_result("pi-2", 1)
+
+
+async def test_prune_results_removes_only_old_acked_ones(make_store: Opener) -> None:
+    store = await make_store()
+    day = 86400.0
+    ids = {seq: await store.put_result(device_id="pi-1", seq=seq, envelope=b"r%d" % seq,
+                                       now=NOW - 60 * day)
+           for seq in (1, 2, 3, 4, 5)}
+    other = await store.put_result(device_id="pi-2", seq=1, envelope=b"x", now=NOW - 60 * day)
+    # Acked long ago: 1, 2 and pi-2's; acked lately: 3. Never acked (a device offline for
+    # two months): 4 and 5, however old.
+    assert await store.ack_results("pi-1", [ids[1], ids[2]], now=NOW - 30 * day) == 2
+    assert await store.ack_results("pi-2", [other], now=NOW - 20 * day) == 1
+    assert await store.ack_results("pi-1", [ids[3]], now=NOW - 1 * day) == 1
+    cutoff = NOW - 7 * day
+    assert await store.prune_results(acked_before=cutoff, limit=1) == 1  # a batch at a time
+    assert await store.prune_results(acked_before=cutoff, limit=100) == 2
+    assert await store.prune_results(acked_before=cutoff, limit=100) == 0
+    assert not await store.has_result("pi-1", 1) and not await store.has_result("pi-1", 2)
+    assert not await store.has_result("pi-2", 1)
+    for seq in (3, 4, 5):
+        assert await store.has_result("pi-1", seq)
+    assert [r.seq for r in await store.results_after("pi-1", 0, 10)] == [4, 5]
+    # A device's cursor never sees a pruned id again: new results get larger ids, also
+    # after the largest one was pruned.
+    assert await store.ack_results("pi-1", [ids[4], ids[5]], now=NOW - 10 * day) == 2
+    assert await store.prune_results(acked_before=cutoff, limit=100) == 2  # 3 is recent
+    assert await store.has_result("pi-1", 3) and not await store.has_result("pi-1", 5)
+    new = await store.put_result(device_id="pi-1", seq=6, envelope=b"r6", now=NOW)
+    assert new > max(*ids.values(), other)
+    assert [r.seq for r in await store.results_after("pi-1", 0, 10)] == [6]
+
+
+async def test_prune_results_is_an_indexed_delete(
+    make_store: Opener, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    # The prune runs every hour against a table of months of results: it must walk the index
+    # of acked_at, never scan the table.
+    store = await make_store()
+    query = "SELECT id FROM results WHERE acked_at < {p} ORDER BY acked_at LIMIT {p}"
+    if "postgres" in request.node.callspec.params.values():
+        import psycopg
+
+        dsn = request.getfixturevalue("postgres_dsn")
+        async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+            await conn.execute("SET enable_seqscan = off")  # a tiny table would be scanned
+            cur = await conn.execute("EXPLAIN " + query.format(p="%s"), (NOW, 100))
+            plan = " ".join(str(row[0]) for row in await cur.fetchall())
+    else:
+        import sqlite3
+
+        await store.close()
+        conn = sqlite3.connect(tmp_path / "data" / "store.sqlite")
+        try:
+            rows = conn.execute("EXPLAIN QUERY PLAN " + query.format(p="?"), (NOW, 100))
+            plan = " ".join(str(row[-1]) for row in rows)
+        finally:
+            conn.close()
+    assert "results_acked" in plan, plan

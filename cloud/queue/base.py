@@ -15,10 +15,24 @@ attempts ran out (a poison message that kills its worker). Ack and nack only suc
 current holder of the lease (``receipt``): a worker whose lease expired and was re-leased cannot
 ack someone else's delivery.
 
+Not every return to the queue is the event's failure: over a budget it waits for the next
+UTC day, with the provider down it waits for the provider. ``release`` puts it back after
+``delay_s`` without charging the delivery it just had, so such waits never use up
+``max_attempts`` (an event over budget for a week must not be dead-lettered when nothing
+failed). A lease that merely expires (the worker died) is still charged: that could be the
+event's fault.
+
+A worker whose reasoner call may outlive ``visibility_s`` keeps its lease with ``extend``
+(a heartbeat): otherwise the lease expires under the call, a second worker leases the event and
+the provider is paid twice. ``extend`` only ever prolongs the caller's own delivery; once that
+was lost (expired and re-leased, or the event is gone) it answers False and changes nothing, so
+a late heartbeat never takes an event back from its new holder.
+
 How a Redis Streams backend maps onto this (next issue): ``enqueue`` = a Lua script doing
 ``HGET seen {key}`` / ``HSET`` + ``XADD`` atomically (with appendfsync always for durability);
 ``lease`` = ``XAUTOCLAIM`` (min-idle = visibility) for expired leases, then ``XREADGROUP >``;
-``attempts`` = the entry's delivery count; ``receipt`` = the stream entry id; ``ack`` = ``XACK``
+``attempts`` = the entry's delivery count less its released (uncharged) deliveries; ``receipt``
+= the stream entry id; ``ack`` = ``XACK``
 + ``XDEL``; ``nack`` = ``XACK`` + re-``XADD`` with attempts carried in the entry (or a delayed
 ZSET); dead letters = a second stream.
 """
@@ -101,8 +115,20 @@ class EventQueue(Protocol):
         """Done: delete the event. False when the lease was lost (expired and re-leased)."""
         ...
 
+    async def extend(self, lease: Lease, *, visibility_s: float) -> bool:
+        """Still working on it: keep the event invisible to others for ``visibility_s`` from
+        now. False when the lease was lost (expired and re-leased by someone else, or the event
+        is gone); the caller must then stop, store nothing and not ack."""
+        ...
+
     async def nack(self, lease: Lease, *, reason: str, delay_s: float = 0.0) -> bool:
         """Failed this time: True if it will be delivered again, False if now dead-lettered."""
+        ...
+
+    async def release(self, lease: Lease, *, delay_s: float = 0.0) -> bool:
+        """Not the event's fault (over budget, provider down): make it available again after
+        ``delay_s`` and do not count the delivery it just had as an attempt, so it is never
+        dead-lettered for waiting. False (and no change) when the lease was lost."""
         ...
 
     async def dead_letter(self, lease: Lease, *, reason: str) -> bool:

@@ -25,6 +25,15 @@ Why each piece (the contract is cloud/queue/base.py):
 * **A receipt names one delivery**: ``"<entry id>:<delivery count>"``, kept in the ``holder``
   hash. Ack/nack compare it, so a worker whose lease expired and was taken over cannot ack or
   nack the new holder's delivery.
+* **Released deliveries are not attempts.** ``release`` (a budget wait, the provider down) adds
+  one to the entry's count in the ``free`` hash instead of rewriting the PEL's delivery count
+  (``XCLAIM RETRYCOUNT``): that count keeps growing, so every delivery still gets a receipt of
+  its own, and ``attempts`` is the delivery count less the free ones.
+* **Extending a lease** (the worker's heartbeat during a long reasoner call) moves the entry's
+  deadline in ``due`` and re-``XCLAIM``s it to the same consumer with ``JUSTID`` (which resets
+  its idle time without counting a delivery, so ``XPENDING`` shows a live holder), in one
+  script, and only if the receipt still matches and the PEL still names this consumer: a
+  heartbeat arriving after the lease was taken over changes nothing and says so.
 * **Dead letters** go to a second stream, with an index from event key to entry so ``edgekeeper
   cloud dlq requeue KEY`` finds one without a scan.
 * **Dedupe keys** (``seen``: key -> payload hash) stay while the event is queued, leased or dead,
@@ -70,6 +79,7 @@ STALE_CONSUMER_MS = 86_400_000
 _K = """
 local K_EVENTS, K_DUE, K_HOLDER, K_ERRORS = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local K_DEAD, K_DEADIDX, K_SEEN, K_SEENEXP = KEYS[5], KEYS[6], KEYS[7], KEYS[8]
+local K_FREE = KEYS[9]
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 
@@ -101,6 +111,7 @@ local function bury(group, id, f, attempts, reason, retention_us)
   redis.call('ZREM', K_DUE, id)
   redis.call('HDEL', K_HOLDER, id)
   redis.call('HDEL', K_ERRORS, id)
+  redis.call('HDEL', K_FREE, id)
   forget_later(f.k, retention_us)
 end
 
@@ -108,6 +119,11 @@ local function deliveries(group, id)
   local p = redis.call('XPENDING', K_EVENTS, group, id, id, 1)
   if #p == 0 then return nil end
   return tonumber(p[1][4])
+end
+
+-- Deliveries that count as attempts: all of them but the released ones.
+local function charged(id, n)
+  return n - tonumber(redis.call('HGET', K_FREE, id) or '0')
 end
 """
 
@@ -126,7 +142,7 @@ return 0
 """
 
 # ARGV: group, consumer, count, visibility_us, max_attempts, retention_us
-# -> {now_us, until_us, {id, deliveries, d, s, h, e, r}...}
+# -> {now_us, until_us, {id, deliveries, attempts, d, s, h, e, r}...}
 _LEASE = _K + """
 local group, consumer = ARGV[1], ARGV[2]
 local count, deadline = tonumber(ARGV[3]), now + tonumber(ARGV[4])
@@ -134,10 +150,10 @@ local max_attempts, retention = tonumber(ARGV[5]), tonumber(ARGV[6])
 local out = {now, deadline}
 local n_out = 0
 
-local function hand_out(id, n, f)
+local function hand_out(id, n, attempts, f)
   redis.call('HSET', K_HOLDER, id, id .. ':' .. n)
   redis.call('ZADD', K_DUE, deadline, id)
-  table.insert(out, {id, n, f.d, f.s, f.h, f.e, f.r})
+  table.insert(out, {id, n, attempts, f.d, f.s, f.h, f.e, f.r})
   n_out = n_out + 1
 end
 
@@ -154,15 +170,17 @@ while n_out < count do
       redis.call('ZREM', K_DUE, id)
       redis.call('HDEL', K_HOLDER, id)
       redis.call('HDEL', K_ERRORS, id)
-    elseif n >= max_attempts then
+      redis.call('HDEL', K_FREE, id)
+    elseif charged(id, n) >= max_attempts then
       -- Its deliveries all ended without ack, or its last nack came with no attempts left
       -- (then the nack buried it already); a poison event that kills its workers ends here.
+      local a = charged(id, n)
       local why = redis.call('HGET', K_ERRORS, id)
-      if not why then why = 'lease expired ' .. n .. ' times without ack' end
-      bury(group, id, fields(entry[1][2]), n, why, retention)
+      if not why then why = 'lease expired ' .. a .. ' times without ack' end
+      bury(group, id, fields(entry[1][2]), a, why, retention)
     else
       local claimed = redis.call('XCLAIM', K_EVENTS, group, consumer, 0, id)
-      if #claimed > 0 then hand_out(id, n + 1, fields(claimed[1][2])) end
+      if #claimed > 0 then hand_out(id, n + 1, charged(id, n) + 1, fields(claimed[1][2])) end
     end
   end
 end
@@ -172,7 +190,7 @@ if n_out < count then
   local r = redis.call('XREADGROUP', 'GROUP', group, consumer, 'COUNT', count - n_out,
                        'STREAMS', K_EVENTS, '>')
   if r then
-    for _, entry in ipairs(r[1][2]) do hand_out(entry[1], 1, fields(entry[2])) end
+    for _, entry in ipairs(r[1][2]) do hand_out(entry[1], 1, 1, fields(entry[2])) end
   end
 end
 return out
@@ -186,8 +204,20 @@ redis.call('XDEL', K_EVENTS, ARGV[2])
 redis.call('ZREM', K_DUE, ARGV[2])
 redis.call('HDEL', K_HOLDER, ARGV[2])
 redis.call('HDEL', K_ERRORS, ARGV[2])
+redis.call('HDEL', K_FREE, ARGV[2])
 forget_later(ARGV[4], tonumber(ARGV[5]))
 prune_seen()
+return 1
+"""
+
+# ARGV: group, id, receipt, consumer, visibility_us -> 1 extended, 0 lease lost
+_EXTEND = _K + """
+local group, id, consumer = ARGV[1], ARGV[2], ARGV[4]
+if redis.call('HGET', K_HOLDER, id) ~= ARGV[3] then return 0 end
+local p = redis.call('XPENDING', K_EVENTS, group, id, id, 1)
+if #p == 0 or p[1][2] ~= consumer then return 0 end
+redis.call('XCLAIM', K_EVENTS, group, consumer, 0, id, 'JUSTID')
+redis.call('ZADD', K_DUE, now + tonumber(ARGV[5]), id)
 return 1
 """
 
@@ -199,13 +229,26 @@ if redis.call('HGET', K_HOLDER, id) ~= ARGV[3] then return 0 end
 local n = deliveries(group, id)
 local entry = redis.call('XRANGE', K_EVENTS, id, id)
 if n == nil or #entry == 0 then return 0 end
-if ARGV[8] == '1' or n >= tonumber(ARGV[6]) then
-  bury(group, id, fields(entry[1][2]), n, ARGV[4], tonumber(ARGV[7]))
+local attempts = charged(id, n)
+if ARGV[8] == '1' or attempts >= tonumber(ARGV[6]) then
+  bury(group, id, fields(entry[1][2]), attempts, ARGV[4], tonumber(ARGV[7]))
   return 2
 end
 redis.call('HDEL', K_HOLDER, id)
 redis.call('HSET', K_ERRORS, id, ARGV[4])
 redis.call('ZADD', K_DUE, now + tonumber(ARGV[5]), id)
+return 1
+"""
+
+# ARGV: group, id, receipt, delay_us -> 1 released, 0 lease lost
+_RELEASE = _K + """
+local group, id = ARGV[1], ARGV[2]
+if redis.call('HGET', K_HOLDER, id) ~= ARGV[3] then return 0 end
+if deliveries(group, id) == nil then return 0 end
+-- The delivery just had is not charged; the error of the last real failure stays.
+redis.call('HINCRBY', K_FREE, id, 1)
+redis.call('HDEL', K_HOLDER, id)
+redis.call('ZADD', K_DUE, now + tonumber(ARGV[4]), id)
 return 1
 """
 
@@ -274,11 +317,14 @@ class RedisStreamsQueue:
         self._r = client
         tag = "{" + prefix + "}"
         self._keys = [f"{tag}:{name}" for name in (
-            "events", "due", "holder", "errors", "dead", "dead:index", "seen", "seen:expiry")]
+            "events", "due", "holder", "errors", "dead", "dead:index", "seen", "seen:expiry",
+            "free")]
         self._lua_enqueue = client.register_script(_ENQUEUE)
         self._lua_lease = client.register_script(_LEASE)
         self._lua_ack = client.register_script(_ACK)
+        self._lua_extend = client.register_script(_EXTEND)
         self._lua_nack = client.register_script(_NACK)
+        self._lua_release = client.register_script(_RELEASE)
         self._lua_requeue = client.register_script(_REQUEUE)
         self._lua_stats = client.register_script(_STATS)
 
@@ -408,10 +454,10 @@ class RedisStreamsQueue:
         ])
         until = int(out[1]) / 1e6
         leases = []
-        for entry_id, n, dev, seq, phash, env, received in out[2:]:
+        for entry_id, n, attempts, dev, seq, phash, env, received in out[2:]:
             eid = _text(entry_id)
             event = QueuedEvent(_text(dev), int(seq), bytes(phash), bytes(env), float(received))
-            leases.append(Lease(f"{eid}:{int(n)}", event, int(n), consumer, until))
+            leases.append(Lease(f"{eid}:{int(n)}", event, int(attempts), consumer, until))
         return leases
 
     @staticmethod
@@ -424,6 +470,13 @@ class RedisStreamsQueue:
         ])
         return int(done) == 1
 
+    async def extend(self, lease: Lease, *, visibility_s: float) -> bool:
+        done = await self._run(self._lua_extend, [
+            GROUP, self._entry_id(lease), lease.receipt, lease.consumer,
+            int(max(0.0, visibility_s) * 1e6),
+        ])
+        return int(done) == 1
+
     async def _nack(self, lease: Lease, reason: str, delay_s: float, bury: bool) -> int:
         return int(await self._run(self._lua_nack, [
             GROUP, self._entry_id(lease), lease.receipt, reason[:2000],
@@ -433,6 +486,12 @@ class RedisStreamsQueue:
 
     async def nack(self, lease: Lease, *, reason: str, delay_s: float = 0.0) -> bool:
         return await self._nack(lease, reason, delay_s, bury=False) == 1
+
+    async def release(self, lease: Lease, *, delay_s: float = 0.0) -> bool:
+        done = await self._run(self._lua_release, [
+            GROUP, self._entry_id(lease), lease.receipt, int(max(0.0, delay_s) * 1e6),
+        ])
+        return int(done) == 1
 
     async def dead_letter(self, lease: Lease, *, reason: str) -> bool:
         return await self._nack(lease, reason, 0.0, bury=True) == 2

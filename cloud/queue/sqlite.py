@@ -282,6 +282,20 @@ class SQLiteQueue:
 
         return await self._db.run(do)
 
+    async def extend(self, lease: Lease, *, visibility_s: float) -> bool:
+        def do(conn: sqlite3.Connection) -> bool:
+            # Matching the lease token is the whole check: a re-lease draws a new token, and
+            # ack/nack/dead-lettering delete the row or clear it, so a lost lease matches no row.
+            # A lease that expired but nobody took yet is still ours to extend.
+            with transaction(conn):
+                cur = conn.execute(
+                    "UPDATE events SET available_at = ? WHERE id = ? AND lease_token = ?",
+                    (time.time() + max(0.0, visibility_s), self._row_id(lease), lease.receipt),
+                )
+            return cur.rowcount == 1
+
+        return await self._db.run(do)
+
     async def nack(self, lease: Lease, *, reason: str, delay_s: float = 0.0) -> bool:
         def do(conn: sqlite3.Connection) -> bool:
             now = time.time()
@@ -301,6 +315,20 @@ class SQLiteQueue:
                     (now + max(0.0, delay_s), reason[:2000], self._row_id(lease)),
                 )
                 return True
+
+        return await self._db.run(do)
+
+    async def release(self, lease: Lease, *, delay_s: float = 0.0) -> bool:
+        def do(conn: sqlite3.Connection) -> bool:
+            # attempts was raised when this delivery was leased; taking it back is what makes
+            # the wait free. last_error is kept: it is the reason of the last real failure.
+            with transaction(conn):
+                cur = conn.execute(
+                    "UPDATE events SET available_at = ?, attempts = MAX(attempts - 1, 0),"
+                    " lease_token = NULL, leased_by = NULL WHERE id = ? AND lease_token = ?",
+                    (time.time() + max(0.0, delay_s), self._row_id(lease), lease.receipt),
+                )
+            return cur.rowcount == 1
 
         return await self._db.run(do)
 

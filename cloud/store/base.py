@@ -6,7 +6,10 @@
 * one-time enrolment tokens, stored only as SHA-256 hashes (a copy of the database does not
   hold a usable token), consumed in the same transaction that registers the device;
 * results, sealed for their device (the store never holds a plaintext result), with a
-  per-store increasing ``id`` that is the long-poll cursor, kept until the device acks them.
+  per-store increasing ``id`` that is the long-poll cursor (never reused, also after pruning),
+  kept until the device acks them and then for ``cloud.results_retention_seconds`` more
+  (``prune_results``; the worker prunes, see cloud/worker.py). Unacked results are never
+  pruned: a device may be offline for weeks.
 
 Dedupe of event sequence numbers lives in the queue (cloud/queue/base.py says why).
 
@@ -149,7 +152,15 @@ class Store(Protocol):
 
     async def has_result(self, device_id: str, seq: int) -> bool:
         """Whether a result for (device_id, seq) is stored (acked or not): the worker asks
-        before calling a reasoner, so a redelivered event costs no second provider call."""
+        before calling a reasoner, so a redelivered event costs no second provider call. An
+        acked result is pruned only after the retention, far longer than any event stays
+        queued once its result is stored (a lease), so this stays sound."""
+        ...
+
+    async def prune_results(self, *, acked_before: float, limit: int) -> int:
+        """Delete up to ``limit`` results acked before ``acked_before`` (oldest acks first), in
+        one short transaction on an index of ``acked_at``; returns how many. Unacked results
+        are never touched. Call again while it returns ``limit``."""
         ...
 
     # usage (cloud/budget.py) --------------------------------------------------------------

@@ -70,6 +70,9 @@ SCHEMA = [
         UNIQUE (device_id, seq)
     )""",
     "CREATE INDEX IF NOT EXISTS results_pending ON results (device_id, id) WHERE acked_at IS NULL",
+    # Pruning acked results walks this, oldest ack first (never a table scan); unacked results,
+    # never pruned, are not in it. On an existing large table the first open builds it once.
+    "CREATE INDEX IF NOT EXISTS results_acked ON results (acked_at) WHERE acked_at IS NOT NULL",
     """CREATE TABLE IF NOT EXISTS meta (
         key TEXT PRIMARY KEY,
         value BIGINT NOT NULL
@@ -328,6 +331,17 @@ class PostgresStore:
             "SELECT 1 FROM results WHERE device_id = %s AND seq = %s", (device_id, seq)
         )
         return row is not None
+
+    async def prune_results(self, *, acked_before: float, limit: int) -> int:
+        # Batched: each call is one short autocommit transaction. Ids come from a sequence and
+        # are never reused, so a pruned id never comes back under a device's cursor.
+        async with self._pool.connection() as conn:
+            cur = await conn.execute(
+                "DELETE FROM results WHERE id IN (SELECT id FROM results"
+                " WHERE acked_at < %s ORDER BY acked_at LIMIT %s)",
+                (acked_before, max(0, limit)),
+            )
+            return int(cur.rowcount)
 
     # usage ------------------------------------------------------------------------------
 

@@ -44,6 +44,9 @@ CREATE TABLE IF NOT EXISTS results (
     UNIQUE (device_id, seq)
 );
 CREATE INDEX IF NOT EXISTS results_pending ON results (device_id, id) WHERE acked_at IS NULL;
+-- Pruning acked results (prune_results) walks this, oldest ack first, and never scans the
+-- table. Partial: unacked results, which are never pruned, are not in it.
+CREATE INDEX IF NOT EXISTS results_acked ON results (acked_at) WHERE acked_at IS NOT NULL;
 CREATE TABLE IF NOT EXISTS meta (
     key TEXT PRIMARY KEY,
     value INTEGER NOT NULL
@@ -252,6 +255,21 @@ class SQLiteStore:
             return conn.execute(
                 "SELECT 1 FROM results WHERE device_id = ? AND seq = ?", (device_id, seq)
             ).fetchone() is not None
+
+        return await self._db.run(do)
+
+    async def prune_results(self, *, acked_before: float, limit: int) -> int:
+        def do(conn: sqlite3.Connection) -> int:
+            # Batched, so a first prune after months holds the write lock (which the ingest's
+            # acks and enrolments wait on) for one short transaction at a time. AUTOINCREMENT
+            # ids are never reused, so a pruned id never comes back under a device's cursor.
+            with transaction(conn):
+                cur = conn.execute(
+                    "DELETE FROM results WHERE id IN (SELECT id FROM results"
+                    " WHERE acked_at < ? ORDER BY acked_at LIMIT ?)",
+                    (acked_before, max(0, limit)),
+                )
+            return cur.rowcount
 
         return await self._db.run(do)
 

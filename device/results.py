@@ -340,6 +340,9 @@ class ResultsClient:
         self.clock_offset = 0.0
         self._clock = clock
         self._session: aiohttp.ClientSession | None = None
+        # True while poll_once waits for the cloud's answer (the long-poll): the only phase a
+        # shutdown may cut short. Once results are in hand they are handled and acked first.
+        self._fetching = False
 
     async def __aenter__(self) -> ResultsClient:
         # The read timeout must outlast the long-poll the cloud may hold open.
@@ -368,10 +371,20 @@ class ResultsClient:
                 await asyncio.wait({poll, stopper}, return_when=asyncio.FIRST_COMPLETED)
             finally:
                 stopper.cancel()
-            if not poll.done():  # stop was set during a long-poll: nothing is lost by leaving
-                poll.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
+            if not poll.done():
+                if self._fetching:
+                    # Still waiting on the long-poll: nothing received, nothing lost by leaving
+                    # (unacked results are fetched again on the next start).
+                    poll.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await poll
+                    return
+                # Results in hand: let their actions finish and the ack go out, so a stop does
+                # not leave handled results unacked. Bounded by the actions' and HTTP timeouts.
+                try:
                     await poll
+                except Exception as err:
+                    log.warning("results.poll_failed", error=str(err)[:300], at="stop")
                 return
             try:
                 poll.result()
@@ -407,11 +420,15 @@ class ResultsClient:
         path = self.base.path.rstrip("/") + "/v1/results"
         query = f"cursor={self.cursor}&wait={int(wait)}&limit={self.limit}"
         url = self.base.with_path(path, encoded=True).with_query(None)
-        async with self._session.get(
-            URL(f"{url}?{query}", encoded=True), headers=self._signed("GET", path, query, b"")
-        ) as resp:
-            text = (await resp.content.read(_MAX_ANSWER)).decode("utf-8", "replace")
-            self._check(resp.status, text, resp.headers)
+        self._fetching = True
+        try:
+            async with self._session.get(
+                URL(f"{url}?{query}", encoded=True), headers=self._signed("GET", path, query, b"")
+            ) as resp:
+                text = (await resp.content.read(_MAX_ANSWER)).decode("utf-8", "replace")
+                self._check(resp.status, text, resp.headers)
+        finally:
+            self._fetching = False
         data = json.loads(text)
         items = data.get("results", []) if isinstance(data, dict) else []
         ack: list[int] = []

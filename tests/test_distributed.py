@@ -32,6 +32,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from edgekeeper import compat
 from edgekeeper.cloud.backends import open_queue, open_store
 from edgekeeper.cloud.enroll import issue_token
 from edgekeeper.cloud.keys import CloudKeys
@@ -55,7 +56,7 @@ async def until(pred: Callable[[], Awaitable[bool]], timeout: float = 60.0,
                 what: str = "condition") -> None:
     """Wait for a condition; the deadline only guards against hanging (nothing is timed)."""
     try:
-        async with asyncio.timeout(timeout):
+        async with compat.timeout(timeout):
             while not await pred():  # noqa: ASYNC110 - the state lives in other processes
                 await asyncio.sleep(0.05)
     except TimeoutError:
@@ -94,7 +95,7 @@ class Box:
             *self.cli(*args), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
             stderr=subprocess.PIPE, env={**os.environ, **(env or {})},
         )
-        async with asyncio.timeout(timeout):
+        async with compat.timeout(timeout):
             out, err = await proc.communicate()
         assert proc.returncode is not None
         return proc.returncode, out.decode(), err.decode()
@@ -119,7 +120,7 @@ class Box:
                 proc.send_signal(signal.SIGTERM)
         for proc in self.procs:
             try:
-                async with asyncio.timeout(30):
+                async with compat.timeout(30):
                     await proc.wait()
             except TimeoutError:
                 proc.kill()

@@ -20,7 +20,7 @@ import cv2
 import numpy as np
 
 from edgekeeper.cloud.backends import open_queue, open_store
-from edgekeeper.cloud.enroll import issue_token
+from edgekeeper.cloud.enroll import EnrollRequest, enroll, issue_token
 from edgekeeper.cloud.ingest import IngestServer, create_app
 from edgekeeper.cloud.keys import CloudKeys
 from edgekeeper.cloud.queue.base import EventQueue
@@ -33,6 +33,17 @@ from edgekeeper.protocol.messages import EventBody
 # redis / postgres run against real servers that tests/servers.py finds or starts.
 QUEUE_BACKENDS = ["sqlite", "redis"]
 STORE_BACKENDS = ["sqlite", "postgres"]
+
+
+async def enroll_device(store: Store, device_id: str) -> DeviceKeys:
+    """A fresh device enrolled straight into ``store`` through the real enrollment rule (a
+    one-time token, then the request the device would send); returns its keys."""
+    device = DeviceKeys.generate()
+    token = await issue_token(store, ttl_s=60, now=time.time())
+    await enroll(store, EnrollRequest.from_json(
+        {"token": token, "device_id": device_id, "sign_pk": b64e(device.sign_pk),
+         "box_pk": b64e(device.box_pk)}), now=time.time())
+    return device
 
 
 def jpeg(nbytes: int = 2000, seed: int = 0) -> bytes:

@@ -16,7 +16,6 @@ import pytest
 
 from edgekeeper import config as config_mod
 from edgekeeper.cloud.backends import open_queue, open_store
-from edgekeeper.cloud.enroll import EnrollRequest, enroll, issue_token
 from edgekeeper.cloud.keys import CloudKeys
 from edgekeeper.cloud.queue.base import EventQueue, QueuedEvent
 from edgekeeper.cloud.reasoners.echo import EchoReasoner
@@ -24,9 +23,9 @@ from edgekeeper.cloud.store.base import Store
 from edgekeeper.cloud.worker import Worker, build_worker
 from edgekeeper.errors import ConfigError
 from edgekeeper.protocol import envelope as E
-from edgekeeper.protocol.keys import DeviceKeys, b64e
+from edgekeeper.protocol.keys import DeviceKeys
 
-from cloudkit import STORE_BACKENDS, make_event
+from cloudkit import STORE_BACKENDS, enroll_device, make_event
 from servers import store_overrides
 
 DEVICE = "pi-1"
@@ -57,11 +56,7 @@ async def env(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[E
     store = await open_store(request.param, tmp_path, **store_overrides(request, request.param))
     queue = await open_queue("sqlite", tmp_path, max_attempts=3)
     keys = await asyncio.to_thread(CloudKeys.ensure, tmp_path)
-    device = DeviceKeys.generate()
-    token = await issue_token(store, ttl_s=60, now=time.time())
-    await enroll(store, EnrollRequest.from_json(
-        {"token": token, "device_id": DEVICE, "sign_pk": b64e(device.sign_pk),
-         "box_pk": b64e(device.box_pk)}), now=time.time())
+    device = await enroll_device(store, DEVICE)
     yield Env(queue, store, keys, device)
     await queue.close()
     await store.close()

@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 
 from edgekeeper.cloud.backends import open_queue, open_store
-from edgekeeper.cloud.enroll import EnrollRequest, enroll, issue_token
 from edgekeeper.cloud.keys import CloudKeys
 from edgekeeper.cloud.queue.base import EventQueue, QueuedEvent
 from edgekeeper.cloud.reasoners.base import ReasonerUnavailable, Verdict, load_reasoner
@@ -21,10 +20,10 @@ from edgekeeper.cloud.store.base import Store
 from edgekeeper.cloud.worker import Worker
 from edgekeeper.errors import ConfigError, PermanentError
 from edgekeeper.protocol import envelope as E
-from edgekeeper.protocol.keys import DeviceKeys, b64e
+from edgekeeper.protocol.keys import DeviceKeys
 from edgekeeper.protocol.messages import EventBody, payload_digest
 
-from cloudkit import make_event
+from cloudkit import enroll_device, make_event
 
 
 @dataclass
@@ -40,11 +39,7 @@ async def env(tmp_path: Path) -> AsyncIterator[Env]:
     store = await open_store("sqlite", tmp_path)
     queue = await open_queue("sqlite", tmp_path, max_attempts=2)
     keys = await asyncio.to_thread(CloudKeys.ensure, tmp_path)
-    device = DeviceKeys.generate()
-    token = await issue_token(store, ttl_s=60, now=time.time())
-    await enroll(store, EnrollRequest.from_json(
-        {"token": token, "device_id": "pi-1", "sign_pk": b64e(device.sign_pk),
-         "box_pk": b64e(device.box_pk)}), now=time.time())
+    device = await enroll_device(store, "pi-1")
     yield Env(queue, store, keys, device)
     await queue.close()
     await store.close()

@@ -26,7 +26,6 @@ from edgekeeper import config as config_mod
 from edgekeeper.cloud.backends import open_queue, open_store
 from edgekeeper.cloud.backoff import Circuit
 from edgekeeper.cloud.budget import Budget, next_utc_midnight, utc_day
-from edgekeeper.cloud.enroll import EnrollRequest, enroll, issue_token
 from edgekeeper.cloud.keys import CloudKeys
 from edgekeeper.cloud.queue.base import EventQueue, Lease, QueuedEvent
 from edgekeeper.cloud.reasoners.anthropic import AnthropicReasoner
@@ -34,10 +33,10 @@ from edgekeeper.cloud.reasoners.base import NO_USAGE, Usage, Verdict
 from edgekeeper.cloud.store.base import Store, UsageRecord
 from edgekeeper.cloud.worker import Worker, WorkerStats
 from edgekeeper.protocol import envelope as E
-from edgekeeper.protocol.keys import DeviceKeys, b64e
+from edgekeeper.protocol.keys import DeviceKeys
 from edgekeeper.protocol.messages import EventBody
 
-from cloudkit import QUEUE_BACKENDS, make_event
+from cloudkit import QUEUE_BACKENDS, enroll_device, make_event
 from fake_anthropic import FakeAnthropic, Reply
 from servers import queue_overrides
 
@@ -86,11 +85,7 @@ async def env(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[E
     store = await open_store("sqlite", data_dir)
     queue = await open_queue(backend, data_dir, max_attempts=max_attempts, **overrides)
     keys = await asyncio.to_thread(CloudKeys.ensure, data_dir)
-    device = DeviceKeys.generate()
-    token = await issue_token(store, ttl_s=60, now=time.time())
-    await enroll(store, EnrollRequest.from_json(
-        {"token": token, "device_id": DEVICE, "sign_pk": b64e(device.sign_pk),
-         "box_pk": b64e(device.box_pk)}), now=time.time())
+    device = await enroll_device(store, DEVICE)
     yield Env(backend, data_dir, overrides, queue, store, keys, device, max_attempts)
     await queue.close()
     await store.close()

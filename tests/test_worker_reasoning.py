@@ -18,7 +18,6 @@ from edgekeeper import config as config_mod
 from edgekeeper.cloud.backends import open_queue, open_store
 from edgekeeper.cloud.backoff import Circuit
 from edgekeeper.cloud.budget import Budget, utc_day
-from edgekeeper.cloud.enroll import EnrollRequest, enroll, issue_token
 from edgekeeper.cloud.keys import CloudKeys
 from edgekeeper.cloud.queue.base import EventQueue, QueuedEvent
 from edgekeeper.cloud.reasoners.anthropic import AnthropicReasoner
@@ -28,10 +27,10 @@ from edgekeeper.cloud.store.base import Store
 from edgekeeper.cloud.worker import Worker, WorkerStats, build_reasoners
 from edgekeeper.errors import ConfigError
 from edgekeeper.protocol import envelope as E
-from edgekeeper.protocol.keys import DeviceKeys, b64e
+from edgekeeper.protocol.keys import DeviceKeys
 from edgekeeper.protocol.messages import ResultBody
 
-from cloudkit import make_event
+from cloudkit import enroll_device, make_event
 from fake_anthropic import FakeAnthropic, RecordedRequest, Reply
 
 KEY = "fake-key-worker-test"
@@ -96,11 +95,7 @@ async def env(tmp_path: Path) -> AsyncIterator[Env]:
     store = await open_store("sqlite", tmp_path)
     queue = await open_queue("sqlite", tmp_path, max_attempts=3)
     keys = await asyncio.to_thread(CloudKeys.ensure, tmp_path)
-    device = DeviceKeys.generate()
-    token = await issue_token(store, ttl_s=60, now=time.time())
-    await enroll(store, EnrollRequest.from_json(
-        {"token": token, "device_id": DEVICE, "sign_pk": b64e(device.sign_pk),
-         "box_pk": b64e(device.box_pk)}), now=time.time())
+    device = await enroll_device(store, DEVICE)
     # Probes carry no frame, so images are not required by the fake; event requests are
     # checked for theirs below.
     async with FakeAnthropic(api_key=KEY) as fake:

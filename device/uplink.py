@@ -387,6 +387,7 @@ class Uplink:
 
     async def _attempt(self, row: OutboxRow) -> Attempt:
         assert self._session is not None, "use `async with Uplink(...)`"
+        sealed_offset = self.clock_offset  # what this envelope's sent_at is corrected by
         try:
             envelope = await self._seal(row)
         except ProtocolError as err:  # a stored body the protocol refuses: never sendable
@@ -399,7 +400,7 @@ class Uplink:
         except (aiohttp.ClientError, TimeoutError, OSError) as err:
             cause = type(err).__name__
             return Attempt(row.seq, Verdict.RETRY, "network", f"{cause}: {err}".strip(": "))
-        return self._judge(row.seq, status, text, headers)
+        return self._judge(row.seq, status, text, headers, sealed_offset)
 
     async def _seal(self, row: OutboxRow) -> bytes:
         def seal() -> bytes:
@@ -417,7 +418,9 @@ class Uplink:
             return seal()
         return await asyncio.to_thread(seal)
 
-    def _judge(self, seq: int, status: int, text: str, headers: Any) -> Attempt:
+    def _judge(
+        self, seq: int, status: int, text: str, headers: Any, sealed_offset: float
+    ) -> Attempt:
         retry_after = parse_retry_after(headers.get("Retry-After"), self._clock())
         try:
             data = json.loads(text)
@@ -442,19 +445,28 @@ class Uplink:
         if code in _HALT_CODES:
             return Attempt(seq, Verdict.HALT, code, message, status)
         if code == "stale":
-            return self._stale(seq, message, status, headers)
+            return self._stale(seq, message, status, headers, sealed_offset)
         return Attempt(seq, Verdict.RETRY, code or f"http_{status}", message, status, retry_after)
 
-    def _stale(self, seq: int, message: str, status: int, headers: Any) -> Attempt:
+    def _stale(
+        self, seq: int, message: str, status: int, headers: Any, sealed_offset: float
+    ) -> Attempt:
         """Our clock is off: seal with the cloud's (from its Date header) and retry at once,
-        unless that was already done, in which case back off like any failure."""
+        unless this envelope was already sealed with the cloud's time, in which case back off
+        like any failure.
+
+        Judged against the offset *this* envelope was sealed with: uploads in flight together
+        are all refused stale, and whichever answer arrives second must not read the
+        correction the first one just made as "already tried"."""
         try:
             server_now = email.utils.parsedate_to_datetime(headers.get("Date", "")).timestamp()
         except (TypeError, ValueError, IndexError):
             return Attempt(seq, Verdict.RETRY, "stale", message, status)
         offset = server_now - self._clock()
-        if abs(offset - self.clock_offset) <= 2.0:  # Date has 1 s resolution
+        if abs(offset - sealed_offset) <= 2.0:  # Date has 1 s resolution
             return Attempt(seq, Verdict.RETRY, "stale", message, status)
+        if abs(offset - self.clock_offset) <= 2.0:  # corrected by another answer meanwhile
+            return Attempt(seq, Verdict.RETRY, "stale", message, status, retry_after=0.0)
         log.warning("uplink.clock_skew", seconds=round(offset, 1),
                     fix="synchronise the device clock (NTP); sealing with the cloud's time")
         self.clock_offset = offset

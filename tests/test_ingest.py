@@ -110,6 +110,8 @@ async def test_bad_input_is_a_4xx_json_error_and_nothing_is_enqueued(
         data, expected = good[: len(good) // 2], (400, "malformed_envelope")
     elif case == "garbled":
         data, expected = bytes(reversed(good)), (400, "malformed_envelope")
+        if data[0] == 0x95:  # 1 in 256: the last ciphertext byte reads as the array marker
+            data = b"\x94" + data[1:]
     elif case == "bitflip_header":
         data, expected = _flip(good, 20), (401, "auth_failed")
     elif case == "bitflip_nonce":

@@ -11,6 +11,7 @@ fdatasync'd) did. SIGKILL is a real process killed at random points while enqueu
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
 import os
 import random
@@ -24,7 +25,7 @@ import pytest
 from queue_child import event as child_event
 
 from edgekeeper.cloud.queue.base import EnqueueStatus, QueuedEvent
-from edgekeeper.cloud.queue.segments import MAGIC
+from edgekeeper.cloud.queue.segments import MAGIC, scan
 from edgekeeper.cloud.queue.sqlite import SQLiteQueue
 
 INDEX_FILES = ("queue.sqlite", "queue.sqlite-wal", "queue.sqlite-shm")
@@ -288,3 +289,33 @@ async def test_sigkill_while_enqueueing_loses_and_duplicates_nothing(tmp_path: P
     for e in delivered:
         assert e == child_event(e.seq)  # the bytes that come back are the bytes that went in
     assert len(confirmed) > KILLS * 5
+
+
+async def test_a_full_disk_refuses_enqueues_and_leaves_no_half_written_record(
+    tmp_path: Path,
+) -> None:
+    """A write that fails part-way (here EFBIG from a file size limit in the child process, as
+    a full disk gives ENOSPC) is refused and cut back, so the records appended once space is
+    back follow the last good one directly: nothing half-written, nothing lost."""
+    child = Path(__file__).with_name("queue_child.py")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, str(child), "--disk-full", str(tmp_path),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await proc.communicate()
+    assert proc.returncode == 0, err.decode()[-2000:]
+    answers = [line.split() for line in out.decode().splitlines()]
+    refused = [int(a[0]) for a in answers if a[1] == "error"]
+    queued = [int(a[0]) for a in answers if a[1] == "queued"]
+    assert refused and all(a[2] == str(errno.EFBIG) for a in answers if a[1] == "error")
+    assert sorted(queued) == list(range(1, 10))  # every refused one went in on its retry
+
+    (seg,) = segment_files(tmp_path)
+    records, end = scan(seg, int(seg.stem), 0)
+    assert end == seg.stat().st_size  # no torn or stray bytes anywhere in the file
+    assert [r.event.seq for r in records] == queued
+    q = await SQLiteQueue.open(tmp_path / "queue.sqlite")
+    try:
+        assert [e.seq for e in await drain(q)] == queued
+    finally:
+        await q.close()

@@ -157,6 +157,13 @@ class SQLiteQueue:
             with transaction(conn):
                 for column in ("segment", "seg_offset", "seg_length"):
                     conn.execute(f"ALTER TABLE events ADD COLUMN {column} INTEGER")
+        # Collection asks "does any event still point into segment N?" at every rollover: a
+        # lookup here, not a scan of a backlog that may hold a million events. (Created here,
+        # not in SCHEMA, because an older file gets its segment column only just above.)
+        conn.execute(
+            "CREATE INDEX IF NOT EXISTS events_segment ON events (segment)"
+            " WHERE segment IS NOT NULL"
+        )
         self._recover(conn)
         self._collect(conn)
 
@@ -220,14 +227,11 @@ class SQLiteQueue:
     def _collect(self, conn: sqlite3.Connection) -> None:
         """Delete sealed segments no queued event points into (row first, then the file)."""
         with transaction(conn):
-            used = {
-                r[0] for r in conn.execute(
-                    "SELECT DISTINCT segment FROM events WHERE segment IS NOT NULL"
-                )
-            }
             unused = [
-                sid for (sid,) in conn.execute("SELECT id FROM segments WHERE sealed = 1")
-                if sid not in used
+                sid for (sid,) in conn.execute(
+                    "SELECT id FROM segments s WHERE sealed = 1 AND NOT EXISTS"
+                    " (SELECT 1 FROM events e WHERE e.segment = s.id)"
+                ).fetchall()
             ]
             for sid in unused:
                 conn.execute("DELETE FROM segments WHERE id = ?", (sid,))

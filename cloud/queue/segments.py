@@ -60,7 +60,6 @@ SEGMENT_BYTES = 64 * 1024 * 1024
 _datasync = getattr(os, "fdatasync", os.fsync)
 # Linux's IOV_MAX is 1024; two buffers per event.
 _MAX_IOV = 1024
-_MAX_RECORD = 64 * 1024 * 1024
 
 
 class SegmentError(OSError):
@@ -235,6 +234,7 @@ def scan(path: Path, segment_id: int, start: int) -> tuple[list[Scanned], int]:
     """
     out: list[Scanned] = []
     with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
         f.seek(start)
         pos = start
         while True:
@@ -242,7 +242,9 @@ def scan(path: Path, segment_id: int, start: int) -> tuple[list[Scanned], int]:
             if len(prefix) < PREFIX_BYTES:
                 break
             magic, length, crc = _PREFIX.unpack(prefix)
-            if magic != MAGIC or not _FIXED.size < length <= _MAX_RECORD:
+            # A length past the end of the file is a record cut short (or garbage): never
+            # allocate for more than is there. No other cap: envelopes may be 256 MiB.
+            if magic != MAGIC or not _FIXED.size < length <= size - pos - PREFIX_BYTES:
                 break
             rest = f.read(length)
             if len(rest) < length or zlib.crc32(rest) != crc:

@@ -1,11 +1,12 @@
-"""Cloud subcommands: ``edgekeeper cloud serve | worker | token | revoke | devices | keys |
-dlq | usage``."""
+"""Cloud subcommands: ``edgekeeper cloud serve | worker | status | token | revoke | devices |
+keys | dlq | usage``."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import datetime as dt
+import json
 import sys
 import time
 from typing import Any
@@ -31,6 +32,10 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
     p = _add(csub, "worker", "reason about queued events and store results", _worker)
     p.add_argument("--burst", action="store_true", help="drain what is queued, then exit")
+
+    p = _add(csub, "status", "show the queue's backlog (and, embedded, its files on disk)",
+             _status)
+    p.add_argument("--json", action="store_true", help="one JSON object, for monitoring")
 
     p = _add(csub, "token", "issue a one-time enrollment token (printed once)", _token)
     p.add_argument("--ttl", type=float, metavar="SECONDS",
@@ -67,6 +72,38 @@ def _worker(args: argparse.Namespace, config: Config) -> int:
     print(f"done {stats.done}, retried {stats.retried}, dead-lettered {stats.dead}, "
           f"already done {stats.skipped}, waiting for budget {stats.waiting}, "
           f"cost {stats.cost_usd:.4f} USD")
+    return 0
+
+
+def _status(args: argparse.Namespace, config: Config) -> int:
+    from edgekeeper.cloud.dlq import _with_queue
+
+    async def read(queue: Any) -> dict[str, Any]:
+        stats = await queue.stats()
+        doc: dict[str, Any] = {
+            "backend": config.cloud.queue_backend,
+            "ready": stats.ready,
+            "leased": stats.leased,
+            "dead": stats.dead,
+            "dedupe_keys": stats.seen,
+        }
+        disk_usage = getattr(queue, "disk_usage", None)  # the embedded backend's files
+        if disk_usage is not None:
+            doc["disk"] = await disk_usage()
+        return doc
+
+    doc = asyncio.run(_with_queue(config, read))
+    if args.json:
+        print(json.dumps(doc))
+        return 0
+    print(f"queue ({doc['backend']}): {doc['ready']} ready, {doc['leased']} leased, "
+          f"{doc['dead']} dead, {doc['dedupe_keys']} dedupe keys")
+    if "disk" in doc:
+        disk = doc["disk"]
+        print(f"on disk: index {disk['index_bytes'] / 1e6:.1f} MB, {disk['segments']} "
+              f"segment(s) {disk['segment_bytes'] / 1e6:.1f} MB in {disk['segments_dir']}")
+    if doc["dead"]:
+        print("dead letters: see 'edgekeeper cloud dlq'")
     return 0
 
 

@@ -4,6 +4,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import json
 import os
 import signal
@@ -135,3 +137,32 @@ def test_serve_enroll_upload_revoke_and_sigterm(
     code, out, _ = run(["cloud", "worker", "--burst"], capsys)
     # Revoked since: every queued event is dead-lettered (kept for inspection), none lost.
     assert code == 0 and f"done 0, retried 0, dead-lettered {queued}" in out
+
+
+async def test_status_shows_the_backlog_and_the_files_on_disk(
+    cloud_env: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from edgekeeper.cloud.queue.base import QueuedEvent
+    from edgekeeper.cloud.queue.sqlite import SQLiteQueue
+
+    q = await SQLiteQueue.open(cloud_env / "queue.sqlite")
+    try:
+        for seq in (1, 2, 3):
+            envelope = bytes([seq]) * 20_000
+            await q.enqueue(QueuedEvent("pi-1", seq, hashlib.sha256(envelope).digest(),
+                                        envelope, time.time()))
+        (lease,) = await q.lease("w", count=1, visibility_s=60)
+        await q.dead_letter(lease, reason="test")
+        await q.lease("w", count=1, visibility_s=60)
+    finally:
+        await q.close()
+    code, out, err = await asyncio.to_thread(run, ["cloud", "status", "--json"], capsys)
+    assert code == 0, err
+    doc = json.loads(out)
+    assert {k: doc[k] for k in ("backend", "ready", "leased", "dead", "dedupe_keys")} == {
+        "backend": "sqlite", "ready": 1, "leased": 1, "dead": 1, "dedupe_keys": 3}
+    assert doc["disk"]["segments"] == 1 and doc["disk"]["segment_bytes"] > 60_000
+    code, out, _ = await asyncio.to_thread(run, ["cloud", "status"], capsys)
+    assert code == 0
+    assert "1 ready, 1 leased, 1 dead, 3 dedupe keys" in out and "1 segment(s)" in out
+    assert "edgekeeper cloud dlq" in out

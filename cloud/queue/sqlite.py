@@ -617,6 +617,23 @@ class SQLiteQueue:
 
         return await self._db.run(do)
 
+    async def disk_usage(self) -> dict[str, Any]:
+        """What the queue takes on disk: the index (with its WAL) and the segment files."""
+
+        def size(path: Path) -> int:
+            try:
+                return path.stat().st_size
+            except FileNotFoundError:  # collected meanwhile
+                return 0
+
+        def do() -> dict[str, Any]:
+            index = sum(size(p) for p in self.path.parent.glob(self.path.name + "*"))
+            segments = [size(p) for _, p in iter_segment_files(self.segments_dir)]
+            return {"index_bytes": index, "segments": len(segments),
+                    "segment_bytes": sum(segments), "segments_dir": str(self.segments_dir)}
+
+        return await asyncio.to_thread(do)
+
     async def keys(self) -> list[tuple[str, int]]:
         """Every (device_id, seq) waiting or leased, in order (for tests and inspection)."""
 

@@ -57,6 +57,7 @@ import functools
 import hashlib
 import math
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import cached_property
@@ -107,6 +108,9 @@ HEADER_DEVICE = "X-Edgekeeper-Device"
 HEADER_TIMESTAMP = "X-Edgekeeper-Timestamp"
 HEADER_SIGNATURE = "X-Edgekeeper-Signature"
 _REQUEST_DOMAIN = b"edgekeeper-request-v1"
+# What format_timestamp writes. Checked before float(): float() also takes "1_000", " 1e3 "
+# and non-ASCII digits (full-width ones), which the signed message (ASCII) cannot hold.
+_TIMESTAMP_TEXT = re.compile(r"[0-9]{1,15}(?:\.[0-9]{1,9})?")
 
 Lookup = Callable[[str], "DevicePublicKeys | None"]
 
@@ -582,19 +586,28 @@ def verify_request(
         )
     if not valid_device_id(device_id):
         raise MissingSignature(f"{HEADER_DEVICE} is not a valid device id")
+    if not _TIMESTAMP_TEXT.fullmatch(ts_text):
+        raise MissingSignature(
+            f"{HEADER_TIMESTAMP} {ts_text[:40]!r} is not seconds since the epoch "
+            "written as ASCII digits with an optional fraction (e.g. 1764556800.125)"
+        )
+    ts = float(ts_text)
     try:
-        ts = float(ts_text)
         signature = b64d(sig_text, what=HEADER_SIGNATURE, length=64)
     except ValueError as err:
         raise MissingSignature(f"malformed signature headers: {err}") from None
-    if not math.isfinite(ts):
-        raise MissingSignature(f"{HEADER_TIMESTAMP} must be a finite number")
     device = lookup(device_id)
     if device is None:
         raise UnknownDevice(f"device {device_id!r} is not enrolled")
     if device.revoked:
         raise DeviceRevoked(f"device {device_id!r} has been revoked")
-    message = _request_message(device_id, method, path, query, body, ts_text)
+    try:
+        message = _request_message(device_id, method, path, query, body, ts_text)
+    except UnicodeEncodeError:  # a path or method no signer could have produced
+        raise AuthenticationFailed(
+            f"the request from {device_id!r} cannot be verified: its method or path is not "
+            "plain text"
+        ) from None
     try:
         VerifyKey(device.sign_pk).verify(message, signature)
     except nacl.exceptions.BadSignatureError:

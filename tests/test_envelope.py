@@ -444,6 +444,27 @@ def test_request_header_tampering_and_staleness(device: DeviceKeys) -> None:
         E.verify_request(forged, now=1000.0, **kw)
 
 
+
+@pytest.mark.parametrize(
+    "ts",
+    ["\uff11\uff10\uff10\uff10", "1000\xa0", "1_000", " 1000", "1e3", "inf", "-1000", "0x3e8", ""],
+)
+def test_request_timestamp_other_than_ascii_digits_is_refused(device: DeviceKeys, ts: str) -> None:
+    # float() takes all of these; only digits with an optional fraction are what a signer writes
+    # (the non-ASCII ones used to escape as UnicodeEncodeError: a 500 from the ingest).
+    headers = {**E.sign_request(device, device_id=DEV, timestamp=1000.0, **REQ),
+               E.HEADER_TIMESTAMP: ts}
+    with pytest.raises(MissingSignature):
+        E.verify_request(headers, lookup=strict(device), now=1000.0, window_s=30, **REQ)
+
+
+def test_request_path_no_signer_could_write_is_refused(device: DeviceKeys) -> None:
+    headers = E.sign_request(device, device_id=DEV, timestamp=1000.0, **REQ)
+    with pytest.raises(AuthenticationFailed):
+        E.verify_request(headers, lookup=strict(device), now=1000.0, window_s=30,
+                         **{**REQ, "path": "/v1/res\udcffults"})  # type: ignore[arg-type]
+
+
 # --- keys ---------------------------------------------------------------------------------
 
 

@@ -371,6 +371,39 @@ async def test_results_requests_must_be_signed_fresh_and_valid(
     assert_error(*(await ack(cloud, device, [])), 400, "invalid_request")
 
 
+
+async def _raw_request(url: str, head: list[bytes]) -> tuple[int, Any]:
+    """One request written byte for byte (aiohttp's client would refuse non-ASCII headers)."""
+    host, port = url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(b"\r\n".join([*head, b"Connection: close", b"", b""]))
+        await writer.drain()
+        data = await reader.read()
+    finally:
+        writer.close()
+        await writer.wait_closed()
+    status_line, _, rest = data.partition(b"\r\n")
+    return int(status_line.split()[1]), json.loads(rest.partition(b"\r\n\r\n")[2])
+
+
+@pytest.mark.parametrize(
+    "ts",
+    ["\uff11\uff10\uff10\uff10".encode(), b"1000\xa0", b"10\xff00", b"1_000"],
+    ids=["fullwidth-digits", "nbsp", "not-utf8", "underscore"],
+)
+async def test_signature_headers_with_odd_bytes_are_a_401_not_a_500(
+    cloud: Cloud, device: Device, ts: bytes
+) -> None:
+    sig = device.signed("GET", "/v1/results", "cursor=0")[E.HEADER_SIGNATURE].encode()
+    status, body = await _raw_request(cloud.url, [
+        b"GET /v1/results?cursor=0 HTTP/1.1", b"Host: 127.0.0.1",
+        b"X-Edgekeeper-Device: " + device.device_id.encode(),
+        b"X-Edgekeeper-Timestamp: " + ts, b"X-Edgekeeper-Signature: " + sig,
+    ])
+    assert_error(status, body, 401, "missing_signature")
+
+
 # --- the rest -----------------------------------------------------------------------------
 
 

@@ -50,7 +50,13 @@ class EnrollRequest:
         if unknown:
             raise InvalidRequest(f"unknown field {unknown[0]!r} in the enrollment body")
         token = data.get("token")
-        if not isinstance(token, str) or not 0 < len(token) <= MAX_TOKEN_CHARS:
+        # printable ASCII: JSON can carry lone surrogates ("\\ud800"), which no token holds and
+        # which would not even hash (UnicodeEncodeError)
+        if (
+            not isinstance(token, str)
+            or not 0 < len(token) <= MAX_TOKEN_CHARS
+            or not (token.isascii() and token.isprintable())
+        ):
             raise InvalidRequest("'token' must be the string printed by 'edgekeeper cloud token'")
         device_id = data.get("device_id")
         if not valid_device_id(device_id):

@@ -289,13 +289,18 @@ def _require_type(request: web.Request, expected: str) -> None:
         )
 
 
-async def _read_json(request: web.Request, limit: int) -> Any:
-    _require_type(request, JSON_TYPE)
-    raw = await _read_capped(request, limit)
+def _parse_json(raw: bytes) -> Any:
     try:
         return json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise InvalidJson(f"the body is not valid UTF-8 JSON: {err}") from None
+    except RecursionError:  # "[[[[..." a few KB long: json recurses once per level
+        raise InvalidJson("the body's JSON is nested too deeply") from None
+
+
+async def _read_json(request: web.Request, limit: int) -> Any:
+    _require_type(request, JSON_TYPE)
+    return _parse_json(await _read_capped(request, limit))
 
 
 async def _signed_device(request: web.Request, body: bytes) -> DevicePublicKeys:
@@ -449,10 +454,7 @@ async def post_results_ack(request: web.Request) -> web.Response:
     _require_type(request, JSON_TYPE)
     raw = await _read_capped(request, MAX_ACK_BYTES)
     device = await _signed_device(request, raw)
-    try:
-        data = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise InvalidJson(f"the body is not valid UTF-8 JSON: {err}") from None
+    data = _parse_json(raw)
     ids = data.get("ids") if isinstance(data, dict) else None
     if (
         not isinstance(ids, list)

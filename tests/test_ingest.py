@@ -280,6 +280,13 @@ async def test_enrollment_api(cloud: Cloud) -> None:
         assert_error(resp.status, await resp.json(), 400, "invalid_json")
     async with cloud.session.post(url, json={"token": token}) as resp:
         assert_error(resp.status, await resp.json(), 400, "invalid_request")
+    # JSON that parses to what no client sends: a lone surrogate in the token, and nesting
+    # deeper than json's recursion (both were 500s with a traceback in the log)
+    for raw, code in ((json.dumps({**payload, "token": "\ud800"}).encode(), "invalid_request"),
+                      (b"[" * 3000, "invalid_json")):
+        async with cloud.session.post(url, data=raw,
+                                      headers={"Content-Type": "application/json"}) as resp:
+            assert_error(resp.status, await resp.json(), 400, code)
     async with cloud.session.post(url, data=json.dumps(payload).encode(),
                                   headers={"Content-Type": "text/plain"}) as resp:
         assert_error(resp.status, await resp.json(), 415, "unsupported_media_type")
@@ -369,6 +376,12 @@ async def test_results_requests_must_be_signed_fresh_and_valid(
                                   headers=headers) as resp:
         assert_error(resp.status, await resp.json(), 400, "invalid_json")
     assert_error(*(await ack(cloud, device, [])), 400, "invalid_request")
+    deep = b"[" * 3000
+    headers = {**device.signed("POST", "/v1/results/ack", body=deep),
+               "Content-Type": "application/json"}
+    async with cloud.session.post(f"{cloud.url}/v1/results/ack", data=deep,
+                                  headers=headers) as resp:
+        assert_error(resp.status, await resp.json(), 400, "invalid_json")
 
 
 

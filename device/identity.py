@@ -139,7 +139,7 @@ def _error_of(status: int, text: str) -> tuple[str, str, str | None]:
     try:
         err = json.loads(text)["error"]
         return str(err.get("code", "")), str(err.get("message", "")), err.get("fix") or None
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
         return "", f"HTTP {status}: {text[:200]}", None
 
 
@@ -202,7 +202,7 @@ async def enroll(
         if answer.get("protocol_version") != PROTOCOL_VERSION:
             raise ValueError(f"protocol_version {answer.get('protocol_version')!r} is not 1")
         cloud = CloudPublicKeys.from_json(answer.get("cloud"))
-    except (ValueError, AttributeError) as err:
+    except (ValueError, AttributeError, RecursionError) as err:
         raise EnrollmentError(
             f"the enrollment answer from {base} is not valid: {err}",
             fix="check that the URL points at an edgekeeper cloud of the same version",

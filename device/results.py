@@ -429,7 +429,7 @@ class ResultsClient:
                 self._check(resp.status, text, resp.headers)
         finally:
             self._fetching = False
-        data = json.loads(text)
+        data = _ingest_json(text, "GET /v1/results")
         items = data.get("results", []) if isinstance(data, dict) else []
         ack: list[int] = []
         for item in items:
@@ -477,8 +477,9 @@ class ResultsClient:
         async with self._session.post(url, data=body, headers=headers) as resp:
             text = (await resp.content.read(_MAX_ANSWER)).decode("utf-8", "replace")
             self._check(resp.status, text, resp.headers)
-        acked = json.loads(text).get("acked", 0)
-        return int(acked) if isinstance(acked, int) else 0
+        data = _ingest_json(text, "POST /v1/results/ack")
+        acked = data.get("acked", 0) if isinstance(data, dict) else 0
+        return acked if type(acked) is int else 0
 
 
 class ResultsUnavailable(ConnectionError):
@@ -488,6 +489,18 @@ class ResultsUnavailable(ConnectionError):
         super().__init__(message)
         self.retry_after = retry_after
         self.code = code
+
+
+def _ingest_json(text: str, what: str) -> Any:
+    """A 2xx answer's JSON. Anything else (a captive portal's login page, a proxy's own 200)
+    means we are not talking to the ingest yet: back off and ask again, like a 5xx."""
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError):
+        raise ResultsUnavailable(
+            f"the answer to {what} is not the ingest's JSON: {text[:120]!r}",
+            None, "unexpected_answer",
+        ) from None
 
 
 def _server_offset(headers: Any, now: float) -> float | None:
@@ -504,7 +517,7 @@ def _raise_for(status: int, text: str, headers: Any) -> None:
     if 200 <= status < 300:
         return
     code, message, fix = "", text[:300], None
-    with contextlib.suppress(ValueError, KeyError, TypeError, AttributeError):
+    with contextlib.suppress(ValueError, KeyError, TypeError, AttributeError, RecursionError):
         err = json.loads(text)["error"]
         code, message, fix = str(err["code"]), str(err.get("message", "")), err.get("fix")
     if status in (400, 401, 403, 404, 405, 415) and code not in ("stale",):

@@ -424,7 +424,7 @@ class Uplink:
         retry_after = parse_retry_after(headers.get("Retry-After"), self._clock())
         try:
             data = json.loads(text)
-        except ValueError:
+        except (ValueError, RecursionError):  # not the ingest's JSON: judged below
             data = None
         if status in (200, 202):
             ok = (

@@ -4,6 +4,7 @@ subprocess and HTTP actions. The only fake is the local HTTP receiver of the POS
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import sys
 import time
@@ -19,6 +20,7 @@ from test_uplink import DEVICE, Cloud, device_config, enrolled, start_cloud, unt
 from edgekeeper.config import Config
 from edgekeeper.device import identity
 from edgekeeper.device.results import ResultActions, ResultsClient
+from edgekeeper.device.uplink import Backoff
 from edgekeeper.protocol.envelope import seal_result
 from edgekeeper.protocol.messages import ResultBody
 
@@ -296,3 +298,48 @@ async def test_skewed_clock_is_corrected_from_the_cloud_date(cloud: Cloud, tmp_p
         report = await rc.poll_once()  # signed with the cloud's time now
     assert (report.handled, report.acked) == (1, 1)
     await actions.close()
+
+
+async def test_a_captive_portal_is_backed_off_not_a_crash(cloud: Cloud, tmp_path: Path) -> None:
+    """A hotel Wi-Fi answers 200 with a login page: the results channel must treat it like a
+    cloud that is not there yet (back off, ask again), not die on the HTML."""
+    from edgekeeper.device.results import ResultsUnavailable
+
+    hits: list[str] = []
+
+    async def portal(request: web.Request) -> web.Response:
+        await request.read()
+        hits.append(request.path)
+        return web.Response(text="<html>Please log in to the hotel Wi-Fi</html>",
+                            content_type="text/html")
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", portal)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        config = device_config(tmp_path, results={"poll_wait_seconds": 1})
+        e = await enrolled(cloud, config)
+        actions = ResultActions.from_config(config)
+        portal_e = dataclasses.replace(e, cloud_url=f"http://127.0.0.1:{port}")
+        async with client(config, actions, portal_e) as rc:
+            rc.backoff = Backoff(0.02, 0.1)  # the default waits seconds between polls
+            with pytest.raises(ResultsUnavailable) as err:
+                await rc.poll_once()
+            assert err.value.code == "unexpected_answer" and "hotel Wi-Fi" in str(err.value)
+            stop = asyncio.Event()
+            task = asyncio.create_task(rc.run(stop))
+
+            async def asked_again() -> bool:
+                return len(hits) >= 3 or task.done()
+
+            await until(asked_again)
+            assert not task.done()  # still polling, not crashed
+            stop.set()
+            await task
+        await actions.close()
+    finally:
+        await runner.cleanup()

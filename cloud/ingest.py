@@ -520,6 +520,13 @@ async def errors_middleware(
         return error_response(exc.status, code, exc.reason, "", headers=headers)
     except asyncio.CancelledError:
         raise
+    except ConnectionResetError:
+        # The client went away mid-request (a device losing its link mid-upload): nothing was
+        # enqueued, it will send again, and there is nobody to answer. Not a server error.
+        request.app[STATE].count("client_gone")
+        log.info("client_gone", path=request.path, remote=request.remote)
+        return error_response(400, "client_gone", "the connection closed mid-request",
+                              "send the request again")
     except Exception:
         log.exception("internal_error", path=request.path)
         return error_response(500, "internal", "internal error", "retry later; report if it lasts")

@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import dataclasses
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,7 @@ import aiohttp
 import cv2
 import numpy as np
 
+from edgekeeper import compat
 from edgekeeper.cloud.backends import open_queue, open_store
 from edgekeeper.cloud.enroll import EnrollRequest, enroll, issue_token
 from edgekeeper.cloud.ingest import IngestServer, create_app
@@ -145,3 +146,10 @@ async def running_cloud(tmp_path: Path, **section: Any) -> AsyncIterator[Cloud]:
         await server.stop()
         await queue.close()
         await store.close()
+
+
+async def until(pred: Callable[[], Any], timeout: float = 20.0, every: float = 0.02) -> None:
+    """Wait for a condition (a deadline only guards against hanging; nothing is timed)."""
+    async with compat.timeout(timeout):
+        while not await pred():  # noqa: ASYNC110 - the state lives in another component
+            await asyncio.sleep(every)

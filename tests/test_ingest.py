@@ -24,7 +24,7 @@ from edgekeeper.protocol import envelope as E
 from edgekeeper.protocol.keys import DeviceKeys, b64d, b64e
 from edgekeeper.protocol.messages import payload_digest
 
-from cloudkit import Cloud, Device, make_event, running_cloud
+from cloudkit import Cloud, Device, make_event, running_cloud, until
 
 MAX_BYTES = 256 * 1024
 
@@ -415,6 +415,28 @@ async def test_signature_headers_with_odd_bytes_are_a_401_not_a_500(
         b"X-Edgekeeper-Timestamp: " + ts, b"X-Edgekeeper-Signature: " + sig,
     ])
     assert_error(status, body, 401, "missing_signature")
+
+
+
+async def test_an_upload_cut_off_mid_body_is_not_a_server_error(
+    cloud: Cloud, device: Device
+) -> None:
+    envelope = device.seal(make_event(device.device_id, 1))
+    host, port = cloud.url.removeprefix("http://").split(":")
+    _, writer = await asyncio.open_connection(host, int(port))
+    writer.write(b"POST /v1/events HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: "
+                 + E.CONTENT_TYPE.encode() + b"\r\nContent-Length: %d\r\n\r\n" % len(envelope)
+                 + envelope[: len(envelope) // 2])
+    await writer.drain()
+    writer.close()  # the device's link drops half-way
+    await writer.wait_closed()
+    counters = cloud.server.state.counters
+
+    async def noticed() -> bool:
+        return counters.get("client_gone", 0) == 1
+
+    await until(noticed)
+    assert await queue_state(cloud) == (0, 0, 0, 0)
 
 
 # --- the rest -----------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import contextlib
 import random
 import socket
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,6 +43,7 @@ from edgekeeper.device.uplink import (
 )
 from edgekeeper.protocol.messages import EventBody
 
+from cloudkit import until
 from tcp_proxy import TcpProxy
 
 DEVICE = "test-device"
@@ -175,11 +176,6 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-async def until(pred: Callable[[], Any], timeout: float = 20.0, every: float = 0.02) -> None:
-    """Wait for a condition (a deadline only guards against hanging; nothing is timed)."""
-    async with compat.timeout(timeout):
-        while not await pred():  # noqa: ASYNC110 - the state lives in another component
-            await asyncio.sleep(every)
 
 
 # --- backoff ------------------------------------------------------------------------------------

@@ -3,6 +3,11 @@
 Every line carries the device id and, once a gate is loaded, the model versions
 (``bind_context``). Secrets never reach a log: the ``redact`` processor drops any value whose key
 looks like a secret, whatever code logged it.
+
+Libraries log through the standard library (aiohttp, asyncio, the anthropic SDK, httpx); their
+records are rendered by the same pipeline, so a log reader sees one format, not JSON lines with
+plain-text tracebacks between them. Their threshold is WARNING unless the level is debug (httpx
+alone would log every call to the provider at INFO).
 """
 
 from __future__ import annotations
@@ -38,6 +43,58 @@ class _CurrentStderr:
         return sys.stderr.isatty()
 
 
+class _LibraryNoise(logging.Filter):
+    """aiohttp logs every request it cannot even parse (a bad chunk size, a non-HTTP probe) at
+    ERROR with a traceback. On an Internet-facing ingest that is scanners and broken clients,
+    not a fault of ours, and it already answered 400: one INFO line with the reason instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if (
+            exc is not None
+            and record.name.startswith("aiohttp")
+            and type(exc).__module__ == "aiohttp.http_exceptions"
+        ):
+            remote = record.args[0] if isinstance(record.args, tuple) and record.args else "?"
+            record.msg = "malformed_http_request remote=%s reason=%s"
+            record.args = (remote, str(getattr(exc, "message", exc)).splitlines()[0][:200])
+            record.exc_info = record.exc_text = None
+            record.levelno, record.levelname = logging.INFO, "INFO"
+        return True
+
+
+class _OurHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Marks the one handler configure() installs, so a second call replaces it and leaves
+    anyone else's (pytest's caplog) alone."""
+
+
+def _route_stdlib(level: str, stream: Any, renderer: Any) -> None:
+    handler = _OurHandler(stream)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=[
+                structlog.stdlib.add_log_level,
+                structlog.stdlib.add_logger_name,
+                structlog.processors.TimeStamper(fmt="iso", utc=True),
+                _redact,
+            ],
+            processors=[
+                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                structlog.processors.format_exc_info,
+                renderer,
+            ],
+        )
+    )
+    handler.addFilter(_LibraryNoise())
+    threshold = logging.DEBUG if level.lower() == "debug" else logging.WARNING
+    handler.setLevel(threshold)
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if isinstance(h, _OurHandler)]:
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(threshold)
+
+
 def configure(level: str = "info", fmt: str = "auto", stream: Any = None) -> None:
     """Configure structlog once, at the CLI. ``fmt``: auto | json | console."""
     stream = stream or _CurrentStderr()
@@ -64,6 +121,7 @@ def configure(level: str = "info", fmt: str = "auto", stream: Any = None) -> Non
         logger_factory=structlog.PrintLoggerFactory(file=stream),
         cache_logger_on_first_use=False,
     )
+    _route_stdlib(level, stream, renderer)
 
 
 def bind_context(**values: Any) -> None:

@@ -5,6 +5,7 @@ stable code and leave the queue untouched."""
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import time
 from collections.abc import AsyncIterator
@@ -437,6 +438,36 @@ async def test_an_upload_cut_off_mid_body_is_not_a_server_error(
 
     await until(noticed)
     assert await queue_state(cloud) == (0, 0, 0, 0)
+
+
+
+async def test_requests_aiohttp_cannot_parse_log_one_json_line_without_a_traceback(
+    cloud: Cloud,
+) -> None:
+    """aiohttp answers these 400 itself and logs them at error with a traceback through the
+    standard library; the ingest's log must stay JSON lines, and a scanner's junk is INFO."""
+    from edgekeeper import log
+
+    stream = io.StringIO()
+    log.configure("info", "json", stream=stream)
+    try:
+        host, port = cloud.url.removeprefix("http://").split(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(b"POST /v1/events HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: "
+                     + E.CONTENT_TYPE.encode()
+                     + b"\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nabc\r\n0\r\n\r\n")
+        await writer.drain()
+        answer = await reader.read()
+        writer.close()
+        await writer.wait_closed()
+    finally:
+        log.configure("warning", "json")
+    assert answer.startswith(b"HTTP/1.0 400") or answer.startswith(b"HTTP/1.1 400"), answer
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    junk = [e for e in lines if e.get("logger", "").startswith("aiohttp")]
+    assert len(junk) == 1 and junk[0]["level"] == "info", lines
+    assert junk[0]["event"].startswith("malformed_http_request") and "exception" not in junk[0]
+    assert "chunk size" in junk[0]["event"]
 
 
 # --- the rest -----------------------------------------------------------------------------

@@ -73,6 +73,8 @@ class PipelineStats:
     audio_spared: int = 0
     decisions: list[dict[str, Any]] = field(default_factory=list)
     events: int = 0
+    # Triggers whose event the sink could not store at all (disk full): acted on, not kept.
+    events_lost: int = 0
     event_bytes: int = 0
     media_seconds: float = 0.0
     latencies_ms: dict[str, list[float]] = field(default_factory=dict)
@@ -98,6 +100,7 @@ class PipelineStats:
             "triggers": sum(1 for d in self.decisions if d["action"] == "fire"),
             "held_back": sum(1 for d in self.decisions if d["action"] == "hold"),
             "events": self.events,
+            "events_lost": self.events_lost,
             "event_bytes": self.event_bytes,
             "media_seconds": round(self.media_seconds, 3),
             "gate_latency_ms": lat,
@@ -359,6 +362,9 @@ class Pipeline:
             if not d.fired:
                 continue
             seq = await self.sink.next_seq()
+            if seq is None:  # the sink cannot store anything now (disk full); it said why
+                self.stats.events_lost += 1
+                continue
             frame = (item.frame.t, item.frame.image) if item.frame is not None else None
             self.capture.open(seq, d, item.modality, frame, item.features, item.scores)
 

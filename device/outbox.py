@@ -26,6 +26,13 @@ The store is bounded by a quota (bytes of event bodies). When a new event does n
 * ``evict_oldest`` - dead letters first, then the oldest event whatever its priority.
 * ``reject_new`` - keep what is stored; ``put`` raises OutboxFull.
 
+A full *disk* (the quota not reached, but no space left for SQLite to grow into; or an I/O
+error, or the filesystem gone read-only) is another matter: nothing can be stored until it
+clears. Every write then raises OutboxDiskFull,
+the transaction is rolled back, the connection stays usable, and as soon as there is room
+again writes succeed. Events lost meanwhile are counted in memory and added to
+``dropped_total`` by the first write that succeeds.
+
 All methods of ``Outbox`` block (SQLite); asyncio code uses ``AsyncOutbox``/``OutboxSink``,
 which run them in a worker thread so the event loop never waits on the disk.
 """
@@ -96,6 +103,26 @@ class OutboxError(PermanentError):
 
 class OutboxFull(RetryableError):
     """The quota is reached and the policy refuses the new event (or it alone exceeds it)."""
+
+
+class OutboxDiskFull(RetryableError):
+    """The outbox's filesystem takes no more writes (full, an I/O error, remounted read-only);
+    nothing was written. Retryable: it clears once there is room again."""
+
+
+# SQLite's primary result codes for "this write did not reach the disk": SQLITE_FULL (ENOSPC),
+# SQLITE_IOERR (EIO, and EFBIG from a file size limit), SQLITE_READONLY (a filesystem that
+# went read-only, as ext4 does on errors). sqlite_errorcode is 3.11+; the messages are SQLite's
+# own and have not changed since 3.0.
+_UNWRITABLE_CODES = {13, 10, 8}
+_UNWRITABLE_TEXT = ("database or disk is full", "disk I/O error", "readonly database")
+
+
+def is_disk_full(err: sqlite3.Error) -> bool:
+    code = getattr(err, "sqlite_errorcode", None)
+    if code is not None:
+        return code & 0xFF in _UNWRITABLE_CODES
+    return any(text in str(err) for text in _UNWRITABLE_TEXT)
 
 
 @dataclass(frozen=True)
@@ -194,6 +221,7 @@ class Outbox:
         self.full_policy: FullPolicy = full_policy
         self._clock = clock
         self._lock = threading.Lock()
+        self._lost = [0, 0]  # events, bytes lost to a full disk, not yet in dropped_*
         self._db = self._open()
 
     # -- setup ---------------------------------------------------------------------------
@@ -264,16 +292,36 @@ class Outbox:
         db.execute("BEGIN IMMEDIATE")
         try:
             yield db
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        else:
             db.execute("COMMIT")
+        except BaseException:
+            # Also after a failed COMMIT (disk full, I/O error): SQLite may or may not have
+            # rolled back already; if not, the connection would stay inside this transaction
+            # and refuse every later BEGIN.
+            with contextlib.suppress(sqlite3.Error):
+                db.execute("ROLLBACK")
+            raise
 
     @contextlib.contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
-        with self._lock, self._tx(self._db) as db:
-            yield db
+        with self._lock:
+            try:
+                with self._tx(self._db) as db:
+                    yield db
+            except sqlite3.OperationalError as err:
+                if not is_disk_full(err):
+                    raise
+                raise OutboxDiskFull(
+                    f"the outbox {self.path} cannot be written: {err}",
+                    fix="free space on that filesystem (old logs, recordings), or check it "
+                    "(dmesg) if it is not full; capture and uploads resume by themselves",
+                ) from None
+
+    def note_lost(self, size: int) -> None:
+        """Count an event that could not be stored (disk full); persisted with the next write
+        that succeeds, since the counters live in the same full file."""
+        with self._lock:
+            self._lost[0] += 1
+            self._lost[1] += size
 
     def close(self) -> None:
         with self._lock:
@@ -355,9 +403,15 @@ class Outbox:
                 )
             elif self.full_policy != "reject_new":
                 evicted.append(Eviction(seq=seq, priority=priority, size=size, state="new"))
-            if evicted:
-                self._bump(db, "dropped_total", len(evicted))
-                self._bump(db, "dropped_bytes", sum(e.size for e in evicted))
+            lost_events, lost_bytes = self._lost
+            if evicted or lost_events:
+                self._bump(db, "dropped_total", len(evicted) + lost_events)
+                self._bump(db, "dropped_bytes", sum(e.size for e in evicted) + lost_bytes)
+        if lost_events:
+            with self._lock:  # now on disk: no longer only in memory
+                self._lost[0] -= lost_events
+                self._lost[1] -= lost_bytes
+            log.warning("outbox.disk_full_losses_recorded", events=lost_events, bytes=lost_bytes)
         for victim in evicted:
             log.warning(
                 "outbox.evicted",
@@ -627,9 +681,20 @@ class OutboxSink:
 
     def __init__(self, outbox: AsyncOutbox) -> None:
         self.outbox = outbox
+        self.lost = 0  # events the disk had no room for
 
-    async def next_seq(self) -> int:
-        return await self.outbox.next_seq()
+    async def next_seq(self) -> int | None:
+        try:
+            return await self.outbox.next_seq()
+        except OutboxDiskFull as err:
+            self._lost(0, None, err)
+            return None
+
+    def _lost(self, size: int, seq: int | None, err: OutboxDiskFull) -> None:
+        self.lost += 1
+        self.outbox.sync.note_lost(size)
+        log.error("outbox.event_not_stored", seq=seq, size=size, lost=self.lost,
+                  error=err.message, fix=err.fix)
 
     async def deliver(self, event: EventBody | _HasBody) -> None:
         def encode() -> tuple[bytes, int, int, str]:
@@ -643,6 +708,9 @@ class OutboxSink:
         except OutboxFull:
             # Already counted and logged by the outbox (policy reject_new, or an event larger
             # than the quota). Capture goes on: one lost event must not stop the device.
+            return
+        except OutboxDiskFull as err:
+            self._lost(len(encoded), seq, err)
             return
         if not result.stored:
             log.warning("outbox.event_dropped", seq=seq, priority=priority,

@@ -148,7 +148,7 @@ class _RecordingSink:
         self.inner = inner
         self.metas: list[dict[str, Any]] = []
 
-    async def next_seq(self) -> int:
+    async def next_seq(self) -> int | None:
         return await self.inner.next_seq()
 
     async def deliver(self, event: Any) -> None:

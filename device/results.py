@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import email.utils
+import errno
 import json
 import os
 import sqlite3
@@ -42,6 +43,7 @@ import aiohttp
 from yarl import URL
 
 from edgekeeper import compat
+from edgekeeper.device.outbox import is_disk_full
 from edgekeeper.errors import PermanentError
 from edgekeeper.log import get_logger
 from edgekeeper.protocol.envelope import open_result, sign_request
@@ -110,11 +112,20 @@ class Ledger:
     def record(self, key: str, seq: int, result_id: int | None, status: str,
                error: str | None, result: dict[str, Any] | None) -> None:
         with self._lock:
-            self._db.execute(
-                "INSERT INTO results VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (key) DO NOTHING",
-                (key, seq, result_id, status, error,
-                 None if result is None else json.dumps(result), time.time()),
-            )
+            try:
+                self._db.execute(
+                    "INSERT INTO results VALUES (?, ?, ?, ?, ?, ?, ?) "
+                    "ON CONFLICT (key) DO NOTHING",
+                    (key, seq, result_id, status, error,
+                     None if result is None else json.dumps(result), time.time()),
+                )
+            except sqlite3.OperationalError as err:
+                if not is_disk_full(err):
+                    raise
+                # Not recorded, so not acked: the result comes again once there is room, and
+                # the poller backs off meanwhile as it does for any OSError.
+                raise OSError(errno.ENOSPC, f"no space left for the results ledger {self.path}"
+                              ) from None
 
     def entries(self) -> list[LedgerEntry]:
         with self._lock:

@@ -16,11 +16,16 @@ On-disk layout of a LocalSink directory::
 
 Each event folder is written under a temporary name, fsynced and renamed into place, so a power
 cut leaves either a whole event or none.
+
+A sink never stops the loop because the disk is full (or went read-only): ``next_seq`` returns
+None when it cannot even persist a sequence number (the loop skips that event), ``deliver``
+logs and counts an event it cannot write. Both work again as soon as the disk does.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 import os
@@ -32,10 +37,15 @@ import numpy as np
 
 from edgekeeper.device.events import Event
 from edgekeeper.errors import InputError
+from edgekeeper.log import get_logger
+
+log = get_logger(__name__)
 
 
 class Sink(Protocol):
-    async def next_seq(self) -> int: ...
+    async def next_seq(self) -> int | None:
+        """The next sequence number, persisted first; None if nothing can be stored now."""
+        ...
 
     async def deliver(self, event: Event) -> None: ...
 
@@ -64,6 +74,7 @@ class LocalSink:
         self._seq: int | None = None
         self.delivered = 0
         self.bytes = 0
+        self.lost = 0  # events that could not be written (disk full, read-only)
 
     def _prepare(self) -> int:
         try:
@@ -91,18 +102,33 @@ class LocalSink:
         _write(tmp, f"{seq}\n".encode())
         os.replace(tmp, self.directory / "seq")
 
-    async def next_seq(self) -> int:
+    async def next_seq(self) -> int | None:
         async with self._lock:
             if self._seq is None:
                 self._seq = await asyncio.to_thread(self._prepare)
+            try:
+                await asyncio.to_thread(self._persist_seq, self._seq + 1)
+            except OSError as err:
+                self.lost += 1
+                log.error("sink.event_not_stored", directory=str(self.directory),
+                          error=f"{err.strerror or err}", lost=self.lost,
+                          fix="free space on that filesystem; storing resumes by itself")
+                return None
             self._seq += 1
-            await asyncio.to_thread(self._persist_seq, self._seq)
             return self._seq
 
     def _store(self, event: Event) -> None:
         name = f"{event.seq:010d}"
         tmp = self.directory / f".tmp-{name}"
         shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            self._write_event(event, tmp)
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)  # no half-written event left behind
+            raise
+
+    def _write_event(self, event: Event, tmp: Path) -> None:
+        name = tmp.name.removeprefix(".tmp-")
         tmp.mkdir()
         meta = event.meta()
         _write(tmp / "meta.json", json.dumps(meta, indent=2, sort_keys=True).encode())
@@ -120,15 +146,31 @@ class LocalSink:
             shutil.rmtree(final)
         os.replace(tmp, final)
         _fsync_dir(self.directory)
-        with open(self.directory / "index.jsonl", "a", encoding="utf-8") as index:
-            index.write(json.dumps(meta, sort_keys=True) + "\n")
-            index.flush()
-            os.fsync(index.fileno())
+        index_path = self.directory / "index.jsonl"
+        with open(index_path, "ab") as index:
+            start = index.seek(0, os.SEEK_END)
+            try:
+                index.write((json.dumps(meta, sort_keys=True) + "\n").encode())
+                index.flush()
+                os.fsync(index.fileno())
+            except OSError:
+                # Never leave a torn line in the index, nor an event it does not list.
+                with contextlib.suppress(OSError):
+                    index.truncate(start)
+                shutil.rmtree(final, ignore_errors=True)
+                raise
 
     async def deliver(self, event: Event) -> None:
         if self._seq is None:
             await asyncio.to_thread(self._prepare)
-        await asyncio.to_thread(self._store, event)
+        try:
+            await asyncio.to_thread(self._store, event)
+        except OSError as err:
+            self.lost += 1
+            log.error("sink.event_not_stored", seq=event.seq, directory=str(self.directory),
+                      error=f"{err.strerror or err}", lost=self.lost,
+                      fix="free space on that filesystem; storing resumes by itself")
+            return
         self.delivered += 1
         self.bytes += event.payload_bytes
 

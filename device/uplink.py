@@ -50,7 +50,7 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 
 from edgekeeper import compat
-from edgekeeper.device.outbox import AsyncOutbox, Outbox, OutboxRow, OutboxSink
+from edgekeeper.device.outbox import AsyncOutbox, Outbox, OutboxDiskFull, OutboxRow, OutboxSink
 from edgekeeper.errors import PermanentError, RetryableError
 from edgekeeper.log import get_logger
 from edgekeeper.protocol.envelope import CONTENT_TYPE, seal_event
@@ -266,7 +266,7 @@ class Uplink:
         failing_since: float | None = None
         loop = asyncio.get_running_loop()
         while True:
-            count, failure = await self._round()
+            count, failure = await self._guarded_round()
             if failure is None:
                 failing_since = None
                 if count == 0:
@@ -298,7 +298,7 @@ class Uplink:
     async def _upload_loop(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
             self.outbox.changed.clear()  # before leasing, so a put() during the round wakes us
-            count, failure = await self._round()
+            count, failure = await self._guarded_round()
             if failure is not None:
                 await _wait(stop, self._delay(failure))
             elif count == 0:
@@ -322,6 +322,15 @@ class Uplink:
             retry_after=failure.retry_after,
         )
         return delay
+
+    async def _guarded_round(self) -> tuple[int, Attempt | None]:
+        """A round whose outbox could not be written (disk full) is a failure to back off
+        from, like a dead link: rows delivered but not deleted are sent again later and
+        answered "duplicate"; rows still leased come back when their lease expires."""
+        try:
+            return await self._round()
+        except OutboxDiskFull as err:
+            return 0, Attempt(0, Verdict.RETRY, "disk_full", err.message)
 
     async def _round(self) -> tuple[int, Attempt | None]:
         """Send one leased batch. Returns (rows leased, the failure that stopped it or None)."""
@@ -377,13 +386,17 @@ class Uplink:
         return len(rows), failure
 
     async def _settle(self, row: OutboxRow, attempt: Attempt) -> None:
-        if attempt.verdict is Verdict.DEAD:
-            await self.outbox.bury(row.seq, f"{attempt.code}: {attempt.message}"[:1000])
-            self.stats.dead += 1
-        else:
-            self.stats.failures += 1
-            self.stats.last_error = f"{attempt.code}: {attempt.message}"[:1000]
-            await self.outbox.release(row.seq, self.stats.last_error)
+        try:
+            if attempt.verdict is Verdict.DEAD:
+                await self.outbox.bury(row.seq, f"{attempt.code}: {attempt.message}"[:1000])
+                self.stats.dead += 1
+            else:
+                self.stats.failures += 1
+                self.stats.last_error = f"{attempt.code}: {attempt.message}"[:1000]
+                await self.outbox.release(row.seq, self.stats.last_error)
+        except OutboxDiskFull as err:
+            # The row stays leased until its lease expires, then is tried again.
+            log.error("uplink.outbox_not_updated", seq=row.seq, error=err.message)
 
     async def _attempt(self, row: OutboxRow) -> Attempt:
         assert self._session is not None, "use `async with Uplink(...)`"
@@ -485,6 +498,12 @@ class Uplink:
         """Act on the gate's own decision for events stuck behind a dead link, once each."""
         if not self.link_down:
             return
+        try:
+            await self._fallback_rows()
+        except (OutboxDiskFull, OSError) as err:  # the outbox or the actions' ledger is full
+            log.error("uplink.fallback_postponed", error=str(err)[:300])
+
+    async def _fallback_rows(self) -> None:
         cutoff = self._clock() - self.section.edge_fallback_after_seconds
         for row in await self.outbox.fallback_candidates(cutoff, 100):
             try:

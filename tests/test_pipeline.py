@@ -90,6 +90,41 @@ async def test_stop_drains_pending_events_and_live_drops_are_counted(tmp_path: P
     assert stats.frames < 30  # stopped early
 
 
+
+class _FullDiskSink:
+    """A sink on a disk with no room left (the Sink protocol's answer: no sequence number)."""
+
+    def __init__(self) -> None:
+        self.asked = 0
+
+    async def next_seq(self) -> int | None:
+        self.asked += 1
+        return None
+
+    async def deliver(self, event: object) -> None:
+        raise AssertionError("an event without a sequence number must never be delivered")
+
+    async def aclose(self) -> None:
+        return None
+
+
+async def test_a_sink_that_cannot_store_does_not_stop_the_loop(sample_recording: Path,
+                                                               make_config) -> None:
+    cfg = make_config(trigger={"k": 1, "n": 1,
+                               "labels": {"person": {"threshold": 0.0, "release": 0.0,
+                                                     "cooldown_seconds": 0.0}}},
+                      pregate={"motion": False})
+    gate = Gate("vision")
+    await gate.load(config_mod.resolve_model("builtin:person"))
+    src = VideoCaptureSource(str(sample_recording / "video.avi"), fps=0, live=False,
+                             lossless=False, queue_size=4, realtime=False)
+    sink = _FullDiskSink()
+    stats = await Pipeline(cfg, sink, video=src, vision_gate=gate).run(asyncio.Event())
+    gate.close()
+    fired = sum(1 for d in stats.decisions if d["action"] == "fire")
+    assert fired >= 1 and stats.events_lost == fired == sink.asked and stats.events == 0
+    assert stats.frames == stats.frames_scored > 0  # it went on to the end of the recording
+
 async def test_sequence_numbers_survive_a_restart(tmp_path: Path) -> None:
     a = LocalSink(tmp_path)
     assert [await a.next_seq() for _ in range(3)] == [1, 2, 3]

@@ -267,6 +267,12 @@ class Outbox:
             db.execute("PRAGMA busy_timeout=30000")
             db.executescript(_SCHEMA)
         except sqlite3.DatabaseError as err:
+            if is_disk_full(err):  # not the file's fault: never advise moving it aside
+                raise OutboxError(
+                    f"outbox {self.path} cannot be opened: {err}",
+                    fix="free space on the filesystem holding it (df -h), or check that "
+                    "filesystem (dmesg); the events in the file are intact",
+                ) from None
             raise OutboxError(
                 f"outbox {self.path} is not a usable SQLite database: {err}",
                 fix="move the file aside (events in it are lost) and restart",

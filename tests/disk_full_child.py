@@ -12,7 +12,9 @@ enrolled with the cloud at CLOUD_URL. Prints one JSON document on stdout with wh
 2. full: the limit is set one page above the largest file. Capture 6 more (each either gets
    no sequence number or is not stored), try to upload the pending ones (must back off, not
    crash), and let a LocalSink try to write an event under a 10 KB limit;
-3. room again: the limit is lifted; capture 3 more and upload everything.
+3. room again: the limit is lifted; capture 3 more and upload everything;
+4. restart on a full disk: reopening the outbox under a 10 KB limit must fail with advice to
+   free space, and succeed with every count intact once the limit is lifted.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from test_uplink import DEVICE, device_config, event_body, make_uplink
 from edgekeeper import log
 from edgekeeper.device import identity
 from edgekeeper.device.events import Event
-from edgekeeper.device.outbox import AsyncOutbox, OutboxSink
+from edgekeeper.device.outbox import AsyncOutbox, OutboxError, OutboxSink
 from edgekeeper.device.sink import LocalSink
 from edgekeeper.device.uplink import open_outbox
 
@@ -83,6 +85,19 @@ async def main(state_dir: Path, cloud_url: str) -> None:
         report["stats"] = {"pending": stats.pending, "dropped_total": stats.dropped_total,
                            "last_seq": stats.last_seq}
     await outbox.close()
+    # Restarting on a full disk: SQLite cannot create its shared-memory file. The error must
+    # say so (not "move the file aside", which would throw the stored events away).
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (10_000, hard))
+    try:
+        open_outbox(config).close()
+        report["reopen_full"] = "opened"
+    except OutboxError as err:
+        report["reopen_full"] = f"{err.message} | {err.fix}"
+    resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    reopened = open_outbox(config)
+    report["reopened_last_seq"] = reopened.stats().last_seq
+    reopened.close()
     print(json.dumps(report), flush=True)
 
 

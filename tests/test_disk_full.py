@@ -53,3 +53,7 @@ async def test_a_full_disk_loses_counted_events_and_bricks_nothing(tmp_path: Pat
     expected = {1, 2, 3, 4, 5, 6, *report["again"]}
     assert expected <= set(sent) <= expected | set(stored)
     assert len(sent) == 6 + 6 - lost + 3
+    # Restarting while the disk is full: a clear refusal that keeps the file, then a clean open.
+    assert "cannot be opened" in report["reopen_full"] and "free space" in report["reopen_full"]
+    assert "move the file aside" not in report["reopen_full"]
+    assert report["reopened_last_seq"] == report["stats"]["last_seq"]

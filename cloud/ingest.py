@@ -27,6 +27,7 @@ import json
 import math
 import os
 import signal
+import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -61,6 +62,7 @@ from edgekeeper.protocol.errors import (
     UnsupportedMediaType,
 )
 from edgekeeper.protocol.keys import DevicePublicKeys, b64e
+from edgekeeper.tls import server_context
 
 log = get_logger(__name__)
 
@@ -600,10 +602,12 @@ def create_app(
 class IngestServer:
     """Owns one running ingest: the app, its runner and its listening socket."""
 
-    def __init__(self, app: web.Application, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(self, app: web.Application, host: str = "127.0.0.1", port: int = 0,
+                 ssl_context: ssl.SSLContext | None = None) -> None:
         self.app = app
         self.host = host
         self.port = port
+        self.ssl_context = ssl_context
         self._runner: web.AppRunner | None = None
 
     @property
@@ -614,7 +618,7 @@ class IngestServer:
         """Start listening; return the base URL (with the real port when ``port`` was 0)."""
         self._runner = web.AppRunner(self.app, access_log=None, shutdown_timeout=10.0)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port)
+        site = web.TCPSite(self._runner, self.host, self.port, ssl_context=self.ssl_context)
         try:
             await site.start()
         except OSError as err:
@@ -627,7 +631,8 @@ class IngestServer:
         if self._runner.addresses:
             self.port = int(self._runner.addresses[0][1])
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}"
+        scheme = "https" if self.ssl_context is not None else "http"
+        return f"{scheme}://{host}:{self.port}"
 
     async def stop(self) -> None:
         """Stop intake, let in-flight requests finish (bounded), then release resources."""
@@ -646,8 +651,10 @@ class IngestServer:
 async def serve(config: Config, *, host: str | None = None, port: int | None = None) -> None:
     """Run the ingest until SIGINT/SIGTERM (a second signal exits at once)."""
     section = config.cloud
+    tls = server_context(section.tls_cert_file, section.tls_key_file)  # before any side effect
     app = create_app(section, config.cloud_data_dir)
-    server = IngestServer(app, host or section.host, section.port if port is None else port)
+    server = IngestServer(app, host or section.host, section.port if port is None else port,
+                          ssl_context=tls)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
 

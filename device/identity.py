@@ -29,6 +29,7 @@ import aiohttp
 from edgekeeper.errors import ConfigError, PermanentError, RetryableError
 from edgekeeper.log import get_logger
 from edgekeeper.protocol.keys import CloudPublicKeys, DeviceKeys, b64e, read_secret, write_secret
+from edgekeeper.tls import client_context
 
 log = get_logger(__name__)
 
@@ -151,6 +152,7 @@ async def enroll(
     state_dir: Path,
     timeout: float = 30.0,
     session: aiohttp.ClientSession | None = None,
+    ca_file: str = "",
 ) -> Enrollment:
     """Register this device's public keys with the cloud and pin the cloud's keys.
 
@@ -177,7 +179,8 @@ async def enroll(
     }
     own = session is None
     sess = session or aiohttp.ClientSession(
-        timeout=aiohttp.ClientTimeout(total=timeout, sock_connect=min(timeout, 10.0))
+        timeout=aiohttp.ClientTimeout(total=timeout, sock_connect=min(timeout, 10.0)),
+        connector=aiohttp.TCPConnector(ssl=client_context(ca_file) or True),
     )
     try:
         async with sess.post(f"{base}/v1/enroll", json=payload) as resp:

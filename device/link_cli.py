@@ -85,7 +85,7 @@ def cmd_enroll(args: argparse.Namespace, config: Any) -> int:
     enrollment = asyncio.run(
         identity.enroll(
             args.cloud, token, device_id=config.device.id, state_dir=config.device.state_dir,
-            timeout=args.timeout,
+            timeout=args.timeout, ca_file=config.uplink.ca_file,
         )
     )
     print(f"enrolled {enrollment.device_id} with {enrollment.cloud_url}")

@@ -31,6 +31,7 @@ import errno
 import json
 import os
 import sqlite3
+import ssl
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -333,6 +334,7 @@ class ResultsClient:
         connect_timeout: float = 10.0,
         limit: int = 20,
         clock: Callable[[], float] = time.time,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         from edgekeeper.device.uplink import Backoff
 
@@ -350,6 +352,7 @@ class ResultsClient:
         # fall inside the cloud's window even when the board's clock is off).
         self.clock_offset = 0.0
         self._clock = clock
+        self._ssl = ssl_context
         self._session: aiohttp.ClientSession | None = None
         # True while poll_once waits for the cloud's answer (the long-poll): the only phase a
         # shutdown may cut short. Once results are in hand they are handled and acked first.
@@ -361,7 +364,9 @@ class ResultsClient:
             total=None, sock_connect=self.connect_timeout,
             sock_read=self.section.poll_wait_seconds + 30.0,
         )
-        self._session = aiohttp.ClientSession(timeout=timeout)
+        self._session = aiohttp.ClientSession(
+            timeout=timeout, connector=aiohttp.TCPConnector(ssl=self._ssl or True)
+        )
         return self
 
     async def __aexit__(

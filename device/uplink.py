@@ -57,6 +57,7 @@ from edgekeeper.protocol.envelope import CONTENT_TYPE, seal_event
 from edgekeeper.protocol.errors import ProtocolError
 from edgekeeper.protocol.keys import DeviceKeys
 from edgekeeper.protocol.messages import EventBody, ResultBody
+from edgekeeper.tls import client_context
 
 if TYPE_CHECKING:
     from edgekeeper.config import Config, UplinkSection
@@ -235,7 +236,10 @@ class Uplink:
         )
         self._session = aiohttp.ClientSession(
             timeout=timeout,
-            connector=aiohttp.TCPConnector(limit=self.section.concurrency),
+            connector=aiohttp.TCPConnector(
+                limit=self.section.concurrency,
+                ssl=client_context(self.section.ca_file) or True,
+            ),
             headers={"Content-Type": CONTENT_TYPE},
         )
         return self
@@ -621,6 +625,7 @@ class DeviceLink:
                 cloud_box_pk=enrollment.cloud.box_pk,
                 section=config.results,
                 connect_timeout=config.uplink.connect_timeout_seconds,
+                ssl_context=client_context(config.uplink.ca_file),
             )
         return cls(outbox, uplink, actions, results)
 

@@ -246,6 +246,9 @@ class UplinkSection:
     # once an event has waited edge_fallback_after_seconds.
     edge_fallback: bool = False
     edge_fallback_after_seconds: float = 30.0
+    # PEM file of a CA trusted for an https:// cloud, in addition to the system's (a cloud
+    # behind a private CA). Used for enrollment, uploads and results (edgekeeper/tls.py).
+    ca_file: str = ""
 
     def __post_init__(self) -> None:
         if self.cloud_url and not self.cloud_url.startswith(("http://", "https://")):
@@ -344,6 +347,10 @@ class CloudSection:
     reasoner: Literal["auto", "anthropic", "offline", "echo"] = "auto"
     # Events reasoned about at once by one worker process.
     worker_concurrency: int = 4
+    # Serve HTTPS directly (PEM certificate chain and its key); empty: plain HTTP, for a
+    # TLS-terminating proxy in front (edgekeeper/tls.py).
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:

@@ -42,6 +42,7 @@ from edgekeeper.device.uplink import (
     parse_retry_after,
 )
 from edgekeeper.protocol.messages import EventBody
+from edgekeeper.tls import server_context
 
 from cloudkit import until
 from tcp_proxy import TcpProxy
@@ -78,7 +79,8 @@ async def start_cloud(data_dir: Path, **section: Any) -> Cloud:
     store = await open_store("sqlite", data_dir)
     queue = await open_queue("sqlite", data_dir)
     keys = await asyncio.to_thread(CloudKeys.ensure, data_dir)
-    server = IngestServer(create_app(sect, data_dir, store=store, queue=queue, keys=keys))
+    server = IngestServer(create_app(sect, data_dir, store=store, queue=queue, keys=keys),
+                          ssl_context=server_context(sect.tls_cert_file, sect.tls_key_file))
     url = await server.start()
     assert isinstance(queue, SQLiteQueue)
     return Cloud(url, data_dir, server, store, queue, keys)

@@ -71,6 +71,7 @@ CREATE TABLE IF NOT EXISTS results (
     result     TEXT,                  -- the JSON the actions received
     at         REAL NOT NULL
 );
+CREATE INDEX IF NOT EXISTS results_at ON results (at);
 """
 
 
@@ -91,8 +92,9 @@ class LedgerEntry:
 class Ledger:
     """Which results were handled: a small SQLite file (WAL, synchronous=FULL, mode 0600)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, clock: Callable[[], float] = time.time) -> None:
         self.path = Path(path)
+        self._clock = clock
         self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))
         self._lock = threading.Lock()
@@ -118,7 +120,7 @@ class Ledger:
                     "INSERT INTO results VALUES (?, ?, ?, ?, ?, ?, ?) "
                     "ON CONFLICT (key) DO NOTHING",
                     (key, seq, result_id, status, error,
-                     None if result is None else json.dumps(result), time.time()),
+                     None if result is None else json.dumps(result), self._clock()),
                 )
             except sqlite3.OperationalError as err:
                 if not is_disk_full(err):
@@ -127,6 +129,18 @@ class Ledger:
                 # the poller backs off meanwhile as it does for any OSError.
                 raise OSError(errno.ENOSPC, f"no space left for the results ledger {self.path}"
                               ) from None
+
+    def prune(self, older_than_s: float) -> int:
+        """Delete entries recorded more than ``older_than_s`` ago; how many went."""
+        with self._lock:
+            try:
+                return self._db.execute(
+                    "DELETE FROM results WHERE at < ?", (self._clock() - older_than_s,)
+                ).rowcount
+            except sqlite3.OperationalError as err:
+                if is_disk_full(err):
+                    return 0  # a delete needs room in the WAL too; try again tomorrow
+                raise
 
     def entries(self) -> list[LedgerEntry]:
         with self._lock:
@@ -178,8 +192,13 @@ class ResultActions:
         post_url: str = "",
         retries: int = 3,
         retry_delay: float = 1.0,
+        keep_days: float = 30.0,
+        clock: Callable[[], float] = time.time,
     ) -> None:
-        self.ledger = Ledger(ledger_path)
+        self.ledger = Ledger(ledger_path, clock)
+        self.keep_s = keep_days * 86400.0
+        self._clock = clock
+        self._pruned_at: float | None = None
         self.jsonl = jsonl
         self.command = tuple(command)
         self.command_timeout = command_timeout
@@ -210,6 +229,7 @@ class ResultActions:
             post_url=section.post_url,
             retries=section.retries,
             retry_delay=section.retry_delay_seconds,
+            keep_days=section.ledger_keep_days,
         )
 
     async def close(self) -> None:
@@ -235,7 +255,18 @@ class ResultActions:
         else:
             log.info("results.handled", key=key, seq=result.seq, label=result.label,
                      provisional=result.provisional)
+        await self._prune_daily()
         return status
+
+    async def _prune_daily(self) -> None:
+        # A board left for months would otherwise keep every result it ever handled.
+        now = self._clock()
+        if not self.keep_s or (self._pruned_at is not None and now - self._pruned_at < 86400.0):
+            return
+        self._pruned_at = now
+        gone = await asyncio.to_thread(self.ledger.prune, self.keep_s)
+        if gone:
+            log.info("results.ledger_pruned", entries=gone, older_than_days=self.keep_s / 86400)
 
     async def handle_provisional(self, result: ResultBody) -> None:
         await self.handle(f"provisional:{result.seq}", result)

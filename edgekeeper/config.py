@@ -278,8 +278,14 @@ class ResultsSection:
     retry_delay_seconds: float = 1.0
     # Long-poll: how long the cloud may hold a results request open.
     poll_wait_seconds: float = 25.0
+    # The ledger (results.sqlite) remembers handled results so a redelivered one does not run
+    # the actions twice; it is needed only until the ack reaches the cloud (seconds, or the
+    # length of an outage). Entries older than this are deleted, daily; 0 keeps them forever.
+    ledger_keep_days: float = 30.0
 
     def __post_init__(self) -> None:
+        if not 0 <= self.ledger_keep_days <= 36500:
+            raise ValueError("ledger_keep_days must be between 0 (forever) and 36500")
         if self.post_url and not self.post_url.startswith(("http://", "https://")):
             raise ValueError("post_url must start with http:// or https://")
         if not 0 <= self.retries <= 100 or self.retry_delay_seconds < 0:

@@ -343,3 +343,33 @@ async def test_a_captive_portal_is_backed_off_not_a_crash(cloud: Cloud, tmp_path
         await actions.close()
     finally:
         await runner.cleanup()
+
+
+async def test_the_ledger_forgets_results_older_than_ledger_keep_days(tmp_path: Path) -> None:
+    now = [1_800_000_000.0]
+    actions = ResultActions(tmp_path / "results.sqlite", jsonl=tmp_path / "r.jsonl",
+                            keep_days=30, clock=lambda: now[0])
+    assert await actions.handle("cloud:1", result(1)) == "handled"
+    now[0] += 10 * 86400
+    assert await actions.handle("cloud:2", result(2)) == "handled"
+    assert await actions.handle("cloud:1", result(1)) == "already"  # a redelivery: not rerun
+    now[0] += 25 * 86400  # 35 days after the first, 25 after the second
+    assert await actions.handle("cloud:3", result(3)) == "handled"
+    assert [e.key for e in actions.ledger.entries()] == ["cloud:2", "cloud:3"]
+    await actions.close()
+    # keep forever
+    forever = ResultActions(tmp_path / "forever.sqlite", jsonl=None, keep_days=0,
+                            clock=lambda: now[0])
+    await forever.handle("cloud:1", result(1))
+    now[0] += 1000 * 86400
+    await forever.handle("cloud:2", result(2))
+    assert len(forever.ledger.entries()) == 2
+    await forever.close()
+
+
+def test_ledger_keep_days_is_validated() -> None:
+    from edgekeeper.config import build_from_dict
+    from edgekeeper.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="ledger_keep_days"):
+        build_from_dict({"results": {"ledger_keep_days": -1}}, source="t.toml")

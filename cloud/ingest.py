@@ -58,6 +58,7 @@ from edgekeeper.protocol.errors import (
     InvalidRequest,
     PayloadTooLarge,
     ProtocolError,
+    RequestTimeout,
     SeqConflict,
     UnsupportedMediaType,
 )
@@ -269,14 +270,36 @@ STATE: web.AppKey[IngestState] = web.AppKey("edgekeeper_ingest", IngestState)
 # --- helpers ------------------------------------------------------------------------------
 
 
+# Slowest body the ingest waits for, after the grace of cloud.body_timeout_seconds.
+BODY_MIN_BYTES_PER_S = 4096
+
+
 async def _read_capped(request: web.Request, limit: int) -> bytes:
+    """The body, at most ``limit`` bytes, arriving without stalls.
+
+    aiohttp waits for a body as long as the client keeps the connection open, so a few
+    clients trickling bytes could hold every upload slot (cloud.max_inflight) and turn every
+    device away with 503. A pause longer than cloud.body_timeout_seconds, or a body slower
+    than that grace plus one second per BODY_MIN_BYTES_PER_S, is a 408.
+    """
     length = request.content_length
-    if length is not None:
-        if length > limit:
-            raise PayloadTooLarge(f"the body is {length} bytes; the limit is {limit}")
-        return await request.read()
+    if length is not None and length > limit:
+        raise PayloadTooLarge(f"the body is {length} bytes; the limit is {limit}")
+    grace = request.app[STATE].section.body_timeout_seconds
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + grace + (limit if length is None else length) / BODY_MIN_BYTES_PER_S
     buf = bytearray()
-    async for chunk in request.content.iter_chunked(64 * 1024):
+    while True:
+        try:
+            async with compat.timeout(min(grace, max(0.0, deadline - loop.time()))):
+                chunk = await request.content.readany()
+        except TimeoutError:
+            raise RequestTimeout(
+                f"the body stalled after {len(buf)} bytes"
+                + (f" of {length}" if length is not None else "")
+            ) from None
+        if not chunk:
+            break
         buf += chunk
         if len(buf) > limit:
             raise PayloadTooLarge(f"the body is over the limit of {limit} bytes")

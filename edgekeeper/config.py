@@ -353,6 +353,10 @@ class CloudSection:
     reasoner: Literal["auto", "anthropic", "offline", "echo"] = "auto"
     # Events reasoned about at once by one worker process.
     worker_concurrency: int = 4
+    # A request body must keep arriving: no pause longer than this, and all of it within this
+    # plus one second per 4 KiB (a 60 KB event over a 2G link fits; a client trickling bytes
+    # to hold an upload slot does not). 408 request_timeout otherwise.
+    body_timeout_seconds: float = 30.0
     # Serve HTTPS directly (PEM certificate chain and its key); empty: plain HTTP, for a
     # TLS-terminating proxy in front (edgekeeper/tls.py).
     tls_cert_file: str = ""
@@ -371,6 +375,8 @@ class CloudSection:
             raise ValueError("max_inflight must be between 1 and 10000")
         if self.token_ttl_seconds <= 0:
             raise ValueError("token_ttl_seconds must be > 0")
+        if not 0 < self.body_timeout_seconds <= 3600:
+            raise ValueError("body_timeout_seconds must be > 0 and at most 3600")
         if not 0 <= self.results_max_wait_seconds <= 300:
             raise ValueError("results_max_wait_seconds must be between 0 and 300")
         if self.results_poll_seconds <= 0 or self.registry_refresh_seconds <= 0:

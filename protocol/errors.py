@@ -126,6 +126,12 @@ class UnsupportedMediaType(ProtocolError):
     status = 415
 
 
+class RequestTimeout(ProtocolError):
+    code = "request_timeout"
+    status = 408
+    default_fix = "send the whole body without pausing; retry (the event is kept)"
+
+
 # Every code a client may see, with its status: docs/protocol.md lists the same table and
 # tests/test_envelope.py checks they agree.
 ALL_ERRORS: tuple[type[ProtocolError], ...] = (
@@ -144,4 +150,5 @@ ALL_ERRORS: tuple[type[ProtocolError], ...] = (
     InvalidJson,
     InvalidRequest,
     UnsupportedMediaType,
+    RequestTimeout,
 )

@@ -46,6 +46,8 @@ def test_unit_has_no_unknown_directives_and_stays_hardened(units: dict[str, Path
     assert verify.returncode == 0 and not warnings, verify.stdout + verify.stderr
     security = subprocess.run(["systemd-analyze", "security", "--offline=yes", str(path)],
                               capture_output=True, text=True, cwd=path.parent, timeout=60)
+    if security.returncode != 0 and "offline" in security.stderr:
+        pytest.skip("this systemd-analyze has no --offline (systemd < 250)")
     found = re.search(r"Overall exposure level for \S+: ([0-9.]+)", security.stdout)
     assert found, security.stdout + security.stderr
     assert float(found.group(1)) <= MAX_EXPOSURE, security.stdout

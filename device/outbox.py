@@ -28,10 +28,9 @@ The store is bounded by a quota (bytes of event bodies). When a new event does n
 
 A full *disk* (the quota not reached, but no space left for SQLite to grow into; or an I/O
 error, or the filesystem gone read-only) is another matter: nothing can be stored until it
-clears. Every write then raises OutboxDiskFull,
-the transaction is rolled back, the connection stays usable, and as soon as there is room
-again writes succeed. Events lost meanwhile are counted in memory and added to
-``dropped_total`` by the first write that succeeds.
+clears. Every write then raises OutboxDiskFull, the transaction is rolled back, the connection
+stays usable, and as soon as there is room again writes succeed. Events lost meanwhile are
+counted in memory and added to ``dropped_total`` by the first write that succeeds.
 
 All methods of ``Outbox`` block (SQLite); asyncio code uses ``AsyncOutbox``/``OutboxSink``,
 which run them in a worker thread so the event loop never waits on the disk.

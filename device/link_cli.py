@@ -16,9 +16,11 @@ import argparse
 import asyncio
 import contextlib
 import json
+import shutil
 import signal
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from edgekeeper.errors import ConfigError
@@ -140,7 +142,11 @@ def cmd_status(args: argparse.Namespace, config: Any) -> int:
         "dropped_total": st.dropped_total if st else 0,
         "dropped_bytes": st.dropped_bytes if st else 0,
         "last_seq": st.last_seq if st else 0,
+        "disk_free_bytes": _free_bytes(config.outbox_path),
     }
+    # The quota only bounds the outbox: warn when the disk cannot hold what it still allows.
+    room_left = doc["quota_bytes"] - doc["bytes"]
+    doc["disk_short"] = doc["disk_free_bytes"] is not None and doc["disk_free_bytes"] < room_left
     if args.json:
         print(json.dumps(doc, sort_keys=True))
         return 0
@@ -158,9 +164,26 @@ def cmd_status(args: argparse.Namespace, config: Any) -> int:
     print(f"delivered:     {doc['delivered_total']}")
     print(f"dead letters:  {doc['dead_letters']}")
     print(f"dropped:       {doc['dropped_total']} events ({doc['dropped_bytes'] / MIB:.1f} MiB) "
-          f"to the quota")
+          f"to the quota or a full disk")
     print(f"last seq:      {doc['last_seq']}")
+    free = doc["disk_free_bytes"]
+    print(f"disk free:     {'-' if free is None else f'{free / MIB:.0f} MiB'}")
+    if doc["disk_short"]:
+        print(f"warning: the disk has less free space than the outbox may still use "
+              f"({room_left / MIB:.0f} MiB): events can be lost to a full disk before the "
+              f"quota applies; free space or lower outbox.quota_mb")
     return 0
+
+
+def _free_bytes(path: Path) -> int | None:
+    """Free bytes (for this user) on the filesystem that holds (or will hold) ``path``."""
+    for candidate in (path, *path.parents):
+        if candidate.exists():
+            try:
+                return shutil.disk_usage(candidate).free
+            except OSError:
+                return None
+    return None
 
 
 def cmd_upload(args: argparse.Namespace, config: Any) -> int:

@@ -560,4 +560,14 @@ async def test_cli_keys_enroll_status_and_clear_errors(cloud: Cloud, tmp_path: P
     doc = json.loads(out)
     assert rc == 0 and doc["enrolled"]["cloud_url"] == cloud.url and doc["pending"] == 0
     rc, out, _ = await run("status")
-    assert rc == 0 and "last upload:   never" in out
+    assert rc == 0 and "last upload:   never" in out and "disk free:" in out
+    # A quota the disk cannot hold is pointed out (the quota only bounds the outbox).
+    import shutil
+
+    assert doc["disk_free_bytes"] == pytest.approx(shutil.disk_usage(tmp_path).free, rel=0.05)
+    cfg.write_text(cfg.read_text() + '[outbox]\nquota_mb = 1000000\n')
+    short = shutil.disk_usage(tmp_path).free < 1_000_000 * 1024 * 1024
+    rc, out, _ = await run("status")
+    assert rc == 0 and ("warning: the disk has less free space" in out) == short
+    rc, out, _ = await run("status", "--json")
+    assert json.loads(out)["disk_short"] == short

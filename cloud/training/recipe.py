@@ -11,6 +11,7 @@ pinned files. Same seed, same data, initial weights and batch order (see train.s
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -62,6 +63,40 @@ def _json(path: Path, obj: Any) -> None:
 def _log(progress: bool, msg: str) -> None:
     if progress:
         print(f"[recipe] {msg}", file=sys.stderr, flush=True)
+
+
+def _versions() -> dict[str, str]:
+    """Versions of what decides the trained weights: another TF, Keras or LiteRT gives other bytes.
+
+    Read from the installed distributions, so nothing is imported for it.
+    """
+    from importlib import metadata
+
+    out = {"python": platform.python_version()}
+    for key, dists in (
+        ("tensorflow", ("tensorflow", "tensorflow-cpu", "tf-nightly", "tf-nightly-cpu")),
+        ("keras", ("keras",)),
+        ("ai_edge_litert", ("ai-edge-litert", "ai-edge-litert-nightly")),
+        ("numpy", ("numpy",)),
+        ("opencv", ("opencv-python-headless", "opencv-python")),
+    ):
+        for dist in dists:
+            try:
+                out[key] = metadata.version(dist)
+                break
+            except metadata.PackageNotFoundError:
+                continue
+        else:
+            out[key] = "not installed"
+    return out
+
+
+def _sha256(*arrays: np.ndarray) -> str:
+    """Fingerprint of the exact training arrays: tells "other data" from "other training"."""
+    h = hashlib.sha256()
+    for a in arrays:
+        h.update(memoryview(np.ascontiguousarray(a)).cast("B"))
+    return h.hexdigest()
 
 
 # ------------------------------------------------------------------------------------ vision
@@ -145,6 +180,7 @@ def build_vision(out_dir: Path, seed: int, progress: bool) -> dict[str, Any]:
         "data": data.summary,
         "training": {
             "epochs": VISION_EPOCHS,
+            "inputs_sha256": _sha256(tx, ty),
             "seconds": round(train_seconds, 1),
             "final_loss": round(history["loss"][-1], 4),
             "final_accuracy": round(history["accuracy"][-1], 4),
@@ -326,6 +362,7 @@ def build_audio(out_dir: Path, seed: int, progress: bool) -> dict[str, Any]:
         },
         "training": {
             "epochs": AUDIO_EPOCHS,
+            "inputs_sha256": _sha256(tx, train_w.labels),
             "seconds": round(train_seconds, 1),
             "final_loss": round(history["loss"][-1], 4),
             "final_accuracy": round(history["accuracy"][-1], 4),
@@ -446,7 +483,7 @@ def build_all(
     _log(progress, "sample recording")
     sample.build(out_dir, seed)
     env = {
-        "python": platform.python_version(),
+        **_versions(),
         "machine": platform.machine(),
         "processor_count": os.cpu_count(),
         "seed": seed,
@@ -464,7 +501,10 @@ def build_all(
     person = kept.get("person") or build_vision(out_dir, seed, progress)
     sound = kept.get("sound") or build_audio(out_dir, seed, progress)
     sanity = check_sample(out_dir, person, sound)
-    person["environment"] = sound["environment"] = env
+    # A kept gate keeps the environment it was built in: its bytes came from those versions.
+    for name, m in (("person", person), ("sound", sound)):
+        if name not in kept or "environment" not in m:
+            m["environment"] = env
     person["sample_check"] = {k: v for k, v in sanity.items() if k.startswith("person")}
     sound["sample_check"] = {k: v for k, v in sanity.items() if k.startswith("sound")}
     _json(out_dir / "person" / "metrics.json", person)

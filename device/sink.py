@@ -109,10 +109,7 @@ class LocalSink:
             try:
                 await asyncio.to_thread(self._persist_seq, self._seq + 1)
             except OSError as err:
-                self.lost += 1
-                log.error("sink.event_not_stored", directory=str(self.directory),
-                          error=f"{err.strerror or err}", lost=self.lost,
-                          fix="free space on that filesystem; storing resumes by itself")
+                self._not_stored(err, seq=None)
                 return None
             self._seq += 1
             return self._seq
@@ -122,13 +119,12 @@ class LocalSink:
         tmp = self.directory / f".tmp-{name}"
         shutil.rmtree(tmp, ignore_errors=True)
         try:
-            self._write_event(event, tmp)
+            self._write_event(event, tmp, self.directory / name)
         except OSError:
             shutil.rmtree(tmp, ignore_errors=True)  # no half-written event left behind
             raise
 
-    def _write_event(self, event: Event, tmp: Path) -> None:
-        name = tmp.name.removeprefix(".tmp-")
+    def _write_event(self, event: Event, tmp: Path, final: Path) -> None:
         tmp.mkdir()
         meta = event.meta()
         _write(tmp / "meta.json", json.dumps(meta, indent=2, sort_keys=True).encode())
@@ -141,7 +137,6 @@ class LocalSink:
             np.save(buf, event.features)
             _write(tmp / "features.npy", buf.getvalue())
         _fsync_dir(tmp)
-        final = self.directory / name
         if final.exists():  # the same seq delivered again (a retry): replace, not duplicate
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -166,13 +161,16 @@ class LocalSink:
         try:
             await asyncio.to_thread(self._store, event)
         except OSError as err:
-            self.lost += 1
-            log.error("sink.event_not_stored", seq=event.seq, directory=str(self.directory),
-                      error=f"{err.strerror or err}", lost=self.lost,
-                      fix="free space on that filesystem; storing resumes by itself")
+            self._not_stored(err, seq=event.seq)
             return
         self.delivered += 1
         self.bytes += event.payload_bytes
+
+    def _not_stored(self, err: OSError, seq: int | None) -> None:
+        self.lost += 1
+        log.error("sink.event_not_stored", seq=seq, directory=str(self.directory),
+                  error=f"{err.strerror or err}", lost=self.lost,
+                  fix="free space on that filesystem; storing resumes by itself")
 
     async def aclose(self) -> None:
         return None

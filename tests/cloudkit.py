@@ -18,6 +18,7 @@ from typing import Any
 import aiohttp
 import cv2
 import numpy as np
+from aiohttp import web
 
 from edgekeeper import compat
 from edgekeeper.cloud.backends import open_queue, open_store
@@ -153,3 +154,28 @@ async def until(pred: Callable[[], Any], timeout: float = 20.0, every: float = 0
     async with compat.timeout(timeout):
         while not await pred():  # noqa: ASYNC110 - the state lives in another component
             await asyncio.sleep(every)
+
+
+@contextlib.asynccontextmanager
+async def captive_portal() -> AsyncIterator[tuple[str, list[str]]]:
+    """A hotel Wi-Fi's login page on 127.0.0.1: every request gets 200 with HTML. Yields its
+    base URL and the paths asked so far."""
+    hits: list[str] = []
+
+    async def portal(request: web.Request) -> web.Response:
+        await request.read()
+        hits.append(request.path)
+        return web.Response(text="<html>Please log in to the hotel Wi-Fi</html>",
+                            content_type="text/html")
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", portal)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        yield f"http://127.0.0.1:{port}", hits
+    finally:
+        await runner.cleanup()

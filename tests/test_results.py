@@ -24,6 +24,8 @@ from edgekeeper.device.uplink import Backoff
 from edgekeeper.protocol.envelope import seal_result
 from edgekeeper.protocol.messages import ResultBody
 
+from cloudkit import captive_portal
+
 
 @pytest.fixture
 async def cloud(tmp_path: Path) -> AsyncIterator[Cloud]:
@@ -305,26 +307,11 @@ async def test_a_captive_portal_is_backed_off_not_a_crash(cloud: Cloud, tmp_path
     cloud that is not there yet (back off, ask again), not die on the HTML."""
     from edgekeeper.device.results import ResultsUnavailable
 
-    hits: list[str] = []
-
-    async def portal(request: web.Request) -> web.Response:
-        await request.read()
-        hits.append(request.path)
-        return web.Response(text="<html>Please log in to the hotel Wi-Fi</html>",
-                            content_type="text/html")
-
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", portal)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    try:
+    async with captive_portal() as (portal_url, hits):
         config = device_config(tmp_path, results={"poll_wait_seconds": 1})
         e = await enrolled(cloud, config)
         actions = ResultActions.from_config(config)
-        portal_e = dataclasses.replace(e, cloud_url=f"http://127.0.0.1:{port}")
+        portal_e = dataclasses.replace(e, cloud_url=portal_url)
         async with client(config, actions, portal_e) as rc:
             rc.backoff = Backoff(0.02, 0.1)  # the default waits seconds between polls
             with pytest.raises(ResultsUnavailable) as err:
@@ -341,8 +328,6 @@ async def test_a_captive_portal_is_backed_off_not_a_crash(cloud: Cloud, tmp_path
             stop.set()
             await task
         await actions.close()
-    finally:
-        await runner.cleanup()
 
 
 async def test_the_ledger_forgets_results_older_than_ledger_keep_days(tmp_path: Path) -> None:

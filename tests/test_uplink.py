@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aiohttp import web
 
 from edgekeeper import compat
 from edgekeeper import config as config_mod
@@ -44,7 +43,7 @@ from edgekeeper.device.uplink import (
 from edgekeeper.protocol.messages import EventBody
 from edgekeeper.tls import server_context
 
-from cloudkit import until
+from cloudkit import captive_portal, until
 from tcp_proxy import TcpProxy
 
 DEVICE = "test-device"
@@ -401,32 +400,16 @@ async def test_skewed_device_clock_is_corrected_from_the_cloud_date(
 
 async def test_a_2xx_that_is_not_the_ingest_deletes_nothing(cloud: Cloud, tmp_path: Path) -> None:
     """A captive portal answers 200 with HTML: deleting on it would lose the events."""
-
-    async def portal(request: web.Request) -> web.Response:
-        await request.read()
-        return web.Response(text="<html>Please log in to the hotel Wi-Fi</html>",
-                            content_type="text/html")
-
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", portal)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    try:
+    async with captive_portal() as (portal_url, _):
         config = device_config(tmp_path)
         enrollment = await enrolled(cloud, config)
         outbox = opened_outbox(config)
         await capture(OutboxSink(outbox), 3)
-        async with make_uplink(config, outbox, enrollment,
-                               url=f"http://127.0.0.1:{port}") as up:
+        async with make_uplink(config, outbox, enrollment, url=portal_url) as up:
             report = await up.run_burst(give_up_after=0.5)
         assert report.remaining == 3 and report.delivered == 0
         assert report.last_error is not None and "unexpected_answer" in report.last_error
         await outbox.close()
-    finally:
-        await runner.cleanup()
 
 
 async def test_edge_fallback_acts_once_per_event_while_the_cloud_is_down(

@@ -8,7 +8,7 @@ import asyncio
 import io
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -386,19 +386,28 @@ async def test_results_requests_must_be_signed_fresh_and_valid(
 
 
 
-async def _raw_request(url: str, head: list[bytes]) -> tuple[int, Any]:
-    """One request written byte for byte (aiohttp's client would refuse non-ASCII headers)."""
+async def _raw_request(url: str, head: list[bytes], body: Sequence[bytes] = (),
+                       pause: float = 0.0) -> tuple[int, Any]:
+    """One request written byte for byte (aiohttp's client would refuse non-ASCII headers, and
+    cannot pause mid-body): the head, then each body piece with ``pause`` after it. Returns
+    the status and JSON body of the answer, read by its Content-Length (aiohttp lingers up to
+    10 s for the rest of a body it did not read)."""
     host, port = url.removeprefix("http://").split(":")
     reader, writer = await asyncio.open_connection(host, int(port))
     try:
         writer.write(b"\r\n".join([*head, b"Connection: close", b"", b""]))
+        for piece in body:
+            writer.write(piece)
+            await writer.drain()
+            await asyncio.sleep(pause)
         await writer.drain()
-        data = await reader.read()
+        header = await reader.readuntil(b"\r\n\r\n")
+        length = int(header.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+        answer = await reader.readexactly(length)
     finally:
         writer.close()
         await writer.wait_closed()
-    status_line, _, rest = data.partition(b"\r\n")
-    return int(status_line.split()[1]), json.loads(rest.partition(b"\r\n\r\n")[2])
+    return int(header.split()[1]), json.loads(answer)
 
 
 @pytest.mark.parametrize(
@@ -470,45 +479,26 @@ async def test_requests_aiohttp_cannot_parse_log_one_json_line_without_a_traceba
     assert "chunk size" in junk[0]["event"]
 
 
-
 async def test_a_stalled_body_is_a_408_and_frees_its_slot_but_a_slow_one_gets_in(
     tmp_path: Path,
 ) -> None:
     async with running_cloud(tmp_path, body_timeout_seconds=0.5, max_inflight=1) as cloud:
         device = await cloud.enroll("pi-slow")
         envelope = device.seal(make_event("pi-slow", 1, frame_bytes=60_000))
-        head = (b"POST /v1/events HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
-                b"Content-Type: " + E.CONTENT_TYPE.encode()
-                + b"\r\nContent-Length: %d\r\n\r\n" % len(envelope))
-        host, port = cloud.url.removeprefix("http://").split(":")
-
-        async def send(pieces: list[bytes], pause: float) -> tuple[int, Any]:
-            reader, writer = await asyncio.open_connection(host, int(port))
-            try:
-                writer.write(head)
-                for piece in pieces:
-                    writer.write(piece)
-                    await writer.drain()
-                    await asyncio.sleep(pause)
-                # The answer only: aiohttp lingers up to 10 s for the rest of an unread body.
-                header = await reader.readuntil(b"\r\n\r\n")
-                length = int(header.lower().split(b"content-length:")[1].split(b"\r\n")[0])
-                answer = await reader.readexactly(length)
-            finally:
-                writer.close()
-                await writer.wait_closed()
-            return int(header.split()[1]), json.loads(answer)
+        head = [b"POST /v1/events HTTP/1.1", b"Host: 127.0.0.1",
+                b"Content-Type: " + E.CONTENT_TYPE.encode(),
+                b"Content-Length: %d" % len(envelope)]
 
         # A client that sends a sliver and stops holds the only upload slot until the pause
         # runs out, then gets a 408; nothing is queued.
-        status, body = await send([envelope[:1000]], 0.0)
+        status, body = await _raw_request(cloud.url, head, [envelope[:1000]])
         assert_error(status, body, 408, "request_timeout")
         assert f"after 1000 bytes of {len(envelope)}" in body["error"]["message"]
         assert cloud.server.state.inflight == 0 and await queue_state(cloud) == (0, 0, 0, 0)
         # A slow link that keeps sending (pauses shorter than the timeout) gets through.
         step = 16 * 1024
         pieces = [envelope[i:i + step] for i in range(0, len(envelope), step)]
-        status, body = await send(pieces, 0.3)
+        status, body = await _raw_request(cloud.url, head, pieces, pause=0.3)
         assert status == 202, body
         assert (await queue_state(cloud))[0] == 1
 

@@ -3,8 +3,9 @@
     python tests/disk_full_child.py STATE_DIR CLOUD_URL
 
 In its own process because the "full disk" is a file size limit (RLIMIT_FSIZE: a write that
-would grow a file past it fails with EFBIG, which SQLite reports as SQLITE_FULL like ENOSPC),
-and the limit applies to every file the process writes. The device in STATE_DIR is already
+would grow a file past it fails with EFBIG, which SQLite reports as SQLITE_IOERR where a real
+ENOSPC gives SQLITE_FULL; the outbox treats both alike), and the limit applies to every file
+the process writes. The device in STATE_DIR is already
 enrolled with the cloud at CLOUD_URL. Prints one JSON document on stdout with what happened.
 
 1. room: capture 4 events through the outbox sink and upload them, then capture 2 more that

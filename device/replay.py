@@ -71,7 +71,7 @@ class Gates:
                 "variant": config.gate.variant if builtin else None,
                 "manifest": str(m.path),
                 "files": [
-                    {"role": role, "path": str(path), "bytes": path.stat().st_size,
+                    {"role": role, "path": str(path.resolve()), "bytes": path.stat().st_size,
                      "sha256": _sha256(path)}
                     for role, path in files
                 ],

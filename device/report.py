@@ -169,7 +169,8 @@ def _setting_name(key: str) -> str:
 
 
 # -- plots --------------------------------------------------------------------------------------
-def _pyplot() -> Any | None:
+def pyplot() -> Any | None:
+    """matplotlib.pyplot on the Agg backend, or None without the ``report`` extra."""
     try:
         import matplotlib
 
@@ -180,14 +181,16 @@ def _pyplot() -> Any | None:
     return plt
 
 
-def _png(fig: Any, plt: Any) -> bytes:
+def _png(fig: Any | None, plt: Any) -> bytes | None:
+    if fig is None:
+        return None
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
     return buf.getvalue()
 
 
-def _scores_png(plt: Any, result: ReplayResult, config: Config) -> bytes | None:
+def scores_figure(plt: Any, result: ReplayResult, config: Config) -> Any | None:
     """One row per triggering label: score, threshold, release, truth, triggers, hold-backs."""
     from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
@@ -241,10 +244,10 @@ def _scores_png(plt: Any, result: ReplayResult, config: Config) -> bytes | None:
     fig.legend(handles=handles, loc="upper center", ncol=len(handles), frameon=False,
                fontsize=9, bbox_to_anchor=(0.5, 1.0))
     fig.tight_layout(rect=(0, 0, 1, top))
-    return _png(fig, plt)
+    return fig
 
 
-def _bytes_png(plt: Any, result: ReplayResult) -> bytes:
+def bytes_figure(plt: Any, result: ReplayResult) -> Any:
     """Sent against streaming everything, on a linear axis from 0 (lengths compare honestly)."""
     from matplotlib.ticker import FuncFormatter
 
@@ -261,7 +264,7 @@ def _bytes_png(plt: Any, result: ReplayResult) -> bytes:
     ax.text(sent, 0, f"  {fmt_bytes(sent)}{share}", va="center", fontsize=9)
     ax.spines[["top", "right"]].set_visible(False)
     fig.tight_layout()
-    return _png(fig, plt)
+    return fig
 
 
 def _img(png: bytes | None, alt: str) -> str:
@@ -272,7 +275,9 @@ def _img(png: bytes | None, alt: str) -> str:
 
 
 # -- HTML pieces ----------------------------------------------------------------------------------
-def _table(head: Iterable[str], rows: Iterable[Iterable[str]], num: Iterable[int] = ()) -> str:
+def _table(
+    head: Iterable[str], rows: Iterable[Iterable[str]], num: Iterable[int] = (), cls: str = ""
+) -> str:
     """Cells are HTML already (escape before); ``num`` columns are right-aligned."""
     nums = set(num)
     th = "".join(f'<th{" class=num" if i in nums else ""}>{h}</th>' for i, h in enumerate(head))
@@ -282,7 +287,8 @@ def _table(head: Iterable[str], rows: Iterable[Iterable[str]], num: Iterable[int
         ) + "</tr>"
         for row in rows
     )
-    return f"<table><thead><tr>{th}</tr></thead><tbody>{body}</tbody></table>"
+    attr = f' class="{cls}"' if cls else ""
+    return f"<table{attr}><thead><tr>{th}</tr></thead><tbody>{body}</tbody></table>"
 
 
 def _pairs(rows: Iterable[tuple[str, str]]) -> str:
@@ -371,7 +377,7 @@ def _events_table(r: ReplayResult, config: Config, out_dir: Path) -> str:
         ])
     return _table(
         ["#", "Time", "Label", "Score", "Decision that fired", "Bytes", "Key frames"],
-        rows, num=(0, 5),
+        rows, num=(0, 5), cls="events",
     )
 
 
@@ -393,7 +399,7 @@ def _decisions_table(r: ReplayResult) -> str:
         for d in ds
     ]
     table = _table(["Time", "Label", "Action", "Rule", "Score", "Windows ≥ threshold",
-                    "Why"], rows, num=(4,))
+                    "Why"], rows, num=(4,), cls="decisions")
     summary = (
         f"All trigger decisions ({counts['fire']} fired, {counts['hold']} held back, "
         f"{counts['release']} released)"
@@ -429,7 +435,7 @@ def _quality_table(r: ReplayResult) -> str:
     table = _table(
         ["Label", "Threshold", "Scored windows", "Window precision", "Window recall",
          "Labelled ranges", "Triggers", "Event precision", "Event recall", "Triggers / hour"],
-        rows, num=range(1, 10),
+        rows, num=range(1, 10), cls="quality",
     )
     return table + (
         "<p class=muted><small>Window: a scored window at or above the threshold, counted right "
@@ -464,10 +470,11 @@ def _counts_table(r: ReplayResult) -> str:
                 f"{lat['n']} inferences (this machine)",
             ))
     ratio = f" = {fmt_share(s.event_bytes / r.streaming_bytes)}" if r.streaming_bytes else ""
+    events = f"{s.events} event{'' if s.events == 1 else 's'}"
     rows.append((
         "Bytes leaving the device",
-        f"{fmt_bytes(s.event_bytes)} in {s.events} events{ratio} of the "
-        f"{fmt_bytes(r.streaming_bytes)} that streaming everything would send",
+        f"{fmt_bytes(s.event_bytes)} in {events}{ratio} of the {fmt_bytes(r.streaming_bytes)} "
+        "that streaming everything would send",
     ))
     return _pairs(rows)
 
@@ -561,12 +568,12 @@ details summary{cursor:pointer;margin:6px 0}
 
 
 def render_html(results: list[ReplayResult], config: Config, out_dir: Path) -> str:
-    plt = _pyplot()
+    plt = pyplot()
     sections = []
     for r in results:
         if plt is not None:
-            scores = _img(_scores_png(plt, r, config), "gate score over time per label")
-            sent = _img(_bytes_png(plt, r), "bytes sent against streaming everything")
+            scores = _img(_png(scores_figure(plt, r, config), plt), "gate score over time")
+            sent = _img(_png(bytes_figure(plt, r), plt), "bytes sent against streaming everything")
         else:
             scores = sent = ""
         sections.append(

@@ -313,7 +313,8 @@ def _model_names(gates: dict[str, dict[str, Any]]) -> str:
 
 def _kpis(r: ReplayResult) -> str:
     s = r.stats
-    held = sum(1 for d in s.decisions if d["action"] == "hold")
+    holds = [decision_rule(d) for d in s.decisions if d["action"] == "hold"]
+    why = ", ".join(f"{holds.count(rule)} by {rule}" for rule in sorted(set(holds)))
     share = (
         f"{fmt_share(s.event_bytes / r.streaming_bytes)} of streaming everything"
         if r.streaming_bytes
@@ -322,7 +323,7 @@ def _kpis(r: ReplayResult) -> str:
     cards = [
         ("Media duration", fmt_s(max(r.recording.duration, s.media_seconds)), ""),
         ("Events", str(s.events), f"{s.events_lost} lost" if s.events_lost else ""),
-        ("Held back", str(held), "cooldown or hourly cap"),
+        ("Held back", str(len(holds)), why or "by cooldown or hourly cap"),
         ("Bytes sent", fmt_bytes(s.event_bytes), share),
     ]
     return '<div class="kpis">' + "".join(
@@ -545,7 +546,7 @@ h1{font-size:24px;margin:0 0 4px}
 h2{font-size:19px;margin:34px 0 4px;border-top:2px solid #e3e7ec;padding-top:18px}
 h3{font-size:15px;margin:22px 0 8px}
 .muted,small{color:#5b6673}
-code{font-size:12px;background:#f3f5f7;padding:0 3px;border-radius:3px}
+code{font-size:12px;background:#f3f5f7;padding:0 3px;border-radius:3px;white-space:nowrap}
 table{border-collapse:collapse;width:100%;margin:4px 0}
 th,td{border-bottom:1px solid #e3e7ec;padding:5px 8px;text-align:left;vertical-align:top}
 thead th{background:#f5f7f9;font-weight:600}

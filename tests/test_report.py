@@ -148,10 +148,12 @@ def test_report_json_records_effective_config_variant_and_file_hashes(
     assert a["config"]["gate"]["variant"] == "int8"
     assert b["config"]["source"].endswith("device.toml")
     assert b["config"]["gate"]["variant"] == "float"
+    assert b["config"]["trigger"] == dataclasses.asdict(
+        config_mod.load(b["config"]["source"], env={}).trigger
+    )
     assert b["config"]["trigger"]["k"] == b["config"]["trigger"]["n"] == 1
-    assert b["config"]["trigger"]["labels"] == {
-        "person": {"threshold": 0.95, "release": 0.95, "cooldown_seconds": 60.0, "priority": 0}
-    }
+    person = b["config"]["trigger"]["labels"]["person"]
+    assert (person["threshold"], person["release"], person["cooldown_seconds"]) == (0.95, 0.95, 60)
     # Credentials and addresses stay out of a report people pass around.
     assert not {"uplink", "cloud", "reasoner", "device"} & set(a["config"])
 

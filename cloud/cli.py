@@ -137,6 +137,11 @@ def _token(args: argparse.Namespace, config: Config) -> int:
 
 def _revoke(args: argparse.Namespace, config: Config) -> int:
     from edgekeeper.cloud.enroll import revoke
+    from edgekeeper.protocol.device_id import device_id_problem
+
+    problem = device_id_problem(args.device, "DEVICE")
+    if problem:
+        raise InputError(problem, fix="see 'edgekeeper cloud devices' for the ids")
 
     async def do(store: Any) -> tuple[bool, Any]:
         changed = await revoke(store, args.device, now=time.time())

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from edgekeeper.cloud.store.base import EnrollOutcome, Store
+from edgekeeper.protocol.device_id import device_id_problem
 from edgekeeper.protocol.errors import InvalidRequest
 from edgekeeper.protocol.keys import KEY_BYTES, b64d
-from edgekeeper.protocol.messages import valid_device_id
 
 TOKEN_BYTES = 32
 MAX_TOKEN_CHARS = 128
@@ -59,10 +59,9 @@ class EnrollRequest:
         ):
             raise InvalidRequest("'token' must be the string printed by 'edgekeeper cloud token'")
         device_id = data.get("device_id")
-        if not valid_device_id(device_id):
-            raise InvalidRequest(
-                f"'device_id' = {device_id!r} must be 1-64 letters, digits, '-', '_', '.'"
-            )
+        problem = device_id_problem(device_id, "'device_id'")
+        if problem:
+            raise InvalidRequest(problem, fix="set device.id on the device (docs/configuration.md)")
         keys: dict[str, bytes] = {}
         for name in ("sign_pk", "box_pk"):
             value = data.get(name)

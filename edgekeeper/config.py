@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from edgekeeper.errors import ConfigError
-from edgekeeper.settings import build, coerce_env, override
+from edgekeeper.protocol.device_id import DEVICE_ID_RULE, valid_device_id
+from edgekeeper.settings import FieldValueError, build, coerce_env, override
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -49,12 +50,13 @@ def _default_state_dir() -> str:
 
 @dataclass(frozen=True)
 class DeviceSection:
-    id: str = field(default_factory=socket.gethostname)
+    id: str = field(default_factory=lambda: socket.gethostname())
     state_dir: Path = field(default_factory=lambda: Path(_default_state_dir()))
 
     def __post_init__(self) -> None:
-        if not self.id or len(self.id) > 64 or not all(c.isalnum() or c in "-_." for c in self.id):
-            raise ValueError("device id must be 1-64 characters of letters, digits, '-', '_', '.'")
+        # The protocol's own rule (one place): an id the cloud would refuse never gets this far.
+        if not valid_device_id(self.id):
+            raise FieldValueError("id", self.id, DEVICE_ID_RULE)
 
 
 @dataclass(frozen=True)
@@ -613,10 +615,27 @@ def load(path: str | Path | None = None, env: typing.Mapping[str, str] | None = 
             raise ConfigError(
                 f"config file {p} is not valid TOML: {err}", fix="fix the syntax at that line"
             ) from None
-    for var, dotted in ENV_OVERRIDES.items():
-        if var in env:
-            override(data, dotted, coerce_env(_field_type(dotted), env[var]))
-    return build_from_dict(data, source=source)
+    applied = {dotted: var for var, dotted in ENV_OVERRIDES.items() if var in env}
+    for dotted, var in applied.items():
+        override(data, dotted, coerce_env(_field_type(dotted), env[var]))
+    try:
+        return build_from_dict(data, source=source)
+    except ConfigError as err:
+        # A bad value that came from a variable: name the variable, not a file that lacks it.
+        for dotted, var in applied.items():
+            if err.message.startswith(f"{source}: key '{dotted}' "):
+                raise ConfigError(
+                    var + err.message[len(source):],
+                    fix=f"fix or unset {var} (it overrides {dotted})",
+                ) from None
+        if "id" not in data.get("device", {}) and "key 'device.id' " in err.message:
+            # device.id defaults to the host name, which may not follow the rule
+            raise ConfigError(
+                f"{err.message} (the default: this machine's host name)",
+                fix=f"set device.id in {'a config file' if source == 'defaults' else source}"
+                " or EDGEKEEPER_DEVICE_ID (docs/configuration.md)",
+            ) from None
+        raise
 
 
 def build_from_dict(data: dict[str, Any], *, source: str) -> Config:

@@ -130,7 +130,7 @@ def _token(args: argparse.Namespace, config: Config) -> int:
     until = dt.datetime.fromtimestamp(time.time() + ttl, dt.timezone.utc)
     until = until.isoformat(timespec="seconds")
     print(token)
-    print(f"valid once, until {until}: edgekeeper device enroll --cloud URL --token TOKEN",
+    print(f"valid once, until {until}: edgekeeper device enroll --cloud URL --token=TOKEN",
           file=sys.stderr)
     return 0
 

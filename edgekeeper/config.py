@@ -150,6 +150,8 @@ class LabelRule:
     cooldown_seconds: float = 30.0
     # When the outbox is full, lower-priority events are evicted first.
     priority: int = 0
+    # false switches a label off (a default one included): it never triggers.
+    enabled: bool = True
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.release <= self.threshold <= 1.0:
@@ -173,7 +175,9 @@ class TriggerSection:
     n: int = 5
     # Global cap across labels; events past it are held back and logged.
     max_events_per_hour: int = 60
-    # Labels that may trigger, each with its rule. Labels not listed never trigger.
+    # Labels that may trigger, each with its rule. Labels not listed never trigger. A file's
+    # [trigger.labels.NAME] table is merged into the default rule of NAME key by key
+    # (build_from_dict), and a rule with enabled = false is left out here.
     labels: dict[str, LabelRule] = field(default_factory=_default_rules)
 
     def __post_init__(self) -> None:
@@ -181,6 +185,9 @@ class TriggerSection:
             raise ValueError("1 <= k <= n <= 100 is required")
         if self.max_events_per_hour < 1:
             raise ValueError("max_events_per_hour must be >= 1")
+        active = {name: rule for name, rule in self.labels.items() if rule.enabled}
+        if active != self.labels:
+            object.__setattr__(self, "labels", active)  # frozen: set once, while building
 
 
 @dataclass(frozen=True)
@@ -642,8 +649,48 @@ def build_from_dict(data: dict[str, Any], *, source: str) -> Config:
     """Validate already-parsed TOML data (tests and tools build configs this way too)."""
     if "source" in data:
         raise ConfigError(f"{source}: 'source' is not a config section", fix="remove it")
-    config = build(Config, data, source=source)
+    config = build(Config, _with_label_defaults(data), source=source)
     return dataclasses.replace(config, source=source)
+
+
+def _with_label_defaults(data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` with each [trigger.labels.NAME] table laid over NAME's default rule, key by key.
+
+    Without this a file that tunes one label would replace the whole default set: the example
+    in docs/configuration.md would switch speech and alarm off while the audio model scores on.
+    """
+    trigger = data.get("trigger")
+    if not isinstance(trigger, dict) or not isinstance(trigger.get("labels"), dict):
+        return data  # nothing to merge (a wrong type is reported by build)
+    merged: dict[str, Any] = {
+        name: dataclasses.asdict(rule) for name, rule in _default_rules().items()
+    }
+    for name, table in trigger["labels"].items():
+        base = merged.get(name)
+        merged[name] = {**base, **table} if base and isinstance(table, dict) else table
+    return {**data, "trigger": {**trigger, "labels": merged}}
+
+
+def check_labels(config: Config, outputs: typing.Mapping[str, typing.Sequence[str]]) -> None:
+    """Refuse a trigger rule for a label no configured model outputs (a misspelt
+    [trigger.labels.persn] would otherwise be accepted and never fire).
+
+    ``outputs`` maps a model's description ("vision model person@1.0.0") to its labels; it is
+    known once the manifests are read, so the device calls this where it loads the models.
+    """
+    known = {label for labels in outputs.values() for label in labels}
+    unknown = [name for name in config.trigger.labels if name not in known]
+    if not unknown:
+        return
+    models = "; ".join(f"{what}: {', '.join(labels)}" for what, labels in outputs.items())
+    name = unknown[0]
+    raise ConfigError(
+        f"{config.source}: [trigger.labels.{name}] names a label no configured model outputs"
+        f" ({models or 'no model configured'})",
+        fix=f"rename it to one of the labels above, point gate.vision_model / gate.audio_model"
+        f" at a model that outputs '{name}', or switch it off: [trigger.labels.{name}]"
+        " enabled = false",
+    )
 
 
 def resolve_model(spec: str, variant: str = "int8") -> Path:

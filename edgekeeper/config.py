@@ -324,6 +324,10 @@ class CloudSection:
     token_ttl_seconds: float = 86400.0
     # Longest long-poll on GET /v1/results (the device asks for less).
     results_max_wait_seconds: float = 30.0
+    # Long-polls one device may hold open at once; more get 429 + Retry-After. Its own results
+    # client needs one; a signed request replayed inside replay_window_seconds would otherwise
+    # hold a socket per copy.
+    results_max_polls_per_device: int = 2
     # How often a long-poll re-checks the results store written by workers in other processes,
     # and how often the ingest re-reads the device registry (revocations from the CLI).
     results_poll_seconds: float = 0.25
@@ -388,6 +392,8 @@ class CloudSection:
             raise ValueError("body_timeout_seconds must be > 0 and at most 3600")
         if not 0 <= self.results_max_wait_seconds <= 300:
             raise ValueError("results_max_wait_seconds must be between 0 and 300")
+        if not 1 <= self.results_max_polls_per_device <= 1000:
+            raise ValueError("results_max_polls_per_device must be between 1 and 1000")
         if self.results_poll_seconds <= 0 or self.registry_refresh_seconds <= 0:
             raise ValueError("results_poll_seconds and registry_refresh_seconds must be > 0")
         if self.queue_visibility_seconds <= 0 or not 1 <= self.queue_max_attempts <= 1000:

@@ -169,7 +169,7 @@ class CloudPublicKeys:
         except FileNotFoundError:
             raise ConfigError(
                 f"pinned cloud keys {path} do not exist",
-                fix="enroll the device: edgekeeper device enroll --cloud URL --token TOKEN",
+                fix="enroll the device: edgekeeper device enroll --cloud URL --token=TOKEN",
             ) from None
         except (ValueError, UnicodeDecodeError) as err:
             raise ConfigError(

@@ -15,6 +15,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from edgekeeper.device.outbox import AsyncOutbox, Outbox, OutboxError, OutboxFull
+from edgekeeper.sqlite import DatabaseCorrupt
 
 PY = sys.executable
 
@@ -45,8 +46,8 @@ def test_file_is_private_wal_and_fully_synchronous(tmp_path: Path) -> None:
     assert stat.S_IMODE(ob.path.parent.stat().st_mode) == 0o700
     wal = Path(str(ob.path) + "-wal")
     assert wal.exists() and stat.S_IMODE(wal.stat().st_mode) == 0o600
-    assert ob._db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert ob._db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+    assert ob.db.call(lambda c: c.execute("PRAGMA journal_mode").fetchone()[0]) == "wal"
+    assert ob.db.call(lambda c: c.execute("PRAGMA synchronous").fetchone()[0]) == 2  # FULL
     ob.close()
 
 
@@ -89,8 +90,9 @@ def test_garbage_file_is_a_clear_error(tmp_path: Path) -> None:
     p = tmp_path / "state" / "outbox.sqlite"
     p.parent.mkdir()
     p.write_bytes(b"this is not sqlite" * 100)
-    with pytest.raises(OutboxError, match="not a usable SQLite database"):
+    with pytest.raises(DatabaseCorrupt, match="not a usable SQLite database") as err:
         Outbox(p, device_id="cam-1")
+    assert "move" in (err.value.fix or "") and str(p) in (err.value.fix or "")
 
 
 def test_lease_excludes_leased_rows_until_released_or_expired(tmp_path: Path) -> None:

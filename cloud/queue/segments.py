@@ -47,6 +47,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edgekeeper.cloud.queue.base import QueuedEvent
+from edgekeeper.fs import open_private
 
 MAGIC = b"EKS1"
 _PREFIX = struct.Struct(">4sII")  # magic, length, crc32
@@ -93,7 +94,7 @@ class SegmentWriter:
     def __init__(self, directory: Path, segment_id: int) -> None:
         self.segment_id = segment_id
         self.path = directory / segment_name(segment_id)
-        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        fd = open_private(self.path, os.O_WRONLY | os.O_APPEND)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             stat = os.fstat(fd)

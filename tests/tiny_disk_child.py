@@ -6,7 +6,8 @@
 Runs in a private mount namespace, where MOUNT is a real 6 MiB filesystem (tmpfs) that nobody
 else sees. The enrolled device's keys are copied there, EVENTS events of 30 KB are captured into
 the outbox (more than the filesystem holds), then ``edgekeeper device upload --burst`` runs as a
-user would run it, against the cloud the device enrolled with. Prints one JSON document on stdout with what happened.
+user would run it, against the cloud the device enrolled with. Prints one JSON document on
+stdout with what happened.
 """
 
 from __future__ import annotations

@@ -124,7 +124,7 @@ class Database:
         try:
             await asyncio.get_running_loop().run_in_executor(db._executor, db._connect)
         except BaseException:
-            db._stop()
+            db._stop(wait=False)  # its only job is over: the thread ends by itself
             raise
         return db
 
@@ -271,7 +271,10 @@ class Database:
         try:
             return fn(self._conn, *args, **kwargs)
         except sqlite3.Error as err:
-            raise self.classify(err) from err
+            made = self.classify(err)
+            if made is err:
+                raise
+            raise made from err
 
     # --- errors -------------------------------------------------------------------------------
 

@@ -299,3 +299,24 @@ async def test_sink_takes_the_runtimes_events_and_never_crashes_capture(tmp_path
     assert st.pending == 2 and st.dropped_total == 2
     await sink.aclose()
     await aob.close()
+
+
+def test_quota_is_bounded_by_the_disk_with_a_reserve_kept(tmp_path: Path) -> None:
+    import shutil
+
+    from edgekeeper.device.outbox import RESERVE_BYTES
+
+    petabyte = 10**15  # more than this disk holds: the disk decides
+    with capture_logs() as logs:
+        ob = make(tmp_path, quota_bytes=petabyte)
+    free = shutil.disk_usage(tmp_path).free
+    held = ob.path.stat().st_size
+    assert ob.quota_bytes == pytest.approx((free + held - RESERVE_BYTES) // 2, rel=0.01)
+    assert ob.stats().quota_bytes == ob.quota_bytes and ob.configured_quota_bytes == petabyte
+    (line,) = [x for x in logs if x["event"] == "outbox.quota_bounded"]
+    assert line["quota_bytes"] == ob.quota_bytes and line["reserve_bytes"] == RESERVE_BYTES
+    ob.close()
+    # A quota the disk can hold is kept as configured, and nothing is logged.
+    with capture_logs() as logs:
+        assert make(tmp_path, quota_bytes=1000).quota_bytes == 1000
+    assert not [x for x in logs if x["event"] == "outbox.quota_bounded"]

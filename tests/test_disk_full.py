@@ -11,30 +11,42 @@ import json
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from test_uplink import DEVICE, device_config, enrolled, start_cloud
 
+from edgekeeper.config import Config
 from edgekeeper.device.outbox import RESERVE_BYTES
 
 
-async def test_a_full_disk_loses_counted_events_and_bricks_nothing(tmp_path: Path) -> None:
+async def run_device(tmp_path: Path, argv: Callable[[Config, str], list[str]]
+                     ) -> tuple[Config, dict[str, Any], list[tuple[str, int]]]:
+    """Enroll a device with a real cloud, run ``argv(config, cloud_url)``; the device's config,
+    the child's JSON report and what the cloud queued."""
     cloud = await start_cloud(tmp_path / "cloud")
     try:
         config = device_config(tmp_path)
         await enrolled(cloud, config)
-        child = Path(__file__).with_name("disk_full_child.py")
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, str(child), str(config.device.state_dir), cloud.url,
+            *argv(config, cloud.url),
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
         )
         out, err = await proc.communicate()
         assert proc.returncode == 0, err.decode()[-3000:]
-        report = json.loads(out)
-        queued = await cloud.queued()
+        return config, json.loads(out), await cloud.queued()
     finally:
         await cloud.close()
+
+
+async def test_a_full_disk_loses_counted_events_and_bricks_nothing(tmp_path: Path) -> None:
+    child = Path(__file__).with_name("disk_full_child.py")
+    config, report, queued = await run_device(
+        tmp_path, lambda config, url: [sys.executable, str(child), str(config.device.state_dir),
+                                       url],
+    )
 
     assert report["room"] == [1, 2, 3, 4] and report["room_upload"] == 4
     assert report["pending"] == [5, 6]
@@ -69,16 +81,18 @@ TINY_MB = 6
 TINY_EVENTS = 220  # of 30 KB: 6.6 MB, more than the tiny filesystem holds
 
 
-def _tiny_filesystem_command(mount: Path, *child_args: str) -> list[str] | None:
-    """The child's argv inside a private mount namespace with a TINY_MB tmpfs at ``mount``, or
-    None when this machine cannot make one (no unshare, user namespaces disabled)."""
+def tiny_filesystem_command(mount: Path, *child_args: str) -> list[str]:
+    """The child's argv inside a private mount namespace with a TINY_MB tmpfs at ``mount``;
+    skips the test when this machine cannot make one (no unshare, user namespaces disabled)."""
     unshare = shutil.which("unshare")
-    if unshare is None or sys.platform != "linux":
-        return None
-    probe = subprocess.run([unshare, "-rm", "sh", "-c", f"mount -t tmpfs -o size=1m tmpfs {mount}"],
-                           capture_output=True)
-    if probe.returncode != 0:
-        return None
+    probe = None
+    if unshare is not None and sys.platform == "linux":
+        probe = subprocess.run(
+            [unshare, "-rm", "sh", "-c", f"mount -t tmpfs -o size=1m tmpfs {mount}"],
+            capture_output=True,
+        )
+    if unshare is None or probe is None or probe.returncode != 0:
+        pytest.skip("no private mount namespace here (unshare -rm): no tiny filesystem")
     child = Path(__file__).with_name("tiny_disk_child.py")
     script = f'mount -t tmpfs -o size={TINY_MB}m tmpfs "$0" && exec "$@"'
     return [unshare, "-rm", "sh", "-c", script, str(mount), sys.executable, str(child),
@@ -90,23 +104,10 @@ async def test_an_outbox_on_a_tiny_disk_leaves_room_to_drain_itself(tmp_path: Pa
     deliver what it stored (it used to exit 1 from the results ledger's PRAGMA)."""
     mount = tmp_path / "tiny"
     mount.mkdir()
-    cloud = await start_cloud(tmp_path / "cloud")
-    try:
-        config = device_config(tmp_path)
-        await enrolled(cloud, config)
-        argv = _tiny_filesystem_command(mount, str(config.device.state_dir), str(mount),
-                                        str(TINY_EVENTS))
-        if argv is None:
-            pytest.skip("no private mount namespace here (unshare -rm): no tiny filesystem")
-        proc = await asyncio.create_subprocess_exec(
-            *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-        )
-        out, err = await proc.communicate()
-        assert proc.returncode == 0, err.decode()[-3000:]
-        report = json.loads(out)
-        queued = await cloud.queued()
-    finally:
-        await cloud.close()
+    _, report, queued = await run_device(
+        tmp_path, lambda config, _url: tiny_filesystem_command(
+            mount, str(config.device.state_dir), str(mount), str(TINY_EVENTS)),
+    )
 
     captured = report["captured"]
     stored = captured["pending"]

@@ -60,8 +60,12 @@ class Gates:
             if gate is None:
                 continue
             m = gate.manifest
-            # A built-in model is picked by gate.variant; a manifest given by path is what it is.
-            builtin = specs[modality].startswith("builtin:")
+            # A built-in model is picked by gate.variant (manifest-<variant>.json); a manifest
+            # given by path, or a built-in one without variants, is what it is.
+            variant = config.gate.variant
+            picked = specs[modality].startswith("builtin:") and m.path.name == (
+                f"manifest-{variant}.json"
+            )
             files = [("manifest", m.path)]
             with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
                 labels = json.loads(m.path.read_bytes())["labels"]  # loading checked it exists
@@ -70,8 +74,8 @@ class Gates:
             out[modality] = {
                 "tag": m.tag,
                 "spec": specs[modality],
-                "variant": config.gate.variant if builtin else None,
-                "manifest": str(m.path),
+                "variant": variant if picked else None,
+                "manifest": str(m.path.resolve()),
                 "files": [
                     {"role": role, "path": str(path.resolve()), "bytes": path.stat().st_size,
                      "sha256": _sha256(path)}

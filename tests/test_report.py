@@ -251,8 +251,16 @@ def test_page_uses_readable_labels_and_rounded_units(street: Path) -> None:
 def test_plots_are_linear_from_zero_and_legends_hide_no_curve(
     tmp_path: Path, make_config: Any
 ) -> None:
-    cfg = make_config()
+    # The vision model named by its manifest's path: its variant is the manifest's, not
+    # gate.variant's, and the report says which manifest it was.
+    manifest = config_mod.MODELS_DIR / "person" / "manifest-float.json"
+    cfg = make_config(gate={"vision_model": str(manifest)})
     res = asyncio.run(replay_recording(STREET, cfg, events_dir=tmp_path / "ev", progress=False))
+    assert res.gates["vision"]["variant"] is None and res.gates["audio"]["variant"] == "int8"
+    assert res.gates["vision"]["manifest"] == str(manifest.resolve())
+    html = report_mod.render_html([res], cfg, tmp_path)
+    assert "person@1.0.0 (manifest manifest-float.json), sound@1.0.0 (int8)" in Page(html).text
+
     plt = report_mod.pyplot()
     assert plt is not None, "the test extra brings matplotlib"
 

@@ -26,14 +26,17 @@ older than ``off_delay_seconds`` no longer turns its sensor on.
 
 The seam to the rest of the device: ``async with MqttPublisher.from_config(config) as mqtt``,
 run ``mqtt.run(stop)`` in the device's TaskGroup, then call ``await mqtt.publish_result(...)``
-after a result is handled and ``mqtt.trigger_nowait(...)`` / ``mqtt.event_nowait(event)`` from
-the loop's (synchronous) decision and event callbacks.
+for each result handled and ``mqtt.trigger_nowait(...)`` / ``mqtt.event_nowait(event)`` from
+the loop's (synchronous) callbacks: ``Pipeline(..., on_decision=mqtt.note_decision,
+on_event=mqtt.event_nowait)``. ``mqtt.action`` is ``publish_result`` shaped as a results
+action (device/results.py), so it runs before the ledger records the result.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import os
 import re
@@ -48,6 +51,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from edgekeeper import __version__, compat
+from edgekeeper.device.outbox import is_disk_full
 from edgekeeper.errors import ConfigError
 from edgekeeper.log import get_logger
 
@@ -56,6 +60,7 @@ if TYPE_CHECKING:
 
     from edgekeeper.config import Config, MqttSection
     from edgekeeper.device.events import Event
+    from edgekeeper.device.trigger import Decision
     from edgekeeper.device.uplink import Backoff
     from edgekeeper.protocol.messages import ResultBody
 
@@ -163,11 +168,17 @@ class PendingStore:
     def add(self, key: str, msg: Message) -> int | None:
         """Commit ``msg``; its row id, or None when ``key`` was recorded before (a repeat)."""
         with self._lock:
-            cur = self._db.execute(
-                "INSERT INTO messages (key, topic, payload, retain, label, queued_at) "
-                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (key) DO NOTHING",
-                (key, msg.topic, msg.payload, int(msg.retain), msg.label, msg.at),
-            )
+            try:
+                cur = self._db.execute(
+                    "INSERT INTO messages (key, topic, payload, retain, label, queued_at) "
+                    "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (key) DO NOTHING",
+                    (key, msg.topic, msg.payload, int(msg.retain), msg.label, msg.at),
+                )
+            except sqlite3.OperationalError as err:
+                if not is_disk_full(err):
+                    raise
+                # An OSError, as the results actions expect of a failure worth retrying.
+                raise OSError(errno.ENOSPC, f"no space left for {self.path}") from None
             if cur.rowcount == 0:
                 return None
             row = int(cur.lastrowid or 0)
@@ -350,8 +361,9 @@ class MqttPublisher:
         """Record ``result`` for publishing and return at once (the broker may be away).
 
         ``result`` is the ResultBody or the JSON the result actions got (with ``result_id``).
-        ``key`` defaults to 'cloud:<seq>' or 'provisional:<seq>', as the results ledger names
-        it; a key recorded before is not published again. False when it was a repeat.
+        ``key`` defaults to the results ledger's name for it: 'cloud:<seq>' when the cloud sent
+        it (it has a result_id), 'provisional:<seq>' for the device's own edge fallback. A key
+        recorded before is not published again: False when it was a repeat.
         """
         assert self._store is not None, "use `async with MqttPublisher(...)`"
         doc = dict(result) if isinstance(result, Mapping) else {
@@ -359,7 +371,7 @@ class MqttPublisher:
         doc.setdefault("result_id", result_id)
         doc.setdefault("device_id", self.device_id)
         if key is None:
-            key = f"{'provisional' if doc.get('provisional') else 'cloud'}:{doc.get('seq')}"
+            key = f"{'provisional' if doc['result_id'] is None else 'cloud'}:{doc.get('seq')}"
         label = str(doc.get("label", ""))
         msg = Message(self.topics.result, _json(doc), label=label, at=self._clock())
         row = await asyncio.to_thread(self._store.add, key, msg)
@@ -367,6 +379,11 @@ class MqttPublisher:
             return False
         self._offer(Message(msg.topic, msg.payload, False, label, msg.at, row))
         return True
+
+    async def action(self, doc: dict[str, Any]) -> None:
+        """``publish_result`` shaped as a results action (device/results.py ``Action``): it
+        runs before the ledger records the result, and never waits for the broker."""
+        await self.publish_result(doc)
 
     async def publish_trigger(self, label: str, **fields: Any) -> None:
         """``trigger_nowait`` for async callers."""
@@ -382,6 +399,11 @@ class MqttPublisher:
                "score": None if score is None else round(float(score), 4), "seq": seq,
                "reason": reason, "at": round(at, 3)}
         self._offer(Message(self.topics.trigger(label), _json(doc), label=label, at=at))
+
+    def note_decision(self, decision: Decision) -> None:
+        """The loop's ``on_decision`` callback: a fired decision is a trigger."""
+        if decision.fired:
+            self.trigger_nowait(decision.label, score=decision.score, reason=decision.reason)
 
     def event_nowait(self, event: Event) -> None:
         """An event was captured: its key frame (the one nearest the trigger) as the snapshot."""

@@ -115,13 +115,13 @@ class Subscriber:
         return [p for t, p, _ in self.got if t == topic]
 
     async def until(self, check: Callable[[], Any], what: str) -> Any:
-        async with compat.timeout(WAIT):
-            while not (out := check()):
-                self._new.clear()
-                try:
-                    await asyncio.wait_for(self._new.wait(), WAIT)
-                except TimeoutError:
-                    raise AssertionError(f"never received {what}; got {self.got}") from None
+        try:
+            async with compat.timeout(WAIT):
+                while not (out := check()):
+                    self._new.clear()
+                    await self._new.wait()
+        except TimeoutError:  # compat.timeout raises the builtin on 3.10 too
+            raise AssertionError(f"never received {what}; got {self.got}") from None
         return out
 
 
@@ -459,3 +459,61 @@ def test_bad_mqtt_config_names_the_key(mqtt: dict[str, Any], needle: str) -> Non
     with pytest.raises(ConfigError, match=needle) as err:
         config_mod.build_from_dict({"mqtt": mqtt}, source="device.toml")
     assert "device.toml" in str(err.value) and err.value.fix
+
+
+# --- the seam: the real loop and the real results actions -----------------------------------
+
+
+async def test_wired_into_the_loop_and_the_results_actions(
+    tmp_path: Path, broker: servers.MosquittoServer, prefixes: dict[str, str],
+    sample_recording: Path,
+) -> None:
+    from edgekeeper.device.gate import Gate
+    from edgekeeper.device.loop import Pipeline
+    from edgekeeper.device.results import ResultActions
+    from edgekeeper.device.sink import LocalSink
+    from edgekeeper.device.sources import VideoCaptureSource
+
+    config = config_mod.build_from_dict({
+        "device": {"id": DEVICE, "state_dir": str(tmp_path / "state")},
+        "trigger": {"k": 1, "n": 1, "labels": {"person": {"threshold": 0.0, "release": 0.0,
+                                                          "cooldown_seconds": 3600.0}}},
+        "pregate": {"motion": False},
+        "mqtt": {"host": broker.host, "port": broker.port, "publish_triggers": True,
+                 **prefixes},
+    }, source="test")
+    base = f"{prefixes['topic_prefix']}/{DEVICE}"
+    gate = Gate("vision")
+    await gate.load(config_mod.resolve_model("builtin:person"))
+    actions = ResultActions(tmp_path / "state" / "results.sqlite", jsonl=None)
+    try:
+        async with subscribed(broker, f"{base}/#") as sub:
+            publisher = fast(config)
+            async with running(publisher):
+                await sub.until(lambda: sub.on(f"{base}/available") == [b"online"], "online")
+                actions.actions.append(("mqtt", publisher.action))
+                src = VideoCaptureSource(
+                    str(sample_recording / "video.avi"), fps=0, live=False, lossless=False,
+                    queue_size=4, realtime=False)
+                pipeline = Pipeline(config, LocalSink(tmp_path / "ev"), video=src,
+                                    vision_gate=gate, on_decision=publisher.note_decision,
+                                    on_event=publisher.event_nowait)
+                stats = await pipeline.run(asyncio.Event())
+                assert stats.events == 1
+                # The cloud's result for it, delivered twice (a lost ack), and the device's
+                # own provisional result for the same event before it.
+                await actions.handle_provisional(result(1, provisional=True))
+                assert await actions.handle("cloud:1", result(1), result_id=5) == "handled"
+                assert await actions.handle("cloud:1", result(1), result_id=5) == "already"
+                await publisher.publish_result(result(2), result_id=6)  # a marker: in order
+                await sub.until(lambda: len(sub.on(f"{base}/result")) >= 3, "3 results")
+                snap = await sub.until(lambda: sub.on(f"{base}/snapshot"), "the key frame")
+        trig = json.loads(sub.on(f"{base}/trigger/person")[0])
+        assert trig["label"] == "person" and trig["reason"]
+        assert snap[0][:2] == b"\xff\xd8"  # a JPEG
+        got = [json.loads(p) for p in sub.on(f"{base}/result")]
+        assert [(d["seq"], d["result_id"]) for d in got] == [(1, None), (1, 5), (2, 6)]
+        assert (await _counts(publisher))["unpublished"] == 0
+    finally:
+        gate.close()
+        await actions.close()

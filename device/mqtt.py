@@ -496,7 +496,7 @@ class MqttPublisher:
                     await self._send(client, self._carry)
                     self._carry = None
                 if self._rescan:
-                    await self._flush(client)
+                    await self._flush(client, stop)
                 msg = await self._next(stop, watcher)
                 if msg is None:
                     break
@@ -506,13 +506,16 @@ class MqttPublisher:
                     self._carry = msg
                 await self._send(client, msg)
                 self._carry = None
-            # Stopping: what is still queued goes out first, then a clean goodbye.
-            async with compat.timeout(_STOP_TIMEOUT_S):
-                while not self._queue.empty():
-                    msg = self._queue.get_nowait()
-                    if msg.row is None or msg.row > self._flushed:
-                        await self._send(client, msg)
-                await client.publish(self.topics.available, OFFLINE, qos=1, retain=True)
+            # Stopping: what is still queued goes out first (results left over stay on disk
+            # for the next start), then a clean goodbye: a clean disconnect fires no Will.
+            with contextlib.suppress(TimeoutError):
+                async with compat.timeout(_STOP_TIMEOUT_S):
+                    while not self._queue.empty():
+                        msg = self._queue.get_nowait()
+                        if msg.row is None or msg.row > self._flushed:
+                            await self._send(client, msg)
+            await client.publish(self.topics.available, OFFLINE, qos=1, retain=True,
+                                 timeout=_STOP_TIMEOUT_S)
             self.connected = False
             log.info("mqtt.stopped", unpublished=(await self.counts())["unpublished"])
         except asyncio.CancelledError:
@@ -543,14 +546,17 @@ class MqttPublisher:
             raise _connection_lost()
         return None
 
-    async def _flush(self, client: aiomqtt.Client) -> None:
-        """Publish every result still on disk, oldest first."""
+    async def _flush(self, client: aiomqtt.Client, stop: asyncio.Event) -> None:
+        """Publish every result still on disk, oldest first (a stop leaves the rest there)."""
         assert self._store is not None
         self._rescan = False
         after = 0
         while True:
             batch = await asyncio.to_thread(self._store.pending, after)
             if not batch:
+                return
+            if stop.is_set():
+                self._rescan = True
                 return
             for msg in batch:
                 await self._send(client, msg)

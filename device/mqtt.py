@@ -141,7 +141,7 @@ class Message:
     retain: bool = False
     label: str = ""  # turns <label>/state on when fresh
     at: float = 0.0  # when it happened (wall clock)
-    row: int | None = None  # its row in the pending store (results only)
+    row: int | None = None  # its row in the pending store (results, read from the disk)
 
 
 # --- the durable record of unpublished results ----------------------------------------------
@@ -318,8 +318,9 @@ class MqttPublisher:
         self._store: PendingStore | None = None
         self._tls: ssl.SSLContext | None = None
         self._queue: asyncio.Queue[Message] = asyncio.Queue(section.queue_size)
-        self._rescan = True  # results may wait on disk (from before, or a full queue)
-        self._flushed = 0  # highest row published by a flush: queue entries up to it are done
+        # Results are published from the disk, oldest first: publish_result only says so.
+        self._rescan = True  # results may wait there from before
+        self._results = asyncio.Event()
         self._carry: Message | None = None  # a memory message whose publish was cut off
         self.connected = False
         self.last_error: str | None = None  # why the last connection failed (for status)
@@ -377,7 +378,8 @@ class MqttPublisher:
         row = await asyncio.to_thread(self._store.add, key, msg)
         if row is None:
             return False
-        self._offer(Message(msg.topic, msg.payload, False, label, msg.at, row))
+        self._rescan = True
+        self._results.set()
         return True
 
     async def action(self, doc: dict[str, Any]) -> None:
@@ -421,11 +423,8 @@ class MqttPublisher:
                 return
             except asyncio.QueueFull:
                 old = self._queue.get_nowait()
-                if old.row is not None:
-                    self._rescan = True  # still on disk: the next flush sends it
-                else:
-                    self.dropped += 1
-                    log.warning("mqtt.queue_full", dropped=self.dropped, topic=old.topic)
+                self.dropped += 1
+                log.warning("mqtt.queue_full", dropped=self.dropped, topic=old.topic)
 
     # -- the task --------------------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:
@@ -497,23 +496,22 @@ class MqttPublisher:
                     self._carry = None
                 if self._rescan:
                     await self._flush(client, stop)
-                msg = await self._next(stop, watcher)
-                if msg is None:
+                if stop.is_set():
                     break
-                if msg.row is not None and msg.row <= self._flushed:
-                    continue  # a flush already published it
-                if msg.row is None:
+                msg = await self._next(stop, watcher)
+                if msg is not None:
                     self._carry = msg
-                await self._send(client, msg)
-                self._carry = None
-            # Stopping: what is still queued goes out first (results left over stay on disk
-            # for the next start), then a clean goodbye: a clean disconnect fires no Will.
+                    await self._send(client, msg)
+                    self._carry = None
+            # Stopping: what waits goes out first, for a few seconds (results left over stay
+            # on disk for the next start), then a clean goodbye: a clean disconnect fires no
+            # Will, so "offline" must be said.
             with contextlib.suppress(TimeoutError):
                 async with compat.timeout(_STOP_TIMEOUT_S):
+                    if self._rescan:
+                        await self._flush(client, None)
                     while not self._queue.empty():
-                        msg = self._queue.get_nowait()
-                        if msg.row is None or msg.row > self._flushed:
-                            await self._send(client, msg)
+                        await self._send(client, self._queue.get_nowait())
             await client.publish(self.topics.available, OFFLINE, qos=1, retain=True,
                                  timeout=_STOP_TIMEOUT_S)
             self.connected = False
@@ -529,14 +527,19 @@ class MqttPublisher:
             await asyncio.gather(watcher, return_exceptions=True)
 
     async def _next(self, stop: asyncio.Event, watcher: asyncio.Future[None]) -> Message | None:
+        """The next message from memory; None when results wait on disk or on a stop."""
+        if self._rescan:
+            return None
         if not self._queue.empty():
             return self._queue.get_nowait()
+        self._results.clear()
         getter = asyncio.ensure_future(self._queue.get())
-        stopper = asyncio.ensure_future(stop.wait())
+        others = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(self._results.wait())]
         try:
-            await asyncio.wait({getter, stopper, watcher}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({getter, watcher, *others}, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            stopper.cancel()
+            for waiter in others:
+                waiter.cancel()
             if not getter.done():
                 getter.cancel()
         if getter.done() and not getter.cancelled():
@@ -546,7 +549,7 @@ class MqttPublisher:
             raise _connection_lost()
         return None
 
-    async def _flush(self, client: aiomqtt.Client, stop: asyncio.Event) -> None:
+    async def _flush(self, client: aiomqtt.Client, stop: asyncio.Event | None) -> None:
         """Publish every result still on disk, oldest first (a stop leaves the rest there)."""
         assert self._store is not None
         self._rescan = False
@@ -555,13 +558,12 @@ class MqttPublisher:
             batch = await asyncio.to_thread(self._store.pending, after)
             if not batch:
                 return
-            if stop.is_set():
+            if stop is not None and stop.is_set():
                 self._rescan = True
                 return
             for msg in batch:
                 await self._send(client, msg)
                 after = msg.row or after
-                self._flushed = max(self._flushed, after)
 
     async def _send(self, client: aiomqtt.Client, msg: Message) -> None:
         await client.publish(msg.topic, msg.payload, qos=1, retain=msg.retain)

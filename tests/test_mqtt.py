@@ -213,9 +213,13 @@ async def test_triggers_stay_private_unless_asked(
         async with running(publisher):
             await sub.until(lambda: sub.on(f"{base}/available") == [b"online"], "online")
             publisher.trigger_nowait("alarm", score=0.9)
-            await publisher.publish_result(result(1, label="nothing"))
-            # Published in order: once the result is here, a trigger would have been too.
-            await sub.until(lambda: sub.on(f"{base}/result"), "the result")
+            publisher.event_nowait(Event(
+                device_id=DEVICE, seq=1, label="alarm", modality="vision", captured_at=1.0,
+                trigger_t=1.0, start_t=0.0, end_t=2.0, decision={}, scores={}, models={},
+                frames=(b"\xff\xd8frame",), frame_times=(1.0,)))
+            # Triggers and key frames leave in order: once the frame is here, a trigger would
+            # have been too.
+            await sub.until(lambda: sub.on(f"{base}/snapshot"), "the key frame")
     assert not any(t.startswith(f"{base}/trigger") for t, _, _ in sub.got)
     assert b"ON" not in sub.on(f"{base}/alarm/state")
 
@@ -517,3 +521,28 @@ async def test_wired_into_the_loop_and_the_results_actions(
     finally:
         gate.close()
         await actions.close()
+
+
+async def test_a_full_memory_queue_drops_old_triggers_but_no_result(
+    tmp_path: Path, own_broker: servers.MosquittoServer, prefixes: dict[str, str]
+) -> None:
+    config = make_config(tmp_path, own_broker, prefixes, discovery=False, queue_size=2,
+                         publish_triggers=True)
+    base = f"{prefixes['topic_prefix']}/{DEVICE}"
+    session = {"identifier": f"ektest-sub-{uuid.uuid4().hex[:8]}", "clean_session": False}
+    async with subscribed(own_broker, f"{base}/result", f"{base}/trigger/#", **session):
+        pass  # the persistent session now exists on the broker
+    await asyncio.to_thread(own_broker.stop)
+    publisher = fast(config)
+    async with running(publisher):
+        for seq in range(1, 6):
+            assert await publisher.publish_result(result(seq))
+            publisher.trigger_nowait("person", seq=seq)
+        assert publisher.dropped == 3  # five triggers, room for two
+        await asyncio.to_thread(own_broker.launch)
+        async with subscribed(own_broker, f"{base}/result", f"{base}/trigger/#",
+                              **session) as sub:
+            await publisher.publish_result(result(6))  # after everything else, in order
+            await sub.until(lambda: len(sub.on(f"{base}/result")) >= 6, "6 results")
+    assert [json.loads(p)["seq"] for p in sub.on(f"{base}/result")] == [1, 2, 3, 4, 5, 6]
+    assert [json.loads(p)["seq"] for p in sub.on(f"{base}/trigger/person")] == [4, 5]

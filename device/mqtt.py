@@ -431,8 +431,6 @@ class MqttPublisher:
         """Connect, publish, reconnect with backoff, until ``stop`` is set; then say offline."""
         import aiomqtt
 
-        from edgekeeper.device.uplink import _wait
-
         assert self._store is not None, "use `async with MqttPublisher(...)`"
         while not stop.is_set():
             try:
@@ -579,6 +577,13 @@ class MqttPublisher:
     async def counts(self) -> dict[str, int]:
         assert self._store is not None
         return await asyncio.to_thread(self._store.counts)
+
+
+async def _wait(stop: asyncio.Event, seconds: float) -> None:
+    """Sleep up to ``seconds``; return early when ``stop`` is set."""
+    with contextlib.suppress(TimeoutError):
+        async with compat.timeout(seconds):
+            await stop.wait()
 
 
 async def _drain(client: aiomqtt.Client) -> None:

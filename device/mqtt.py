@@ -37,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import importlib.util
 import json
 import os
 import re
@@ -329,6 +330,13 @@ class MqttPublisher:
     @classmethod
     def from_config(cls, config: Config, env: Mapping[str, str] | None = None) -> MqttPublisher:
         section = config.mqtt
+        if importlib.util.find_spec("aiomqtt") is None:
+            raise ConfigError(
+                f"{config.source}: mqtt.host is set but the MQTT client (aiomqtt) is not "
+                "installed",
+                fix="pip install 'edgekeeper[mqtt]' in the device's environment, or clear "
+                "mqtt.host",
+            )
         env = os.environ if env is None else env
         password = None
         if section.password_env:

@@ -1,4 +1,5 @@
-"""Real Redis and PostgreSQL servers for the tests, found or started by the harness.
+"""Real Redis and PostgreSQL servers for the tests, found or started by the harness (and a
+Mosquitto broker for tests/test_mqtt.py: ``start_mosquitto`` at the end of this file).
 
 Which server a test run uses, in order:
 

@@ -60,9 +60,21 @@ def own_broker() -> Iterator[servers.MosquittoServer]:
 
 
 @pytest.fixture
-def prefixes() -> dict[str, str]:
+async def prefixes(broker: servers.MosquittoServer) -> AsyncIterator[dict[str, str]]:
+    """Topic prefixes of this test alone; what it left retained on the shared broker is
+    cleared afterwards (a developer's own broker should not collect test topics)."""
     tag = uuid.uuid4().hex[:10]
-    return {"topic_prefix": f"ektest-{tag}", "discovery_prefix": f"ektest-ha-{tag}"}
+    out = {"topic_prefix": f"ektest-{tag}", "discovery_prefix": f"ektest-ha-{tag}"}
+    yield out
+    with contextlib.suppress(aiomqtt.MqttError, OSError):
+        async with subscribed(broker, *(f"{p}/#" for p in out.values())) as sub:
+            # The broker sends retained messages right after the subscription; one marker
+            # published after it comes back behind them.
+            marker = f"{out['topic_prefix']}/cleanup"
+            await sub.client.publish(marker, b"x")
+            await sub.until(lambda: sub.on(marker), "the marker")
+            for topic in {t for t, _, retained in sub.got if retained}:
+                await sub.client.publish(topic, b"", qos=1, retain=True)
 
 
 def make_config(tmp_path: Path, broker: servers.MosquittoServer, prefixes: dict[str, str],
@@ -542,7 +554,10 @@ async def test_a_full_memory_queue_drops_old_triggers_but_no_result(
         await asyncio.to_thread(own_broker.launch)
         async with subscribed(own_broker, f"{base}/result", f"{base}/trigger/#",
                               **session) as sub:
-            await publisher.publish_result(result(6))  # after everything else, in order
-            await sub.until(lambda: len(sub.on(f"{base}/result")) >= 6, "6 results")
+            await publisher.publish_result(result(6))
+            # Results go out from the disk, triggers from memory: two streams, so wait for
+            # both (the first two triggers that arrive must be the newest two).
+            await sub.until(lambda: len(sub.on(f"{base}/result")) >= 6
+                            and len(sub.on(f"{base}/trigger/person")) >= 2, "6 results, 2 triggers")
     assert [json.loads(p)["seq"] for p in sub.on(f"{base}/result")] == [1, 2, 3, 4, 5, 6]
     assert [json.loads(p)["seq"] for p in sub.on(f"{base}/trigger/person")] == [4, 5]

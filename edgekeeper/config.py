@@ -529,6 +529,52 @@ class BudgetSection:
 
 
 @dataclass(frozen=True)
+class MqttSection:
+    # Results (and, if asked, triggers) published to an MQTT broker with Home Assistant
+    # discovery (device/mqtt.py, docs/mqtt.md). Empty host: MQTT is off.
+    host: str = ""
+    port: int = 1883
+    tls: bool = False
+    # PEM CA trusted for the broker (empty: the system's CAs); a client certificate and key.
+    ca_file: str = ""
+    cert_file: str = ""
+    key_file: str = ""
+    username: str = ""
+    # The NAME of the environment variable holding the password, never the password itself.
+    password_env: str = ""
+    client_id: str = ""  # empty: edgekeeper-<device id>
+    keepalive: int = 60
+    topic_prefix: str = "edgekeeper"
+    discovery: bool = True
+    discovery_prefix: str = "homeassistant"
+    publish_triggers: bool = False
+    # The key frame of each captured event, retained on <prefix>/<device>/snapshot.
+    snapshots: bool = True
+    # A label's binary sensor turns off this long after its last trigger or result.
+    off_delay_seconds: int = 30
+    # Messages waiting in memory while the broker is away (results also wait on disk).
+    queue_size: int = 256
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.port <= 65535 or not 5 <= self.keepalive <= 3600:
+            raise ValueError("1 <= port <= 65535 and 5 <= keepalive <= 3600 are required")
+        for name in ("topic_prefix", "discovery_prefix"):
+            value = getattr(self, name)
+            if not value or any(c in value for c in "+#\0") or value.strip("/") != value:
+                raise ValueError(f"{name} must be a topic without +, #, or a leading or"
+                                 " trailing '/', e.g. 'edgekeeper'")
+        if (self.ca_file or self.cert_file) and not self.tls:
+            raise ValueError("ca_file and cert_file need tls = true")
+        if bool(self.cert_file) != bool(self.key_file):
+            raise ValueError("cert_file and key_file go together (a client certificate)")
+        if self.password_env and not self.password_env.replace("_", "a").isalnum():
+            raise ValueError("password_env is the NAME of an environment variable, e.g."
+                             " 'EDGEKEEPER_MQTT_PASSWORD', not the password")
+        if not 1 <= self.off_delay_seconds <= 86400 or not 1 <= self.queue_size <= 100000:
+            raise ValueError("1 <= off_delay_seconds <= 86400 and 1 <= queue_size <= 100000")
+
+
+@dataclass(frozen=True)
 class Config:
     device: DeviceSection = field(default_factory=DeviceSection)
     log: LogSection = field(default_factory=LogSection)
@@ -545,6 +591,7 @@ class Config:
     cloud: CloudSection = field(default_factory=CloudSection)
     reasoner: ReasonerSection = field(default_factory=ReasonerSection)
     budget: BudgetSection = field(default_factory=BudgetSection)
+    mqtt: MqttSection = field(default_factory=MqttSection)
     # Where the config came from, for error messages ("defaults" when none was given).
     source: str = field(default="defaults", compare=False)
 

@@ -1,4 +1,5 @@
-"""Real Redis and PostgreSQL servers for the tests, found or started by the harness.
+"""Real Redis and PostgreSQL servers for the tests, found or started by the harness (and a
+Mosquitto broker for tests/test_mqtt.py: ``start_mosquitto`` at the end of this file).
 
 Which server a test run uses, in order:
 
@@ -328,3 +329,82 @@ def fresh_database(server: PostgresServer) -> Iterator[str]:
         yield server.url(name)
     finally:
         server.drop_database(name)
+
+
+# --- Mosquitto ------------------------------------------------------------------------------
+
+USUAL_MQTT = ("127.0.0.1", 1883)
+MOSQUITTO_MISSING = ("mosquitto is not installed (bash scripts/test installs it: apt-get install "
+                     "mosquitto); the MQTT tests need a real broker")
+
+
+@dataclass
+class MosquittoServer:
+    host: str
+    port: int
+    proc: subprocess.Popen[bytes] | None = None
+    workdir: Path | None = None
+    argv: list[str] = field(default_factory=list)
+
+    def launch(self) -> None:
+        """Start (or restart, same port, same persistence file) a broker we own."""
+        assert self.argv and self.workdir is not None, "not a broker we started"
+        with open(self.workdir / "mosquitto.log", "ab") as log:
+            proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL)
+        self.proc = proc
+        workdir = self.workdir
+
+        def up() -> bool:
+            if proc.poll() is not None:
+                raise RuntimeError((workdir / "mosquitto.log").read_text(errors="replace")[-2000:])
+            return self.answers()
+
+        _wait(up, f"mosquitto on {self.host}:{self.port}")
+
+    def answers(self) -> bool:
+        with contextlib.suppress(OSError), socket.create_connection((self.host, self.port), 1):
+            return True
+        return False
+
+    def stop(self) -> None:
+        """SIGTERM: a clean broker shutdown (it saves its persistence file)."""
+        if self.proc is not None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+            self.proc = None
+
+    def remove(self) -> None:
+        self.stop()
+        if self.workdir is not None:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def start_mosquitto(extra: tuple[str, ...] = ()) -> MosquittoServer:
+    """A mosquitto of our own on a free port of 127.0.0.1, persistent (retained messages and
+    QoS 1 sessions survive a restart), anonymous unless ``extra`` config lines say otherwise."""
+    binary = shutil.which("mosquitto") or (
+        "/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").is_file() else None)
+    if binary is None:
+        pytest.skip(MOSQUITTO_MISSING)
+    workdir = Path(tempfile.mkdtemp(prefix="ek-mosquitto-"))
+    port = free_port()
+    lines = [f"listener {port} 127.0.0.1", "persistence true",
+             f"persistence_location {workdir}/", "log_dest stdout"]
+    if os.geteuid() == 0:
+        lines.append("user root")  # else it drops to a 'mosquitto' user that cannot read workdir
+    if not any(line.startswith(("allow_anonymous", "password_file")) for line in extra):
+        lines.append("allow_anonymous true")
+    (workdir / "mosquitto.conf").write_text("\n".join([*lines, *extra]) + "\n")
+    server = MosquittoServer("127.0.0.1", port, workdir=workdir,
+                             argv=[binary, "-c", str(workdir / "mosquitto.conf")])
+    try:
+        server.launch()
+    except BaseException:
+        server.remove()
+        raise
+    return server

@@ -204,6 +204,10 @@ class Worker:
                 while free < self.concurrency and not slots.locked():
                     await slots.acquire()
                     free += 1
+                if stop.is_set():  # a drain began while we waited for slots: lease no more
+                    for _ in range(free):
+                        slots.release()
+                    break
                 if self.circuit.is_open or self._paused_until > self.clock():
                     for _ in range(free):  # it failed while we waited for slots
                         slots.release()

@@ -314,7 +314,7 @@ class Uplink:
         try:
             async with compat.TaskGroup() as tg:
                 for row in rows:
-                    tg.create_task(one(row))
+                    tg.create_task(one(row), name=f"upload seq {row.seq}")
         finally:
             # Only now, after the cloud's 2xx for each of them. A crash before this commit
             # means those events are sent again and answered "duplicate": nothing is lost.

@@ -94,6 +94,16 @@ class Proc:
     def signal(self, sig: signal.Signals) -> None:
         self.proc.send_signal(sig)
 
+    async def logged(self, name: str) -> dict[str, object]:
+        """Wait for the first log line whose event is ``name`` (a rendezvous, not a timing)."""
+
+        async def seen() -> bool:
+            assert self.proc.returncode is None, "\n".join(self.lines)
+            return bool(self.events(name))
+
+        await until(seen, 30)
+        return self.events(name)[0]
+
     async def exited(self, timeout: float = 60.0) -> int:
         async with compat.timeout(timeout):
             code = await self.proc.wait()
@@ -202,11 +212,7 @@ async def test_a_second_sigint_leaves_at_once(tmp_path: Path) -> None:
         async with edgekeeper(*worker_args(tmp_path, concurrency=1), env=env) as p:
             await in_flight(hung, 1, p)
             p.signal(signal.SIGINT)
-
-            async def draining() -> bool:
-                return bool(p.events("runtime.draining"))
-
-            await until(draining, 30)
+            await p.logged("runtime.draining")
             t0 = time.monotonic()
             p.signal(signal.SIGINT)
             code = await p.exited()
@@ -243,14 +249,22 @@ async def test_sighup_without_a_reload_is_logged_and_ignored(
     async with edgekeeper(*worker_args(tmp_path, concurrency=1), env=env) as p:
         await in_flight(slow_provider, 1, p)
         p.signal(signal.SIGHUP)
-
-        async def logged() -> bool:
-            return bool(p.events("runtime.sighup_ignored"))
-
-        await until(logged, 30)
-        assert p.proc.returncode is None
+        await p.logged("runtime.sighup_ignored")
         p.signal(signal.SIGTERM)
         assert await p.exited() == 0
+
+
+async def test_cloud_serve_reloads_on_sighup_and_drains_on_sigterm(tmp_path: Path) -> None:
+    env = {"EDGEKEEPER_CLOUD_DATA_DIR": str(tmp_path / "cloud")}
+    async with edgekeeper("cloud", "serve", "--port", "0", env=env) as p:
+        url = str((await p.logged("ingest.listening"))["url"])
+        async with aiohttp.ClientSession() as session, session.get(f"{url}/healthz") as resp:
+            assert resp.status == 200
+        p.signal(signal.SIGHUP)  # re-read the device registry now
+        await p.logged("runtime.reloaded")
+        p.signal(signal.SIGTERM)
+        assert await p.exited() == 0, "\n".join(p.lines)
+    assert p.events("ingest.draining") and not any("Traceback" in line for line in p.lines)
 
 
 # --- in one process: the sleep, the backoff, the error tree ----------------------------------

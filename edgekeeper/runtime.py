@@ -55,13 +55,16 @@ async def sleep(stop: asyncio.Event, seconds: float, wake: asyncio.Event | None 
             async with compat.timeout(limit):
                 await stop.wait()
         return stop.is_set()
-    waiters = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(wake.wait())]
-    try:
-        await asyncio.wait(waiters, timeout=limit, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for w in waiters:
-            w.cancel()
-        await asyncio.gather(*waiters, return_exceptions=True)
+    with contextlib.suppress(TimeoutError):
+        async with compat.timeout(limit), compat.TaskGroup() as tg:
+            waiters = [tg.create_task(stop.wait()), tg.create_task(wake.wait())]
+
+            def first_done(_: asyncio.Task[Any]) -> None:  # the first one set ends the other
+                for w in waiters:
+                    w.cancel()
+
+            for w in waiters:
+                w.add_done_callback(first_done)
     return stop.is_set()
 
 

@@ -23,7 +23,7 @@ import math
 import os
 import signal
 import sys
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -136,7 +136,7 @@ async def _watchdog(state: _Signals, service: asyncio.Task[Any], name: str,
     """From the first stop signal on, give the service ``drain_s`` to finish (a second SIGINT
     cuts that short), then log what is still running and cancel it."""
     await state.stop.wait()
-    log.info("runtime.draining", service=name, signal=state.first, deadline_s=drain_s)
+    log.info("runtime.draining", service=name, signal=state.first or None, deadline_s=drain_s)
     forced = True
     try:
         async with compat.timeout(drain_s):
@@ -151,7 +151,8 @@ async def _watchdog(state: _Signals, service: asyncio.Task[Any], name: str,
     else:
         log.error("runtime.drain_timeout", service=name, deadline_s=drain_s, in_flight=busy)
         outcome.append(DrainTimeout(
-            f"{name} was still draining {drain_s:g} s after {state.first}; in flight: "
+            f"{name} was still draining {drain_s:g} s after {state.first or 'the stop'}; "
+            "in flight: "
             + "; ".join(busy)[:2000],
             fix="see the runtime.drain_timeout log line for what hung; a longer "
                 "--drain-seconds gives a slow drain more time",
@@ -182,7 +183,7 @@ async def _reloader(state: _Signals, name: str,
             log.info("runtime.reloaded", service=name)
 
 
-async def serve(main: Callable[[asyncio.Event], Awaitable[T]], *, name: str,
+async def serve(main: Callable[[asyncio.Event], Coroutine[Any, Any, T]], *, name: str,
                 drain_seconds: float | None = None,
                 reload: Callable[[], Awaitable[None]] | None = None) -> T:
     """``main(stop)`` under the runtime, in a running loop (``run`` is the synchronous entry)."""
@@ -192,7 +193,7 @@ async def serve(main: Callable[[asyncio.Event], Awaitable[T]], *, name: str,
     with capture_signals(state):
         try:
             async with compat.TaskGroup() as tg:
-                service = tg.create_task(main(state.stop), name=name)
+                service: asyncio.Task[T] = tg.create_task(main(state.stop), name=name)
                 helpers = [
                     tg.create_task(_watchdog(state, service, name, drain_s, outcome),
                                    name="runtime-watchdog"),
@@ -216,7 +217,7 @@ async def serve(main: Callable[[asyncio.Event], Awaitable[T]], *, name: str,
     return service.result()
 
 
-def run(main: Callable[[asyncio.Event], Awaitable[T]], *, name: str,
+def run(main: Callable[[asyncio.Event], Coroutine[Any, Any, T]], *, name: str,
         drain_seconds: float | None = None,
         reload: Callable[[], Awaitable[None]] | None = None) -> T:
     """Run ``main(stop)`` in a new event loop until it returns; see the module docstring."""

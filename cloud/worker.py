@@ -184,6 +184,9 @@ class Worker:
         self.stats = WorkerStats()
         # A spent global budget (wait policy) pauses leasing until this clock() time.
         self._paused_until = 0.0
+        # Set by the first FatalError (a refused key): leasing stops, the events in hand
+        # finish, then run() raises it.
+        self._fatal: FatalError | None = None
 
     # --- the lease loop ---------------------------------------------------------------------
     async def run(self, *, burst: bool = False, stop: asyncio.Event | None = None) -> WorkerStats:
@@ -193,7 +196,7 @@ class Worker:
         async with compat.TaskGroup() as tg:
             if self.results_retention_s > 0:
                 tg.create_task(self._prune_results_hourly(leasing_done), name="worker-prune")
-            while not stop.is_set():
+            while not stop.is_set() and self._fatal is None:
                 if self.circuit.is_open or self._paused_until > self.clock():
                     if burst:
                         break  # leave the rest queued: nothing more can be done now
@@ -204,7 +207,7 @@ class Worker:
                 while free < self.concurrency and not slots.locked():
                     await slots.acquire()
                     free += 1
-                if stop.is_set():  # a drain began while we waited for slots: lease no more
+                if stop.is_set() or self._fatal is not None:  # draining: lease no more
                     for _ in range(free):
                         slots.release()
                     break
@@ -227,6 +230,12 @@ class Worker:
                         slots.release()
                     await runtime.sleep(stop, delay)
                     continue
+                if self._fatal is not None:  # it came while we leased: hand them back untouched
+                    for lease in leases:
+                        await self._put_back(lease, self._fatal.message, 0.0)
+                    for _ in range(free):
+                        slots.release()
+                    break
                 for _ in range(free - len(leases)):
                     slots.release()
                 for lease in leases:
@@ -245,6 +254,8 @@ class Worker:
                     continue
                 await runtime.sleep(stop, self.poll_s)
             leasing_done.set()  # upkeep ends with the lease loop; the group awaits it
+        if self._fatal is not None:
+            raise self._fatal
         return self.stats
 
     async def _hold(self, stop: asyncio.Event) -> None:
@@ -264,8 +275,9 @@ class Worker:
             log.warning("worker.provider_still_down", reason=err.message,
                         next_probe_s=round(wait, 1))
             return
-        except FatalError:
-            raise  # the key or the model is refused: no probe will ever pass
+        except FatalError as err:  # the key or the model is refused: no probe will ever pass
+            self._fatal = self._fatal or err
+            return
         except Exception as err:  # an unexpected probe failure is still "not back yet"
             wait = self.circuit.probe_failed()
             log.warning("worker.probe_failed", error=repr(err), next_probe_s=round(wait, 1))
@@ -316,8 +328,10 @@ class Worker:
     async def _guarded(self, lease: Lease, slots: asyncio.Semaphore) -> None:
         try:
             await self.process(lease)
-        except FatalError:
-            raise  # the worker as a whole cannot go on (process() released the event)
+        except FatalError as err:
+            # The worker as a whole cannot go on (process() released the event): stop leasing,
+            # let the events in hand finish, then run() raises it.
+            self._fatal = self._fatal or err
         except Exception as err:  # never let one event take the worker down
             log.exception("worker.event_crashed", key=lease.event.key, error=str(err))
             await self._retry(lease, f"worker error: {err!r}")
@@ -411,6 +425,7 @@ class Worker:
         except ProviderRefused as err:
             # Not this event's fault and no retry will help: put it back untouched (no attempt
             # spent) and stop the worker with the fix.
+            self._fatal = self._fatal or err
             await self._record(err.usage, ev.device_id, ev.seq, reasoner.name)
             await self._put_back(lease, err.message, 0.0)
             raise

@@ -1,45 +1,18 @@
 """The worker: lease events from the queue, open them, ask the reasoner, store the result sealed
-for the device, ack. ``cloud.worker_concurrency`` events are in flight per process.
+for the device, ack. ``cloud.worker_concurrency`` events are in flight per process, each in its
+own task of ``Worker.run``'s TaskGroup, named after the event.
 
-Delivery rules:
+The result is stored before the ack and a stored result is never asked for twice (effectively
+once, with a heartbeat extending the lease while a call runs); an event that can never succeed
+is dead-lettered, its own transient failure is nacked with the backoff's delay for its attempt,
+and waits that are not its fault (provider down: the circuit opens; a budget spent) release it
+without spending an attempt. A provider that refuses the worker itself (``ProviderRefused``: the
+key, the model) stops it: leasing ends, the events in hand finish, ``run`` raises it. A lease
+that fails with a RetryableError (the queue backend away) is tried again after the backoff.
+docs/reasoning.md tells these rules in full; docs/runtime.md the stopping and the errors.
 
-* At-least-once: the result is stored *before* the ack, and ``put_result`` is idempotent on
-  (device_id, seq), so a worker killed between the two produces no second result.
-* Effectively-once: before calling a reasoner the worker asks the store whether a result for
-  (device_id, seq) exists; a redelivered event that has one is just acked, with no second
-  provider call. While a reasoner call runs, a heartbeat extends the lease every
-  ``visibility_s / 3``, so a call slower than the visibility does not let a second worker
-  lease the event and pay the provider again. If an extension finds the lease lost anyway (this
-  process stalled past the deadline and another worker took the event over), the call is
-  cancelled and nothing is stored or acked: the new holder answers the event.
-* An event that can never succeed (device unknown or revoked since, envelope fails to open or
-  its payload hash does not match, a reasoner's PermanentError) goes to the dead-letter list at
-  once; its own transient failure (``ReasonerUnavailable``: a malformed answer, any other
-  exception) is nacked with the backoff's delay for its attempt and dead-lettered after
-  ``cloud.queue_max_attempts`` deliveries.
-* A provider that refuses the worker itself (``ProviderRefused``: a rejected API key, an
-  unknown model) stops the worker: the event is released untouched and the command exits
-  non-zero with the fix. Retrying would only fail forever.
-* Waits that are not the event's fault put it back with ``queue.release``, which charges no
-  attempt, so no number of them dead-letters it:
-
-  - Provider down (``ProviderUnavailable``): the event is released, due when the next probe
-    is, and the worker's circuit (edgekeeper/backoff.py) opens: no leasing until a probe
-    answers.
-  - Budgets (cloud/budget.py): checked before each call; over a limit, ``wait`` releases the
-    event until the next UTC day (a spent global budget also pauses leasing), ``cheaper`` asks
-    the cheaper reasoner. Usage of every call (even a failed one that was billed) is recorded.
-* Stand-ins never broaden authority: a result from the cheaper path, the fallback, or any
-  reasoner that says so is ``provisional``, names the reasoner that produced it, and its action
-  is capped at ``reasoner.provisional_max_action``.
-* ``Worker.run(burst=True)`` drains what is ready and returns (tests, cron); it also returns when
-  the provider is down or the global budget is spent, leaving the rest queued. Otherwise it
-  polls until ``stop`` is set (edgekeeper.runtime, on SIGTERM/SIGINT), then finishes the events
-  in hand. A lease that fails with a RetryableError (Redis, PostgreSQL, SQLite away) is tried
-  again after the backoff; anything else stops the worker.
-* Upkeep: results the devices acknowledged more than ``cloud.results_retention_seconds`` ago
-  are deleted when ``run`` starts and every hour while it runs (``_prune_results_hourly`` says
-  why the worker is the one to do it).
+``Worker.run(burst=True)`` drains what is ready and returns; otherwise it runs until ``stop``
+(edgekeeper.runtime sets it on SIGTERM/SIGINT), then finishes the events in hand.
 """
 
 from __future__ import annotations

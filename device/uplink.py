@@ -1,34 +1,17 @@
 """The uploader: drains the outbox to the cloud ingest, in order, surviving any outage.
 
-How one event travels (docs/protocol.md, ``POST /v1/events``):
+Each round leases the oldest rows (``uplink.batch``), seals each one now (fresh ``sent_at``, the
+payload hash stored at capture, so the cloud recognises a retry), POSTs it (idempotent on device
+id and seq) and acts on the answer's stable code (docs/protocol.md, Errors): delete after a
+202/200, keep and back off on anything transient (edgekeeper/backoff.py; Retry-After wins),
+correct the clock from the cloud's ``Date`` on ``stale``, dead-letter what can never be
+accepted, halt on a device the cloud refuses. A 2xx that is not the ingest's JSON (a captive
+portal) is a failure: deleting on it would lose the event. With ``uplink.edge_fallback`` a
+provisional result from the gate's own decision goes to the result actions for events stuck
+behind a dead link.
 
-1. lease the oldest rows of the outbox (``uplink.batch`` at a time);
-2. seal each one *now* (``seal_event``: fresh ``sent_at``, new nonce; the payload hash stored
-   at capture stays the same, so the cloud recognises a retry);
-3. POST it; idempotent on (device id, seq), so resending after a lost answer is always safe;
-4. act on the answer, decided by its stable error code:
-
-   ====================================== ==============================================
-   202 queued / 200 duplicate              delete from the outbox (never before)
-   429, 503, 5xx, network error, timeout   keep; back off (edgekeeper/backoff.py)
-   401 stale                               keep; take the cloud's clock from ``Date``, retry
-   401 auth_failed                         keep; back off (keys may be being fixed)
-   401 unknown_device / device_revoked,    keep; stop: nothing will be accepted until an
-   400 unsupported_version                 operator acts (run mode: check again at the cap)
-   400 malformed_envelope / invalid_body,  dead letter: kept on disk, counted, logged; the
-   409 seq_conflict, 413                   same bytes can never be accepted
-   anything else                           keep; back off (never lose an event on a surprise)
-   ====================================== ==============================================
-
-A 2xx whose body is not the ingest's JSON (a captive portal, a misrouted proxy) is treated as
-a failure: deleting on it would lose the event.
-
-While the cloud is unreachable the device keeps gating and capturing (the outbox only grows);
-with ``uplink.edge_fallback`` a provisional result built from the gate's own decision goes to
-the result actions once per event that has waited ``edge_fallback_after_seconds``.
-
-Lifecycle: ``async with Uplink(...) as up: await up.run(stop)`` (until ``stop`` is set: the round
-in hand finishes, then it returns) or ``await up.run_burst()`` (drain and return: ``edgekeeper
+Lifecycle: ``async with Uplink(...) as up: await up.run(stop)`` (until ``stop``: the round in
+hand finishes, then it returns) or ``await up.run_burst()`` (drain and return: ``edgekeeper
 device upload --burst``, tests). ``DeviceLink`` bundles outbox, uploader and results client.
 """
 

@@ -81,12 +81,6 @@ class AccessDenied(FatalError, PermissionError):
     """A file or directory we must write is not ours to write (permissions, read-only mount)."""
 
 
-class Interrupted(EdgekeeperError):
-    """A second Ctrl-C: the command left without draining."""
-
-    exit_code = 130
-
-
 class DrainTimeout(EdgekeeperError):
     """The command did not finish draining before its deadline (what was in flight is logged)."""
 

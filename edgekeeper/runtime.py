@@ -7,7 +7,8 @@ beside a watchdog, with the signal handlers installed here and nowhere else:
 * from then on the drain has ``drain_seconds`` (default DRAIN_SECONDS, shorter than systemd's
   TimeoutStopSec=30); past it the watchdog logs every task still in flight, cancels the service
   and the command exits non-zero (DrainTimeout);
-* a second SIGINT forces the exit now (Interrupted, 130), in under a second;
+* a second SIGINT forces the exit now: what was in flight is logged and the process leaves with
+  130, skipping every cleanup (as a SIGKILL would: what was durable stays durable);
 * SIGHUP calls ``reload`` where the command has one, else it is logged and ignored.
 
 Handlers only record the signal (as uvicorn's ``capture_signals`` does); the watchdog does the
@@ -25,10 +26,10 @@ import signal
 import sys
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 from edgekeeper import compat
-from edgekeeper.errors import DrainTimeout, EdgekeeperError, Interrupted, RetryableError
+from edgekeeper.errors import DrainTimeout, EdgekeeperError, RetryableError
 from edgekeeper.log import get_logger
 
 log = get_logger(__name__)
@@ -38,9 +39,10 @@ T = TypeVar("T")
 # systemd's TimeoutStopSec=30 (systemd/edgekeeper-device.service) kills after 30 s: the drain
 # must be over well before, so the log says what hung instead of a bare SIGKILL.
 DRAIN_SECONDS = 20.0
-# After a forced exit or a missed deadline the service is cancelled; if cancelling does not end
-# it within this (a thread stuck in a blocking call), the process leaves without it.
+# After a missed deadline the service is cancelled; if cancelling does not end it within this (a
+# thread stuck in a blocking call), the process leaves without it.
 CANCEL_GRACE_S = 0.5
+FORCED_EXIT_CODE = 130  # a second Ctrl-C, as a shell reports SIGINT
 
 
 async def sleep(stop: asyncio.Event, seconds: float, wake: asyncio.Event | None = None) -> bool:
@@ -146,25 +148,30 @@ async def _watchdog(state: _Signals, service: asyncio.Task[Any], name: str,
     busy = in_flight(asyncio.current_task(), service)
     busy.insert(0, f"{service.get_name()}: {_where(service)}")
     if forced:
+        # Leave now: cancelling, closing files and the interpreter's own teardown can take
+        # seconds on a busy board, and the user asked twice.
         log.warning("runtime.forced_exit", service=name, in_flight=busy)
-        outcome.append(Interrupted(f"{name}: second SIGINT, left without draining"))
-    else:
-        log.error("runtime.drain_timeout", service=name, deadline_s=drain_s, in_flight=busy)
-        outcome.append(DrainTimeout(
-            f"{name} was still draining {drain_s:g} s after {state.first or 'the stop'}; "
-            "in flight: "
-            + "; ".join(busy)[:2000],
-            fix="see the runtime.drain_timeout log line for what hung; a longer "
-                "--drain-seconds gives a slow drain more time",
-        ))
+        _leave(FORCED_EXIT_CODE)
+    log.error("runtime.drain_timeout", service=name, deadline_s=drain_s, in_flight=busy)
+    outcome.append(DrainTimeout(
+        f"{name} was still draining {drain_s:g} s after {state.first or 'the stop'}; "
+        "in flight: " + "; ".join(busy)[:2000],
+        fix="see the runtime.drain_timeout log line for what hung; a longer "
+            "--drain-seconds gives a slow drain more time",
+    ))
     service.cancel()
     await asyncio.sleep(CANCEL_GRACE_S)
     # Still here: cancelling did not end the service (a thread stuck in a blocking call keeps
     # the interpreter from exiting too). Leave without it; what is durable stays durable.
     log.error("runtime.exit_now", service=name, in_flight=in_flight(asyncio.current_task()))
+    _leave(outcome[-1].exit_code)
+
+
+def _leave(code: int) -> NoReturn:
+    """Exit the process at once (no cleanup, no waiting for threads), logs flushed first."""
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(outcome[-1].exit_code)
+    os._exit(code)
 
 
 async def _reloader(state: _Signals, name: str,
@@ -224,5 +231,5 @@ def run(main: Callable[[asyncio.Event], Coroutine[Any, Any, T]], *, name: str,
     return asyncio.run(serve(main, name=name, drain_seconds=drain_seconds, reload=reload))
 
 
-__all__ = ["CANCEL_GRACE_S", "DRAIN_SECONDS", "capture_signals", "in_flight", "run", "serve",
-           "sleep"]
+__all__ = ["CANCEL_GRACE_S", "DRAIN_SECONDS", "FORCED_EXIT_CODE", "capture_signals", "in_flight",
+           "run", "serve", "sleep"]

@@ -32,7 +32,7 @@ from edgekeeper.backoff import Backoff, Circuit
 from edgekeeper.cloud.backends import open_queue, open_store
 from edgekeeper.cloud.budget import Budget, Decision
 from edgekeeper.cloud.keys import CloudKeys
-from edgekeeper.cloud.queue.base import EventQueue, Lease
+from edgekeeper.cloud.queue.base import EventQueue, Lease, QueuedEvent
 from edgekeeper.cloud.reasoners.base import (
     ProviderRefused,
     ProviderUnavailable,
@@ -93,6 +93,11 @@ class WorkerStats:
     pruned: int = 0  # acknowledged results deleted after the retention
     probes: int = 0
     cost_usd: float = 0.0
+
+
+def _fields(event: QueuedEvent) -> dict[str, Any]:
+    """The log fields naming an event."""
+    return {"device_id": event.device_id, "seq": event.seq}
 
 
 def cap_action(action: str, limit: str) -> str:
@@ -306,7 +311,7 @@ class Worker:
             # let the events in hand finish, then run() raises it.
             self._fatal = self._fatal or err
         except Exception as err:  # never let one event take the worker down
-            log.exception("worker.event_crashed", key=lease.event.key, error=str(err))
+            log.exception("worker.event_crashed", **_fields(lease.event), error=str(err))
             await self._retry(lease, f"worker error: {err!r}")
         finally:
             slots.release()
@@ -319,7 +324,7 @@ class Worker:
             # second copy was leased): nothing to do but ack. No second provider call.
             await self.queue.ack(lease)
             self.stats.skipped += 1
-            log.info("worker.event_already_done", key=ev.key, attempts=lease.attempts)
+            log.info("worker.event_already_done", **_fields(ev), attempts=lease.attempts)
             return
         record = await self.store.get_device(ev.device_id)
         if record is None or record.revoked:
@@ -378,10 +383,10 @@ class Worker:
         await self.store.put_result(device_id=ev.device_id, seq=ev.seq, envelope=sealed,
                                     now=self.clock())
         if not await self.queue.ack(lease):
-            log.warning("worker.lease_lost", key=ev.key, attempts=lease.attempts, during="ack")
+            log.warning("worker.lease_lost", **_fields(ev), attempts=lease.attempts, during="ack")
         self.stats.done += 1
         self.stats.provisional += path != "primary"
-        log.debug("worker.event_done", key=ev.key, label=result.label, reasoner=result.reasoner)
+        log.debug("worker.event_done", **_fields(ev), label=result.label, reasoner=result.reasoner)
 
     async def _reason(
         self, lease: Lease, reasoner: Reasoner, body: EventBody, model_version: str
@@ -416,9 +421,9 @@ class Worker:
                     self._lease_lost(lease, self.fallback)
                     return None
                 except Exception as ferr:
-                    log.warning("worker.fallback_failed", key=ev.key, error=repr(ferr))
+                    log.warning("worker.fallback_failed", **_fields(ev), error=repr(ferr))
                 else:
-                    log.warning("worker.fallback_used", key=ev.key, waited_s=round(waited, 1))
+                    log.warning("worker.fallback_used", **_fields(ev), waited_s=round(waited, 1))
                     return self.fallback, verdict, True
             # Due again when the next probe is: if the provider is back by then, so is it.
             # The outage is not this event's fault, so it spends no attempt: released, not
@@ -429,7 +434,7 @@ class Worker:
             delay = wait + random.uniform(0.0, 1.0)  # spread the comeback over a second
             if await self._put_back(lease, reason, delay):
                 self.stats.deferred += 1
-                log.warning("worker.event_deferred", key=ev.key, reason=reason,
+                log.warning("worker.event_deferred", **_fields(ev), reason=reason,
                             delay_s=round(delay, 2))
             return None
         except ReasonerUnavailable as err:
@@ -473,7 +478,7 @@ class Worker:
                 # The backend did not answer (Redis restarting, a busy SQLite file): the lease
                 # may well still hold, and if it does expire the event is delivered again (at
                 # least once). Abandoning a call already paid for would only cost more.
-                log.warning("worker.lease_extend_failed", key=lease.event.key,
+                log.warning("worker.lease_extend_failed", **_fields(lease.event),
                             error=repr(err)[:300])
                 continue
             if not kept:
@@ -482,7 +487,7 @@ class Worker:
 
     def _lease_lost(self, lease: Lease, reasoner: Reasoner) -> None:
         self.stats.lost += 1
-        log.warning("worker.lease_lost", key=lease.event.key, attempts=lease.attempts,
+        log.warning("worker.lease_lost", **_fields(lease.event), attempts=lease.attempts,
                     reasoner=reasoner.name, during="reasoning",
                     outcome="call cancelled; no result stored, not acked (the new holder "
                             "answers it)")
@@ -503,7 +508,7 @@ class Worker:
         # event that waits longer than queue_max_attempts days is still never dead-lettered.
         if await self._put_back(lease, decision.reason, delay):
             self.stats.waiting += 1
-            log.warning("worker.event_waits_for_budget", key=lease.event.key,
+            log.warning("worker.event_waits_for_budget", **_fields(lease.event),
                         reason=decision.reason, delay_s=round(delay))
 
     async def _put_back(self, lease: Lease, reason: str, delay: float) -> bool:
@@ -511,7 +516,7 @@ class Worker:
         the lease was lost meanwhile (whoever holds it now decides)."""
         if await self.queue.release(lease, delay_s=delay):
             return True
-        log.warning("worker.lease_lost", key=lease.event.key, attempts=lease.attempts,
+        log.warning("worker.lease_lost", **_fields(lease.event), attempts=lease.attempts,
                     during="release", reason=reason)
         return False
 
@@ -520,17 +525,17 @@ class Worker:
             delay = self.retry_backoff.delay_for(lease.attempts)
         if await self.queue.nack(lease, reason=reason, delay_s=delay):
             self.stats.retried += 1
-            log.warning("worker.event_retry", key=lease.event.key, reason=reason,
+            log.warning("worker.event_retry", **_fields(lease.event), reason=reason,
                         delay_s=round(delay, 2))
         else:
             self.stats.dead += 1
-            log.error("worker.event_dead", key=lease.event.key, reason=reason,
+            log.error("worker.event_dead", **_fields(lease.event), reason=reason,
                       attempts=lease.attempts)
 
     async def _dead(self, lease: Lease, reason: str) -> None:
         await self.queue.dead_letter(lease, reason=reason)
         self.stats.dead += 1
-        log.error("worker.event_dead", key=lease.event.key, reason=reason)
+        log.error("worker.event_dead", **_fields(lease.event), reason=reason)
 
 
 async def _outcome(call: Coroutine[Any, Any, T]) -> tuple[T | None, Exception | None]:

@@ -247,7 +247,7 @@ async def test_a_lease_lost_during_the_call_cancels_it_and_stores_nothing(env: E
     s: WorkerStats = worker.stats
     assert (s.done, s.retried, s.dead, s.lost) == (0, 0, 0, 1)
     (lost,) = [e for e in logs if e["event"] == "worker.lease_lost"]
-    assert lost["key"] == f"{DEVICE}:1" and lost["during"] == "reasoning"
+    assert (lost["device_id"], lost["seq"], lost["during"]) == (DEVICE, 1, "reasoning")
 
 
 # --- waits that are not the event's fault spend no attempt -----------------------------------

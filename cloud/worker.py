@@ -456,8 +456,9 @@ class Worker:
         are (not wrapped in an ExceptionGroup), so _reason handles them as before.
         """
         async with compat.TaskGroup() as tg:
-            answer = tg.create_task(_outcome(call))
-            heartbeat = tg.create_task(self._heartbeat(lease, answer))
+            answer = tg.create_task(_outcome(call), name=f"reason {lease.event.key}")
+            heartbeat = tg.create_task(self._heartbeat(lease, answer),
+                                       name=f"heartbeat {lease.event.key}")
             answer.add_done_callback(lambda _: heartbeat.cancel())
         if not heartbeat.cancelled() and heartbeat.result():
             raise _LeaseLost

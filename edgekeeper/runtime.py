@@ -119,22 +119,33 @@ def in_flight(*exclude: asyncio.Task[Any] | None) -> list[str]:
 
 
 def _where(task: asyncio.Task[Any]) -> str:
-    """The chain of coroutines ``task`` is suspended in, innermost last."""
-    names: list[str] = []
-    last = ""
+    """The chain of our coroutines ``task`` is suspended in, innermost last, and the line it
+    waits on (library frames, asyncio's or aiohttp's, are left out when ours are there)."""
+    chain: list[tuple[str, str, int]] = []
     coro: Any = task.get_coro()
     for _ in range(50):  # bounded: a chain is never this deep
         frame = getattr(coro, "cr_frame", None) or getattr(coro, "ag_frame", None)
         if frame is None:
             break
-        names.append(frame.f_code.co_name)
-        last = f"{os.path.basename(frame.f_code.co_filename)}:{frame.f_lineno}"
+        chain.append((frame.f_code.co_name, frame.f_code.co_filename, frame.f_lineno))
         coro = getattr(coro, "cr_await", None)
-    return " > ".join(names[-4:]) + (f" ({last})" if last else "")
+    ours = [c for c in chain if not _library(c[1])] or chain
+    if not ours:
+        return "(not started)"
+    _, path, line = ours[-1]
+    return " > ".join(c[0] for c in ours[-4:]) + f" ({os.path.basename(path)}:{line})"
+
+
+def _library(path: str) -> bool:
+    return path.startswith(_STDLIB) or "site-packages" in path or "dist-packages" in path
+
+
+_STDLIB = os.path.dirname(os.__file__)
 
 
 async def _watchdog(state: _Signals, service: asyncio.Task[Any], name: str,
-                    drain_s: float, outcome: list[EdgekeeperError]) -> None:
+                    drain_s: float, outcome: list[EdgekeeperError],
+                    ours: list[asyncio.Task[Any] | None]) -> None:
     """From the first stop signal on, give the service ``drain_s`` to finish (a second SIGINT
     cuts that short), then log what is still running and cancel it."""
     await state.stop.wait()
@@ -145,8 +156,8 @@ async def _watchdog(state: _Signals, service: asyncio.Task[Any], name: str,
             await state.force.wait()
     except TimeoutError:
         forced = False
-    busy = in_flight(asyncio.current_task(), service)
-    busy.insert(0, f"{service.get_name()}: {_where(service)}")
+    busy = [f"{service.get_name()}: {_where(service)}",
+            *in_flight(service, *ours)]
     if forced:
         # Leave now: cancelling, closing files and the interpreter's own teardown can take
         # seconds on a busy board, and the user asked twice.
@@ -163,7 +174,7 @@ async def _watchdog(state: _Signals, service: asyncio.Task[Any], name: str,
     await asyncio.sleep(CANCEL_GRACE_S)
     # Still here: cancelling did not end the service (a thread stuck in a blocking call keeps
     # the interpreter from exiting too). Leave without it; what is durable stays durable.
-    log.error("runtime.exit_now", service=name, in_flight=in_flight(asyncio.current_task()))
+    log.error("runtime.exit_now", service=name, in_flight=in_flight(*ours))
     _leave(outcome[-1].exit_code)
 
 
@@ -201,11 +212,14 @@ async def serve(main: Callable[[asyncio.Event], Coroutine[Any, Any, T]], *, name
         try:
             async with compat.TaskGroup() as tg:
                 service: asyncio.Task[T] = tg.create_task(main(state.stop), name=name)
+                # The runtime's own tasks, never "in flight" in a report.
+                ours: list[asyncio.Task[Any] | None] = [asyncio.current_task()]
                 helpers = [
-                    tg.create_task(_watchdog(state, service, name, drain_s, outcome),
+                    tg.create_task(_watchdog(state, service, name, drain_s, outcome, ours),
                                    name="runtime-watchdog"),
                     tg.create_task(_reloader(state, name, reload), name="runtime-reloader"),
                 ]
+                ours.extend(helpers)
 
                 def done(_: asyncio.Task[Any]) -> None:
                     for h in helpers:

@@ -30,6 +30,7 @@ from edgekeeper.cloud.queue.base import QueuedEvent
 from edgekeeper.errors import (
     AccessDenied,
     DiskFull,
+    DrainTimeout,
     FatalError,
     RetryableError,
     TimedOut,
@@ -196,8 +197,10 @@ async def test_a_hung_drain_exits_non_zero_at_its_deadline_saying_what_was_in_fl
     assert code == 1, "\n".join(p.lines)
     (timeout,) = p.events("runtime.drain_timeout")
     busy = "\n".join(map(str, timeout["in_flight"]))  # type: ignore[call-overload]
-    # Which events, and where they waited: the provider call.
-    assert "event pi-porch:1" in busy and "event pi-porch:2" in busy and "reason" in busy
+    # Which events, and what each was doing: waiting on the provider's answer.
+    for seq in (1, 2):
+        assert f"event pi-porch:{seq}: _guarded > process > _reason > _call_leased" in busy
+        assert f"reason pi-porch:{seq}: _outcome > reason > _create (anthropic.py:" in busy
     assert any("edgekeeper: error:" in line and "still draining" in line for line in p.lines)
     # Cut short, not lost: both events are still queued (leased until the lease expires).
     stored, ready, leased, dead = await backlog(data)
@@ -318,3 +321,18 @@ async def test_errors_are_classified_where_they_enter() -> None:
     slow = classify(TimeoutError())
     assert isinstance(slow, TimedOut) and isinstance(slow, TimeoutError)
     assert classify(ValueError("a bug")) is None  # not ours to judge: surfaces as it is
+
+
+async def test_a_drain_past_its_deadline_names_the_task_and_where_it_waits() -> None:
+    async def stuck_upload() -> None:
+        await asyncio.Event().wait()  # an upload whose answer never comes
+
+    async def main(stop: asyncio.Event) -> None:
+        async with compat.TaskGroup() as tg:
+            tg.create_task(stuck_upload(), name="upload seq 7")
+            stop.set()  # the service asks to stop itself (`run --seconds`); it cannot drain
+
+    with pytest.raises(DrainTimeout) as err:
+        await runtime.serve(main, name="t", drain_seconds=0.2)
+    assert "upload seq 7: stuck_upload (test_runtime.py:" in err.value.message
+    assert "--drain-seconds" in (err.value.fix or "")

@@ -135,13 +135,18 @@ def _token(args: argparse.Namespace, config: Config) -> int:
     until = dt.datetime.fromtimestamp(time.time() + ttl, dt.timezone.utc)
     until = until.isoformat(timespec="seconds")
     print(token)
-    print(f"valid once, until {until}: edgekeeper device enroll --cloud URL --token TOKEN",
+    print(f"valid once, until {until}: edgekeeper device enroll --cloud URL --token=TOKEN",
           file=sys.stderr)
     return 0
 
 
 def _revoke(args: argparse.Namespace, config: Config) -> int:
     from edgekeeper.cloud.enroll import revoke
+    from edgekeeper.protocol.device_id import device_id_problem
+
+    problem = device_id_problem(args.device, "DEVICE")
+    if problem:
+        raise InputError(problem, fix="see 'edgekeeper cloud devices' for the ids")
 
     async def do(store: Any) -> tuple[bool, Any]:
         changed = await revoke(store, args.device, now=time.time())

@@ -21,11 +21,19 @@ from typing import Any, TypeVar
 
 from edgekeeper.config import Config
 from edgekeeper.errors import InputError
+from edgekeeper.protocol.device_id import device_id_problem
 
 T = TypeVar("T")
 
-# A queue key is "<device id>:<seq>" (device ids are letters, digits, '-', '_', '.').
-KEY_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}:\d{1,19}$")
+# A queue key is "<device id>:<seq>"; the device id follows the protocol's rule.
+SEQ_RE = re.compile(r"[0-9]{1,19}")
+
+
+def _key_problem(key: str) -> str | None:
+    device_id, sep, seq = key.rpartition(":")
+    if not sep or not SEQ_RE.fullmatch(seq):
+        return f"KEY {key!r} is not a queue key: expected DEVICE:SEQ"
+    return device_id_problem(device_id, f"the device id in KEY {key!r}")
 
 
 def register(csub: Any) -> None:
@@ -92,9 +100,9 @@ def _requeue(args: argparse.Namespace, config: Config) -> int:
     if not args.all and not args.keys:
         raise InputError("no KEY given", fix="name keys from 'edgekeeper cloud dlq list', "
                                              "or pass --all")
-    bad = [k for k in args.keys if not KEY_RE.match(k)]
-    if bad:
-        raise InputError(f"not a queue key: {', '.join(map(repr, bad))}",
+    problems = [p for p in map(_key_problem, args.keys) if p]
+    if problems:
+        raise InputError("; ".join(problems),
                          fix="keys look like DEVICE:SEQ (e.g. pi-kitchen:1042), as "
                              "'edgekeeper cloud dlq list' shows them")
     keys = None if args.all else list(dict.fromkeys(args.keys))

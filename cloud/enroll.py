@@ -1,6 +1,8 @@
 """Enrollment: one-time tokens and the registry operations behind the CLI and ``POST /v1/enroll``.
 
-A token is 32 random bytes (URL-safe base64, so it pastes into a shell). The store keeps only
+A token is ``ekt_`` and 32 random bytes (URL-safe base64, so it pastes into a shell; the prefix
+keeps it from starting with '-', which a command line would read as an option, and names it in a
+paste or to a secret scanner). The store keeps only
 its SHA-256: a leaked database copy holds no usable token. A token expires after
 ``cloud.token_ttl_seconds`` and is consumed by the transaction that registers the device.
 """
@@ -13,11 +15,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from edgekeeper.cloud.store.base import EnrollOutcome, Store
+from edgekeeper.protocol.device_id import device_id_problem
 from edgekeeper.protocol.errors import InvalidRequest
 from edgekeeper.protocol.keys import KEY_BYTES, b64d
-from edgekeeper.protocol.messages import valid_device_id
 
 TOKEN_BYTES = 32
+TOKEN_PREFIX = "ekt_"
 MAX_TOKEN_CHARS = 128
 
 
@@ -27,7 +30,9 @@ def token_hash(token: str) -> bytes:
 
 async def issue_token(store: Store, *, ttl_s: float, now: float) -> str:
     """Create a one-time enrollment token valid for ``ttl_s`` seconds; return it (shown once)."""
-    token = secrets.token_urlsafe(TOKEN_BYTES)
+    # token_urlsafe alone starts one token in 64 with '-' (`--token -x...` then fails); the
+    # prefix adds no bits and takes none: the 32 random bytes after it are whole.
+    token = TOKEN_PREFIX + secrets.token_urlsafe(TOKEN_BYTES)
     await store.add_token(token_hash=token_hash(token), created_at=now, expires_at=now + ttl_s)
     return token
 
@@ -59,10 +64,9 @@ class EnrollRequest:
         ):
             raise InvalidRequest("'token' must be the string printed by 'edgekeeper cloud token'")
         device_id = data.get("device_id")
-        if not valid_device_id(device_id):
-            raise InvalidRequest(
-                f"'device_id' = {device_id!r} must be 1-64 letters, digits, '-', '_', '.'"
-            )
+        problem = device_id_problem(device_id, "'device_id'")
+        if problem:
+            raise InvalidRequest(problem, fix="set device.id on the device (docs/configuration.md)")
         keys: dict[str, bytes] = {}
         for name in ("sign_pk", "box_pk"):
             value = data.get(name)

@@ -103,6 +103,12 @@ def error_response(
 
 # --- registry cache -----------------------------------------------------------------------
 
+# How long an unknown device id is remembered as unknown, and how many are. Short: a reload
+# (registry_refresh_seconds) already forgets them when any device enrolls elsewhere; the TTL
+# only bounds how stale a miss can be if the refresh itself is failing.
+NEGATIVE_TTL_S = 5.0
+NEGATIVE_MAX = 10_000
+
 
 class Registry:
     """The device registry, cached in memory so an upload costs no database read.
@@ -112,10 +118,17 @@ class Registry:
     most every ``cloud.registry_refresh_seconds``: a revocation takes effect within that. Changes
     made through this process apply at once. A device missing from the cache is looked up in the
     store before it is called unknown (it may have enrolled through another ingest a moment ago).
+
+    That miss is remembered (negative_ttl_s, at most negative_max ids, the oldest let go first)
+    and requests for the same id share one read: a flood of uploads under an unknown id costs
+    one store read, not one per upload holding a max_inflight slot. Any reload (an enrollment
+    elsewhere bumps the registry version) and an enrollment here forget the misses.
     """
 
-    def __init__(self, store: Store, refresh_s: float,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, store: Store, refresh_s: float, *,
+                 clock: Callable[[], float] = time.monotonic,
+                 negative_ttl_s: float = NEGATIVE_TTL_S,
+                 negative_max: int = NEGATIVE_MAX) -> None:
         self._store = store
         self._refresh_s = refresh_s
         self._clock = clock
@@ -123,11 +136,17 @@ class Registry:
         self._version = -1
         self._next_check = 0.0
         self._lock = asyncio.Lock()
+        self._negative_ttl_s = negative_ttl_s
+        self._negative_max = negative_max
+        self._absent: dict[str, float] = {}  # unknown id -> when to ask the store again
+        self._reads: dict[str, asyncio.Future[DevicePublicKeys | None]] = {}  # in flight
+        self.store_reads = 0  # get_device calls made for ids not in the cache
 
     async def load(self) -> None:
         version = await self._store.registry_version()  # before the list: never miss a change
         devices = await self._store.list_devices()
         self._devices = {d.device_id: d.public() for d in devices}
+        self._absent.clear()
         self._version = version
         self._next_check = self._clock() + self._refresh_s
 
@@ -155,14 +174,51 @@ class Registry:
         found = self._devices.get(device_id)
         if found is not None:
             return found
+        retry_at = self._absent.get(device_id)
+        if retry_at is not None:
+            if self._clock() < retry_at:
+                return None
+            del self._absent[device_id]
+        while (pending := self._reads.get(device_id)) is not None:
+            try:
+                # shielded: one waiter going away (client gone) must not cancel the read
+                return await asyncio.shield(pending)
+            except asyncio.CancelledError:
+                if not pending.cancelled():
+                    raise  # this request was cancelled, not the read
+                # the request that was reading went away: read in this one instead
+        # This request reads for everyone asking meanwhile: no task of its own outlives it.
+        shared: asyncio.Future[DevicePublicKeys | None] = (
+            asyncio.get_running_loop().create_future())
+        self._reads[device_id] = shared
+        try:
+            found = await self._read(device_id)
+        except BaseException as err:
+            if isinstance(err, Exception):
+                shared.set_exception(err)
+                shared.exception()  # retrieved: no "never retrieved" warning when none waits
+            else:
+                shared.cancel()
+            raise
+        finally:
+            self._reads.pop(device_id, None)
+        shared.set_result(found)
+        return found
+
+    async def _read(self, device_id: str) -> DevicePublicKeys | None:
+        self.store_reads += 1
         record = await self._store.get_device(device_id)
         if record is None:
+            while len(self._absent) >= self._negative_max:
+                self._absent.pop(next(iter(self._absent)))  # the oldest miss
+            self._absent[device_id] = self._clock() + self._negative_ttl_s
             return None
         self._devices[device_id] = record.public()
         return self._devices[device_id]
 
     def update(self, record: DeviceRecord) -> None:
         self._devices[record.device_id] = record.public()
+        self._absent.pop(record.device_id, None)
 
 
 # --- rate limit ---------------------------------------------------------------------------
@@ -271,6 +327,8 @@ class IngestState:
     limiter: TokenBuckets
     watch: ResultsWatch
     inflight: int = 0
+    # Open results long-polls per device: their deadlines (loop time), for the per-device cap.
+    polls: dict[str, list[float]] = field(default_factory=dict)
     counters: dict[str, int] = field(default_factory=dict)
     crypto_pool: ThreadPoolExecutor | None = None
 
@@ -474,13 +532,31 @@ async def get_results(request: web.Request) -> web.Response:
     wait_s = min(float(wait), st.section.results_max_wait_seconds)
     loop = asyncio.get_running_loop()
     deadline = loop.time() + wait_s
-    while True:
-        version = await st.store.results_version()
-        rows = await st.store.results_after(device.device_id, cursor, limit)
-        remaining = deadline - loop.time()
-        if rows or remaining <= 0:
-            break
-        await st.watch.wait_newer(version, remaining)
+    # A signed long-poll can be replayed inside the freshness window: cap how many sockets one
+    # device may hold open (its own client needs one; a reconnect may briefly overlap it).
+    polls = st.polls.setdefault(device.device_id, [])
+    cap = st.section.results_max_polls_per_device
+    if wait_s > 0 and len(polls) >= cap:
+        raise ServiceError(
+            f"device {device.device_id!r} already holds {len(polls)} results long-polls open"
+            f" (cloud.results_max_polls_per_device = {cap})",
+            code="rate_limited", status=429, retry_after=min(polls) - loop.time(),
+        )
+    if wait_s > 0:
+        polls.append(deadline)
+    try:
+        while True:
+            version = await st.store.results_version()
+            rows = await st.store.results_after(device.device_id, cursor, limit)
+            remaining = deadline - loop.time()
+            if rows or remaining <= 0:
+                break
+            await st.watch.wait_newer(version, remaining)
+    finally:
+        if wait_s > 0:
+            polls.remove(deadline)
+        if not polls:
+            st.polls.pop(device.device_id, None)
     return web.json_response(
         {
             "results": [{"id": r.id, "seq": r.seq, "envelope": b64e(r.envelope)} for r in rows],

@@ -14,7 +14,7 @@ from typing import Any
 
 from edgekeeper.config import Config
 from edgekeeper.errors import InputError
-from edgekeeper.protocol.messages import valid_device_id
+from edgekeeper.protocol.device_id import device_id_problem
 
 MAX_DAYS = 366
 
@@ -70,9 +70,9 @@ def _usage(args: argparse.Namespace, config: Config) -> int:
 
     if not 1 <= args.days <= MAX_DAYS:
         raise InputError(f"--days {args.days} is out of range", fix=f"use 1 to {MAX_DAYS}")
-    if args.device is not None and not valid_device_id(args.device) and args.device != "(probe)":
-        raise InputError(f"--device {args.device!r} is not a device id",
-                         fix="see 'edgekeeper cloud devices' for the ids")
+    problem = device_id_problem(args.device, "--device")
+    if args.device is not None and problem and args.device != "(probe)":
+        raise InputError(problem, fix="see 'edgekeeper cloud devices' for the ids")
 
     async def read() -> list[Any]:
         store = await open_store(config.cloud.store_backend, config.cloud_data_dir,

@@ -47,14 +47,24 @@ class VideoRing:
 
 
 class AudioRing:
-    """The last ``seconds`` of mono audio, addressed by absolute sample index."""
+    """The last ``seconds`` of mono audio, addressed by absolute sample index.
+
+    Its rate is the rate of what it is given: the model's, or a file's own when that is lower
+    (sources.AudioBlock.for_capture), so an event never carries upsampled audio. A source's
+    rate is known once it is open, after the ring is made: the first block sets it."""
 
     def __init__(self, rate: int, seconds: float) -> None:
+        self.seconds = seconds
+        self._reset(rate)
+
+    def _reset(self, rate: int) -> None:
         self.rate = rate
-        self._buf = np.zeros(max(1, int(seconds * rate)), np.float32)
+        self._buf = np.zeros(max(1, int(self.seconds * rate)), np.float32)
         self._end = 0  # absolute index one past the newest sample
 
-    def add(self, t: float, samples: np.ndarray) -> None:
+    def add(self, t: float, samples: np.ndarray, rate: int | None = None) -> None:
+        if rate and rate != self.rate:
+            self._reset(rate)  # the first block (a source keeps its rate for its whole life)
         start = round(t * self.rate)
         if start > self._end:  # a gap (dropped block): keep the timeline, fill with silence
             self._write(np.zeros(start - self._end, np.float32))
@@ -124,7 +134,6 @@ class Capture:
         interval = span / max(1, cfg.key_frames * 2) if cfg.key_frames else math.inf
         self.video = VideoRing(span + 1.0, max(interval, 0.05))
         self.audio = AudioRing(audio_rate, span + 4.0)
-        self.audio_rate = audio_rate
         self.pending: list[PendingEvent] = []
 
     def observe(self, t: float, scores: dict[str, float] | None) -> None:
@@ -195,7 +204,7 @@ class Capture:
             if ok:
                 jpegs.append(buf.tobytes())
         audio = snap["audio"]
-        audio_wav = encode_wav(audio, self.audio_rate) if audio is not None else None
+        audio_wav = encode_wav(audio, self.audio.rate) if audio is not None else None
         d = p.decision
         return Event(
             device_id=self.device_id,

@@ -90,7 +90,7 @@ def load_keys(state_dir: Path) -> DeviceKeys:
         raise ConfigError(
             f"the device has no keys in {d}",
             fix="run `edgekeeper device keys`, then "
-            "`edgekeeper device enroll --cloud URL --token T`",
+            "`edgekeeper device enroll --cloud URL --token=TOKEN`",
         )
     return DeviceKeys.load(d)
 
@@ -107,7 +107,7 @@ def load_enrollment(state_dir: Path, device_id: str | None = None) -> Enrollment
     if not path.exists():
         raise ConfigError(
             f"this device is not enrolled ({path} does not exist)",
-            fix="edgekeeper device enroll --cloud URL --token TOKEN (token from "
+            fix="edgekeeper device enroll --cloud URL --token=TOKEN (token from "
             "`edgekeeper cloud token` on the cloud)",
         )
     try:
@@ -124,7 +124,7 @@ def load_enrollment(state_dir: Path, device_id: str | None = None) -> Enrollment
     except (ValueError, KeyError, TypeError, UnicodeDecodeError) as err:
         raise ConfigError(
             f"enrollment file {path} is damaged: {err}",
-            fix="enroll again: edgekeeper device enroll --cloud URL --token TOKEN",
+            fix="enroll again: edgekeeper device enroll --cloud URL --token=TOKEN",
         ) from None
     if device_id is not None and enrollment.device_id != device_id:
         raise ConfigError(

@@ -1,7 +1,7 @@
 """``edgekeeper device ...``: the device's side of the secure link from the command line.
 
 * ``device keys``    - create the device's keys if it has none; print the public halves.
-* ``device enroll --cloud URL --token T`` - register the keys with the cloud, pin its keys.
+* ``device enroll --cloud URL --token=TOKEN`` - register the keys with the cloud, pin its keys.
 * ``device status``  - outbox depth, dead letters, oldest event age, last upload, drops.
 * ``device upload``  - run the uploader and the results client until SIGINT/SIGTERM (under
   edgekeeper.runtime); ``--burst`` drains the outbox once and exits (0 when empty, 1 when
@@ -19,8 +19,9 @@ import json
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from edgekeeper import runtime
 from edgekeeper.errors import ConfigError
@@ -39,9 +40,11 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = cmds.add_parser("enroll", help="register with a cloud using a one-time token")
     p.add_argument("--cloud", required=True, metavar="URL", help="the cloud ingest base URL")
     p.add_argument(
-        "--token", required=True, metavar="T",
-        help="token from `edgekeeper cloud token` ('-' reads it from stdin, off the process list)",
+        "--token", required=True, metavar="TOKEN",
+        help="token from `edgekeeper cloud token`, written --token=TOKEN ('-' reads it from "
+             "stdin, off the process list)",
     )
+    p.error = _token_hint(p.error)  # type: ignore[method-assign]
     p.add_argument("--timeout", type=float, default=30.0, metavar="S")
     p.set_defaults(handler=cmd_enroll)
 
@@ -56,6 +59,19 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         help="with --burst: stop after S seconds of consecutive failures (default: never)",
     )
     p.set_defaults(handler=cmd_upload)
+
+
+def _token_hint(error: Callable[[str], NoReturn]) -> Callable[[str], NoReturn]:
+    """argparse reads a value starting with '-' as an option: `--token -x...` ends in "expected
+    one argument". Say how to pass it (tokens issued before the 'ekt_' prefix may start so)."""
+
+    def error_with_hint(message: str) -> NoReturn:
+        if message.startswith("argument --token"):
+            message += ("; a token that starts with '-' must be joined to the option: "
+                        "--token=TOKEN")
+        error(message)
+
+    return error_with_hint
 
 
 def _help(parser: argparse.ArgumentParser) -> Any:

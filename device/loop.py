@@ -57,8 +57,9 @@ class StageResult:
     scores: dict[str, float] | None = None  # None: the model did not look (pre-gate)
     features: np.ndarray | None = None
     frame: Frame | None = None
-    samples: np.ndarray | None = None
+    samples: np.ndarray | None = None  # the audio events keep (AudioBlock.for_capture)
     samples_t: float = 0.0
+    samples_rate: int = 0
     reason: str | None = None
 
 
@@ -251,8 +252,9 @@ class Pipeline:
                 self.stats.audio_blocks += 1
                 completed = windows.push(block.samples)
                 block_end = block.t + len(block.samples) / a.sample_rate
+                clip_t, clip, clip_rate = block.for_capture(a.sample_rate)
                 result = StageResult(
-                    "audio", block_end, samples=block.samples, samples_t=block.t
+                    "audio", block_end, samples=clip, samples_t=clip_t, samples_rate=clip_rate
                 )
                 for i, (end_index, window) in enumerate(completed):
                     t = end_index / a.sample_rate
@@ -342,7 +344,7 @@ class Pipeline:
         if item.frame is not None:
             cap.video.add(item.frame.t, item.frame.image)
         if item.samples is not None:
-            cap.audio.add(item.samples_t, item.samples)
+            cap.audio.add(item.samples_t, item.samples, item.samples_rate)
         self.stats.media_seconds = max(self.stats.media_seconds, item.t)
         if item.scores is not None:
             cap.observe(item.t, item.scores)

@@ -1,39 +1,20 @@
 """The durable outbox: every captured event waits here until the cloud says it is durably queued.
 
-Why SQLite: one file, transactions, crash safety that has been tested on more power cuts than
-anything we could write. The file is opened in WAL mode with ``synchronous=FULL``: a commit has
-reached the disk (WAL fsynced) before ``put`` returns, so an event that was "captured" survives
-kill -9 and a power loss. ``synchronous=NORMAL`` would be faster but may lose the last commits
-on power loss in WAL mode, which breaks "no event lost".
+``Outbox`` is one SQLite file (edgekeeper/sqlite.py: WAL, ``synchronous=FULL``, so an event
+``put`` has returned for survives kill -9 and a power cut). The capture side takes a sequence
+number (``next_seq``) and commits the event (``put``); the uploader ``lease``s the oldest rows,
+``delete``s what the cloud queued and ``bury``s what it refused for good (a dead letter, shown
+by ``device status``). A lease held by a process that no longer exists is void at once.
 
-Life of a row:
+The store is bounded by a quota of event bytes: the configured ``quota_bytes``, lowered to what
+the disk had room for when the file was opened, a reserve kept so the uploader can always drain
+it (docs/storage.md, docs/configuration.md). When a new event does not fit, ``full_policy``
+decides (evict the lowest priority, evict the oldest, or reject the new event), and every loss
+is counted in ``dropped_total`` and logged. A full disk raises ``OutboxDiskFull`` (nothing was
+written; the connection stays usable); events it cost are counted by the next write that works.
 
-1. the device runtime calls ``next_seq()`` when it opens an event (the counter is committed
-   first, so a sequence number is never handed out twice, even across kill -9);
-2. ``put()`` commits the plaintext event body (the device's own disk; the envelope is sealed
-   at send time so a days-old event still gets a fresh ``sent_at``);
-3. the uploader ``lease()``s the oldest rows. A lease expires, and a lease held by a process
-   that no longer exists is void at once, so a killed uploader never strands its rows;
-4. after the cloud's 2xx (queued, or duplicate) the uploader ``delete()``s the row. After a
-   refusal that retrying cannot fix (e.g. ``seq_conflict``) it ``bury()``s the row: it stays on
-   disk as a dead letter, visible in ``device status``, never silently dropped.
-
-The store is bounded by a quota (bytes of event bodies). When a new event does not fit,
-``full_policy`` decides, and every eviction is counted (persisted) and logged:
-
-* ``evict_lowest_priority`` - dead letters first, then the lowest priority, oldest first. If the
-  new event is itself the lowest priority, it is the one dropped.
-* ``evict_oldest`` - dead letters first, then the oldest event whatever its priority.
-* ``reject_new`` - keep what is stored; ``put`` raises OutboxFull.
-
-A full *disk* (the quota not reached, but no space left for SQLite to grow into; or an I/O
-error, or the filesystem gone read-only) is another matter: nothing can be stored until it
-clears. Every write then raises OutboxDiskFull, the transaction is rolled back, the connection
-stays usable, and as soon as there is room again writes succeed. Events lost meanwhile are
-counted in memory and added to ``dropped_total`` by the first write that succeeds.
-
-All methods of ``Outbox`` block (SQLite); asyncio code uses ``AsyncOutbox``/``OutboxSink``,
-which run them in a worker thread so the event loop never waits on the disk.
+``Outbox`` methods block; asyncio code uses ``AsyncOutbox``/``OutboxSink``, which run them on
+the outbox's database thread.
 """
 
 from __future__ import annotations
@@ -42,21 +23,26 @@ import asyncio
 import contextlib
 import hashlib
 import os
+import shutil
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, ParamSpec, Protocol, TypeVar
 
 from edgekeeper.errors import ConfigError, PermanentError, RetryableError
 from edgekeeper.log import get_logger
+from edgekeeper.sqlite import Database, Pragmas, StorageUnwritable, transaction
 
 if TYPE_CHECKING:  # the protocol package is imported lazily: the outbox only stores bytes
     from edgekeeper.protocol.messages import EventBody
 
 log = get_logger(__name__)
+
+T = TypeVar("T")
+P = ParamSpec("P")
 
 FullPolicy = Literal["evict_lowest_priority", "evict_oldest", "reject_new"]
 FULL_POLICIES: tuple[FullPolicy, ...] = ("evict_lowest_priority", "evict_oldest", "reject_new")
@@ -97,31 +83,37 @@ _COUNTERS = ("dropped_total", "dropped_bytes", "delivered_total", "buried_total"
 
 
 class OutboxError(PermanentError):
-    """The outbox file cannot be used (corrupt, belongs to another device, unwritable)."""
+    """The outbox file cannot be used (it belongs to another device)."""
 
 
 class OutboxFull(RetryableError):
     """The quota is reached and the policy refuses the new event (or it alone exceeds it)."""
 
 
-class OutboxDiskFull(RetryableError):
-    """The outbox's filesystem takes no more writes (full, an I/O error, remounted read-only);
-    nothing was written. Retryable: it clears once there is room again."""
+# The outbox's filesystem takes no more writes (full, an I/O error, remounted read-only);
+# nothing was written. Retryable: it clears once there is room again. Raised by
+# edgekeeper/sqlite.py as DiskFull or DiskIOError; this name is what the uploader catches.
+OutboxDiskFull = StorageUnwritable
+
+# The file takes its events' bytes, SQLite's pages around them and the WAL: the quota is at
+# most half of the room the outbox found at open, after this reserve, which stays free for
+# draining (the -shm file, the WAL of lease and delete transactions, the results ledger).
+RESERVE_BYTES = 2 * 1024 * 1024
+# The WAL is checkpointed every 256 pages and cut back to 1 MiB, so it never takes more than
+# about that from the reserve (SQLite's default lets it grow to 4 MiB and keeps it there).
+_PRAGMAS = Pragmas(synchronous="FULL", busy_timeout_s=30.0, wal_autocheckpoint=256,
+                   journal_size_limit=1024 * 1024)
 
 
-# SQLite's primary result codes for "this write did not reach the disk": SQLITE_FULL (ENOSPC),
-# SQLITE_IOERR (EIO, and EFBIG from a file size limit), SQLITE_READONLY (a filesystem that
-# went read-only, as ext4 does on errors). sqlite_errorcode is 3.11+; the messages are SQLite's
-# own and have not changed since 3.0.
-_UNWRITABLE_CODES = {13, 10, 8}
-_UNWRITABLE_TEXT = ("database or disk is full", "disk I/O error", "readonly database")
-
-
-def is_disk_full(err: sqlite3.Error) -> bool:
-    code = getattr(err, "sqlite_errorcode", None)
-    if code is not None:
-        return code & 0xFF in _UNWRITABLE_CODES
-    return any(text in str(err) for text in _UNWRITABLE_TEXT)
+def bounded_quota(path: Path, configured: int) -> tuple[int, int]:
+    """(quota, free bytes): ``configured``, lowered to half of what the disk holding ``path``
+    has room for (its free space plus what the outbox files already take) less the reserve."""
+    free = shutil.disk_usage(path.parent).free
+    held = 0
+    for suffix in ("", "-wal"):
+        with contextlib.suppress(FileNotFoundError):
+            held += os.stat(f"{path}{suffix}").st_size
+    return min(configured, max(0, (free + held - RESERVE_BYTES) // 2)), free
 
 
 @dataclass(frozen=True)
@@ -196,7 +188,8 @@ def _pid_alive(pid: int) -> bool:
 
 
 class Outbox:
-    """The SQLite outbox of one device. Thread-safe; every method blocks on the disk."""
+    """The SQLite outbox of one device. Thread-safe; every method blocks on the disk (its work
+    runs on the outbox's database thread)."""
 
     def __init__(
         self,
@@ -216,67 +209,38 @@ class Outbox:
             raise ConfigError(f"outbox quota {quota_bytes} bytes must be > 0", fix="raise quota_mb")
         self.path = Path(path)
         self.device_id = device_id
-        self.quota_bytes = int(quota_bytes)
+        self.configured_quota_bytes = int(quota_bytes)
         self.full_policy: FullPolicy = full_policy
         self._clock = clock
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # guards _lost, which the event loop updates
         self._lost = [0, 0]  # events, bytes lost to a full disk, not yet in dropped_*
-        self._db = self._open()
+        self.db = Database.open_blocking(self.path, name="outbox", schema=_SCHEMA,
+                                         pragmas=_PRAGMAS,
+                                         setting="outbox.path (or device.state_dir)")
+        try:
+            self.quota_bytes = self._bound_quota()
+            self.db.call(self._claim)
+        except BaseException:
+            self.db.close_blocking()  # refused: do not leave the file open behind the error
+            raise
 
     # -- setup ---------------------------------------------------------------------------
 
-    def _open(self) -> sqlite3.Connection:
-        try:
-            # The outbox holds plaintext events (frames, audio): owner-only, like the keys.
-            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-            os.close(fd)
-        except OSError as err:
-            raise OutboxError(
-                f"outbox {self.path} cannot be created: {err.strerror}",
-                fix="set outbox.path (or device.state_dir) to a writable directory",
-            ) from None
-        # isolation_level=None: we issue BEGIN IMMEDIATE ourselves, so a writer takes the
-        # lock up front instead of failing on upgrade when another process also writes.
-        try:
-            db = sqlite3.connect(
-                self.path, isolation_level=None, check_same_thread=False, timeout=30.0
+    def _bound_quota(self) -> int:
+        quota, free = bounded_quota(self.path, self.configured_quota_bytes)
+        if quota < self.configured_quota_bytes:
+            log.warning(
+                "outbox.quota_bounded", quota_bytes=quota,
+                configured_bytes=self.configured_quota_bytes, free_bytes=free,
+                reserve_bytes=RESERVE_BYTES,
+                fix="free space on the filesystem holding the outbox, or lower outbox.quota_mb",
             )
-        except sqlite3.Error as err:
-            raise OutboxError(
-                f"outbox {self.path} cannot be opened: {err}",
-                fix="set outbox.path (or device.state_dir) to a writable directory",
-            ) from None
-        try:
-            self._prepare(db)
-        except BaseException:
-            db.close()  # refused: do not leave the file open behind the error
-            raise
-        return db
+        return max(quota, 1)  # 0 would refuse every event as "larger than the whole quota"
 
-    def _prepare(self, db: sqlite3.Connection) -> None:
-        try:
-            mode = db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-            if str(mode).lower() != "wal":
-                raise OutboxError(
-                    f"outbox {self.path}: SQLite refused WAL mode (got {mode})",
-                    fix="put the outbox on a local filesystem (not NFS/SMB)",
-                )
-            db.execute("PRAGMA synchronous=FULL")
-            db.execute("PRAGMA busy_timeout=30000")
-            db.executescript(_SCHEMA)
-        except sqlite3.DatabaseError as err:
-            if is_disk_full(err):  # not the file's fault: never advise moving it aside
-                raise OutboxError(
-                    f"outbox {self.path} cannot be opened: {err}",
-                    fix="free space on the filesystem holding it (df -h), or check that "
-                    "filesystem (dmesg); the events in the file are intact",
-                ) from None
-            raise OutboxError(
-                f"outbox {self.path} is not a usable SQLite database: {err}",
-                fix="move the file aside (events in it are lost) and restart",
-            ) from None
-        with self._tx(db):
+    def _claim(self, db: sqlite3.Connection) -> None:
+        """Mark a new file as this device's; refuse one that belongs to another device. Writes
+        nothing to a file already claimed (a full disk must not stop it from opening)."""
+        with transaction(db):
             row = db.execute("SELECT value FROM meta WHERE key='device_id'").fetchone()
             if row is None:
                 db.execute("INSERT INTO meta VALUES ('device_id', ?)", (self.device_id,))
@@ -291,35 +255,14 @@ class Outbox:
                     fix=f"set device.id = {row[0]!r}, or point outbox.path at another file",
                 )
 
-    @staticmethod
-    @contextlib.contextmanager
-    def _tx(db: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            yield db
-            db.execute("COMMIT")
-        except BaseException:
-            # Also after a failed COMMIT (disk full, I/O error): SQLite may or may not have
-            # rolled back already; if not, the connection would stay inside this transaction
-            # and refuse every later BEGIN.
-            with contextlib.suppress(sqlite3.Error):
-                db.execute("ROLLBACK")
-            raise
+    def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """``fn(conn)`` in one write transaction, on the database thread. A full disk raises
+        OutboxDiskFull (edgekeeper/sqlite.py classifies it) with everything rolled back."""
+        def tx(db: sqlite3.Connection) -> T:
+            with transaction(db):
+                return fn(db)
 
-    @contextlib.contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            try:
-                with self._tx(self._db) as db:
-                    yield db
-            except sqlite3.OperationalError as err:
-                if not is_disk_full(err):
-                    raise
-                raise OutboxDiskFull(
-                    f"the outbox {self.path} cannot be written: {err}",
-                    fix="free space on that filesystem (old logs, recordings), or check it "
-                    "(dmesg) if it is not full; capture and uploads resume by themselves",
-                ) from None
+        return self.db.call(tx)
 
     def note_lost(self, size: int) -> None:
         """Count an event that could not be stored (disk full); persisted with the next write
@@ -329,8 +272,7 @@ class Outbox:
             self._lost[1] += size
 
     def close(self) -> None:
-        with self._lock:
-            self._db.close()
+        self.db.close_blocking()
 
     def __enter__(self) -> Outbox:
         return self
@@ -342,14 +284,16 @@ class Outbox:
 
     def next_seq(self) -> int:
         """Hand out the next sequence number of this device; committed before it is returned."""
-        with self._write() as db:
+        def do(db: sqlite3.Connection) -> int:
             (seq,) = db.execute(
                 "INSERT INTO sequence (device_id, last_seq) VALUES (?, 1) "
                 "ON CONFLICT (device_id) DO UPDATE SET last_seq = last_seq + 1 "
                 "RETURNING last_seq",
                 (self.device_id,),
             ).fetchone()
-        return int(seq)
+            return int(seq)
+
+        return self._write(do)
 
     def put(self, body: bytes, seq: int, priority: int = 0, tag: str = "") -> PutResult:
         """Commit one event body. When this returns, the event survives a crash or power cut.
@@ -363,55 +307,25 @@ class Outbox:
             raise ValueError(f"seq must be a positive integer from next_seq(), got {seq!r}")
         body = bytes(body)
         size = len(body)
-        digest = hashlib.sha256(body).digest()
         if size > self.quota_bytes:
             self._count_refused(seq, priority, size, "larger than the whole quota")
             raise OutboxFull(
                 f"event seq={seq} is {size} bytes, more than the outbox quota "
                 f"({self.quota_bytes} bytes)",
-                fix="raise outbox.quota_mb, or send smaller events (event.thumbnails_only)",
+                fix="raise outbox.quota_mb, or send smaller events (event.thumbnails_only)"
+                if self.quota_bytes == self.configured_quota_bytes else
+                "free space on the disk holding the outbox (the quota is bounded by it), or "
+                "send smaller events (event.thumbnails_only)",
             )
-        evicted: list[Eviction] = []
-        stored = True
-        with self._write() as db:
-            existing = db.execute("SELECT body FROM events WHERE seq=?", (seq,)).fetchone()
-            if existing is not None:
-                if existing[0] == body:
-                    return PutResult(stored=True)  # a retried deliver(): already committed
-                raise ValueError(f"seq {seq} is already in the outbox with a different body")
-            (total,) = db.execute("SELECT COALESCE(SUM(size), 0) FROM events").fetchone()
-            now = self._clock()
-            while total + size > self.quota_bytes:
-                if self.full_policy == "reject_new":
-                    stored = False
-                    break
-                victim = self._pick_victim(db, now)
-                if victim is None:  # nothing left to evict (cannot happen: size <= quota)
-                    stored = False
-                    break
-                if (
-                    self.full_policy == "evict_lowest_priority"
-                    and victim.state == "pending"
-                    and victim.priority > priority
-                ):
-                    # The newcomer is the least important thing here: it is the one dropped.
-                    stored = False
-                    break
-                db.execute("DELETE FROM events WHERE seq=?", (victim.seq,))
-                total -= victim.size
-                evicted.append(victim)
-            if stored:
-                db.execute(
-                    "INSERT INTO events (seq, priority, created_at, size, body, digest, tag) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (seq, priority, now, size, body, digest, tag),
-                )
-            elif self.full_policy != "reject_new":
-                evicted.append(Eviction(seq=seq, priority=priority, size=size, state="new"))
+        digest = hashlib.sha256(body).digest()
+        with self._lock:
             lost_events, lost_bytes = self._lost
-            if evicted or lost_events:
-                self._bump(db, "dropped_total", len(evicted) + lost_events)
-                self._bump(db, "dropped_bytes", sum(e.size for e in evicted) + lost_bytes)
+        outcome = self._write(
+            lambda db: self._store(db, body, seq, priority, tag, digest, lost_events, lost_bytes)
+        )
+        if outcome is None:
+            return PutResult(stored=True)  # a retried deliver(): already committed
+        stored, evicted = outcome
         if lost_events:
             with self._lock:  # now on disk: no longer only in memory
                 self._lost[0] -= lost_events
@@ -436,6 +350,53 @@ class Outbox:
             )
         return PutResult(stored=stored, evicted=tuple(evicted))
 
+    def _store(
+        self, db: sqlite3.Connection, body: bytes, seq: int, priority: int, tag: str,
+        digest: bytes, lost_events: int, lost_bytes: int,
+    ) -> tuple[bool, list[Eviction]] | None:
+        """Inside put's transaction: make room by policy, insert. None: already stored."""
+        existing = db.execute("SELECT body FROM events WHERE seq=?", (seq,)).fetchone()
+        if existing is not None:
+            if existing[0] == body:
+                return None
+            raise ValueError(f"seq {seq} is already in the outbox with a different body")
+        size = len(body)
+        evicted: list[Eviction] = []
+        stored = True
+        (total,) = db.execute("SELECT COALESCE(SUM(size), 0) FROM events").fetchone()
+        now = self._clock()
+        while total + size > self.quota_bytes:
+            if self.full_policy == "reject_new":
+                stored = False
+                break
+            victim = self._pick_victim(db, now)
+            if victim is None:  # nothing left to evict (cannot happen: size <= quota)
+                stored = False
+                break
+            if (
+                self.full_policy == "evict_lowest_priority"
+                and victim.state == "pending"
+                and victim.priority > priority
+            ):
+                # The newcomer is the least important thing here: it is the one dropped.
+                stored = False
+                break
+            db.execute("DELETE FROM events WHERE seq=?", (victim.seq,))
+            total -= victim.size
+            evicted.append(victim)
+        if stored:
+            db.execute(
+                "INSERT INTO events (seq, priority, created_at, size, body, digest, tag) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (seq, priority, now, size, body, digest, tag),
+            )
+        elif self.full_policy != "reject_new":
+            evicted.append(Eviction(seq=seq, priority=priority, size=size, state="new"))
+        if evicted or lost_events:
+            self._bump(db, "dropped_total", len(evicted) + lost_events)
+            self._bump(db, "dropped_bytes", sum(e.size for e in evicted) + lost_bytes)
+        return stored, evicted
+
     def _pick_victim(self, db: sqlite3.Connection, now: float) -> Eviction | None:
         # Dead letters go first: they will never be delivered. Then by policy; among equals a
         # row being uploaded right now goes last (evicting it would waste the upload).
@@ -452,9 +413,11 @@ class Outbox:
         return Eviction(seq=row[0], priority=row[1], size=row[2], state=row[3])
 
     def _count_refused(self, seq: int, priority: int, size: int, why: str) -> None:
-        with self._write() as db:
+        def do(db: sqlite3.Connection) -> None:
             self._bump(db, "dropped_total", 1)
             self._bump(db, "dropped_bytes", size)
+
+        self._write(do)
         log.warning("outbox.refused", seq=seq, priority=priority, size=size, reason=why)
 
     @staticmethod
@@ -469,7 +432,8 @@ class Outbox:
     def lease(self, limit: int, lease_seconds: float) -> list[OutboxRow]:
         """Claim up to ``limit`` pending rows, oldest first, for ``lease_seconds``."""
         now = self._clock()
-        with self._write() as db:
+
+        def do(db: sqlite3.Connection) -> list[Any]:
             # A lease held by a process that died (kill -9) is void now, not when it expires.
             holders = [
                 pid
@@ -494,22 +458,23 @@ class Outbox:
                     "UPDATE events SET lease_until = ?, lease_pid = ? WHERE seq = ?",
                     [(now + lease_seconds, os.getpid(), r[0]) for r in rows],
                 )
-        return [_row(r) for r in rows]
+            return rows
+
+        return [_row(r) for r in self._write(do)]
 
     def release(self, seq: int, error: str | None = None, *, attempted: bool = True) -> None:
         """Give a leased row back so it is retried, in order. ``attempted=False``: it was
         leased but never sent (the round stopped at an earlier failure)."""
-        with self._write() as db:
-            if attempted:
-                db.execute(
-                    "UPDATE events SET lease_until = 0, lease_pid = 0, attempts = attempts + 1, "
-                    "last_error = ? WHERE seq = ?",
-                    (error, seq),
-                )
-            else:
-                db.execute(
-                    "UPDATE events SET lease_until = 0, lease_pid = 0 WHERE seq = ?", (seq,)
-                )
+        if attempted:
+            self._write(lambda db: db.execute(
+                "UPDATE events SET lease_until = 0, lease_pid = 0, attempts = attempts + 1, "
+                "last_error = ? WHERE seq = ?",
+                (error, seq),
+            ))
+        else:
+            self._write(lambda db: db.execute(
+                "UPDATE events SET lease_until = 0, lease_pid = 0 WHERE seq = ?", (seq,)
+            ))
 
     def delete(self, seq: int) -> bool:
         """Forget a row the cloud has durably queued. Only call after its 2xx."""
@@ -520,7 +485,8 @@ class Outbox:
         a delete lost to a crash only means one resend, which the cloud answers "duplicate")."""
         if not seqs:
             return 0
-        with self._write() as db:
+
+        def do(db: sqlite3.Connection) -> int:
             gone = 0
             for seq in seqs:
                 gone += db.execute("DELETE FROM events WHERE seq = ?", (seq,)).rowcount
@@ -531,62 +497,60 @@ class Outbox:
                     "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
                     (repr(self._clock()),),
                 )
-        return gone
+            return gone
+
+        return self._write(do)
 
     def bury(self, seq: int, reason: str) -> None:
         """Keep a row the cloud refused for good as a dead letter (visible, never retried)."""
-        with self._write() as db:
-            n = db.execute(
+        def do(db: sqlite3.Connection) -> int:
+            n = int(db.execute(
                 "UPDATE events SET state = 'dead', lease_until = 0, lease_pid = 0, "
                 "attempts = attempts + 1, last_error = ? WHERE seq = ? AND state = 'pending'",
                 (reason, seq),
-            ).rowcount
+            ).rowcount)
             if n:
                 self._bump(db, "buried_total", 1)
-        if n:
+            return n
+
+        if self._write(do):
             log.error("outbox.dead_letter", seq=seq, reason=reason)
 
     def fallback_candidates(self, created_before: float, limit: int) -> list[OutboxRow]:
         """Pending events older than ``created_before`` the edge fallback has not acted on."""
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT seq, priority, created_at, body, digest, tag, attempts, fallback "
-                "FROM events WHERE state = 'pending' AND fallback = 0 AND created_at <= ? "
-                "ORDER BY seq LIMIT ?",
-                (created_before, limit),
-            ).fetchall()
+        rows = self.db.call(lambda db: db.execute(
+            "SELECT seq, priority, created_at, body, digest, tag, attempts, fallback "
+            "FROM events WHERE state = 'pending' AND fallback = 0 AND created_at <= ? "
+            "ORDER BY seq LIMIT ?",
+            (created_before, limit),
+        ).fetchall())
         return [_row(r) for r in rows]
 
     def mark_fallback(self, seq: int) -> None:
         """Remember that the edge fallback already acted on this event (act once)."""
-        with self._write() as db:
-            db.execute("UPDATE events SET fallback = 1 WHERE seq = ?", (seq,))
+        self._write(lambda db: db.execute("UPDATE events SET fallback = 1 WHERE seq = ?", (seq,)))
 
     # -- inspection ----------------------------------------------------------------------
 
     def dead_letters(self) -> list[tuple[int, str | None]]:
-        with self._lock:
-            return [
-                (int(s), e)
-                for s, e in self._db.execute(
-                    "SELECT seq, last_error FROM events WHERE state = 'dead' ORDER BY seq"
-                )
-            ]
+        return self.db.call(lambda db: [
+            (int(s), e)
+            for s, e in db.execute(
+                "SELECT seq, last_error FROM events WHERE state = 'dead' ORDER BY seq"
+            )
+        ])
 
     def pending_seqs(self) -> list[int]:
-        with self._lock:
-            return [
-                int(s)
-                for (s,) in self._db.execute(
-                    "SELECT seq FROM events WHERE state = 'pending' ORDER BY seq"
-                )
-            ]
+        return self.db.call(lambda db: [
+            int(s)
+            for (s,) in db.execute("SELECT seq FROM events WHERE state = 'pending' ORDER BY seq")
+        ])
 
     def stats(self) -> OutboxStats:
         now = self._clock()
-        with self._lock:
-            db = self._db
-            pending, dead, leased, total, oldest = db.execute(
+
+        def do(db: sqlite3.Connection) -> tuple[Any, dict[str, str], Any]:
+            counts = db.execute(
                 "SELECT COALESCE(SUM(state = 'pending'), 0), COALESCE(SUM(state = 'dead'), 0), "
                 "COALESCE(SUM(state = 'pending' AND lease_until > ?), 0), "
                 "COALESCE(SUM(size), 0), MIN(CASE WHEN state = 'pending' THEN created_at END) "
@@ -597,6 +561,9 @@ class Outbox:
             row = db.execute(
                 "SELECT last_seq FROM sequence WHERE device_id = ?", (self.device_id,)
             ).fetchone()
+            return counts, meta, row
+
+        (pending, dead, leased, total, oldest), meta, row = self.db.call(do)
         last_upload = meta.get("last_upload_at")
         return OutboxStats(
             device_id=self.device_id,
@@ -616,48 +583,52 @@ class Outbox:
 
 
 class AsyncOutbox:
-    """The outbox for asyncio code: each call runs in a worker thread (SQLite blocks)."""
+    """The outbox for asyncio code: each call runs on the outbox's database thread."""
 
     def __init__(self, outbox: Outbox) -> None:
         self.sync = outbox
         # Set whenever an event is committed, so a waiting uploader wakes without polling.
         self.changed = asyncio.Event()
 
+    async def _on_thread(self, method: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        # On the database thread the method's own database calls run inline.
+        return await self.sync.db.run(lambda _conn: method(*args, **kwargs))
+
     async def next_seq(self) -> int:
-        return await asyncio.to_thread(self.sync.next_seq)
+        return await self._on_thread(self.sync.next_seq)
 
     async def put(self, body: bytes, seq: int, priority: int = 0, tag: str = "") -> PutResult:
-        result = await asyncio.to_thread(self.sync.put, body, seq, priority, tag)
+        result = await self._on_thread(self.sync.put, body, seq, priority, tag)
         if result.stored:
             self.changed.set()
         return result
 
     async def lease(self, limit: int, lease_seconds: float) -> list[OutboxRow]:
-        return await asyncio.to_thread(self.sync.lease, limit, lease_seconds)
+        return await self._on_thread(self.sync.lease, limit, lease_seconds)
 
     async def release(self, seq: int, error: str | None = None, *, attempted: bool = True) -> None:
-        await asyncio.to_thread(self.sync.release, seq, error, attempted=attempted)
+        await self._on_thread(self.sync.release, seq, error, attempted=attempted)
 
     async def delete(self, seq: int) -> bool:
-        return await asyncio.to_thread(self.sync.delete, seq)
+        return await self._on_thread(self.sync.delete, seq)
 
     async def delete_many(self, seqs: list[int]) -> int:
-        return await asyncio.to_thread(self.sync.delete_many, seqs)
+        return await self._on_thread(self.sync.delete_many, seqs)
 
     async def bury(self, seq: int, reason: str) -> None:
-        await asyncio.to_thread(self.sync.bury, seq, reason)
+        await self._on_thread(self.sync.bury, seq, reason)
 
     async def fallback_candidates(self, created_before: float, limit: int) -> list[OutboxRow]:
-        return await asyncio.to_thread(self.sync.fallback_candidates, created_before, limit)
+        return await self._on_thread(self.sync.fallback_candidates, created_before, limit)
 
     async def mark_fallback(self, seq: int) -> None:
-        await asyncio.to_thread(self.sync.mark_fallback, seq)
+        await self._on_thread(self.sync.mark_fallback, seq)
 
     async def stats(self) -> OutboxStats:
-        return await asyncio.to_thread(self.sync.stats)
+        return await self._on_thread(self.sync.stats)
 
     async def close(self) -> None:
-        await asyncio.to_thread(self.sync.close)
+        await self.sync.db.close()
 
 
 def model_tag(meta: dict[str, Any]) -> str:

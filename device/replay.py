@@ -20,8 +20,10 @@ from edgekeeper import config as config_mod
 from edgekeeper.config import Config
 from edgekeeper.device.gate import Gate
 from edgekeeper.device.loop import Pipeline, PipelineStats
+from edgekeeper.device.manifest import load_manifest
 from edgekeeper.device.sink import LocalSink, Sink
 from edgekeeper.device.sources import Recording, open_recording
+from edgekeeper.errors import ModelError
 from edgekeeper.log import bind_context, get_logger
 
 log = get_logger(__name__)
@@ -57,12 +59,33 @@ async def open_gates(config: Config, *, vision: bool, audio: bool) -> AsyncItera
             await gates.audio.load(
                 config_mod.resolve_model(config.gate.audio_model, config.gate.variant)
             )
+        await _check_trigger_labels(config, gates)
         bind_context(models=gates.models)
         yield gates
     finally:
         for g in (gates.vision, gates.audio):
             if g is not None:
                 await asyncio.to_thread(g.close)
+
+
+async def _check_trigger_labels(config: Config, gates: Gates) -> None:
+    """Refuse a trigger rule no configured model can fire, now that the manifests are known.
+
+    Both configured models count, loaded or not: a camera-only device keeps the audio labels'
+    rules for when its microphone is switched on, and a video-only replay keeps them too."""
+    outputs: dict[str, tuple[str, ...]] = {}
+    for modality, gate in (("vision", gates.vision), ("audio", gates.audio)):
+        if gate is not None:
+            manifest = gate.manifest
+        else:
+            spec = getattr(config.gate, f"{modality}_model")
+            path = config_mod.resolve_model(spec, config.gate.variant)
+            try:
+                manifest = await asyncio.to_thread(load_manifest, path)
+            except ModelError:
+                continue  # not loaded and not readable: nothing it outputs can be counted on
+        outputs[f"{modality} model {manifest.tag}"] = manifest.labels
+    config_mod.check_labels(config, outputs)
 
 
 @dataclass

@@ -28,12 +28,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import email.utils
-import errno
 import json
 import os
-import sqlite3
 import ssl
-import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -47,13 +44,14 @@ from yarl import URL
 
 from edgekeeper import compat, runtime
 from edgekeeper.backoff import Backoff, parse_retry_after
-from edgekeeper.device.outbox import is_disk_full
 from edgekeeper.errors import EdgekeeperError, PermanentError, RetryableError, classified
+from edgekeeper.fs import open_private
 from edgekeeper.log import get_logger
 from edgekeeper.protocol.envelope import open_result, sign_request
 from edgekeeper.protocol.errors import ProtocolError
 from edgekeeper.protocol.keys import DeviceKeys, b64d
 from edgekeeper.protocol.messages import ResultBody
+from edgekeeper.sqlite import Database, Pragmas, StorageUnwritable
 
 if TYPE_CHECKING:
     from edgekeeper.config import Config, ResultsSection
@@ -93,72 +91,73 @@ class LedgerEntry:
 
 
 class Ledger:
-    """Which results were handled: a small SQLite file (WAL, synchronous=FULL, mode 0600)."""
+    """Which results were handled: ``results.sqlite`` (edgekeeper/sqlite.py, synchronous=FULL).
+
+    Opened on first use, not before: a device that never handles a result (``device upload
+    --burst``, results off) never creates it, so a full disk cannot stop the upload.
+    """
 
     def __init__(self, path: Path, clock: Callable[[], float] = time.time) -> None:
         self.path = Path(path)
         self._clock = clock
-        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))
-        self._lock = threading.Lock()
-        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
-                                   timeout=30.0)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(_LEDGER_SCHEMA)
+        self._db: Database | None = None
+        self._opening = asyncio.Lock()
 
-    def get(self, key: str) -> LedgerEntry | None:
-        with self._lock:
-            row = self._db.execute(
-                "SELECT key, seq, result_id, status, error, result FROM results WHERE key = ?",
-                (key,),
-            ).fetchone()
+    async def _database(self) -> Database:
+        async with self._opening:
+            if self._db is None:
+                self._db = await Database.open(
+                    self.path, name="results ledger", schema=_LEDGER_SCHEMA,
+                    pragmas=Pragmas(busy_timeout_s=30.0), setting="device.state_dir",
+                )
+            return self._db
+
+    async def get(self, key: str) -> LedgerEntry | None:
+        db = await self._database()
+        row = await db.run(lambda conn: conn.execute(
+            "SELECT key, seq, result_id, status, error, result FROM results WHERE key = ?",
+            (key,),
+        ).fetchone())
         return None if row is None else _entry(row)
 
-    def record(self, key: str, seq: int, result_id: int | None, status: str,
-               error: str | None, result: dict[str, Any] | None) -> None:
-        with self._lock:
-            try:
-                self._db.execute(
-                    "INSERT INTO results VALUES (?, ?, ?, ?, ?, ?, ?) "
-                    "ON CONFLICT (key) DO NOTHING",
-                    (key, seq, result_id, status, error,
-                     None if result is None else json.dumps(result), self._clock()),
-                )
-            except sqlite3.OperationalError as err:
-                if not is_disk_full(err):
-                    raise
-                # Not recorded, so not acked: the result comes again once there is room, and
-                # the poller backs off meanwhile as it does for any OSError.
-                raise OSError(errno.ENOSPC, f"no space left for the results ledger {self.path}"
-                              ) from None
+    async def record(self, key: str, seq: int, result_id: int | None, status: str,
+                     error: str | None, result: dict[str, Any] | None) -> None:
+        """Commit one outcome. On a full disk this raises DiskFull/DiskIOError (an OSError and
+        a RetryableError): not recorded, so not acked, and the result comes again later."""
+        doc = None if result is None else json.dumps(result)
+        db = await self._database()
+        await db.run(lambda conn: conn.execute(
+            "INSERT INTO results VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (key) DO NOTHING",
+            (key, seq, result_id, status, error, doc, self._clock()),
+        ))
 
-    def prune(self, older_than_s: float) -> int:
+    async def prune(self, older_than_s: float) -> int:
         """Delete entries recorded more than ``older_than_s`` ago; how many went."""
-        with self._lock:
-            try:
-                return self._db.execute(
-                    "DELETE FROM results WHERE at < ?", (self._clock() - older_than_s,)
-                ).rowcount
-            except sqlite3.OperationalError as err:
-                if is_disk_full(err):
-                    return 0  # a delete needs room in the WAL too; try again tomorrow
-                raise
+        cutoff = self._clock() - older_than_s
+        db = await self._database()
+        try:
+            return await db.run(
+                lambda conn: conn.execute("DELETE FROM results WHERE at < ?", (cutoff,)).rowcount
+            )
+        except StorageUnwritable:
+            return 0  # a delete needs room in the WAL too; try again tomorrow
 
-    def entries(self) -> list[LedgerEntry]:
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT key, seq, result_id, status, error, result FROM results ORDER BY at, key"
-            ).fetchall()
+    async def entries(self) -> list[LedgerEntry]:
+        db = await self._database()
+        rows = await db.run(lambda conn: conn.execute(
+            "SELECT key, seq, result_id, status, error, result FROM results ORDER BY at, key"
+        ).fetchall())
         return [_entry(r) for r in rows]
 
-    def counts(self) -> dict[str, int]:
-        with self._lock:
-            return dict(self._db.execute("SELECT status, COUNT(*) FROM results GROUP BY status"))
+    async def counts(self) -> dict[str, int]:
+        db = await self._database()
+        return await db.run(lambda conn: dict(
+            conn.execute("SELECT status, COUNT(*) FROM results GROUP BY status")
+        ))
 
-    def close(self) -> None:
-        with self._lock:
-            self._db.close()
+    async def close(self) -> None:
+        if self._db is not None:
+            await self._db.close()
 
 
 def _entry(row: tuple[Any, ...]) -> LedgerEntry:
@@ -173,8 +172,7 @@ Action = Callable[[dict[str, Any]], Awaitable[None]]
 
 
 def _append_line(path: Path, line: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    fd = open_private(path, os.O_WRONLY | os.O_APPEND)
     try:
         os.write(fd, line)
         os.fsync(fd)  # "handled" is recorded next: the line must be on disk first
@@ -236,14 +234,13 @@ class ResultActions:
         )
 
     async def close(self) -> None:
-        await asyncio.to_thread(self.ledger.close)
+        await self.ledger.close()
 
     async def handle(self, key: str, result: ResultBody, *, result_id: int | None = None
                      ) -> Outcome:
         """Run every action for ``result`` unless ``key`` was handled before; record it."""
-        with classified(f"results ledger {self.ledger.path}"):
-            if await asyncio.to_thread(self.ledger.get, key) is not None:
-                return "already"
+        if await self.ledger.get(key) is not None:
+            return "already"
         doc = {"result_id": result_id, **result.to_json()}
         errors: list[str] = []
         for name, action in self.actions:
@@ -252,9 +249,7 @@ class ResultActions:
                 errors.append(f"{name}: {error}")
         status: Outcome = "failed" if errors else "handled"
         error_text = "; ".join(errors)[:4000] if errors else None
-        with classified(f"results ledger {self.ledger.path}"):
-            await asyncio.to_thread(self.ledger.record, key, result.seq, result_id, status,
-                                    error_text, doc)
+        await self.ledger.record(key, result.seq, result_id, status, error_text, doc)
         if errors:
             log.error("results.action_failed", key=key, seq=result.seq, errors=error_text)
         else:
@@ -269,7 +264,7 @@ class ResultActions:
         if not self.keep_s or (self._pruned_at is not None and now - self._pruned_at < 86400.0):
             return
         self._pruned_at = now
-        gone = await asyncio.to_thread(self.ledger.prune, self.keep_s)
+        gone = await self.ledger.prune(self.keep_s)
         if gone:
             log.info("results.ledger_pruned", entries=gone, older_than_days=self.keep_s / 86400)
 
@@ -277,9 +272,7 @@ class ResultActions:
         await self.handle(f"provisional:{result.seq}", result)
 
     async def reject(self, key: str, seq: int, result_id: int, reason: str) -> None:
-        with classified(f"results ledger {self.ledger.path}"):
-            await asyncio.to_thread(self.ledger.record, key, seq, result_id, "rejected", reason,
-                                    None)
+        await self.ledger.record(key, seq, result_id, "rejected", reason, None)
         log.error("results.rejected", key=key, result_id=result_id, reason=reason)
 
     async def _with_retries(self, name: str, action: Action, doc: dict[str, Any]) -> str | None:

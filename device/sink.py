@@ -15,7 +15,7 @@ On-disk layout of a LocalSink directory::
     0000000001/features.npy  the gate's features
 
 Each event folder is written under a temporary name, fsynced and renamed into place, so a power
-cut leaves either a whole event or none.
+cut leaves either a whole event or none. Folders are 0700 and files 0600 (edgekeeper/fs.py).
 
 A sink never stops the loop because the disk is full (or went read-only): ``next_seq`` returns
 None when it cannot even persist a sequence number (the loop skips that event), ``deliver``
@@ -37,6 +37,7 @@ import numpy as np
 
 from edgekeeper.device.events import Event
 from edgekeeper.errors import InputError
+from edgekeeper.fs import open_private, private_dir, write_private
 from edgekeeper.log import get_logger
 
 log = get_logger(__name__)
@@ -60,13 +61,6 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _write(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
 class LocalSink:
     def __init__(self, directory: Path) -> None:
         self.directory = Path(directory)
@@ -78,7 +72,7 @@ class LocalSink:
 
     def _prepare(self) -> int:
         try:
-            self.directory.mkdir(parents=True, exist_ok=True)
+            private_dir(self.directory)
         except OSError as err:
             raise InputError(
                 f"event directory {self.directory} cannot be created: {err.strerror}",
@@ -99,7 +93,7 @@ class LocalSink:
 
     def _persist_seq(self, seq: int) -> None:
         tmp = self.directory / "seq.tmp"
-        _write(tmp, f"{seq}\n".encode())
+        write_private(tmp, f"{seq}\n".encode())
         os.replace(tmp, self.directory / "seq")
 
     async def next_seq(self) -> int | None:
@@ -125,24 +119,24 @@ class LocalSink:
             raise
 
     def _write_event(self, event: Event, tmp: Path, final: Path) -> None:
-        tmp.mkdir()
+        private_dir(tmp)
         meta = event.meta()
-        _write(tmp / "meta.json", json.dumps(meta, indent=2, sort_keys=True).encode())
+        write_private(tmp / "meta.json", json.dumps(meta, indent=2, sort_keys=True).encode())
         for i, jpeg in enumerate(event.frames):
-            _write(tmp / f"frame-{i}.jpg", jpeg)
+            write_private(tmp / f"frame-{i}.jpg", jpeg)
         if event.audio_wav is not None:
-            _write(tmp / "audio.wav", event.audio_wav)
+            write_private(tmp / "audio.wav", event.audio_wav)
         if event.features is not None:
             buf = io.BytesIO()
             np.save(buf, event.features)
-            _write(tmp / "features.npy", buf.getvalue())
+            write_private(tmp / "features.npy", buf.getvalue())
         _fsync_dir(tmp)
         if final.exists():  # the same seq delivered again (a retry): replace, not duplicate
             shutil.rmtree(final)
         os.replace(tmp, final)
         _fsync_dir(self.directory)
         index_path = self.directory / "index.jsonl"
-        with open(index_path, "ab") as index:
+        with os.fdopen(open_private(index_path, os.O_WRONLY | os.O_APPEND), "ab") as index:
             start = index.seek(0, os.SEEK_END)
             try:
                 index.write((json.dumps(meta, sort_keys=True) + "\n").encode())

@@ -1,6 +1,6 @@
 """Sources: camera, microphone and recordings, each producing timed frames or audio blocks.
 
-Blocking reads (``cv2.VideoCapture.read``, WAV decoding) run in one reader thread per source and
+Blocking reads (``cv2.VideoCapture.read``, audio decoding) run in one reader thread per source and
 hand items to the event loop through a ``Handoff`` queue, so the loop never blocks:
 
 - live sources use a *lossy* handoff: when the gate falls behind, the oldest frame is dropped
@@ -21,7 +21,6 @@ import collections
 import json
 import threading
 import time
-import wave
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,7 +50,19 @@ class Frame:
 @dataclass(slots=True)
 class AudioBlock:
     t: float  # start time of the first sample
-    samples: np.ndarray  # float32 mono in [-1, 1] at the source's output rate
+    samples: np.ndarray  # float32 mono in [-1, 1] at the source's output rate (the gate's)
+    # The same audio at the file's own rate when that is lower than the gate's: events keep it
+    # (an 8 kHz recording is not upsampled into its events). None: ``samples`` is what they keep.
+    source: np.ndarray | None = None
+    source_t: float = 0.0
+    source_rate: int = 0
+
+    def for_capture(self, rate: int) -> tuple[float, np.ndarray, int]:
+        """(start time, samples, their rate) of the audio an event keeps; ``rate`` is the rate
+        of ``samples``."""
+        if self.source is None:
+            return self.t, self.samples, rate
+        return self.source_t, self.source, self.source_rate
 
 
 @dataclass
@@ -277,7 +288,7 @@ class VideoCaptureSource(ThreadedSource):
             if not path.is_file():
                 raise InputError(
                     f"video file {path} does not exist",
-                    fix="check the path (replay takes video files, image folders, WAVs or "
+                    fix="check the path (replay takes video files, image folders, audio files or "
                     "recordings)",
                 )
             self.stats.bytes_read = path.stat().st_size
@@ -384,7 +395,8 @@ class ImageFolderSource(ThreadedSource):
         if not self.files:
             raise InputError(
                 f"folder {self.folder} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})",
-                fix="point replay at a folder of images, a video, a WAV or a recording folder",
+                fix="point replay at a folder of images, a video, an audio file or a recording "
+                "folder",
             )
         self.stats.bytes_read = sum(p.stat().st_size for p in self.files)
 
@@ -415,26 +427,16 @@ class ImageFolderSource(ThreadedSource):
 # ---------------------------------------------------------------------------------------------
 
 
-def _pcm_to_float(raw: bytes, width: int, channels: int) -> np.ndarray:
-    if width == 1:  # 8-bit WAV is unsigned
-        data = (np.frombuffer(raw, np.uint8).astype(np.float32) - 128.0) / 128.0
-    elif width == 2:
-        data = np.frombuffer(raw, "<i2").astype(np.float32) / 32768.0
-    elif width == 3:
-        b = np.frombuffer(raw, np.uint8).reshape(-1, 3)
-        ints = (b[:, 0].astype(np.int32) | (b[:, 1].astype(np.int32) << 8)
-                | (b[:, 2].astype(np.int32) << 16))
-        ints = np.where(ints >= 1 << 23, ints - (1 << 24), ints)
-        data = ints.astype(np.float32) / float(1 << 23)
-    else:
-        data = np.frombuffer(raw, "<i4").astype(np.float32) / float(1 << 31)
-    if channels > 1:
-        data = data.reshape(-1, channels).mean(axis=1)
-    return data.astype(np.float32, copy=False)
+# What libsndfile reads (soundfile's wheel bundles it; Debian's libsndfile1 on armv7): WAV of
+# every common sample format (8/16/24/32-bit PCM, 32/64-bit float, WAVE_FORMAT_EXTENSIBLE, as
+# sox and Audacity write them), FLAC, OGG (Vorbis, Opus), AIFF, and MP3 with libsndfile >= 1.1.
+AUDIO_SUFFIXES = {".wav", ".wave", ".flac", ".ogg", ".oga", ".opus", ".aif", ".aiff", ".mp3"}
 
 
-class WavSource(ThreadedSource):
-    """A PCM WAV file, mixed to mono and resampled (soxr) to the model's rate, in blocks."""
+class AudioFileSource(ThreadedSource):
+    """An audio file (AUDIO_SUFFIXES, read by libsndfile), mixed to mono and resampled (soxr) to
+    the model's rate, in blocks. A file below the model's rate also hands on its own samples
+    (``AudioBlock.source``), so events keep the file's rate instead of an upsampled copy."""
 
     kind: Literal["audio"] = "audio"
 
@@ -447,7 +449,7 @@ class WavSource(ThreadedSource):
         realtime: bool = False,
         queue_size: int = 64,
     ) -> None:
-        super().__init__(f"wav:{path}", lossless=True, queue_size=queue_size)
+        super().__init__(f"audio:{path}", lossless=True, queue_size=queue_size)
         self.path = path
         self.rate = rate
         self.block_seconds = block_seconds
@@ -455,25 +457,26 @@ class WavSource(ThreadedSource):
         self.in_rate = 0
         self.frames = 0
 
+    def _refuse(self, why: str) -> InputError:
+        return InputError(
+            f"audio file {self.path} cannot be read ({why}): expected a WAV, FLAC or OGG file"
+            " (or another format libsndfile reads)",
+            fix=f"convert it: sox {self.path} -b 16 -c 1 -r {self.rate} out.wav",
+        )
+
     def open(self) -> None:
+        import soundfile
+
         if not self.path.is_file():
             raise InputError(f"audio file {self.path} does not exist")
         try:
-            with wave.open(str(self.path), "rb") as w:
-                self.in_rate = w.getframerate()
-                self.frames = w.getnframes()
-                width, channels = w.getsampwidth(), w.getnchannels()
-        except (wave.Error, EOFError) as err:
-            raise InputError(
-                f"audio file {self.path} cannot be read as PCM WAV ({err})",
-                fix=f"convert it to 16-bit PCM: sox {self.path} -b 16 -e signed-integer out.wav",
-            ) from None
-        if width not in (1, 2, 3, 4) or channels < 1 or self.in_rate < 1000:
-            raise InputError(
-                f"audio file {self.path}: unsupported PCM layout "
-                f"({width * 8}-bit, {channels} channels, {self.in_rate} Hz)",
-                fix=f"convert it: sox {self.path} -b 16 -c 1 -r {self.rate} out.wav",
-            )
+            info = soundfile.info(str(self.path))
+        except soundfile.SoundFileError as err:
+            why = str(err).removeprefix(f"Error opening {str(self.path)!r}: ").rstrip(".")
+            raise self._refuse(why) from None
+        self.in_rate, self.frames = int(info.samplerate), int(info.frames)
+        if info.channels < 1 or self.in_rate < 1000:
+            raise self._refuse(f"{info.channels} channels at {self.in_rate} Hz")
         self.stats.bytes_read = self.path.stat().st_size
 
     @property
@@ -481,33 +484,49 @@ class WavSource(ThreadedSource):
         return self.frames / self.in_rate if self.in_rate else 0.0
 
     def _produce(self, emit: Callable[[Any], bool]) -> None:
+        import soundfile
         import soxr  # resampling is soxr's job, not ours
 
         resampler = None
         if self.in_rate != self.rate:
             resampler = soxr.ResampleStream(self.in_rate, self.rate, 1, dtype="float32")
+        keep_source = self.in_rate < self.rate  # never upsample what an event keeps
         started = time.monotonic()
-        emitted = 0
+        emitted = read = 0
         block_in = max(1, round(self.block_seconds * self.in_rate))
-        with wave.open(str(self.path), "rb") as w:
-            width, channels = w.getsampwidth(), w.getnchannels()
-            while not self._stop.is_set():
-                raw = w.readframes(block_in)
-                last = len(raw) < block_in * width * channels
-                samples = _pcm_to_float(raw, width, channels) if raw else np.zeros(0, np.float32)
-                if resampler is not None:
-                    samples = resampler.resample_chunk(samples, last=last)
-                if len(samples):
-                    t = emitted / self.rate
-                    if self.realtime:
-                        delay = started + t - time.monotonic()
-                        if delay > 0:
-                            time.sleep(delay)
-                    if not emit(AudioBlock(t=t, samples=samples)):
+        try:
+            with soundfile.SoundFile(str(self.path)) as f:
+                while not self._stop.is_set():
+                    data = f.read(block_in, dtype="float32", always_2d=True)
+                    last = len(data) < block_in
+                    mono = data.mean(axis=1, dtype=np.float32) if data.shape[1] > 1 else data[:, 0]
+                    mono = np.ascontiguousarray(mono, dtype=np.float32)
+                    samples = mono
+                    if resampler is not None:
+                        samples = resampler.resample_chunk(mono, last=last)
+                    if len(samples) or len(mono):
+                        t = emitted / self.rate
+                        if self.realtime:
+                            delay = started + t - time.monotonic()
+                            if delay > 0:
+                                time.sleep(delay)
+                        block = AudioBlock(t=t, samples=samples)
+                        if keep_source:
+                            block.source, block.source_t = mono, read / self.in_rate
+                            block.source_rate = self.in_rate
+                        if not emit(block):
+                            return
+                        emitted += len(samples)
+                        read += len(mono)
+                    if last:
                         return
-                    emitted += len(samples)
-                if last:
-                    return
+        except soundfile.SoundFileError as err:
+            # a file that opens but breaks further in (truncated, corrupt frames)
+            raise self._refuse(str(err)) from None
+
+
+# The name replay and the tests knew it by, when it read only PCM WAV.
+WavSource = AudioFileSource
 
 
 class MicrophoneSource:
@@ -685,21 +704,22 @@ def open_recording(
     realtime: bool,
     block_seconds: float = 0.1,
 ) -> Recording:
-    """Resolve a replay PATH: a recording folder, an image folder, a WAV or a video file."""
+    """Resolve a replay PATH: a recording folder, an image folder, an audio file or a video."""
     path = Path(path)
     if not path.exists():
         raise InputError(
             f"recording {path} does not exist",
-            fix="pass a video file, a folder of images, a WAV file or a recording folder",
+            fix="pass a video file, a folder of images, an audio file or a recording folder",
         )
 
     def video(p: Path) -> VideoCaptureSource:
         return VideoCaptureSource(str(p), fps=fps, live=False, realtime=realtime)
 
-    def audio(p: Path) -> WavSource | None:
+    def audio(p: Path) -> AudioFileSource | None:
         if audio_rate is None:
             return None
-        return WavSource(p, rate=audio_rate, block_seconds=block_seconds, realtime=realtime)
+        return AudioFileSource(p, rate=audio_rate, block_seconds=block_seconds,
+                               realtime=realtime)
 
     if path.is_dir() and (path / "recording.json").is_file():
         meta_path = path / "recording.json"
@@ -731,7 +751,7 @@ def open_recording(
             video=ImageFolderSource(path, fps=fps or 1.0, realtime=realtime),
             started_at=path.stat().st_mtime,
         )
-    if path.suffix.lower() == ".wav":
+    if path.suffix.lower() in AUDIO_SUFFIXES:
         src = audio(path)
         if src is None:
             raise InputError(

@@ -477,7 +477,7 @@ def provisional_result(body: bytes, now: float, link_error: str | None) -> Resul
 
 def _halt_fix(code: str) -> str:
     return {
-        "unknown_device": "enroll: edgekeeper device enroll --cloud URL --token TOKEN",
+        "unknown_device": "enroll: edgekeeper device enroll --cloud URL --token=TOKEN",
         "device_revoked": "this device was revoked; an operator must enroll it under a new id",
         "unsupported_version": "upgrade edgekeeper on the device to the cloud's version",
     }.get(code, "see docs/protocol.md, Errors")

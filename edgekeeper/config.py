@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from edgekeeper.errors import ConfigError
-from edgekeeper.settings import build, coerce_env, override
+from edgekeeper.protocol.device_id import DEVICE_ID_RULE, valid_device_id
+from edgekeeper.settings import FieldValueError, build, coerce_env, override
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -49,12 +50,13 @@ def _default_state_dir() -> str:
 
 @dataclass(frozen=True)
 class DeviceSection:
-    id: str = field(default_factory=socket.gethostname)
+    id: str = field(default_factory=lambda: socket.gethostname())
     state_dir: Path = field(default_factory=lambda: Path(_default_state_dir()))
 
     def __post_init__(self) -> None:
-        if not self.id or len(self.id) > 64 or not all(c.isalnum() or c in "-_." for c in self.id):
-            raise ValueError("device id must be 1-64 characters of letters, digits, '-', '_', '.'")
+        # The protocol's own rule (one place): an id the cloud would refuse never gets this far.
+        if not valid_device_id(self.id):
+            raise FieldValueError("id", self.id, DEVICE_ID_RULE)
 
 
 @dataclass(frozen=True)
@@ -148,6 +150,8 @@ class LabelRule:
     cooldown_seconds: float = 30.0
     # When the outbox is full, lower-priority events are evicted first.
     priority: int = 0
+    # false switches a label off (a default one included): it never triggers.
+    enabled: bool = True
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.release <= self.threshold <= 1.0:
@@ -171,7 +175,9 @@ class TriggerSection:
     n: int = 5
     # Global cap across labels; events past it are held back and logged.
     max_events_per_hour: int = 60
-    # Labels that may trigger, each with its rule. Labels not listed never trigger.
+    # Labels that may trigger, each with its rule. Labels not listed never trigger. A file's
+    # [trigger.labels.NAME] table is merged into the default rule of NAME key by key
+    # (build_from_dict), and a rule with enabled = false is left out here.
     labels: dict[str, LabelRule] = field(default_factory=_default_rules)
 
     def __post_init__(self) -> None:
@@ -179,6 +185,9 @@ class TriggerSection:
             raise ValueError("1 <= k <= n <= 100 is required")
         if self.max_events_per_hour < 1:
             raise ValueError("max_events_per_hour must be >= 1")
+        active = {name: rule for name, rule in self.labels.items() if rule.enabled}
+        if active != self.labels:
+            object.__setattr__(self, "labels", active)  # frozen: set once, while building
 
 
 @dataclass(frozen=True)
@@ -315,6 +324,10 @@ class CloudSection:
     token_ttl_seconds: float = 86400.0
     # Longest long-poll on GET /v1/results (the device asks for less).
     results_max_wait_seconds: float = 30.0
+    # Long-polls one device may hold open at once; more get 429 + Retry-After. Its own results
+    # client needs one; a signed request replayed inside replay_window_seconds would otherwise
+    # hold a socket per copy.
+    results_max_polls_per_device: int = 2
     # How often a long-poll re-checks the results store written by workers in other processes,
     # and how often the ingest re-reads the device registry (revocations from the CLI).
     results_poll_seconds: float = 0.25
@@ -379,6 +392,8 @@ class CloudSection:
             raise ValueError("body_timeout_seconds must be > 0 and at most 3600")
         if not 0 <= self.results_max_wait_seconds <= 300:
             raise ValueError("results_max_wait_seconds must be between 0 and 300")
+        if not 1 <= self.results_max_polls_per_device <= 1000:
+            raise ValueError("results_max_polls_per_device must be between 1 and 1000")
         if self.results_poll_seconds <= 0 or self.registry_refresh_seconds <= 0:
             raise ValueError("results_poll_seconds and registry_refresh_seconds must be > 0")
         if self.queue_visibility_seconds <= 0 or not 1 <= self.queue_max_attempts <= 1000:
@@ -613,18 +628,75 @@ def load(path: str | Path | None = None, env: typing.Mapping[str, str] | None = 
             raise ConfigError(
                 f"config file {p} is not valid TOML: {err}", fix="fix the syntax at that line"
             ) from None
-    for var, dotted in ENV_OVERRIDES.items():
-        if var in env:
-            override(data, dotted, coerce_env(_field_type(dotted), env[var]))
-    return build_from_dict(data, source=source)
+    applied = {dotted: var for var, dotted in ENV_OVERRIDES.items() if var in env}
+    for dotted, var in applied.items():
+        override(data, dotted, coerce_env(_field_type(dotted), env[var]))
+    try:
+        return build_from_dict(data, source=source)
+    except ConfigError as err:
+        # A bad value that came from a variable: name the variable, not a file that lacks it.
+        for dotted, var in applied.items():
+            if err.message.startswith(f"{source}: key '{dotted}' "):
+                raise ConfigError(
+                    var + err.message[len(source):],
+                    fix=f"fix or unset {var} (it overrides {dotted})",
+                ) from None
+        if "id" not in data.get("device", {}) and "key 'device.id' " in err.message:
+            # device.id defaults to the host name, which may not follow the rule
+            raise ConfigError(
+                f"{err.message} (the default: this machine's host name)",
+                fix=f"set device.id in {'a config file' if source == 'defaults' else source}"
+                " or EDGEKEEPER_DEVICE_ID (docs/configuration.md)",
+            ) from None
+        raise
 
 
 def build_from_dict(data: dict[str, Any], *, source: str) -> Config:
     """Validate already-parsed TOML data (tests and tools build configs this way too)."""
     if "source" in data:
         raise ConfigError(f"{source}: 'source' is not a config section", fix="remove it")
-    config = build(Config, data, source=source)
+    config = build(Config, _with_label_defaults(data), source=source)
     return dataclasses.replace(config, source=source)
+
+
+def _with_label_defaults(data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` with each [trigger.labels.NAME] table laid over NAME's default rule, key by key.
+
+    Without this a file that tunes one label would replace the whole default set: the example
+    in docs/configuration.md would switch speech and alarm off while the audio model scores on.
+    """
+    trigger = data.get("trigger")
+    if not isinstance(trigger, dict) or not isinstance(trigger.get("labels"), dict):
+        return data  # nothing to merge (a wrong type is reported by build)
+    merged: dict[str, Any] = {
+        name: dataclasses.asdict(rule) for name, rule in _default_rules().items()
+    }
+    for name, table in trigger["labels"].items():
+        base = merged.get(name)
+        merged[name] = {**base, **table} if base and isinstance(table, dict) else table
+    return {**data, "trigger": {**trigger, "labels": merged}}
+
+
+def check_labels(config: Config, outputs: typing.Mapping[str, typing.Sequence[str]]) -> None:
+    """Refuse a trigger rule for a label no configured model outputs (a misspelt
+    [trigger.labels.persn] would otherwise be accepted and never fire).
+
+    ``outputs`` maps a model's description ("vision model person@1.0.0") to its labels; it is
+    known once the manifests are read, so the device calls this where it loads the models.
+    """
+    known = {label for labels in outputs.values() for label in labels}
+    unknown = [name for name in config.trigger.labels if name not in known]
+    if not unknown:
+        return
+    models = "; ".join(f"{what}: {', '.join(labels)}" for what, labels in outputs.items())
+    name = unknown[0]
+    raise ConfigError(
+        f"{config.source}: [trigger.labels.{name}] names a label no configured model outputs"
+        f" ({models or 'no model configured'})",
+        fix=f"rename it to one of the labels above, point gate.vision_model / gate.audio_model"
+        f" at a model that outputs '{name}', or switch it off: [trigger.labels.{name}]"
+        " enabled = false",
+    )
 
 
 def resolve_model(spec: str, variant: str = "int8") -> Path:

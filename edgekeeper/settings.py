@@ -47,6 +47,15 @@ def _describe(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+class FieldValueError(ValueError):
+    """A ``__post_init__`` refusal of one field: reported under that field's key with its value
+    (a plain ValueError names the whole section)."""
+
+    def __init__(self, field: str, value: Any, expected: str) -> None:
+        super().__init__(expected)
+        self.field, self.value, self.expected = field, value, expected
+
+
 class _Bad(Exception):
     def __init__(self, key: str, value: Any, expected: str) -> None:
         self.key, self.value, self.expected = key, value, expected
@@ -126,8 +135,16 @@ def _build(cls: Any, data: dict[str, Any], prefix: str) -> Any:
     for name, value in data.items():
         key = f"{prefix}.{name}" if prefix else name
         kwargs[name] = _convert(hints[name], value, key)
+    for name, f in fields.items():
+        # A section left out is built here too, so a default it refuses (device.id is the host
+        # name) is reported under its own key.
+        if name not in kwargs and f.default_factory is hints[name]:
+            kwargs[name] = _build(hints[name], {}, f"{prefix}.{name}" if prefix else name)
     try:
         return cls(**kwargs)
+    except FieldValueError as err:
+        key = f"{prefix}.{err.field}" if prefix else err.field
+        raise _Bad(key, err.value, err.expected) from err
     except ValueError as err:
         raise _Bad(prefix or "(top level)", data, str(err)) from err
 

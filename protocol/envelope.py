@@ -69,6 +69,7 @@ import nacl.exceptions
 from nacl.public import PrivateKey
 from nacl.signing import VerifyKey
 
+from edgekeeper.protocol.device_id import DEVICE_ID_RULE, valid_device_id
 from edgekeeper.protocol.errors import (
     AuthenticationFailed,
     DeviceRevoked,
@@ -87,7 +88,6 @@ from edgekeeper.protocol.messages import (
     EventBody,
     ResultBody,
     payload_digest,
-    valid_device_id,
 )
 
 PROTOCOL_VERSION = 1
@@ -319,7 +319,7 @@ def _parse(data: bytes, max_bytes: int) -> tuple[EnvelopeHeader, bytes, bytes, m
         raise MalformedEnvelope("the envelope header must be an array of 5 items")
     device_id, seq, timestamp, tag, phash = fields
     if not valid_device_id(device_id):
-        raise MalformedEnvelope("header device_id must be 1-64 letters, digits, '-', '_', '.'")
+        raise MalformedEnvelope(f"header device_id: expected {DEVICE_ID_RULE}")
     if type(seq) is not int or not 0 <= seq <= MAX_SEQ:
         raise MalformedEnvelope("header seq must be an integer in [0, 2^63)")
     if type(timestamp) is not float or not math.isfinite(timestamp):
@@ -585,7 +585,7 @@ def verify_request(
             f"the request lacks {HEADER_DEVICE}, {HEADER_TIMESTAMP} or {HEADER_SIGNATURE}"
         )
     if not valid_device_id(device_id):
-        raise MissingSignature(f"{HEADER_DEVICE} is not a valid device id")
+        raise MissingSignature(f"{HEADER_DEVICE}: expected {DEVICE_ID_RULE}")
     if not _TIMESTAMP_TEXT.fullmatch(ts_text):
         raise MissingSignature(
             f"{HEADER_TIMESTAMP} {ts_text[:40]!r} is not seconds since the epoch "

@@ -54,7 +54,7 @@ class InvalidBody(ProtocolError):
 class UnknownDevice(ProtocolError):
     code = "unknown_device"
     status = 401
-    default_fix = "enroll the device: edgekeeper device enroll --cloud URL --token TOKEN"
+    default_fix = "enroll the device: edgekeeper device enroll --cloud URL --token=TOKEN"
 
 
 class DeviceRevoked(ProtocolError):

@@ -41,6 +41,7 @@ from nacl.public import PrivateKey
 from nacl.signing import SigningKey
 
 from edgekeeper.errors import ConfigError
+from edgekeeper.fs import open_private
 
 KEY_BYTES = 32
 DEVICE_SIGN_FILE = "device-sign.key"
@@ -80,11 +81,10 @@ def write_secret(path: Path, data: bytes) -> None:
     others, not even for an instant; a crash leaves either the old file or the new one.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with contextlib.suppress(FileNotFoundError):  # left by a crash of this pid's predecessor
         tmp.unlink()
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    fd = open_private(tmp, os.O_WRONLY)  # 0600 (its directory 0700) whatever the umask
     try:
         os.write(fd, data)
         os.fsync(fd)
@@ -169,7 +169,7 @@ class CloudPublicKeys:
         except FileNotFoundError:
             raise ConfigError(
                 f"pinned cloud keys {path} do not exist",
-                fix="enroll the device: edgekeeper device enroll --cloud URL --token TOKEN",
+                fix="enroll the device: edgekeeper device enroll --cloud URL --token=TOKEN",
             ) from None
         except (ValueError, UnicodeDecodeError) as err:
             raise ConfigError(

@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import hashlib
 import math
-import re
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
 import msgpack
 
+from edgekeeper.protocol.device_id import device_id_problem
+from edgekeeper.protocol.device_id import valid_device_id as valid_device_id  # its old home
 from edgekeeper.protocol.errors import InvalidBody
 
 # Limits (bodies are bounded again by cloud.max_event_bytes on the wire).
@@ -48,14 +49,6 @@ FEATURE_DTYPES: dict[str, int] = {
 def payload_digest(encoded: bytes) -> bytes:
     """SHA-256 of an encoded body: the payload hash bound into its envelope."""
     return hashlib.sha256(encoded).digest()
-
-
-_DEVICE_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
-
-
-def valid_device_id(device_id: object) -> bool:
-    """Same rule as the device config: 1-64 ASCII letters, digits, '-', '_', '.'."""
-    return isinstance(device_id, str) and _DEVICE_ID.fullmatch(device_id) is not None
 
 
 def _check_json(value: Any, where: str, depth: int = 0, budget: list[int] | None = None) -> None:
@@ -180,10 +173,9 @@ class EventBody:
     )
 
     def __post_init__(self) -> None:
-        if not valid_device_id(self.device_id):
-            raise InvalidBody(
-                f"device_id {self.device_id!r} must be 1-64 letters, digits, '-', '_', '.'"
-            )
+        problem = device_id_problem(self.device_id, "device_id")
+        if problem:
+            raise InvalidBody(problem)
         _int(self.seq, "seq", 0, MAX_SEQ)
         _finite(self.captured_at, "captured_at")
         if not isinstance(self.meta, dict):
@@ -296,8 +288,9 @@ class ResultBody:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if not valid_device_id(self.device_id):
-            raise InvalidBody(f"device_id {self.device_id!r} is not a valid device id")
+        problem = device_id_problem(self.device_id, "device_id")
+        if problem:
+            raise InvalidBody(problem)
         _int(self.seq, "seq", 0, MAX_SEQ)
         if not self.reasoner or not isinstance(self.reasoner, str):
             raise InvalidBody("reasoner must name who produced the result")

@@ -32,9 +32,10 @@ from test_uplink import DEVICE, device_config, event_body, make_uplink
 from edgekeeper import log
 from edgekeeper.device import identity
 from edgekeeper.device.events import Event
-from edgekeeper.device.outbox import AsyncOutbox, OutboxError, OutboxSink
+from edgekeeper.device.outbox import AsyncOutbox, OutboxSink
 from edgekeeper.device.sink import LocalSink
 from edgekeeper.device.uplink import open_outbox
+from edgekeeper.sqlite import StorageUnwritable
 
 SIZE = 30_000  # bytes of JPEG per event: a few SQLite pages each
 
@@ -93,7 +94,7 @@ async def main(state_dir: Path, cloud_url: str) -> None:
     try:
         open_outbox(config).close()
         report["reopen_full"] = "opened"
-    except OutboxError as err:
+    except StorageUnwritable as err:
         report["reopen_full"] = f"{err.message} | {err.fix}"
     resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
     reopened = open_outbox(config)

@@ -32,8 +32,8 @@ def test_file_values_and_env_overrides(tmp_path: Path) -> None:
     assert cfg.device.id == "porch"
     assert cfg.trigger.labels["person"].threshold == 0.9
     assert cfg.log.level == "debug" and cfg.gate.num_threads == 3
-    # A label table given in the file replaces the default set of rules.
-    assert set(cfg.trigger.labels) == {"person"}
+    # A label table given in the file overrides only its own keys; the other labels stay.
+    assert set(cfg.trigger.labels) == {"person", "alarm", "speech"}
     cfg = config_mod.load(None, env={"EDGEKEEPER_CONFIG": str(f)})
     assert cfg.source == str(f)
 
@@ -108,3 +108,73 @@ def test_every_key_is_documented() -> None:
         if f"`{var}`" not in doc:
             missing.append(var)
     assert not missing, f"undocumented in docs/configuration.md: {missing}"
+
+
+# --- [trigger.labels.NAME]: merged with the defaults, checked against the models' labels -----
+
+
+def _doc_example() -> str:
+    doc = (ROOT / "docs" / "configuration.md").read_text()
+    return doc.split("```toml\n", 1)[1].split("```", 1)[0]
+
+
+def test_the_doc_example_keeps_the_other_labels(tmp_path: Path) -> None:
+    f = tmp_path / "c.toml"
+    f.write_text(_doc_example())
+    cfg = config_mod.load(f, env={})
+    default = config_mod.TriggerSection().labels
+    assert set(cfg.trigger.labels) == {"person", "alarm", "speech"}
+    assert cfg.trigger.labels["alarm"] == default["alarm"]
+    assert cfg.trigger.labels["speech"] == default["speech"]
+
+
+def test_a_label_table_overrides_only_the_keys_it_sets(tmp_path: Path) -> None:
+    f = tmp_path / "c.toml"
+    f.write_text("[trigger.labels.person]\nthreshold = 0.75\n"
+                 "[trigger.labels.speech]\ncooldown_seconds = 5\n"
+                 "[trigger.labels.alarm]\nenabled = false\n"
+                 "[trigger.labels.glass]\nthreshold = 0.9\n")
+    labels = config_mod.load(f, env={}).trigger.labels
+    default = config_mod.TriggerSection().labels
+    # person keeps its own defaults (priority 1, cooldown 30), not LabelRule's generic ones
+    assert labels["person"] == dataclasses.replace(default["person"], threshold=0.75)
+    assert labels["speech"] == dataclasses.replace(default["speech"], cooldown_seconds=5.0)
+    assert "alarm" not in labels  # switched off, explicitly
+    assert labels["glass"] == config_mod.LabelRule(threshold=0.9)  # a new label: rule defaults
+    # a key set against the label's defaults is still validated (release above threshold)
+    f.write_text("[trigger.labels.person]\nrelease = 0.8\n")
+    with pytest.raises(ConfigError, match=r"trigger\.labels\.person"):
+        config_mod.load(f, env={})
+
+
+def test_labels_must_be_output_by_a_configured_model() -> None:
+    cfg = config_mod.build_from_dict(
+        {"trigger": {"labels": {"persn": {"threshold": 0.7}}}}, source="c.toml")
+    outputs = {"vision model person@1.0.0": ("no_person", "person"),
+               "audio model sound@1.0.0": ("background", "speech", "alarm")}
+    with pytest.raises(ConfigError) as err:
+        config_mod.check_labels(cfg, outputs)
+    line = err.value.message
+    assert "\n" not in line and "c.toml" in line and "trigger.labels.persn" in line
+    assert "person@1.0.0: no_person, person" in line and "speech" in line
+    assert err.value.fix and "enabled = false" in err.value.fix
+    config_mod.check_labels(config_mod.build_from_dict({}, source="defaults"), outputs)
+
+
+@pytest.mark.parametrize("command", ["replay", "run"])
+def test_run_and_replay_refuse_a_misspelt_label_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], sample_recording: Path, command: str
+) -> None:
+    f = tmp_path / "c.toml"
+    f.write_text(f'[device]\nstate_dir = "{tmp_path / "state"}"\n'
+                 f'[camera]\nsource = "{sample_recording / "video.avi"}"\n'
+                 "[trigger.labels.persn]\nthreshold = 0.7\n")
+    tail = ([str(sample_recording), "--report", str(tmp_path / "r"), "--no-progress"]
+            if command == "replay" else ["--seconds", "5"])
+    assert main(["--config", str(f), command, *tail]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "trigger.labels.persn" in err
+    assert "no_person, person" in err and "background, speech, alarm" in err
+    message = err[err.index("edgekeeper: error: "):]  # after run's "gate loaded" log lines
+    assert message.count("\n") == 2 and "\n  fix: " in message  # the error line and its fix
+    assert not (tmp_path / "r").exists()

@@ -15,6 +15,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from edgekeeper.device.outbox import AsyncOutbox, Outbox, OutboxError, OutboxFull
+from edgekeeper.sqlite import DatabaseCorrupt
 
 PY = sys.executable
 
@@ -45,8 +46,8 @@ def test_file_is_private_wal_and_fully_synchronous(tmp_path: Path) -> None:
     assert stat.S_IMODE(ob.path.parent.stat().st_mode) == 0o700
     wal = Path(str(ob.path) + "-wal")
     assert wal.exists() and stat.S_IMODE(wal.stat().st_mode) == 0o600
-    assert ob._db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert ob._db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+    assert ob.db.call(lambda c: c.execute("PRAGMA journal_mode").fetchone()[0]) == "wal"
+    assert ob.db.call(lambda c: c.execute("PRAGMA synchronous").fetchone()[0]) == 2  # FULL
     ob.close()
 
 
@@ -89,8 +90,9 @@ def test_garbage_file_is_a_clear_error(tmp_path: Path) -> None:
     p = tmp_path / "state" / "outbox.sqlite"
     p.parent.mkdir()
     p.write_bytes(b"this is not sqlite" * 100)
-    with pytest.raises(OutboxError, match="not a usable SQLite database"):
+    with pytest.raises(DatabaseCorrupt, match="not a usable SQLite database") as err:
         Outbox(p, device_id="cam-1")
+    assert "move" in (err.value.fix or "") and str(p) in (err.value.fix or "")
 
 
 def test_lease_excludes_leased_rows_until_released_or_expired(tmp_path: Path) -> None:
@@ -297,3 +299,24 @@ async def test_sink_takes_the_runtimes_events_and_never_crashes_capture(tmp_path
     assert st.pending == 2 and st.dropped_total == 2
     await sink.aclose()
     await aob.close()
+
+
+def test_quota_is_bounded_by_the_disk_with_a_reserve_kept(tmp_path: Path) -> None:
+    import shutil
+
+    from edgekeeper.device.outbox import RESERVE_BYTES
+
+    petabyte = 10**15  # more than this disk holds: the disk decides
+    with capture_logs() as logs:
+        ob = make(tmp_path, quota_bytes=petabyte)
+    free = shutil.disk_usage(tmp_path).free
+    held = ob.path.stat().st_size
+    assert ob.quota_bytes == pytest.approx((free + held - RESERVE_BYTES) // 2, rel=0.01)
+    assert ob.stats().quota_bytes == ob.quota_bytes and ob.configured_quota_bytes == petabyte
+    (line,) = [x for x in logs if x["event"] == "outbox.quota_bounded"]
+    assert line["quota_bytes"] == ob.quota_bytes and line["reserve_bytes"] == RESERVE_BYTES
+    ob.close()
+    # A quota the disk can hold is kept as configured, and nothing is logged.
+    with capture_logs() as logs:
+        assert make(tmp_path, quota_bytes=1000).quota_bytes == 1000
+    assert not [x for x in logs if x["event"] == "outbox.quota_bounded"]

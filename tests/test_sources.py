@@ -107,23 +107,23 @@ async def test_wav_at_any_rate_is_resampled(
     assert 0.3 < np.abs(samples).max() < 0.6
 
 
-async def test_wav_that_is_not_pcm_is_refused_with_the_fix(tmp_path: Path) -> None:
-    bad = tmp_path / "float.wav"
-    # A 32-bit IEEE float WAV (format tag 3): not PCM, stdlib wave refuses it.
-    data = np.zeros(100, np.float32).tobytes()
+async def test_float_wav_is_read_and_garbage_is_refused_with_the_fix(tmp_path: Path) -> None:
+    f32 = tmp_path / "float.wav"
+    # A 32-bit IEEE float WAV (format tag 3), written byte by byte: stdlib wave refused it.
+    data = (0.25 * np.ones(1600, np.float32)).tobytes()
     header = (b"RIFF" + (36 + len(data)).to_bytes(4, "little") + b"WAVEfmt "
               + (16).to_bytes(4, "little") + (3).to_bytes(2, "little") + (1).to_bytes(2, "little")
               + (16000).to_bytes(4, "little") + (64000).to_bytes(4, "little")
               + (4).to_bytes(2, "little") + (32).to_bytes(2, "little")
               + b"data" + len(data).to_bytes(4, "little"))
-    bad.write_bytes(header + data)
-    with pytest.raises(InputError, match=r"float\.wav") as err:
-        await collect(WavSource(bad))
-    assert "sox" in (err.value.fix or "")
+    f32.write_bytes(header + data)
+    samples = np.concatenate([b.samples for b in await collect(WavSource(f32))])
+    assert len(samples) == 1600 and np.allclose(samples, 0.25)
     garbage = tmp_path / "garbage.wav"
     garbage.write_bytes(b"definitely not riff")
-    with pytest.raises(InputError, match=r"garbage\.wav"):
+    with pytest.raises(InputError, match=r"garbage\.wav") as err:
         await collect(WavSource(garbage))
+    assert "sox" in (err.value.fix or "")
 
 
 async def test_unreadable_video_and_missing_camera(tmp_path: Path) -> None:

@@ -1,37 +1,10 @@
-"""Segment files: where the embedded queue keeps the bytes of queued envelopes.
+"""Segment files: the bytes of the embedded queue's envelopes, appended beside its index.
 
-Why not in SQLite: a 57 KB envelope written into a SQLite file in WAL mode is written twice (the
-WAL frame, then the checkpoint copy into the database), checksummed in 64 KiB pages and read
-back for the copy: 250-400 us of CPU per event on the ingest host, more than the whole rest of
-an upload (docs/benchmarks.md). Appending it to a file with ``writev`` and one ``fdatasync`` per
-group commit costs a few tens of us. SQLite keeps only the small index row (device, seq, hash,
-lease state, and where the envelope lies), so leasing, acks, dedupe and dead letters keep their
-transactions.
-
-Durability: a batch is appended and ``fdatasync``'d *before* its index rows are committed, so
-every event the ingest answered 202 has its full record on disk. The index commit itself may
-then skip its fsync (``synchronous=NORMAL``): if a power cut loses it, the records are still in
-the segment and ``recover`` indexes them again from the segment's ``indexed_upto`` mark, exactly
-once, because the dedupe keys are restored with them.
-
-Record layout (big-endian), one per event, back to back::
-
-    magic   4  b"EKS1"
-    length  4  bytes after the crc field
-    crc32   4  zlib.crc32 of those bytes
-    seq     8  unsigned
-    received_at 8  float64
-    payload_hash 32
-    id_len  1
-    device_id  id_len bytes, ASCII
-    envelope   the rest
-
-A torn tail (a record cut short or with a bad crc: the write was in progress at the crash, so
-nobody was answered 202 for it) ends the scan and is truncated away.
-
-Ownership: each segment is written by one process, which holds an exclusive ``flock`` on it for
-as long as it may append. Recovery only touches segments it can lock, so it never races a live
-writer; a segment whose writer is gone is sealed (never appended to again) once recovered.
+A ``SegmentWriter`` appends a batch of records with ``writev`` and one ``fdatasync`` (the index
+rows are committed after it), holding an exclusive ``flock`` on its segment while it may append;
+``SegmentReader`` reads envelopes back by location; ``scan`` reads every intact record from an
+offset, for recovery, and says where a torn tail begins. Why segments, the durability argument
+and the record layout are in docs/storage.md.
 """
 
 from __future__ import annotations
@@ -47,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edgekeeper.cloud.queue.base import QueuedEvent
+from edgekeeper.fs import open_private
 
 MAGIC = b"EKS1"
 _PREFIX = struct.Struct(">4sII")  # magic, length, crc32
@@ -93,7 +67,7 @@ class SegmentWriter:
     def __init__(self, directory: Path, segment_id: int) -> None:
         self.segment_id = segment_id
         self.path = directory / segment_name(segment_id)
-        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        fd = open_private(self.path, os.O_WRONLY | os.O_APPEND)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             stat = os.fstat(fd)

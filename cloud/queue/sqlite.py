@@ -1,19 +1,9 @@
-"""The embedded queue: an index in one SQLite file (WAL, synchronous=FULL) in the cloud data
-directory, and the envelopes' bytes in append-only segment files beside it
-(``queue-segments/``, see cloud/queue/segments.py for why and how).
+"""The embedded queue: an index in ``queue.sqlite`` (edgekeeper/sqlite.py) and the envelopes
+in append-only segment files beside it (cloud/queue/segments.py).
 
-Enqueues are group-committed: while one batch is being fsync'd, new enqueues wait in a list,
-and the next batch takes all of them. A batch is appended to the current segment and
-``fdatasync``'d, then its index rows are committed; each caller hears back only after both, so
-"QUEUED means durable" stays true while one fsync serves many uploads. The index commit skips
-its own fsync: the segment already holds everything needed to rebuild those rows, and
-``open()`` does so for any segment whose writer died (``_recover``).
-
-Tables: ``events`` (ready and leased; a lease is ``lease_token`` + ``available_at`` in the
-future; the envelope is in a segment at ``segment``/``seg_offset``/``seg_length``, or inline in
-``envelope`` for events put back from the dead letters), ``seen`` (dedupe keys with payload
-hash, kept ``seen_retention_s`` after arrival), ``dead`` (dead letters, envelope inline),
-``segments`` (each segment file: how far it is indexed, whether its writer is done with it).
+Enqueues are group-committed on the database thread: a batch is appended to a segment and
+fdatasync'd, then its index rows are committed, then its callers hear QUEUED. The tables, the
+durability argument and the recovery of a dead writer's segment are in docs/storage.md.
 """
 
 from __future__ import annotations
@@ -25,6 +15,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Sequence
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -46,8 +37,9 @@ from edgekeeper.cloud.queue.segments import (
     segment_name,
     try_lock,
 )
-from edgekeeper.cloud.sqlitedb import SQLiteDB, transaction
+from edgekeeper.fs import private_dir
 from edgekeeper.log import get_logger
+from edgekeeper.sqlite import Database, Pragmas, transaction
 
 log = get_logger(__name__)
 
@@ -116,7 +108,7 @@ class SQLiteQueue:
 
     def __init__(
         self,
-        path: Path,
+        db: Database,
         *,
         max_attempts: int = 5,
         seen_retention_s: float = DEFAULT_SEEN_RETENTION_S,
@@ -125,12 +117,15 @@ class SQLiteQueue:
         self.max_attempts = max_attempts
         self.segment_bytes = segment_bytes
         self.seen_retention_s = seen_retention_s
-        self._db = SQLiteDB(Path(path), SCHEMA, name="queue", page_size=PAGE_SIZE)
-        self.segments_dir = self._db.path.parent / f"{self._db.path.stem}-segments"
+        self._db = db
+        self.segments_dir = db.path.parent / f"{db.path.stem}-segments"
         self._writer: SegmentWriter | None = None  # only a process that enqueues has one
         self._reader = SegmentReader(self.segments_dir)
         self._pending: list[tuple[QueuedEvent, asyncio.Future[EnqueueStatus]]] = []
-        self._flusher: asyncio.Task[None] | None = None
+        # True while a drain job is scheduled on the database thread. The thread owns the
+        # group commit: no asyncio task runs it, so none can be left behind; close() waits for
+        # it to end (under _lock, like _pending).
+        self._draining = False
         self._lock = threading.Lock()
         self._batches = 0
         # How many events each commit carried, for the bench and logs.
@@ -139,19 +134,20 @@ class SQLiteQueue:
 
     @classmethod
     async def open(cls, path: Path, **kwargs: Any) -> SQLiteQueue:
-        queue = cls(path, **kwargs)
-        await queue._db.open()
+        db = await Database.open(path, name="queue", schema=SCHEMA,
+                                 pragmas=Pragmas(page_size=PAGE_SIZE), setting="cloud.data_dir")
+        queue = cls(db, **kwargs)
         try:
-            await queue._db.run(queue._prepare)
+            await db.run(queue._prepare)
         except BaseException:
-            await queue._db.close()
+            await db.close()
             raise
         return queue
 
     # --- segments: setup, recovery, rollover, collection ---------------------------------
 
     def _prepare(self, conn: sqlite3.Connection) -> None:
-        self.segments_dir.mkdir(mode=0o700, exist_ok=True)
+        private_dir(self.segments_dir)
         columns = {row[1] for row in conn.execute("PRAGMA table_info(events)")}
         if "segment" not in columns:  # a queue file from before segments: add the columns
             with transaction(conn):
@@ -203,11 +199,11 @@ class SQLiteQueue:
                 if fd is not None and good_end < size:
                     os.ftruncate(fd, good_end)
                     os.fsync(fd)
-                    log.warning("queue_segment_tail_cut", segment=path.name,
+                    log.warning("queue.segment_tail_cut", segment=path.name,
                                 bytes=size - good_end,
                                 why="a record cut short by a crash (nobody was told it was queued)")
                 if added:
-                    log.warning("queue_segment_recovered", segment=path.name, events=added)
+                    log.warning("queue.segment_recovered", segment=path.name, events=added)
             finally:
                 if fd is not None:
                     os.close(fd)
@@ -295,30 +291,44 @@ class SQLiteQueue:
         fut: asyncio.Future[EnqueueStatus] = loop.create_future()
         with self._lock:  # the database thread takes batches from this list
             self._pending.append((event, fut))
-        if self._flusher is None or self._flusher.done():
-            self._flusher = loop.create_task(self._flush())
+            start, self._draining = not self._draining, True
+        if start:
+            self._schedule_drain(loop)
         # shield: a client that disconnects must not cancel a commit other callers share.
         return await asyncio.shield(fut)
+
+    def _schedule_drain(self, loop: asyncio.AbstractEventLoop) -> None:
+        try:
+            job = self._db.submit(self._drain, loop)
+        except RuntimeError as err:  # the database is closed: nobody will commit these
+            with self._lock:
+                self._draining = False
+            loop.call_soon_threadsafe(self._fail, self._take(), err)
+            return
+        job.add_done_callback(lambda done: self._drain_failed(done, loop))
+
+    def _drain_failed(self, done: Future[None], loop: asyncio.AbstractEventLoop) -> None:
+        err = done.exception()
+        if err is not None:  # the job itself failed (database closed): fail the waiters
+            with self._lock:
+                self._draining = False
+            failure = err if isinstance(err, Exception) else RuntimeError(err)
+            loop.call_soon_threadsafe(self._fail, self._take(), failure)
 
     def _take(self) -> list[tuple[QueuedEvent, asyncio.Future[EnqueueStatus]]]:
         with self._lock:
             batch, self._pending = self._pending, []
+            if not batch:
+                self._draining = False  # under the lock: the next enqueue schedules a drain
         return batch
-
-    async def _flush(self) -> None:
-        loop = asyncio.get_running_loop()
-        while self._pending:
-            try:
-                await self._db.run(self._drain, loop)
-            except Exception as err:  # the job never ran (database closed): fail the waiters
-                self._fail(self._take(), err)
 
     def _drain(self, conn: sqlite3.Connection, loop: asyncio.AbstractEventLoop) -> None:
         """On the database thread: commit batch after batch while uploads keep arriving.
 
         The next commit starts as soon as the previous one is fsync'd, without a round trip
         through the (busy) event loop in between; each batch's callers are woken as soon as
-        their own commit is done. Bounded so other queue calls are not starved.
+        their own commit is done. After a few batches the job schedules itself again behind
+        the calls that queued meanwhile (lease, ack, stats), so they are not starved.
         """
         for _ in range(_MAX_CHAINED_BATCHES):
             batch = self._take()
@@ -327,12 +337,14 @@ class SQLiteQueue:
             try:
                 outcomes = self._write_batch(conn, [e for e, _ in batch])
             except BaseException as err:
-                failure = err if isinstance(err, Exception) else RuntimeError(err)
+                failure = (self._db.classify(err) if isinstance(err, sqlite3.Error)
+                           else err if isinstance(err, Exception) else RuntimeError(err))
                 loop.call_soon_threadsafe(self._fail, batch, failure)
                 if not isinstance(err, Exception):
                     raise
                 continue
             loop.call_soon_threadsafe(self._settle, batch, outcomes)
+        self._schedule_drain(loop)  # still _draining: more arrived meanwhile, or none (ends)
 
     @staticmethod
     def _settle(
@@ -429,7 +441,7 @@ class SQLiteQueue:
                         except OSError as err:
                             # The bytes are gone (segment file removed or cut by hand): say so
                             # once, as a dead letter, instead of failing every lease after it.
-                            log.error("queue_envelope_unreadable", device=dev, seq=seq,
+                            log.error("queue.envelope_unreadable", device_id=dev, seq=seq,
                                       error=str(err))
                             self._move_dead(
                                 conn, rid, QueuedEvent(dev, seq, bytes(phash), b"", received),
@@ -632,7 +644,7 @@ class SQLiteQueue:
             return {"index_bytes": index, "segments": len(segments),
                     "segment_bytes": sum(segments), "segments_dir": str(self.segments_dir)}
 
-        return await asyncio.to_thread(do)
+        return await self._db.run(lambda _conn: do())
 
     async def keys(self) -> list[tuple[str, int]]:
         """Every (device_id, seq) waiting or leased, in order (for tests and inspection)."""
@@ -647,8 +659,10 @@ class SQLiteQueue:
         await self._db.run(lambda conn: conn.execute("SELECT 1").fetchone())
 
     async def close(self) -> None:
-        if self._flusher is not None and not self._flusher.done():
-            await asyncio.wait([self._flusher])
+        # Let the group commit finish what was handed to it: each run() below queues behind
+        # the drain jobs already scheduled on the database thread.
+        while self._draining and not self._db.closed:
+            await self._db.run(lambda conn: None)
         try:
             await self._db.run(self._release_writer)
         except RuntimeError:

@@ -1,5 +1,5 @@
-"""The embedded store: registry, enrolment tokens and sealed results in one SQLite file
-(WAL, synchronous=FULL) in the cloud data directory. See base.py for the contract."""
+"""The embedded store: registry, enrolment tokens, sealed results and usage in ``store.sqlite``
+(edgekeeper/sqlite.py; docs/storage.md). See base.py for the contract."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import sqlite3
 from collections.abc import Sequence
 from pathlib import Path
 
-from edgekeeper.cloud.sqlitedb import SQLiteDB, transaction
 from edgekeeper.cloud.store.base import (
     DeviceRecord,
     EnrollOutcome,
@@ -18,6 +17,7 @@ from edgekeeper.cloud.store.base import (
     check_enrollment,
 )
 from edgekeeper.protocol.errors import InvalidToken
+from edgekeeper.sqlite import Database, transaction
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS devices (
@@ -99,14 +99,13 @@ def _bump_registry(conn: sqlite3.Connection) -> None:
 class SQLiteStore:
     """Store on one SQLite file. Create with ``await SQLiteStore.open(path)``."""
 
-    def __init__(self, path: Path) -> None:
-        self._db = SQLiteDB(Path(path), SCHEMA, name="store")
+    def __init__(self, db: Database) -> None:
+        self._db = db
 
     @classmethod
     async def open(cls, path: Path) -> SQLiteStore:
-        store = cls(path)
-        await store._db.open()
-        return store
+        return cls(await Database.open(path, name="store", schema=SCHEMA,
+                                       setting="cloud.data_dir"))
 
     @property
     def path(self) -> Path:

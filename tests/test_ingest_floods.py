@@ -1,0 +1,119 @@
+"""Cheap floods against the real ingest on 127.0.0.1: uploads under an unknown device id must
+not cost a store read each (negative lookups are cached: bounded, short-lived, dropped on
+enrollment), and one signed long-poll replayed inside the freshness window must not hold more
+than ``cloud.results_max_polls_per_device`` sockets (the rest get 429 with Retry-After)."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+from edgekeeper.cloud.backends import open_store
+from edgekeeper.cloud.ingest import Registry
+from edgekeeper.config import CloudSection
+from edgekeeper.protocol.keys import DeviceKeys
+
+from cloudkit import Device, enroll_device, make_event, running_cloud, until
+
+
+async def test_a_flood_under_an_unknown_id_costs_one_store_read(tmp_path: Path) -> None:
+    # No background refresh during the flood: every store read counted is the flood's.
+    async with running_cloud(tmp_path, registry_refresh_seconds=3600.0) as cloud:
+        registry = cloud.server.state.registry
+        keys = DeviceKeys.generate()
+        ghost = Device("pi-ghost", keys, cloud.keys.public())
+        envelopes = [ghost.seal(make_event("pi-ghost", seq)) for seq in range(1, 301)]
+        before = registry.store_reads
+        answers = []
+        for wave in range(0, len(envelopes), 50):  # 50 at once: within max_inflight (64)
+            answers += await asyncio.gather(
+                *(cloud.post_envelope(e) for e in envelopes[wave:wave + 50]))
+        assert {(status, body["error"]["code"]) for status, body, _ in answers} == {
+            (401, "unknown_device")}
+        assert registry.store_reads - before == 1  # one read, however many came at once
+        # The same device enrolls through this ingest: its next upload is taken at once.
+        await cloud.enroll("pi-ghost", keys)
+        status, body, _ = await cloud.post_envelope(ghost.seal(make_event("pi-ghost", 1)))
+        assert status == 202, body
+
+
+async def test_an_enrollment_through_another_process_clears_the_miss(tmp_path: Path) -> None:
+    async with running_cloud(tmp_path) as cloud:  # registry_refresh_seconds=0.05
+        keys = DeviceKeys.generate()
+        late = Device("pi-late", keys, cloud.keys.public())
+        status, body, _ = await cloud.post_envelope(late.seal(make_event("pi-late", 1)))
+        assert (status, body["error"]["code"]) == (401, "unknown_device")
+        # Enrolled straight into the store, as another ingest process or the CLI would.
+        keys = await enroll_device(cloud.store, "pi-late")
+        late = Device("pi-late", keys, cloud.keys.public())
+
+        async def accepted() -> bool:
+            status, _, _ = await cloud.post_envelope(late.seal(make_event("pi-late", 1)))
+            return status == 202
+
+        await until(accepted)  # the registry refresh sees the new version and forgets the miss
+
+
+async def test_negative_cache_is_bounded_and_expires(tmp_path: Path) -> None:
+    store = await open_store("sqlite", tmp_path, section=CloudSection())
+    now = [1000.0]
+    try:
+        registry = Registry(store, 3600.0, clock=lambda: now[0], negative_ttl_s=2.0,
+                            negative_max=3)
+        await registry.load()
+        for i in range(5):
+            assert await registry.get(f"ghost-{i}") is None
+        assert registry.store_reads == 5
+        assert await registry.get("ghost-4") is None  # remembered
+        assert registry.store_reads == 5
+        assert await registry.get("ghost-0") is None  # the oldest was let go: read again
+        assert registry.store_reads == 6
+        now[0] += 2.5  # past the TTL: read again (an enrollment the refresh has not seen yet)
+        assert await registry.get("ghost-4") is None
+        assert registry.store_reads == 7
+        await enroll_device(store, "ghost-4")
+        now[0] += 2.5
+        assert await registry.get("ghost-4") is not None
+    finally:
+        await store.close()
+
+
+async def test_a_replayed_long_poll_holds_at_most_the_cap(tmp_path: Path) -> None:
+    async with running_cloud(tmp_path, results_max_wait_seconds=30.0,
+                             results_max_polls_per_device=2) as cloud:
+        device = await cloud.enroll("pi-poll")
+        query = "cursor=0&wait=30&limit=20"
+        headers = device.signed("GET", "/v1/results", query)  # signed once, replayed below
+        url = f"{cloud.url}/v1/results?{query}"
+
+        async def poll() -> tuple[int, Any, str | None]:
+            async with cloud.session.get(url, headers=headers) as resp:
+                return resp.status, await resp.json(), resp.headers.get("Retry-After")
+
+        state = cloud.server.state
+        held = [asyncio.create_task(poll()) for _ in range(2)]
+        await until(lambda: _async(len(state.polls.get("pi-poll", ())) == 2))
+        refused = await asyncio.gather(*(poll() for _ in range(50)))
+        for status, body, retry_after in refused:
+            assert status == 429 and body["error"]["code"] == "rate_limited", body
+            assert "results_max_polls_per_device" in body["error"]["message"]
+            assert retry_after is not None and 1 <= int(retry_after) <= 30
+        assert not any(t.done() for t in held)
+        # a poll that does not wait is never refused
+        quick = "cursor=0&wait=0&limit=20"
+        async with cloud.session.get(f"{cloud.url}/v1/results?{quick}",
+                                     headers=device.signed("GET", "/v1/results", quick)) as r:
+            assert r.status == 200
+        # A result ends the held polls; the cap frees up with them.
+        await cloud.store.put_result(device_id="pi-poll", seq=1, envelope=b"sealed",
+                                     now=state.clock())
+        for status, body, _ in await asyncio.gather(*held):
+            assert status == 200 and len(body["results"]) == 1
+        assert "pi-poll" not in state.polls
+        status, body, _ = await poll()
+        assert status == 200 and len(body["results"]) == 1
+
+
+async def _async(value: bool) -> bool:
+    return value

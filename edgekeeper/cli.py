@@ -93,9 +93,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         err = user_error(exc)
         if err is None:
             raise
-        # One line (journald keeps each line apart): what went wrong, then how to fix it.
-        fix = f"; fix: {err.fix}" if err.fix else ""
-        print(f"edgekeeper: error: {err.message}{fix}", file=sys.stderr)
+        print(f"edgekeeper: error: {err}", file=sys.stderr)
         return err.exit_code
     except KeyboardInterrupt:
         print("edgekeeper: interrupted", file=sys.stderr)

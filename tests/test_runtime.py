@@ -235,9 +235,10 @@ async def test_a_rejected_api_key_stops_the_worker_with_one_line(tmp_path: Path)
             code = await p.exited()
         assert [r.status for r in fake.requests] == [401]  # asked once, not retried forever
     assert code == 1
-    errors = [line for line in p.lines if "refused the API key" in line]
-    assert len(errors) == 1 and errors[0].startswith("edgekeeper: error:")
-    assert "fix: check ANTHROPIC_API_KEY" in errors[0]
+    # One message: the error line, then its fix.
+    errors = [i for i, line in enumerate(p.lines) if "refused the API key" in line]
+    assert len(errors) == 1 and p.lines[errors[0]].startswith("edgekeeper: error:")
+    assert p.lines[errors[0] + 1].startswith("  fix: check ANTHROPIC_API_KEY")
     assert KEY not in "\n".join(p.lines)
     assert not any("Traceback" in line for line in p.lines)
     # Not the events' fault: none dead-lettered, none charged an attempt, all still queued.

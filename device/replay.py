@@ -4,13 +4,16 @@
 media-time mode), builds the same gates, trigger policy and capture, and runs ``Pipeline`` with
 ``ordered=True``: the same input and config give the same events, every time. With ground-truth
 labels it scores the gate (precision, recall, triggers per hour); ``device/report.py`` turns the
-result into JSON and an HTML page with plots.
+result into JSON and an HTML page with plots. A result also names each model file it ran (variant,
+sha256) and keeps a small thumbnail of each event's key frames for that page.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +21,7 @@ from typing import Any
 
 from edgekeeper import config as config_mod
 from edgekeeper.config import Config
+from edgekeeper.device.events import Event
 from edgekeeper.device.gate import Gate
 from edgekeeper.device.loop import Pipeline, PipelineStats
 from edgekeeper.device.manifest import load_manifest
@@ -42,6 +46,51 @@ class Gates:
         if self.audio is not None:
             out["audio"] = self.audio.manifest.tag
         return out
+
+    def describe(self, config: Config) -> dict[str, dict[str, Any]]:
+        """Per modality: the model tag, its variant and every file it ran, with sha256.
+
+        ``name@version`` alone cannot tell a float build from an int8 one (both ship as
+        person@1.0.0); the hashes can, and say exactly which files a report is about.
+        Reads the model files: call it off the event loop.
+        """
+        specs = {"vision": config.gate.vision_model, "audio": config.gate.audio_model}
+        out: dict[str, dict[str, Any]] = {}
+        for modality, gate in (("vision", self.vision), ("audio", self.audio)):
+            if gate is None:
+                continue
+            m = gate.manifest
+            # A built-in model is picked by gate.variant (manifest-<variant>.json); a manifest
+            # given by path, or a built-in one without variants, is what it is.
+            variant = config.gate.variant
+            picked = specs[modality].startswith("builtin:") and m.path.name == (
+                f"manifest-{variant}.json"
+            )
+            files = [("manifest", m.path)]
+            with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+                labels = json.loads(m.path.read_bytes())["labels"]  # loading checked it exists
+                files.append(("labels", m.path.parent / str(labels)))
+            files += [(f"stage {i}", s.model) for i, s in enumerate(m.stages)]
+            out[modality] = {
+                "tag": m.tag,
+                "spec": specs[modality],
+                "variant": variant if picked else None,
+                "manifest": str(m.path.resolve()),
+                "files": [
+                    {"role": role, "path": str(path.resolve()), "bytes": path.stat().st_size,
+                     "sha256": _sha256(path)}
+                    for role, path in files
+                ],
+            }
+        return out
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 @contextlib.asynccontextmanager
@@ -95,6 +144,12 @@ class ReplayResult:
     models: dict[str, str]
     metrics: dict[str, Any] = field(default_factory=dict)
     events: list[dict[str, Any]] = field(default_factory=list)
+    # Per modality: tag, variant, files and their sha256 (Gates.describe).
+    gates: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # seq -> small JPEGs of the event's key frames, for the report page (not in report.json).
+    thumbnails: dict[int, list[bytes]] = field(default_factory=dict)
+    # Where the events were written as files (a LocalSink); None when they went to another sink.
+    events_dir: Path | None = None
 
     @property
     def streaming_bytes(self) -> int:
@@ -164,19 +219,45 @@ def evaluate(
     return out
 
 
+THUMBNAIL_WIDTH = 160
+
+
+def thumbnails(frames: tuple[bytes, ...], width: int = THUMBNAIL_WIDTH) -> list[bytes]:
+    """Each JPEG scaled down to ``width`` pixels (never up), re-encoded small."""
+    import cv2
+    import numpy as np
+
+    out = []
+    for jpeg in frames:
+        image = cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR)
+        if image is None:  # not a JPEG we can read: leave it out rather than fail the report
+            continue
+        h, w = image.shape[:2]
+        if w > width:
+            image = cv2.resize(image, (width, max(1, round(h * width / w))),
+                               interpolation=cv2.INTER_AREA)
+        ok, buf = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, 75])
+        if ok:
+            out.append(buf.tobytes())
+    return out
+
+
 class _RecordingSink:
-    """Wraps a sink to keep each event's metadata for the report."""
+    """Wraps a sink to keep each event's metadata and key-frame thumbnails for the report."""
 
     def __init__(self, inner: Sink) -> None:
         self.inner = inner
         self.metas: list[dict[str, Any]] = []
+        self.thumbnails: dict[int, list[bytes]] = {}
 
     async def next_seq(self) -> int | None:
         return await self.inner.next_seq()
 
-    async def deliver(self, event: Any) -> None:
+    async def deliver(self, event: Event) -> None:
         await self.inner.deliver(event)
         self.metas.append({**event.meta(), "payload_bytes": event.payload_bytes})
+        if event.frames:
+            self.thumbnails[event.seq] = await asyncio.to_thread(thumbnails, event.frames)
 
     async def aclose(self) -> None:
         await self.inner.aclose()
@@ -225,7 +306,15 @@ async def replay_recording(
             record_timeline=True,
         )
         stats = await _run_with_progress(pipeline, rec, show=progress)
-        result = ReplayResult(rec, stats, gates.models, events=recorder.metas)
+        result = ReplayResult(
+            rec,
+            stats,
+            gates.models,
+            events=recorder.metas,
+            gates=await asyncio.to_thread(gates.describe, config),
+            thumbnails=recorder.thumbnails,
+            events_dir=events_dir if sink is None else None,
+        )
         if rec.labels is not None:
             duration = max(rec.duration, stats.media_seconds)
             result.metrics = evaluate(rec.labels, stats, config, duration)

@@ -43,5 +43,5 @@ def test_systemd_readme_installs_the_shipped_examples() -> None:
     text = (ROOT / "systemd" / "README.md").read_text()
     for name in ("examples/device.toml", "examples/cloud.toml"):
         assert name in text and (ROOT / name).is_file()
-    # Enrollment lands where the unit looks.
+    # Enrollment must land where the unit looks, not under /root.
     assert "EDGEKEEPER_STATE_DIR=/var/lib/edgekeeper" in text

@@ -1,5 +1,5 @@
 """Cloud subcommands: ``edgekeeper cloud serve | worker | status | token | revoke | devices |
-keys | dlq | usage``."""
+keys | dlq | usage``. ``serve`` and ``worker`` run under edgekeeper.runtime."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import sys
 import time
 from typing import Any
 
+from edgekeeper import runtime
 from edgekeeper.config import Config
 from edgekeeper.errors import InputError
 
@@ -26,7 +27,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     cloud.set_defaults(handler=lambda args, config: (cloud.print_help(), 2)[1])
     csub = cloud.add_subparsers(dest="cloud_command", metavar="SUBCOMMAND")
 
-    p = _add(csub, "serve", "run the ingest (HTTP API) until SIGINT/SIGTERM", _serve)
+    p = _add(csub, "serve", "run the ingest (HTTP API) until SIGINT/SIGTERM (SIGHUP: re-read "
+             "the device registry)", _serve)
     p.add_argument("--host", help="address to listen on (default: cloud.host)")
     p.add_argument("--port", type=int, help="port to listen on (default: cloud.port)")
 
@@ -57,18 +59,21 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 
 def _serve(args: argparse.Namespace, config: Config) -> int:
-    from edgekeeper.cloud.ingest import serve
+    from edgekeeper.cloud.ingest import build_server
 
     if args.port is not None and not 0 <= args.port <= 65535:
         raise InputError(f"--port {args.port} is not a port", fix="use 0-65535 (0: any free)")
-    asyncio.run(serve(config, host=args.host, port=args.port))
+    server = build_server(config, host=args.host, port=args.port)
+    runtime.run(server.run, name="ingest", drain_seconds=args.drain_seconds,
+                reload=server.reload)
     return 0
 
 
 def _worker(args: argparse.Namespace, config: Config) -> int:
     from edgekeeper.cloud.worker import run_worker
 
-    stats = asyncio.run(run_worker(config, burst=args.burst))
+    stats = runtime.run(lambda stop: run_worker(config, burst=args.burst, stop=stop),
+                        name="worker", drain_seconds=args.drain_seconds)
     print(f"done {stats.done}, retried {stats.retried}, dead-lettered {stats.dead}, "
           f"already done {stats.skipped}, waiting for budget {stats.waiting}, "
           f"cost {stats.cost_usd:.4f} USD")

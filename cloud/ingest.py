@@ -3,19 +3,20 @@ health (HTTP API in docs/protocol.md).
 
 What it guarantees:
 
-* ``202`` for an event only after the queue has durably committed it (group commit, see
-  cloud/queue/sqlite.py); ``200 duplicate`` for an idempotent retry, with no side effect.
+* ``202`` for an event only after the queue has durably committed it; ``200 duplicate`` for an
+  idempotent retry, with no side effect.
 * Every refusal is a JSON error with a stable code, decided before any side effect: nothing is
   enqueued, no token consumed, nothing acked.
 * Memory is bounded: bodies are refused by Content-Length before they are read, chunked bodies
   are read only up to the limit, and at most ``cloud.max_inflight`` uploads are handled at once
-  (more get ``503`` + Retry-After), so the ingest holds at most about
-  max_inflight * max_event_bytes of bodies.
+  (more get ``503`` + Retry-After).
 
 Public API: ``create_app(section, data_dir, *, store=None, queue=None, keys=None, clock=...)``
 (injected backends are not closed by the app; otherwise it opens them from ``data_dir`` in a
 cleanup context), ``IngestServer`` (owns the runner: ``await start() -> url``, ``await stop()``,
-``await run_forever()``), ``serve(config, host=None, port=None)`` for the CLI.
+``await run(stop)``, ``await reload()``) and ``build_server(config, host, port)`` for
+``edgekeeper cloud serve``, which runs it under edgekeeper.runtime. The app starts no task of its
+own: the registry refresh and the results watch run inside the requests that need them.
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ import functools
 import json
 import math
 import os
-import signal
 import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -113,11 +113,11 @@ NEGATIVE_MAX = 10_000
 class Registry:
     """The device registry, cached in memory so an upload costs no database read.
 
-    A background task re-reads it whenever the store's ``registry_version`` changes (enrolments
-    and revocations made by other processes, e.g. ``edgekeeper cloud revoke``): a revocation
-    takes effect within ``cloud.registry_refresh_seconds``. Changes made through this process
-    apply at once. A device missing from the cache is looked up in the store before it is
-    called unknown (it may have enrolled through another ingest process a moment ago).
+    It is re-read when the store's ``registry_version`` has changed (enrolments and revocations
+    made by other processes, e.g. ``edgekeeper cloud revoke``), checked by the first request at
+    most every ``cloud.registry_refresh_seconds``: a revocation takes effect within that. Changes
+    made through this process apply at once. A device missing from the cache is looked up in the
+    store before it is called unknown (it may have enrolled through another ingest a moment ago).
 
     That miss is remembered (negative_ttl_s, at most negative_max ids, the oldest let go first)
     and requests for the same id share one read: a flood of uploads under an unknown id costs
@@ -131,9 +131,11 @@ class Registry:
                  negative_max: int = NEGATIVE_MAX) -> None:
         self._store = store
         self._refresh_s = refresh_s
+        self._clock = clock
         self._devices: dict[str, DevicePublicKeys] = {}
         self._version = -1
-        self._clock = clock
+        self._next_check = 0.0
+        self._lock = asyncio.Lock()
         self._negative_ttl_s = negative_ttl_s
         self._negative_max = negative_max
         self._absent: dict[str, float] = {}  # unknown id -> when to ask the store again
@@ -146,20 +148,29 @@ class Registry:
         self._devices = {d.device_id: d.public() for d in devices}
         self._absent.clear()
         self._version = version
+        self._next_check = self._clock() + self._refresh_s
 
-    async def refresh_forever(self) -> None:
-        while True:
-            await asyncio.sleep(self._refresh_s)
+    async def _refresh_if_due(self) -> None:
+        """Once due, the first request checks the version; requests arriving meanwhile wait
+        for that check (in order), so none of them is judged by a registry known to be old."""
+        if self._clock() < self._next_check:
+            return
+        async with self._lock:
+            if self._clock() < self._next_check:
+                return  # checked while we waited
             try:
                 if await self._store.registry_version() != self._version:
                     await self.load()
-            except Exception as err:  # a hiccup must not kill the refresher
-                log.warning("registry_refresh_failed", error=str(err))
+            except Exception as err:  # the store hiccuped: keep the cache, look again later
+                log.warning("ingest.registry_refresh_failed", error=str(err)[:300])
+            finally:
+                self._next_check = self._clock() + self._refresh_s
 
     def cached(self, device_id: str) -> DevicePublicKeys | None:
         return self._devices.get(device_id)
 
     async def get(self, device_id: str) -> DevicePublicKeys | None:
+        await self._refresh_if_due()
         found = self._devices.get(device_id)
         if found is not None:
             return found
@@ -168,13 +179,31 @@ class Registry:
             if self._clock() < retry_at:
                 return None
             del self._absent[device_id]
-        pending = self._reads.get(device_id)
-        if pending is None:
-            pending = asyncio.ensure_future(self._read(device_id))
-            self._reads[device_id] = pending
-            pending.add_done_callback(lambda _: self._reads.pop(device_id, None))
-        # shielded: one waiter going away (client gone) must not cancel the others' read
-        return await asyncio.shield(pending)
+        while (pending := self._reads.get(device_id)) is not None:
+            try:
+                # shielded: one waiter going away (client gone) must not cancel the read
+                return await asyncio.shield(pending)
+            except asyncio.CancelledError:
+                if not pending.cancelled():
+                    raise  # this request was cancelled, not the read
+                # the request that was reading went away: read in this one instead
+        # This request reads for everyone asking meanwhile: no task of its own outlives it.
+        shared: asyncio.Future[DevicePublicKeys | None] = (
+            asyncio.get_running_loop().create_future())
+        self._reads[device_id] = shared
+        try:
+            found = await self._read(device_id)
+        except BaseException as err:
+            if isinstance(err, Exception):
+                shared.set_exception(err)
+                shared.exception()  # retrieved: no "never retrieved" warning when none waits
+            else:
+                shared.cancel()
+            raise
+        finally:
+            self._reads.pop(device_id, None)
+        shared.set_result(found)
+        return found
 
     async def _read(self, device_id: str) -> DevicePublicKeys | None:
         self.store_reads += 1
@@ -223,9 +252,10 @@ class TokenBuckets:
 class ResultsWatch:
     """Wakes long-polls when the store gains a result.
 
-    Workers may run in other processes, so one shared task polls ``results_version`` every
-    ``poll_s`` while anyone waits (one cheap query per interval however many devices wait);
-    ``notify()`` wakes everyone at once for results stored by this process.
+    Workers may run in other processes, so while anyone waits, one of the waiting requests polls
+    ``results_version`` every ``poll_s`` for all of them (one cheap query per interval however
+    many devices wait); when it leaves, another waiter takes over. ``notify()`` wakes everyone
+    at once for results stored by this process. No background task: nothing outlives a request.
     """
 
     def __init__(self, store: Store, poll_s: float) -> None:
@@ -233,8 +263,7 @@ class ResultsWatch:
         self._poll_s = poll_s
         self._current = -1
         self._changed = asyncio.Event()
-        self._waiters = 0
-        self._task: asyncio.Task[None] | None = None
+        self._polling = False
 
     def notify(self, version: int | None = None) -> None:
         if version is not None:
@@ -243,44 +272,45 @@ class ResultsWatch:
         changed.set()
 
     async def _poll(self) -> None:
-        while self._waiters > 0:
-            try:
-                version = await self._store.results_version()
-            except Exception as err:
-                log.warning("results_poll_failed", error=str(err))
-            else:
-                if version != self._current:
-                    self._current = version
-                    self.notify()
-            await asyncio.sleep(self._poll_s)
+        try:
+            version = await self._store.results_version()
+        except Exception as err:
+            log.warning("ingest.results_poll_failed", error=str(err)[:300])
+            return
+        if version != self._current:
+            self._current = version
+            self.notify()
+
+    async def _changed_within(self, seconds: float) -> None:
+        changed = self._changed
+        with contextlib.suppress(TimeoutError):
+            async with compat.timeout(seconds):
+                await changed.wait()
 
     async def wait_newer(self, version: int, timeout: float) -> bool:
         """Wait until a result newer than ``version`` exists; False on timeout."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        self._waiters += 1
-        if self._task is None or self._task.done():
-            self._task = loop.create_task(self._poll())
-        try:
-            while self._current <= version:
-                remaining = deadline - loop.time()
-                if remaining <= 0:
-                    return False
-                changed = self._changed
-                try:
-                    async with compat.timeout(remaining):
-                        await changed.wait()
-                except TimeoutError:
-                    return False
-            return True
-        finally:
-            self._waiters -= 1
-
-    async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        while self._current <= version:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return False
+            if self._polling:  # another request polls; it wakes us, or hands over when it goes
+                await self._changed_within(remaining)
+                continue
+            self._polling = True
+            try:
+                while self._current <= version:
+                    remaining = deadline - loop.time()
+                    if remaining <= 0:
+                        return False
+                    await self._changed_within(min(remaining, self._poll_s))
+                    if self._current <= version:
+                        await self._poll()
+            finally:
+                self._polling = False
+                self.notify()  # whoever still waits: one of them polls from now on
+        return True
 
 
 # --- app state ----------------------------------------------------------------------------
@@ -455,7 +485,8 @@ async def post_event(request: web.Request) -> web.Response:
                 )
             )
         except Exception as err:
-            log.error("enqueue_failed", device=opened.device_id, seq=opened.seq, error=str(err))
+            log.error("ingest.enqueue_failed", device_id=opened.device_id, seq=opened.seq,
+                      error=str(err))
             raise ServiceError(
                 "the queue could not commit the event", code="unavailable", status=503,
                 retry_after=5.0,
@@ -481,7 +512,7 @@ async def post_enroll(request: web.Request) -> web.Response:
     record = await st.store.get_device(req.device_id)
     if record is not None:
         st.registry.update(record)
-    log.info("device_enrolled", device=req.device_id, outcome=outcome.value)
+    log.info("ingest.device_enrolled", device_id=req.device_id, outcome=outcome.value)
     return web.json_response(
         {
             "device_id": req.device_id,
@@ -589,7 +620,7 @@ async def errors_middleware(
         return await handler(request)
     except ProtocolError as err:
         request.app[STATE].count(f"refused_{err.code}")
-        log.info("request_refused", path=request.path, code=err.code, reason=err.message,
+        log.info("ingest.request_refused", path=request.path, code=err.code, reason=err.message,
                  remote=request.remote)
         return error_response(err.status, err.code, err.message, err.fix or "")
     except ServiceError as err:
@@ -609,11 +640,11 @@ async def errors_middleware(
         # The client went away mid-request (a device losing its link mid-upload): nothing was
         # enqueued, it will send again, and there is nobody to answer. Not a server error.
         request.app[STATE].count("client_gone")
-        log.info("client_gone", path=request.path, remote=request.remote)
+        log.info("ingest.client_gone", path=request.path, remote=request.remote)
         return error_response(400, "client_gone", "the connection closed mid-request",
                               "send the request again")
     except Exception:
-        log.exception("internal_error", path=request.path)
+        log.exception("ingest.internal_error", path=request.path)
         return error_response(500, "internal", "internal error", "retry later; report if it lasts")
 
 
@@ -650,7 +681,6 @@ def create_app(
             registry = Registry(own_store, section.registry_refresh_seconds)
             await registry.load()
             watch = ResultsWatch(own_store, section.results_poll_seconds)
-            stack.push_async_callback(watch.close)
             app[STATE] = IngestState(
                 section=section,
                 store=own_store,
@@ -665,13 +695,7 @@ def create_app(
                                       thread_name_prefix="ingest-crypto")
             stack.push_async_callback(asyncio.to_thread, pool.shutdown, True)
             app[STATE].crypto_pool = pool
-            refresher = asyncio.get_running_loop().create_task(registry.refresh_forever())
-            try:
-                yield
-            finally:
-                refresher.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await refresher
+            yield
 
     app.cleanup_ctx.append(resources)
     app.router.add_post("/v1/events", post_event)
@@ -723,36 +747,28 @@ class IngestServer:
             await self._runner.cleanup()
             self._runner = None
 
-    async def run_until(self, stop: asyncio.Event) -> None:
-        await self.start()
+    async def run(self, stop: asyncio.Event) -> None:
+        """Serve until ``stop``; then stop intake and let requests in flight finish (aiohttp's
+        shutdown_timeout bounds them, well inside the runtime's drain deadline)."""
+        url = await self.start()
+        log.info("ingest.listening", url=url)
         try:
             await stop.wait()
+            log.info("ingest.draining")
         finally:
             await self.stop()
 
+    async def reload(self) -> None:
+        """SIGHUP: re-read the device registry now (enrolments and revocations made elsewhere)."""
+        await self.state.registry.load()
 
-async def serve(config: Config, *, host: str | None = None, port: int | None = None) -> None:
-    """Run the ingest until SIGINT/SIGTERM (a second signal exits at once)."""
+
+def build_server(config: Config, *, host: str | None = None, port: int | None = None
+                 ) -> IngestServer:
+    """The ingest `edgekeeper cloud serve` runs (TLS files are read here, before any side
+    effect)."""
     section = config.cloud
-    tls = server_context(section.tls_cert_file, section.tls_key_file)  # before any side effect
+    tls = server_context(section.tls_cert_file, section.tls_key_file)
     app = create_app(section, config.cloud_data_dir)
-    server = IngestServer(app, host or section.host, section.port if port is None else port,
-                          ssl_context=tls)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-
-    def on_signal() -> None:
-        if stop.is_set():
-            raise SystemExit(130)  # pragma: no cover - second signal: exit now
-        log.info("ingest_stopping")
-        stop.set()
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(sig, on_signal)
-    url = await server.start()
-    log.info("ingest_listening", url=url, data_dir=str(config.cloud_data_dir))
-    try:
-        await stop.wait()
-    finally:
-        await server.stop()
+    return IngestServer(app, host or section.host, section.port if port is None else port,
+                        ssl_context=tls)

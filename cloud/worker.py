@@ -1,39 +1,18 @@
 """The worker: lease events from the queue, open them, ask the reasoner, store the result sealed
-for the device, ack. ``cloud.worker_concurrency`` events are in flight per process.
+for the device, ack. ``cloud.worker_concurrency`` events are in flight per process, each in its
+own task of ``Worker.run``'s TaskGroup, named after the event.
 
-Delivery rules:
+The result is stored before the ack and a stored result is never asked for twice (effectively
+once, with a heartbeat extending the lease while a call runs); an event that can never succeed
+is dead-lettered, its own transient failure is nacked with the backoff's delay for its attempt,
+and waits that are not its fault (provider down: the circuit opens; a budget spent) release it
+without spending an attempt. A provider that refuses the worker itself (``ProviderRefused``: the
+key, the model) stops it: leasing ends, the events in hand finish, ``run`` raises it. A lease
+that fails with a RetryableError (the queue backend away) is tried again after the backoff.
+docs/reasoning.md tells these rules in full; docs/runtime.md the stopping and the errors.
 
-* At-least-once: the result is stored *before* the ack, and ``put_result`` is idempotent on
-  (device_id, seq), so a worker killed between the two produces no second result.
-* Effectively-once: before calling a reasoner the worker asks the store whether a result for
-  (device_id, seq) exists; a redelivered event that has one is just acked, with no second
-  provider call. While a reasoner call runs, a heartbeat extends the lease every
-  ``visibility_s / 3``, so a call slower than the visibility does not let a second worker
-  lease the event and pay the provider again. If an extension finds the lease lost anyway (this
-  process stalled past the deadline and another worker took the event over), the call is
-  cancelled and nothing is stored or acked: the new holder answers the event.
-* An event that can never succeed (device unknown or revoked since, envelope fails to open or
-  its payload hash does not match, a reasoner's PermanentError) goes to the dead-letter list at
-  once; its own transient failure (``ReasonerUnavailable``: a malformed answer, any other
-  exception) is nacked with an exponential, jittered delay and dead-lettered after
-  ``cloud.queue_max_attempts`` deliveries.
-* Waits that are not the event's fault put it back with ``queue.release``, which charges no
-  attempt, so no number of them dead-letters it:
-
-  - Provider down (``ProviderUnavailable``): the event is released, due when the next probe
-    is, and the worker's circuit (cloud/backoff.py) opens: no leasing until a probe answers.
-  - Budgets (cloud/budget.py): checked before each call; over a limit, ``wait`` releases the
-    event until the next UTC day (a spent global budget also pauses leasing), ``cheaper`` asks
-    the cheaper reasoner. Usage of every call (even a failed one that was billed) is recorded.
-* Stand-ins never broaden authority: a result from the cheaper path, the fallback, or any
-  reasoner that says so is ``provisional``, names the reasoner that produced it, and its action
-  is capped at ``reasoner.provisional_max_action``.
-* ``Worker.run(burst=True)`` drains what is ready and returns (tests, cron); it also returns when
-  the provider is down or the global budget is spent, leaving the rest queued. Otherwise it
-  polls until ``stop`` is set, then finishes the events in hand.
-* Upkeep: results the devices acknowledged more than ``cloud.results_retention_seconds`` ago
-  are deleted when ``run`` starts and every hour while it runs (``_prune_results_hourly`` says
-  why the worker is the one to do it).
+``Worker.run(burst=True)`` drains what is ready and returns; otherwise it runs until ``stop``
+(edgekeeper.runtime sets it on SIGTERM/SIGINT), then finishes the events in hand.
 """
 
 from __future__ import annotations
@@ -42,20 +21,20 @@ import asyncio
 import contextlib
 import os
 import random
-import signal
 import socket
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar, cast
 
-from edgekeeper import compat
+from edgekeeper import compat, runtime
+from edgekeeper.backoff import Backoff, Circuit
 from edgekeeper.cloud.backends import open_queue, open_store
-from edgekeeper.cloud.backoff import Circuit, exponential, jittered
 from edgekeeper.cloud.budget import Budget, Decision
 from edgekeeper.cloud.keys import CloudKeys
-from edgekeeper.cloud.queue.base import EventQueue, Lease
+from edgekeeper.cloud.queue.base import EventQueue, Lease, QueuedEvent
 from edgekeeper.cloud.reasoners.base import (
+    ProviderRefused,
     ProviderUnavailable,
     Reasoner,
     ReasonerUnavailable,
@@ -66,7 +45,7 @@ from edgekeeper.cloud.reasoners.base import (
 )
 from edgekeeper.cloud.store.base import Store
 from edgekeeper.config import ACTIONS, Config
-from edgekeeper.errors import PermanentError, RetryableError
+from edgekeeper.errors import FatalError, PermanentError, RetryableError
 from edgekeeper.log import get_logger
 from edgekeeper.protocol.envelope import open_event, seal_result
 from edgekeeper.protocol.errors import ProtocolError
@@ -77,6 +56,9 @@ log = get_logger(__name__)
 
 RETRY_BASE_S = 5.0
 RETRY_CAP_S = 300.0
+# Waits while the queue backend is away (Redis or PostgreSQL restarting).
+BACKEND_BASE_S = 0.5
+BACKEND_CAP_S = 30.0
 # The midnight reset is spread over this many seconds, so waiting events do not all come back
 # at 00:00:00 UTC at once.
 BUDGET_RESET_SPREAD_S = 600.0
@@ -111,6 +93,11 @@ class WorkerStats:
     pruned: int = 0  # acknowledged results deleted after the retention
     probes: int = 0
     cost_usd: float = 0.0
+
+
+def _fields(event: QueuedEvent) -> dict[str, Any]:
+    """The log fields naming an event."""
+    return {"device_id": event.device_id, "seq": event.seq}
 
 
 def cap_action(action: str, limit: str) -> str:
@@ -156,6 +143,9 @@ class Worker:
         self.consumer = consumer or f"{socket.gethostname()}:{os.getpid()}"
         self.retry_base_s = retry_base_s
         self.retry_cap_s = retry_cap_s
+        # The nack delay of an event's n-th failed attempt (its count is the queue's).
+        self.retry_backoff = Backoff(retry_base_s, max(retry_base_s, retry_cap_s))
+        self.backend_backoff = Backoff(BACKEND_BASE_S, BACKEND_CAP_S)
         # None: no accounting at all (tests and the demo); run_worker always passes one.
         self.budget = budget
         self.over_budget = over_budget
@@ -172,17 +162,19 @@ class Worker:
         self.stats = WorkerStats()
         # A spent global budget (wait policy) pauses leasing until this clock() time.
         self._paused_until = 0.0
+        # Set by the first FatalError (a refused key): leasing stops, the events in hand
+        # finish, then run() raises it.
+        self._fatal: FatalError | None = None
 
     # --- the lease loop ---------------------------------------------------------------------
     async def run(self, *, burst: bool = False, stop: asyncio.Event | None = None) -> WorkerStats:
         stop = stop or asyncio.Event()
         slots = asyncio.Semaphore(self.concurrency)
-        backend_down = 0
         leasing_done = asyncio.Event()
         async with compat.TaskGroup() as tg:
             if self.results_retention_s > 0:
-                tg.create_task(self._prune_results_hourly(leasing_done))
-            while not stop.is_set():
+                tg.create_task(self._prune_results_hourly(leasing_done), name="worker-prune")
+            while not stop.is_set() and self._fatal is None:
                 if self.circuit.is_open or self._paused_until > self.clock():
                     if burst:
                         break  # leave the rest queued: nothing more can be done now
@@ -193,6 +185,10 @@ class Worker:
                 while free < self.concurrency and not slots.locked():
                     await slots.acquire()
                     free += 1
+                if stop.is_set() or self._fatal is not None:  # draining: lease no more
+                    for _ in range(free):
+                        slots.release()
+                    break
                 if self.circuit.is_open or self._paused_until > self.clock():
                     for _ in range(free):  # it failed while we waited for slots
                         slots.release()
@@ -201,23 +197,27 @@ class Worker:
                     leases = await self.queue.lease(
                         self.consumer, count=free, visibility_s=self.visibility_s
                     )
-                    backend_down = 0
-                except (OSError, ConnectionError, TimeoutError, RetryableError) as err:
+                    self.backend_backoff.reset()
+                except RetryableError as err:
                     # Redis or PostgreSQL went away: nothing is lost (events stay queued, leases
                     # expire), so wait and try again instead of exiting.
-                    backend_down += 1
-                    delay = min(30.0, 0.5 * 2 ** min(backend_down, 6))
-                    log.warning("worker_queue_unavailable", error=str(err)[:300], retry_in_s=delay)
+                    delay = self.backend_backoff.next_delay()
+                    log.warning("worker.queue_unavailable", error=err.message[:300],
+                                fix=err.fix, retry_in_s=round(delay, 2))
                     for _ in range(free):
                         slots.release()
-                    with contextlib.suppress(TimeoutError):
-                        async with compat.timeout(delay):
-                            await stop.wait()
+                    await runtime.sleep(stop, delay)
                     continue
+                if self._fatal is not None:  # it came while we leased: hand them back untouched
+                    for lease in leases:
+                        await self._put_back(lease, self._fatal.message, 0.0)
+                    for _ in range(free):
+                        slots.release()
+                    break
                 for _ in range(free - len(leases)):
                     slots.release()
                 for lease in leases:
-                    tg.create_task(self._guarded(lease, slots))
+                    tg.create_task(self._guarded(lease, slots), name=f"event {lease.event.key}")
                 if leases:
                     continue
                 if burst:
@@ -230,16 +230,18 @@ class Worker:
                     if not await self._ready():
                         break
                     continue
-                await _sleep(stop, self.poll_s)
+                await runtime.sleep(stop, self.poll_s)
             leasing_done.set()  # upkeep ends with the lease loop; the group awaits it
+        if self._fatal is not None:
+            raise self._fatal
         return self.stats
 
     async def _hold(self, stop: asyncio.Event) -> None:
         """Leasing is paused: wait for the budget day to turn, or probe the provider."""
         if self._paused_until > self.clock():
-            await _sleep(stop, min(self._paused_until - self.clock(), 60.0))
+            await runtime.sleep(stop, min(self._paused_until - self.clock(), 60.0))
             return
-        await _sleep(stop, self.circuit.remaining())
+        await runtime.sleep(stop, self.circuit.remaining())
         if stop.is_set():
             return
         self.stats.probes += 1
@@ -248,16 +250,19 @@ class Worker:
         except ProviderUnavailable as err:
             await self._record(err.usage, PROBE_DEVICE, 0, self.reasoner.name)
             wait = self.circuit.probe_failed(err.retry_after)
-            log.warning("worker_provider_still_down", reason=err.message,
+            log.warning("worker.provider_still_down", reason=err.message,
                         next_probe_s=round(wait, 1))
+            return
+        except FatalError as err:  # the key or the model is refused: no probe will ever pass
+            self._fatal = self._fatal or err
             return
         except Exception as err:  # an unexpected probe failure is still "not back yet"
             wait = self.circuit.probe_failed()
-            log.warning("worker_probe_failed", error=repr(err), next_probe_s=round(wait, 1))
+            log.warning("worker.probe_failed", error=repr(err), next_probe_s=round(wait, 1))
             return
         await self._record(usage, PROBE_DEVICE, 0, self.reasoner.name)
         down = self.circuit.close()
-        log.warning("worker_provider_back", down_s=round(down, 1))
+        log.warning("worker.provider_back", down_s=round(down, 1))
 
     async def _prune_results_hourly(self, leasing_done: asyncio.Event) -> None:
         """Prune acknowledged results now, then every PRUNE_EVERY_S until leasing is done.
@@ -270,7 +275,7 @@ class Worker:
         """
         while True:
             await self._prune_results(leasing_done)
-            await _sleep(leasing_done, PRUNE_EVERY_S)
+            await runtime.sleep(leasing_done, PRUNE_EVERY_S)
             if leasing_done.is_set():
                 return
 
@@ -288,11 +293,11 @@ class Worker:
                     break
         except Exception as err:
             # Housekeeping: the store being away must not stop the worker; next hour again.
-            log.warning("worker_results_prune_failed", error=repr(err)[:300],
+            log.warning("worker.results_prune_failed", error=repr(err)[:300],
                         retry_in_s=PRUNE_EVERY_S)
         self.stats.pruned += pruned
         if pruned:
-            log.info("worker_results_pruned", count=pruned, acked_before=round(cutoff))
+            log.info("worker.results_pruned", count=pruned, acked_before=round(cutoff))
 
     async def _ready(self) -> bool:
         stats = await self.queue.stats()
@@ -301,8 +306,12 @@ class Worker:
     async def _guarded(self, lease: Lease, slots: asyncio.Semaphore) -> None:
         try:
             await self.process(lease)
+        except FatalError as err:
+            # The worker as a whole cannot go on (process() released the event): stop leasing,
+            # let the events in hand finish, then run() raises it.
+            self._fatal = self._fatal or err
         except Exception as err:  # never let one event take the worker down
-            log.exception("worker_event_crashed", key=lease.event.key, error=str(err))
+            log.exception("worker.event_crashed", **_fields(lease.event), error=str(err))
             await self._retry(lease, f"worker error: {err!r}")
         finally:
             slots.release()
@@ -315,7 +324,7 @@ class Worker:
             # second copy was leased): nothing to do but ack. No second provider call.
             await self.queue.ack(lease)
             self.stats.skipped += 1
-            log.info("worker_event_already_done", key=ev.key, attempts=lease.attempts)
+            log.info("worker.event_already_done", **_fields(ev), attempts=lease.attempts)
             return
         record = await self.store.get_device(ev.device_id)
         if record is None or record.revoked:
@@ -374,10 +383,10 @@ class Worker:
         await self.store.put_result(device_id=ev.device_id, seq=ev.seq, envelope=sealed,
                                     now=self.clock())
         if not await self.queue.ack(lease):
-            log.warning("worker_lease_lost", key=ev.key, attempts=lease.attempts, during="ack")
+            log.warning("worker.lease_lost", **_fields(ev), attempts=lease.attempts, during="ack")
         self.stats.done += 1
         self.stats.provisional += path != "primary"
-        log.debug("worker_event_done", key=ev.key, label=result.label, reasoner=result.reasoner)
+        log.debug("worker.event_done", **_fields(ev), label=result.label, reasoner=result.reasoner)
 
     async def _reason(
         self, lease: Lease, reasoner: Reasoner, body: EventBody, model_version: str
@@ -391,6 +400,13 @@ class Worker:
         except _LeaseLost:
             self._lease_lost(lease, reasoner)
             return None
+        except ProviderRefused as err:
+            # Not this event's fault and no retry will help: put it back untouched (no attempt
+            # spent) and stop the worker with the fix.
+            self._fatal = self._fatal or err
+            await self._record(err.usage, ev.device_id, ev.seq, reasoner.name)
+            await self._put_back(lease, err.message, 0.0)
+            raise
         except ProviderUnavailable as err:
             await self._record(err.usage, ev.device_id, ev.seq, reasoner.name)
             self.stats.provider_failures += 1
@@ -405,9 +421,9 @@ class Worker:
                     self._lease_lost(lease, self.fallback)
                     return None
                 except Exception as ferr:
-                    log.warning("worker_fallback_failed", key=ev.key, error=repr(ferr))
+                    log.warning("worker.fallback_failed", **_fields(ev), error=repr(ferr))
                 else:
-                    log.warning("worker_fallback_used", key=ev.key, waited_s=round(waited, 1))
+                    log.warning("worker.fallback_used", **_fields(ev), waited_s=round(waited, 1))
                     return self.fallback, verdict, True
             # Due again when the next probe is: if the provider is back by then, so is it.
             # The outage is not this event's fault, so it spends no attempt: released, not
@@ -415,10 +431,10 @@ class Worker:
             # a reasoner must not raise it for a failure that only this event would cause,
             # or the event would come back after every outage forever.)
             reason = f"provider unavailable: {err.message}"
-            delay = wait + jittered(1.0)
+            delay = wait + random.uniform(0.0, 1.0)  # spread the comeback over a second
             if await self._put_back(lease, reason, delay):
                 self.stats.deferred += 1
-                log.warning("worker_event_deferred", key=ev.key, reason=reason,
+                log.warning("worker.event_deferred", **_fields(ev), reason=reason,
                             delay_s=round(delay, 2))
             return None
         except ReasonerUnavailable as err:
@@ -440,8 +456,9 @@ class Worker:
         are (not wrapped in an ExceptionGroup), so _reason handles them as before.
         """
         async with compat.TaskGroup() as tg:
-            answer = tg.create_task(_outcome(call))
-            heartbeat = tg.create_task(self._heartbeat(lease, answer))
+            answer = tg.create_task(_outcome(call), name=f"reason {lease.event.key}")
+            heartbeat = tg.create_task(self._heartbeat(lease, answer),
+                                       name=f"heartbeat {lease.event.key}")
             answer.add_done_callback(lambda _: heartbeat.cancel())
         if not heartbeat.cancelled() and heartbeat.result():
             raise _LeaseLost
@@ -462,7 +479,7 @@ class Worker:
                 # The backend did not answer (Redis restarting, a busy SQLite file): the lease
                 # may well still hold, and if it does expire the event is delivered again (at
                 # least once). Abandoning a call already paid for would only cost more.
-                log.warning("worker_lease_extend_failed", key=lease.event.key,
+                log.warning("worker.lease_extend_failed", **_fields(lease.event),
                             error=repr(err)[:300])
                 continue
             if not kept:
@@ -471,7 +488,7 @@ class Worker:
 
     def _lease_lost(self, lease: Lease, reasoner: Reasoner) -> None:
         self.stats.lost += 1
-        log.warning("worker_lease_lost", key=lease.event.key, attempts=lease.attempts,
+        log.warning("worker.lease_lost", **_fields(lease.event), attempts=lease.attempts,
                     reasoner=reasoner.name, during="reasoning",
                     outcome="call cancelled; no result stored, not acked (the new holder "
                             "answers it)")
@@ -492,7 +509,7 @@ class Worker:
         # event that waits longer than queue_max_attempts days is still never dead-lettered.
         if await self._put_back(lease, decision.reason, delay):
             self.stats.waiting += 1
-            log.warning("worker_event_waits_for_budget", key=lease.event.key,
+            log.warning("worker.event_waits_for_budget", **_fields(lease.event),
                         reason=decision.reason, delay_s=round(delay))
 
     async def _put_back(self, lease: Lease, reason: str, delay: float) -> bool:
@@ -500,26 +517,26 @@ class Worker:
         the lease was lost meanwhile (whoever holds it now decides)."""
         if await self.queue.release(lease, delay_s=delay):
             return True
-        log.warning("worker_lease_lost", key=lease.event.key, attempts=lease.attempts,
+        log.warning("worker.lease_lost", **_fields(lease.event), attempts=lease.attempts,
                     during="release", reason=reason)
         return False
 
     async def _retry(self, lease: Lease, reason: str, *, delay: float | None = None) -> None:
         if delay is None:
-            delay = exponential(lease.attempts, self.retry_base_s, self.retry_cap_s)
+            delay = self.retry_backoff.delay_for(lease.attempts)
         if await self.queue.nack(lease, reason=reason, delay_s=delay):
             self.stats.retried += 1
-            log.warning("worker_event_retry", key=lease.event.key, reason=reason,
+            log.warning("worker.event_retry", **_fields(lease.event), reason=reason,
                         delay_s=round(delay, 2))
         else:
             self.stats.dead += 1
-            log.error("worker_event_dead", key=lease.event.key, reason=reason,
+            log.error("worker.event_dead", **_fields(lease.event), reason=reason,
                       attempts=lease.attempts)
 
     async def _dead(self, lease: Lease, reason: str) -> None:
         await self.queue.dead_letter(lease, reason=reason)
         self.stats.dead += 1
-        log.error("worker_event_dead", key=lease.event.key, reason=reason)
+        log.error("worker.event_dead", **_fields(lease.event), reason=reason)
 
 
 async def _outcome(call: Coroutine[Any, Any, T]) -> tuple[T | None, Exception | None]:
@@ -528,15 +545,6 @@ async def _outcome(call: Coroutine[Any, Any, T]) -> tuple[T | None, Exception | 
         return await call, None
     except Exception as err:
         return None, err
-
-
-async def _sleep(stop: asyncio.Event, seconds: float) -> None:
-    """Sleep up to ``seconds``, waking early when ``stop`` is set."""
-    if seconds <= 0:
-        return
-    with contextlib.suppress(TimeoutError):
-        async with compat.timeout(seconds):
-            await stop.wait()
 
 
 def build_reasoners(config: Config, budget: Budget) -> tuple[Reasoner, Reasoner | None,
@@ -605,15 +613,11 @@ def build_worker(
     )
 
 
-async def run_worker(config: Config, *, burst: bool = False) -> WorkerStats:
-    """The ``edgekeeper cloud worker`` command: open backends, run until signalled (or drained)."""
+async def run_worker(config: Config, *, burst: bool = False,
+                     stop: asyncio.Event | None = None) -> WorkerStats:
+    """The ``edgekeeper cloud worker`` command: open backends, run until ``stop`` (or drained)."""
     section = config.cloud
     data_dir = config.cloud_data_dir
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(sig, stop.set)
     async with contextlib.AsyncExitStack() as stack:
         store = await open_store(section.store_backend, data_dir, section=section)
         stack.push_async_callback(store.close)
@@ -623,11 +627,11 @@ async def run_worker(config: Config, *, burst: bool = False) -> WorkerStats:
         keys = await asyncio.to_thread(CloudKeys.ensure, data_dir)
         worker = build_worker(config, queue=queue, store=store, keys=keys, stack=stack)
         reasoner, cheaper, fallback = worker.reasoner, worker.cheaper, worker.fallback
-        log.info("worker_started", consumer=worker.consumer, reasoner=reasoner.name, burst=burst,
+        log.info("worker.started", consumer=worker.consumer, reasoner=reasoner.name, burst=burst,
                  concurrency=worker.concurrency,
                  cheaper=cheaper.name if cheaper else None,
                  fallback=fallback.name if fallback else None)
         stats = await worker.run(burst=burst, stop=stop)
-        log.info("worker_stopped", done=stats.done, retried=stats.retried, dead=stats.dead,
+        log.info("worker.stopped", done=stats.done, retried=stats.retried, dead=stats.dead,
                  skipped=stats.skipped, waiting=stats.waiting, cost_usd=round(stats.cost_usd, 6))
         return stats

@@ -7,12 +7,12 @@ import argparse
 import asyncio
 import contextlib
 import json
-import signal
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
-from edgekeeper import compat
+from edgekeeper import compat, runtime
 from edgekeeper.config import Config
 from edgekeeper.errors import InputError
 from edgekeeper.log import get_logger
@@ -117,26 +117,6 @@ def format_summary(s: dict[str, Any]) -> str:
 
 
 # -- run --------------------------------------------------------------------------------------
-def install_stop_signals(stop: asyncio.Event) -> None:
-    """SIGTERM/SIGINT set ``stop`` (drain and exit); a second SIGINT exits at once."""
-    loop = asyncio.get_running_loop()
-    hits = 0
-
-    def on_signal(signame: str) -> None:
-        nonlocal hits
-        hits += 1
-        if hits > 1 and signame == "SIGINT":
-            log.warning("second SIGINT: exiting without draining")
-            raise SystemExit(130)
-        log.info("signal received; draining", signal=signame)
-        stop.set()
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        # Not available off the main thread or on Windows: Ctrl-C then ends the loop directly.
-        with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(sig, on_signal, sig.name)
-
-
 def live_sources(config: Config, audio_rate: int | None) -> tuple[Any, Any]:
     from edgekeeper.device.sources import MicrophoneSource, VideoCaptureSource
 
@@ -154,73 +134,76 @@ def live_sources(config: Config, audio_rate: int | None) -> tuple[Any, Any]:
 
 
 def cmd_run(args: argparse.Namespace, config: Config) -> int:
-    import contextlib
-    import time
-
-    from edgekeeper.device.loop import Pipeline, PipelineStats
-    from edgekeeper.device.replay import open_gates
-    from edgekeeper.device.sink import LocalSink
-
     if not config.camera.enabled and not config.microphone.enabled:
         raise InputError(
             "both camera and microphone are disabled: nothing to run",
             fix="set camera.enabled or microphone.enabled to true in the config",
         )
 
-    async def main() -> dict[str, Any]:
-        from edgekeeper.device import identity
-        from edgekeeper.device.uplink import DeviceLink
-
-        stop = asyncio.Event()
-        install_stop_signals(stop)
+    async def main(stop: asyncio.Event) -> dict[str, Any]:
         if args.seconds > 0:
             asyncio.get_running_loop().call_later(args.seconds, stop.set)
-        enrolled = (config.device.state_dir / identity.ENROLLMENT_FILE).exists()
-        async with contextlib.AsyncExitStack() as stack:
-            gates = await stack.enter_async_context(
-                open_gates(config, vision=config.camera.enabled, audio=config.microphone.enabled)
-            )
-            rate = gates.audio.manifest.audio.sample_rate if gates.audio else None
-            video, audio = live_sources(config, rate)
-            link = None
-            if enrolled:
-                # Events go to the durable outbox; the uplink sends them beside the loop.
-                link = await stack.enter_async_context(DeviceLink.from_config(config))
-                sink: Any = link.sink
-                where = f"outbox {config.outbox_path} -> {link.uplink.url}"
-            else:
-                sink = LocalSink(config.sink_dir)
-                where = f"local sink {config.sink_dir} (not enrolled: no cloud)"
-            pipeline = Pipeline(config, sink, video=video, audio=audio,
-                                vision_gate=gates.vision, audio_gate=gates.audio,
-                                clock_base=time.time(), ordered=False)
-            log.info("device loop running", events_to=where, models=gates.models)
-            stop_link = asyncio.Event()
-            async with compat.TaskGroup() as tg:
-                if link is not None:
-                    tg.create_task(link.run(stop_link), name="device-link")
+        return await run_device(config, stop)
 
-                async def loop_then_link() -> PipelineStats:
-                    try:
-                        return await pipeline.run(stop)
-                    finally:
-                        # The loop has committed everything it captured; now stop the link.
-                        stop_link.set()
-
-                loop_task = tg.create_task(loop_then_link(), name="device-loop")
-            return loop_task.result().as_dict()
-
-    stats = asyncio.run(main())
+    stats = runtime.run(main, name="device", drain_seconds=args.drain_seconds)
     print(json.dumps(stats, indent=2, sort_keys=True))
     return 0
+
+
+async def run_device(config: Config, stop: asyncio.Event) -> dict[str, Any]:
+    """The live loop until ``stop``: sources closed first, captured events committed to the
+    outbox, then the link stopped (what is still in the outbox is sent on the next start)."""
+    from edgekeeper.device import identity
+    from edgekeeper.device.loop import Pipeline, PipelineStats
+    from edgekeeper.device.replay import open_gates
+    from edgekeeper.device.sink import LocalSink
+    from edgekeeper.device.uplink import DeviceLink
+
+    enrolled = (config.device.state_dir / identity.ENROLLMENT_FILE).exists()
+    async with contextlib.AsyncExitStack() as stack:
+        gates = await stack.enter_async_context(
+            open_gates(config, vision=config.camera.enabled, audio=config.microphone.enabled)
+        )
+        rate = gates.audio.manifest.audio.sample_rate if gates.audio else None
+        video, audio = live_sources(config, rate)
+        link = None
+        if enrolled:
+            # Events go to the durable outbox; the uplink sends them beside the loop.
+            link = await stack.enter_async_context(DeviceLink.from_config(config))
+            sink: Any = link.sink
+            where = f"outbox {config.outbox_path} -> {link.uplink.url}"
+        else:
+            sink = LocalSink(config.sink_dir)
+            where = f"local sink {config.sink_dir} (not enrolled: no cloud)"
+        pipeline = Pipeline(config, sink, video=video, audio=audio,
+                            vision_gate=gates.vision, audio_gate=gates.audio,
+                            clock_base=time.time(), ordered=False)
+        log.info("device.running", events_to=where, models=gates.models)
+        stop_link = asyncio.Event()
+        async with compat.TaskGroup() as tg:
+            if link is not None:
+                tg.create_task(link.run(stop_link), name="device-link")
+
+            async def loop_then_link() -> PipelineStats:
+                try:
+                    return await pipeline.run(stop)
+                finally:
+                    # The loop has committed everything it captured; now stop the link.
+                    stop_link.set()
+
+            loop_task = tg.create_task(loop_then_link(), name="device-loop")
+        return loop_task.result().as_dict()
 
 
 # -- record -----------------------------------------------------------------------------------
 def cmd_record(args: argparse.Namespace, config: Config) -> int:
     from edgekeeper.device.record import record
 
-    out = asyncio.run(record(config, args.out, seconds=args.seconds,
-                             video=not args.no_video, audio=not args.no_audio))
+    out = runtime.run(
+        lambda stop: record(config, args.out, seconds=args.seconds, video=not args.no_video,
+                            audio=not args.no_audio, stop=stop),
+        name="record", drain_seconds=args.drain_seconds,
+    )
     print(f"recorded {out}")
     return 0
 

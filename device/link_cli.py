@@ -3,8 +3,9 @@
 * ``device keys``    - create the device's keys if it has none; print the public halves.
 * ``device enroll --cloud URL --token=TOKEN`` - register the keys with the cloud, pin its keys.
 * ``device status``  - outbox depth, dead letters, oldest event age, last upload, drops.
-* ``device upload``  - run the uploader and the results client until SIGINT/SIGTERM;
-  ``--burst`` drains the outbox once and exits (0 when empty, 1 when events remain).
+* ``device upload``  - run the uploader and the results client until SIGINT/SIGTERM (under
+  edgekeeper.runtime); ``--burst`` drains the outbox once and exits (0 when empty, 1 when
+  events remain).
 
 Handlers return exit codes; errors the user can fix are raised as EdgekeeperError and printed
 by edgekeeper.cli with their fix.
@@ -14,16 +15,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import shutil
-import signal
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
+from edgekeeper import runtime
 from edgekeeper.errors import ConfigError
 
 MIB = 1024 * 1024
@@ -203,36 +203,27 @@ def _free_bytes(path: Path) -> int | None:
 
 
 def cmd_upload(args: argparse.Namespace, config: Any) -> int:
-    return asyncio.run(_upload(args, config))
+    return runtime.run(lambda stop: _upload(args, config, stop), name="upload",
+                       drain_seconds=args.drain_seconds)
 
 
-async def _upload(args: argparse.Namespace, config: Any) -> int:
+async def _upload(args: argparse.Namespace, config: Any, stop: asyncio.Event) -> int:
     from edgekeeper.device.uplink import DeviceLink, UplinkUnavailable
 
     if args.burst:
         async with await DeviceLink.open(config, with_results=False) as link:
-            report = await link.uplink.run_burst(give_up_after=args.give_up_after)
+            report = await link.uplink.run_burst(give_up_after=args.give_up_after, stop=stop)
         print(f"delivered {report.delivered}, duplicates {report.duplicates}, "
               f"dead letters {report.dead}, remaining {report.remaining}")
         if report.remaining:
             why = (f"last error: {report.last_error}" if report.last_error
-                   else "they are leased by another uploader (edgekeeper run?) right now")
+                   else "they are leased by another uploader (edgekeeper run?) or the "
+                        "upload was stopped")
             raise UplinkUnavailable(
                 f"{report.remaining} events remain in the outbox; {why}",
                 fix="check the cloud URL and network; the events are kept and sent later",
             )
         return 0
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-
-    def on_signal() -> None:
-        if stop.is_set():
-            raise SystemExit(130)  # a second signal: leave now
-        stop.set()
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(sig, on_signal)
     async with await DeviceLink.open(config) as link:
         await link.run(stop)
     return 0

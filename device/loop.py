@@ -14,9 +14,9 @@ Live (``ordered=False``) the decider takes results as they come, so a trigger co
 Replay (``ordered=True``) merges the streams by timestamp, so the same recording and config give
 the same decisions and events however the two stages were scheduled.
 
-Stopping: set the ``stop`` event. Sources stop reading, the stages drain, pending events are
-closed with the post-roll they have, delivered, and ``run`` returns the stats. Nothing captured
-is dropped on the way out.
+Stopping: set the ``stop`` event (edgekeeper.runtime does on SIGTERM/SIGINT). Sources stop
+reading, the stages drain, pending events are closed with the post-roll they have, delivered, and
+``run`` returns the stats. Nothing captured is dropped on the way out.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from edgekeeper import compat
+from edgekeeper import compat, runtime
 from edgekeeper.config import Config
 from edgekeeper.device.capture import Capture, PendingEvent
 from edgekeeper.device.events import Event
@@ -43,6 +43,8 @@ from edgekeeper.log import get_logger
 
 log = get_logger(__name__)
 
+# Log event of each trigger decision (component.event).
+_DECISION_EVENTS = {"fire": "trigger.fired", "hold": "trigger.held", "release": "trigger.released"}
 _STAGE_QUEUE = 8
 # Frames in flight to the gate's thread at once (see _video_stage).
 _PIPELINE = 2
@@ -349,8 +351,8 @@ class Pipeline:
             if self.record_timeline:
                 self.stats.timeline.append((item.t, item.modality, item.scores))
             if self._debug:  # building the fields costs more than the check, every frame
-                log.debug("scores", modality=item.modality, t=round(item.t, 3), why=item.reason,
-                          scores={k: round(v, 3) for k, v in item.scores.items()})
+                log.debug("loop.scores", modality=item.modality, t=round(item.t, 3),
+                          why=item.reason, scores={k: round(v, 3) for k, v in item.scores.items()})
 
     async def _apply_trigger(self, item: StageResult) -> None:
         assert item.scores is not None
@@ -358,7 +360,7 @@ class Pipeline:
             explained = d.explain()
             explained["modality"] = item.modality
             self.stats.decisions.append(explained)
-            log.info("trigger " + d.action, **explained)
+            log.info(_DECISION_EVENTS.get(d.action, f"trigger.{d.action}"), **explained)
             if self.on_decision is not None:
                 self.on_decision(d)
             if not d.fired:
@@ -379,7 +381,7 @@ class Pipeline:
             await self.sink.deliver(event)
             self.stats.events += 1
             self.stats.event_bytes += event.payload_bytes
-            log.info("event captured", seq=event.seq, label=event.label,
+            log.info("loop.event_captured", seq=event.seq, label=event.label,
                      frames=len(event.frames), bytes=event.payload_bytes)
             if self.on_event is not None:
                 self.on_event(event)
@@ -409,14 +411,13 @@ class Pipeline:
             if stop is not None:
 
                 async def watch() -> None:
-                    waiter = asyncio.create_task(stop.wait())
-                    done, _ = await asyncio.wait({waiter, deliverer},
-                                                 return_when=asyncio.FIRST_COMPLETED)
-                    if waiter in done:
-                        log.info("stopping: sources closed, draining pending events")
+                    # Until a stop, or until the loop ends by itself (a recording ran out).
+                    ended = asyncio.Event()
+                    deliverer.add_done_callback(lambda _: ended.set())
+                    if await runtime.sleep(stop, math.inf, wake=ended):
+                        log.info("loop.draining", why="stop: sources closed, pending events "
+                                 "are finished and delivered")
                         self.stop_sources()
-                    else:
-                        waiter.cancel()
 
                 tg.create_task(watch(), name="stop-watch")
         if self.video is not None:

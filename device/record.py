@@ -23,7 +23,7 @@ import numpy as np
 
 from edgekeeper import compat
 from edgekeeper.config import Config
-from edgekeeper.device.cli import install_stop_signals, live_sources
+from edgekeeper.device.cli import live_sources
 from edgekeeper.errors import InputError
 from edgekeeper.log import get_logger
 
@@ -38,6 +38,7 @@ async def record(
     video: bool = True,
     audio: bool = True,
     mic_factory: Any = None,
+    stop: asyncio.Event | None = None,
 ) -> Path:
     if out.exists():
         raise InputError(f"recording folder {out} already exists", fix="choose a new folder name")
@@ -61,8 +62,8 @@ async def record(
     tmp = out.with_name(f".{out.name}.partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    stop = asyncio.Event()
-    install_stop_signals(stop)
+    # edgekeeper.runtime sets ``stop`` on SIGTERM/SIGINT (`edgekeeper record`).
+    stop = asyncio.Event() if stop is None else stop
     loop = asyncio.get_running_loop()
     loop.call_later(seconds, stop.set)
     started = datetime.now(timezone.utc)

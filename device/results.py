@@ -9,7 +9,8 @@ have sealed it, and only for this device), then runs the configured actions in o
 * ``post_url`` - POST the result as JSON to a local URL; a 2xx is success.
 
 An action that fails is retried (``results.retries`` times, delays doubling from
-``results.retry_delay_seconds``), then recorded as failed; the other actions still run. Each
+``results.retry_delay_seconds``, with ``stamina``), then recorded as failed; the other actions
+still run. Each
 result's outcome is committed to a ledger (``<state_dir>/results.sqlite``) *before* it is acked,
 so a result redelivered after a crash or a lost ack is recognised (by its seq) and only acked
 again. The window between "actions ran" and "ledger committed" is the one place an action can
@@ -38,10 +39,12 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal
 
 import aiohttp
+import stamina
 from yarl import URL
 
-from edgekeeper import compat
-from edgekeeper.errors import PermanentError
+from edgekeeper import compat, runtime
+from edgekeeper.backoff import Backoff, parse_retry_after
+from edgekeeper.errors import EdgekeeperError, PermanentError, RetryableError, classified
 from edgekeeper.fs import open_private
 from edgekeeper.log import get_logger
 from edgekeeper.protocol.envelope import open_result, sign_request
@@ -73,8 +76,8 @@ CREATE INDEX IF NOT EXISTS results_at ON results (at);
 """
 
 
-class ActionFailed(Exception):
-    """One try of one action did not succeed (the message says why)."""
+class ActionFailed(RetryableError):
+    """One try of one action did not succeed (the message says why); it is tried again."""
 
 
 @dataclass(frozen=True)
@@ -273,21 +276,28 @@ class ResultActions:
         log.error("results.rejected", key=key, result_id=result_id, reason=reason)
 
     async def _with_retries(self, name: str, action: Action, doc: dict[str, Any]) -> str | None:
-        """None on success, else the last error after every retry."""
-        error = ""
-        for attempt in range(self.retries + 1):
-            if attempt:
-                await asyncio.sleep(self.retry_delay * 2 ** (attempt - 1))
-            try:
-                await action(doc)
-                return None
-            except ActionFailed as err:
-                error = str(err)
-            except (OSError, aiohttp.ClientError, TimeoutError) as err:
-                error = f"{type(err).__name__}: {err}"
-            log.warning("results.action_retry", action=name, seq=doc.get("seq"),
-                        attempt=attempt + 1, of=self.retries + 1, error=error[:300])
-        return error
+        """None on success, else the last error after every retry.
+
+        A bounded retry of one call is stamina's job (its test mode turns the waits off); the
+        long-lived loops keep edgekeeper.backoff, which says why."""
+        try:
+            async for attempt in stamina.retry_context(
+                on=RetryableError, attempts=self.retries + 1, timeout=None,
+                wait_initial=self.retry_delay, wait_max=self.retry_delay * 2.0 ** self.retries,
+                wait_jitter=0.0, wait_exp_base=2,
+            ):
+                with attempt:
+                    try:
+                        with classified(f"result action {name}"):
+                            await action(doc)
+                    except RetryableError as err:
+                        log.warning("results.action_retry", action=name, seq=doc.get("seq"),
+                                    attempt=attempt.num, of=self.retries + 1,
+                                    error=err.message[:300])
+                        raise
+        except EdgekeeperError as err:
+            return err.message
+        return None
 
     async def _jsonl(self, doc: dict[str, Any]) -> None:
         assert self.jsonl is not None
@@ -363,8 +373,6 @@ class ResultsClient:
         clock: Callable[[], float] = time.time,
         ssl_context: ssl.SSLContext | None = None,
     ) -> None:
-        from edgekeeper.device.uplink import Backoff
-
         self.actions = actions
         self.keys = keys
         self.device_id = device_id
@@ -381,9 +389,9 @@ class ResultsClient:
         self._clock = clock
         self._ssl = ssl_context
         self._session: aiohttp.ClientSession | None = None
-        # True while poll_once waits for the cloud's answer (the long-poll): the only phase a
-        # shutdown may cut short. Once results are in hand they are handled and acked first.
-        self._fetching = False
+        # True once a poll has results in hand: from then on a stop lets their actions finish
+        # and the ack go out. Before (waiting on the long-poll) a stop cuts the poll short.
+        self._in_hand = False
 
     async def __aenter__(self) -> ResultsClient:
         # The read timeout must outlast the long-poll the cloud may hold open.
@@ -404,41 +412,47 @@ class ResultsClient:
             self._session = None
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Poll until ``stop`` is set; failures back off (full jitter, capped)."""
-        from edgekeeper.device.uplink import _wait
-
+        """Poll until ``stop`` is set; failures back off (edgekeeper.backoff)."""
         while not stop.is_set():
-            poll = asyncio.ensure_future(self.poll_once(wait=self.section.poll_wait_seconds))
-            stopper = asyncio.ensure_future(stop.wait())
             try:
-                await asyncio.wait({poll, stopper}, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                stopper.cancel()
-            if not poll.done():
-                if self._fetching:
-                    # Still waiting on the long-poll: nothing received, nothing lost by leaving
-                    # (unacked results are fetched again on the next start).
-                    poll.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await poll
-                    return
-                # Results in hand: let their actions finish and the ack go out, so a stop does
-                # not leave handled results unacked. Bounded by the actions' and HTTP timeouts.
-                try:
-                    await poll
-                except Exception as err:
-                    log.warning("results.poll_failed", error=str(err)[:300], at="stop")
-                return
-            try:
-                poll.result()
-                self.backoff.reset()
+                await self._poll_until(stop)
             except ResultsRefused as err:
+                # Not enrolled or revoked: nothing works until an operator acts; the device
+                # keeps gating and looks again at the cap, as the uploader does.
                 log.error("results.refused", error=err.message, fix=err.fix)
-                await _wait(stop, self.backoff.cap)
-            except (aiohttp.ClientError, TimeoutError, OSError, ResultsUnavailable) as err:
+                await runtime.sleep(stop, self.backoff.cap)
+            except RetryableError as err:
                 delay = self.backoff.next_delay(getattr(err, "retry_after", None))
-                log.warning("results.poll_failed", error=str(err)[:300], seconds=round(delay, 2))
-                await _wait(stop, delay)
+                log.warning("results.poll_failed", error=err.message[:300],
+                            seconds=round(delay, 2))
+                await runtime.sleep(stop, delay)
+            else:
+                self.backoff.reset()
+
+    async def _poll_until(self, stop: asyncio.Event) -> None:
+        """One ``poll_once``. A stop while it waits on the long-poll cuts it short: nothing was
+        received, so nothing is lost (unacked results are fetched again on the next start).
+        With results in hand it finishes: their actions run and the ack goes out, bounded by
+        the actions' and HTTP timeouts (and the runtime's drain deadline)."""
+        failed: list[Exception] = []
+
+        async def poll() -> None:
+            try:
+                await self.poll_once(wait=self.section.poll_wait_seconds)
+            except Exception as err:  # raised below, not wrapped in the group's ExceptionGroup
+                failed.append(err)
+
+        async def cut_short(polling: asyncio.Task[None]) -> None:
+            await stop.wait()
+            if not self._in_hand:
+                polling.cancel()
+
+        async with compat.TaskGroup() as tg:
+            polling = tg.create_task(poll(), name="results-poll")
+            watcher = tg.create_task(cut_short(polling), name="results-stop-watch")
+            polling.add_done_callback(lambda _: watcher.cancel())
+        if failed:
+            raise failed[0]
 
     def _signed(self, method: str, path: str, query: str, body: bytes) -> dict[str, str]:
         return sign_request(self.keys, device_id=self.device_id, method=method, path=path,
@@ -463,15 +477,19 @@ class ResultsClient:
         path = self.base.path.rstrip("/") + "/v1/results"
         query = f"cursor={self.cursor}&wait={int(wait)}&limit={self.limit}"
         url = self.base.with_path(path, encoded=True).with_query(None)
-        self._fetching = True
-        try:
+        with classified("GET /v1/results"):
             async with self._session.get(
                 URL(f"{url}?{query}", encoded=True), headers=self._signed("GET", path, query, b"")
             ) as resp:
                 text = (await resp.content.read(_MAX_ANSWER)).decode("utf-8", "replace")
                 self._check(resp.status, text, resp.headers)
+        self._in_hand = True
+        try:
+            return await self._handle_all(text, report)
         finally:
-            self._fetching = False
+            self._in_hand = False
+
+    async def _handle_all(self, text: str, report: PollReport) -> PollReport:
         data = _ingest_json(text, "GET /v1/results")
         items = data.get("results", []) if isinstance(data, dict) else []
         ack: list[int] = []
@@ -517,19 +535,20 @@ class ResultsClient:
         headers = self._signed("POST", path, "", body)
         headers["Content-Type"] = "application/json"
         url = self.base.with_path(path, encoded=True)
-        async with self._session.post(url, data=body, headers=headers) as resp:
-            text = (await resp.content.read(_MAX_ANSWER)).decode("utf-8", "replace")
-            self._check(resp.status, text, resp.headers)
+        with classified("POST /v1/results/ack"):
+            async with self._session.post(url, data=body, headers=headers) as resp:
+                text = (await resp.content.read(_MAX_ANSWER)).decode("utf-8", "replace")
+                self._check(resp.status, text, resp.headers)
         data = _ingest_json(text, "POST /v1/results/ack")
         acked = data.get("acked", 0) if isinstance(data, dict) else 0
         return acked if type(acked) is int else 0
 
 
-class ResultsUnavailable(ConnectionError):
-    """The cloud answered but cannot serve results now (5xx, 429)."""
+class ResultsUnavailable(RetryableError, ConnectionError):
+    """The cloud answered but cannot serve results now (5xx, 429, not the ingest's JSON)."""
 
     def __init__(self, message: str, retry_after: float | None, code: str = "") -> None:
-        super().__init__(message)
+        super().__init__(message, fix="nothing to do: the results are fetched again later")
         self.retry_after = retry_after
         self.code = code
 
@@ -555,8 +574,6 @@ def _server_offset(headers: Any, now: float) -> float | None:
 
 
 def _raise_for(status: int, text: str, headers: Any) -> None:
-    from edgekeeper.device.uplink import parse_retry_after
-
     if 200 <= status < 300:
         return
     code, message, fix = "", text[:300], None

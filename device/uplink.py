@@ -1,35 +1,18 @@
 """The uploader: drains the outbox to the cloud ingest, in order, surviving any outage.
 
-How one event travels (docs/protocol.md, ``POST /v1/events``):
+Each round leases the oldest rows (``uplink.batch``), seals each one now (fresh ``sent_at``, the
+payload hash stored at capture, so the cloud recognises a retry), POSTs it (idempotent on device
+id and seq) and acts on the answer's stable code (docs/protocol.md, Errors): delete after a
+202/200, keep and back off on anything transient (edgekeeper/backoff.py; Retry-After wins),
+correct the clock from the cloud's ``Date`` on ``stale``, dead-letter what can never be
+accepted, halt on a device the cloud refuses. A 2xx that is not the ingest's JSON (a captive
+portal) is a failure: deleting on it would lose the event. With ``uplink.edge_fallback`` a
+provisional result from the gate's own decision goes to the result actions for events stuck
+behind a dead link.
 
-1. lease the oldest rows of the outbox (``uplink.batch`` at a time);
-2. seal each one *now* (``seal_event``: fresh ``sent_at``, new nonce; the payload hash stored
-   at capture stays the same, so the cloud recognises a retry);
-3. POST it; idempotent on (device id, seq), so resending after a lost answer is always safe;
-4. act on the answer, decided by its stable error code:
-
-   ====================================== ==============================================
-   202 queued / 200 duplicate              delete from the outbox (never before)
-   429, 503, 5xx, network error, timeout   keep; back off (full jitter, Retry-After wins)
-   401 stale                               keep; take the cloud's clock from ``Date``, retry
-   401 auth_failed                         keep; back off (keys may be being fixed)
-   401 unknown_device / device_revoked,    keep; stop: nothing will be accepted until an
-   400 unsupported_version                 operator acts (run mode: check again at the cap)
-   400 malformed_envelope / invalid_body,  dead letter: kept on disk, counted, logged; the
-   409 seq_conflict, 413                   same bytes can never be accepted
-   anything else                           keep; back off (never lose an event on a surprise)
-   ====================================== ==============================================
-
-A 2xx whose body is not the ingest's JSON (a captive portal, a misrouted proxy) is treated as
-a failure: deleting on it would lose the event.
-
-While the cloud is unreachable the device keeps gating and capturing (the outbox only grows);
-with ``uplink.edge_fallback`` a provisional result built from the gate's own decision goes to
-the result actions once per event that has waited ``edge_fallback_after_seconds``.
-
-Lifecycle: ``async with Uplink(...) as up: await up.run(stop)`` (until ``stop`` is set) or
-``await up.run_burst()`` (drain and return: ``edgekeeper device upload --burst``, tests).
-``DeviceLink`` bundles outbox, uploader and results client for the device loop.
+Lifecycle: ``async with Uplink(...) as up: await up.run(stop)`` (until ``stop``: the round in
+hand finishes, then it returns) or ``await up.run_burst()`` (drain and return: ``edgekeeper
+device upload --burst``, tests). ``DeviceLink`` bundles outbox, uploader and results client.
 """
 
 from __future__ import annotations
@@ -49,9 +32,10 @@ from typing import TYPE_CHECKING, Any
 
 import aiohttp
 
-from edgekeeper import compat
+from edgekeeper import compat, runtime
+from edgekeeper.backoff import Backoff, parse_retry_after
 from edgekeeper.device.outbox import AsyncOutbox, Outbox, OutboxDiskFull, OutboxRow, OutboxSink
-from edgekeeper.errors import PermanentError, RetryableError
+from edgekeeper.errors import PermanentError, RetryableError, classified
 from edgekeeper.log import get_logger
 from edgekeeper.protocol.envelope import CONTENT_TYPE, seal_event
 from edgekeeper.protocol.errors import ProtocolError
@@ -65,8 +49,6 @@ if TYPE_CHECKING:
 
 log = get_logger(__name__)
 
-# The longest Retry-After we obey: a broken or hostile header must not park the device for days.
-RETRY_AFTER_MAX_S = 3600.0
 # With nothing to send, look at the outbox this often even without a wake-up (another process,
 # e.g. `edgekeeper run`, may be the one filling it).
 IDLE_POLL_S = 5.0
@@ -85,63 +67,6 @@ class UplinkHalted(PermanentError):
 
 class UplinkUnavailable(RetryableError, ConnectionError):
     """The cloud stayed unreachable for longer than the burst was allowed to wait."""
-
-
-# --- backoff --------------------------------------------------------------------------------
-
-
-def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
-    """Seconds to wait from a Retry-After header (delta-seconds or an HTTP date), clamped to
-    [0, RETRY_AFTER_MAX_S]; None when absent or unreadable."""
-    if value is None:
-        return None
-    value = value.strip()
-    seconds: float
-    try:
-        seconds = float(value)
-    except ValueError:
-        try:
-            when = email.utils.parsedate_to_datetime(value)
-        except (TypeError, ValueError, IndexError):
-            return None
-        if when is None:
-            return None
-        seconds = when.timestamp() - (time.time() if now is None else now)
-    if seconds != seconds:  # NaN
-        return None
-    return min(max(seconds, 0.0), RETRY_AFTER_MAX_S)
-
-
-class Backoff:
-    """Exponential backoff with full jitter (AWS architecture blog, "Exponential Backoff And
-    Jitter"): the n-th wait is uniform in [0, min(cap, base * 2**n)].
-
-    Full rather than equal jitter: after a cloud outage every device retries at once, and the
-    uniform spread is what keeps them from arriving in waves. A server's Retry-After is a floor:
-    the wait is never shorter than what it asked for.
-    """
-
-    def __init__(self, base: float = 1.0, cap: float = 300.0, rng: random.Random | None = None):
-        if not 0 < base <= cap:
-            raise ValueError("0 < base <= cap is required")
-        self.base = base
-        self.cap = cap
-        self.rng = rng or random.Random()
-        self.failures = 0
-
-    def ceiling(self) -> float:
-        # min() before the power would overflow for a long outage: cap the exponent too.
-        return min(self.cap, self.base * 2.0 ** min(self.failures, 64))
-
-    def next_delay(self, retry_after: float | None = None) -> float:
-        delay = self.rng.uniform(0.0, self.ceiling())
-        self.failures += 1
-        if retry_after is not None:
-            delay = max(delay, min(retry_after, RETRY_AFTER_MAX_S))
-        return delay
-
-    def reset(self) -> None:
-        self.failures = 0
 
 
 # --- one attempt ----------------------------------------------------------------------------
@@ -262,14 +187,16 @@ class Uplink:
             if self.section.edge_fallback:
                 tg.create_task(self._fallback_loop(stop), name="uplink-fallback")
 
-    async def run_burst(self, *, give_up_after: float | None = None) -> BurstReport:
+    async def run_burst(self, *, give_up_after: float | None = None,
+                        stop: asyncio.Event | None = None) -> BurstReport:
         """Drain the outbox and return. Waits out failures with the usual backoff, for at most
-        ``give_up_after`` seconds of consecutive failure (None: no limit). Raises UplinkHalted
-        when the cloud refuses the device itself."""
+        ``give_up_after`` seconds of consecutive failure (None: no limit), and returns early
+        when ``stop`` is set. Raises UplinkHalted when the cloud refuses the device itself."""
         start = self.stats.delivered, self.stats.duplicates, self.stats.dead
         failing_since: float | None = None
         loop = asyncio.get_running_loop()
-        while True:
+        stop = asyncio.Event() if stop is None else stop
+        while not stop.is_set():
             count, failure = await self._guarded_round()
             if failure is None:
                 failing_since = None
@@ -287,7 +214,7 @@ class Uplink:
             delay = self._delay(failure)
             if give_up_after is not None and loop.time() + delay - failing_since > give_up_after:
                 break
-            await asyncio.sleep(delay)
+            await runtime.sleep(stop, delay)
         remaining = (await self.outbox.stats()).pending
         return BurstReport(
             delivered=self.stats.delivered - start[0],
@@ -304,9 +231,9 @@ class Uplink:
             self.outbox.changed.clear()  # before leasing, so a put() during the round wakes us
             count, failure = await self._guarded_round()
             if failure is not None:
-                await _wait(stop, self._delay(failure))
+                await runtime.sleep(stop, self._delay(failure))
             elif count == 0:
-                await _wait(stop, IDLE_POLL_S, self.outbox.changed)
+                await runtime.sleep(stop, IDLE_POLL_S, self.outbox.changed)
 
     def _delay(self, failure: Attempt) -> float:
         if failure.verdict is Verdict.HALT:
@@ -370,7 +297,7 @@ class Uplink:
         try:
             async with compat.TaskGroup() as tg:
                 for row in rows:
-                    tg.create_task(one(row))
+                    tg.create_task(one(row), name=f"upload seq {row.seq}")
         finally:
             # Only now, after the cloud's 2xx for each of them. A crash before this commit
             # means those events are sent again and answered "duplicate": nothing is lost.
@@ -410,13 +337,13 @@ class Uplink:
         except ProtocolError as err:  # a stored body the protocol refuses: never sendable
             return Attempt(row.seq, Verdict.DEAD, err.code, err.message)
         try:
-            async with self._session.post(self.url, data=envelope) as resp:
-                status = resp.status
-                text = (await resp.content.read(_MAX_ANSWER)).decode("utf-8", "replace")
-                headers = resp.headers
-        except (aiohttp.ClientError, TimeoutError, OSError) as err:
-            cause = type(err).__name__
-            return Attempt(row.seq, Verdict.RETRY, "network", f"{cause}: {err}".strip(": "))
+            with classified():
+                async with self._session.post(self.url, data=envelope) as resp:
+                    status = resp.status
+                    text = (await resp.content.read(_MAX_ANSWER)).decode("utf-8", "replace")
+                    headers = resp.headers
+        except RetryableError as err:
+            return Attempt(row.seq, Verdict.RETRY, "network", err.message)
         return self._judge(row.seq, status, text, headers, sealed_offset)
 
     async def _seal(self, row: OutboxRow) -> bytes:
@@ -496,7 +423,7 @@ class Uplink:
         while not stop.is_set():
             if self.link_down:
                 await self._fallback_pass()
-            await _wait(stop, period)
+            await runtime.sleep(stop, period)
 
     async def _fallback_pass(self) -> None:
         """Act on the gate's own decision for events stuck behind a dead link, once each."""
@@ -504,8 +431,8 @@ class Uplink:
             return
         try:
             await self._fallback_rows()
-        except (OutboxDiskFull, OSError) as err:  # the outbox or the actions' ledger is full
-            log.error("uplink.fallback_postponed", error=str(err)[:300])
+        except RetryableError as err:  # the outbox or the actions' ledger is full
+            log.error("uplink.fallback_postponed", error=err.message[:300], fix=err.fix)
 
     async def _fallback_rows(self) -> None:
         cutoff = self._clock() - self.section.edge_fallback_after_seconds
@@ -554,21 +481,6 @@ def _halt_fix(code: str) -> str:
         "device_revoked": "this device was revoked; an operator must enroll it under a new id",
         "unsupported_version": "upgrade edgekeeper on the device to the cloud's version",
     }.get(code, "see docs/protocol.md, Errors")
-
-
-async def _wait(stop: asyncio.Event, seconds: float, wake: asyncio.Event | None = None) -> None:
-    """Sleep up to ``seconds``; return early when ``stop`` (or ``wake``) is set."""
-    if seconds <= 0 or stop.is_set():
-        return
-    waiters = [asyncio.ensure_future(stop.wait())]
-    if wake is not None:
-        waiters.append(asyncio.ensure_future(wake.wait()))
-    try:
-        await asyncio.wait(waiters, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for w in waiters:
-            w.cancel()
-        await asyncio.gather(*waiters, return_exceptions=True)
 
 
 # --- the device's whole link ----------------------------------------------------------------
@@ -666,7 +578,6 @@ def open_outbox(config: Config) -> Outbox:
 
 
 __all__ = [
-    "Backoff",
     "BurstReport",
     "DeviceLink",
     "Uplink",
@@ -674,6 +585,5 @@ __all__ = [
     "UplinkStats",
     "UplinkUnavailable",
     "open_outbox",
-    "parse_retry_after",
     "provisional_result",
 ]

@@ -2,8 +2,9 @@
 
 Each pipeline half registers its own subcommands (``register(subparsers)`` in the modules listed
 in COMMAND_MODULES), so this file stays small. A command handler gets the parsed args and the
-validated Config and returns an exit code. Errors the user can fix (EdgekeeperError) are printed
-as one clear message with the fix and a non-zero exit code; never a traceback.
+validated Config and returns an exit code; long-running ones run under edgekeeper.runtime (signals,
+drain deadline). Errors the user can fix (EdgekeeperError) are printed as one clear message with
+the fix and a non-zero exit code; never a traceback.
 """
 
 from __future__ import annotations
@@ -40,10 +41,25 @@ def build_parser() -> argparse.ArgumentParser:
         help="TOML config file (default: $EDGEKEEPER_CONFIG, else built-in defaults)",
     )
     parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    parser.add_argument(
+        "--drain-seconds", type=_positive, metavar="S",
+        help="how long a stopping command may take to finish what it holds before it exits "
+        "non-zero, logging what was in flight (default 20: under systemd's 30 s stop timeout)",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(sub)
     return parser
+
+
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value <= 3600:  # NaN fails too
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds in (0, 3600]")
+    return value
 
 
 def user_error(exc: BaseException) -> EdgekeeperError | None:

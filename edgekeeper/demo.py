@@ -10,7 +10,8 @@
 4. a summary: frames, triggers, bytes that left the device against streaming everything, results.
 
 Every part is the real one (the same classes `edgekeeper run`, `cloud serve` and `cloud worker`
-use); only their wiring into one process is the demo's.
+use); only their wiring into one process is the demo's. It runs under edgekeeper.runtime: Ctrl-C
+stops waiting for results and shuts everything down in order.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from edgekeeper import compat
+from edgekeeper import compat, runtime
 from edgekeeper.config import MODELS_DIR, Config
 from edgekeeper.errors import EdgekeeperError
 from edgekeeper.log import get_logger
@@ -60,8 +61,11 @@ def cmd_demo(args: argparse.Namespace, config: Config) -> int:
         log_mod.configure("warning", config.log.format)
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="edgekeeper-demo-"))
     try:
-        summary = asyncio.run(run_demo(config, workdir, args.recording, timeout=args.timeout,
-                                       echo=True))
+        summary = runtime.run(
+            lambda stop: run_demo(config, workdir, args.recording, timeout=args.timeout,
+                                  echo=True, stop=stop),
+            name="demo", drain_seconds=args.drain_seconds,
+        )
     finally:
         if args.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)
@@ -94,7 +98,8 @@ def demo_configs(config: Config, workdir: Path) -> tuple[Config, Config]:
 
 
 async def run_demo(
-    config: Config, workdir: Path, recording: Path, *, timeout: float = 120.0, echo: bool = False
+    config: Config, workdir: Path, recording: Path, *, timeout: float = 120.0, echo: bool = False,
+    stop: asyncio.Event | None = None,
 ) -> dict[str, Any]:
     from edgekeeper.cloud.enroll import issue_token
     from edgekeeper.cloud.ingest import IngestServer, create_app
@@ -103,6 +108,7 @@ async def run_demo(
     from edgekeeper.device.replay import replay_recording
     from edgekeeper.device.uplink import DeviceLink
 
+    stop = asyncio.Event() if stop is None else stop
     cloud_cfg, device_cfg = demo_configs(config, workdir)
     say = print if echo else (lambda *_a, **_k: None)
     received: list[dict[str, Any]] = []
@@ -151,12 +157,9 @@ async def run_demo(
                     "outbox; waiting for results")
                 if len(received) >= result.stats.events:
                     all_in.set()
-                try:
-                    async with compat.timeout(timeout):
-                        await all_in.wait()
-                except TimeoutError:
-                    log.warning("demo timed out waiting for results",
-                                expected=result.stats.events, received=len(received))
+                if not await runtime.sleep(stop, timeout, wake=all_in) and not all_in.is_set():
+                    log.warning("demo.timed_out", expected=result.stats.events,
+                                received=len(received))
             finally:
                 stop_link.set()
                 stop_worker.set()

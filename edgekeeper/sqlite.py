@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Concatenate, Literal, ParamSpec, TypeVar
 
-from edgekeeper import fs
+from edgekeeper import errors, fs
 from edgekeeper.errors import ConfigError, EdgekeeperError, PermanentError, RetryableError
 from edgekeeper.log import get_logger
 
@@ -38,7 +38,7 @@ class StorageUnwritable(RetryableError, OSError):
     was written (the transaction was rolled back); writes succeed again once it clears."""
 
 
-class DiskFull(StorageUnwritable):
+class DiskFull(StorageUnwritable, errors.DiskFull):
     """SQLITE_FULL: no space left for the database to grow into."""
 
 

@@ -5,15 +5,16 @@ the action cap, and ``edgekeeper cloud usage``."""
 from __future__ import annotations
 
 import datetime as dt
+import random
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
 from edgekeeper import config as config_mod
+from edgekeeper.backoff import Backoff, Circuit
 from edgekeeper.cli import main
 from edgekeeper.cloud.backends import open_store
-from edgekeeper.cloud.backoff import Circuit, exponential
 from edgekeeper.cloud.budget import Budget, cost_usd, next_utc_midnight, utc_day
 from edgekeeper.cloud.reasoners.base import Usage
 from edgekeeper.cloud.store.base import Store, UsageRecord
@@ -126,9 +127,20 @@ async def test_limits_are_checked_against_todays_totals(store: Store) -> None:
     assert (await Budget(unlimited, store).check("pi-1", now=NOW)).allowed
 
 
+class Edge(random.Random):
+    """Every jittered draw at the top (or the bottom) of its range."""
+
+    def __init__(self, top: bool) -> None:
+        super().__init__(0)
+        self.top = top
+
+    def uniform(self, a: float, b: float) -> float:
+        return b if self.top else a
+
+
 def test_circuit_backs_off_and_recovers() -> None:
     t = [0.0]
-    c = Circuit(2.0, 10.0, clock=lambda: t[0], rng=lambda: 1.0)  # no jitter: the upper bound
+    c = Circuit(2.0, 10.0, clock=lambda: t[0], rng=Edge(top=True))  # the upper bound
     assert not c.is_open and c.remaining() == 0
     assert c.trip() == 2.0
     # Other in-flight calls failing in the same outage do not lengthen the wait...
@@ -140,14 +152,16 @@ def test_circuit_backs_off_and_recovers() -> None:
     assert c.probe_failed() == 4.0 and c.probe_failed() == 8.0 and c.probe_failed() == 10.0
     t[0] = 30.0
     assert c.close() == 30.0 and not c.is_open and c.failures == 0
-    assert Circuit(2.0, 10.0, rng=lambda: 0.0).trip() == pytest.approx(1.0, abs=0.01)
+    # One backoff everywhere (edgekeeper/backoff.py): full jitter, down to no wait at all.
+    assert Circuit(2.0, 10.0, rng=Edge(top=False)).trip() == pytest.approx(0.0, abs=0.01)
 
 
 def test_exponential_retry_delays() -> None:
-    assert [exponential(a, 5.0, 300.0, rng=lambda: 1.0) for a in (1, 2, 3, 8, 20)] == [
-        5.0, 10.0, 20.0, 300.0, 300.0]
-    assert exponential(3, 5.0, 300.0, rng=lambda: 0.0) == 10.0  # never below half
-    assert exponential(3, 0.0, 300.0) == 0.0
+    top = Backoff(5.0, 300.0, Edge(top=True))
+    assert [top.delay_for(a) for a in (1, 2, 3, 8, 20)] == [5.0, 10.0, 20.0, 300.0, 300.0]
+    assert top.failures == 0  # an event's attempts are counted by the queue, not here
+    assert Backoff(5.0, 300.0, Edge(top=False)).delay_for(3) == 0.0  # full jitter
+    assert Backoff(0.0, 300.0).delay_for(3) == 0.0
 
 
 def test_provisional_actions_are_capped() -> None:

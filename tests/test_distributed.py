@@ -101,16 +101,16 @@ class Box:
         return proc.returncode, out.decode(), err.decode()
 
     async def serve(self) -> str:
-        """``edgekeeper cloud serve --port 0``; the URL from its ``ingest_listening`` line."""
+        """``edgekeeper cloud serve --port 0``; the URL from its ``ingest.listening`` line."""
         proc = await self.start("cloud", "serve", "--port", "0")
 
         async def listening() -> bool:
             assert proc.returncode is None, self.log.read_text()[-3000:]
-            return "ingest_listening" in self.log.read_text(errors="replace")
+            return "ingest.listening" in self.log.read_text(errors="replace")
 
         await until(listening, 60, f"{self.name} ingest listening")
         for line in self.log.read_text().splitlines():
-            if "ingest_listening" in line:
+            if "ingest.listening" in line:
                 return str(json.loads(line)["url"])
         raise AssertionError("unreachable")
 

@@ -17,10 +17,10 @@ from aiohttp import web
 from nacl.public import PrivateKey
 from test_uplink import DEVICE, Cloud, device_config, enrolled, start_cloud, until
 
+from edgekeeper.backoff import Backoff
 from edgekeeper.config import Config
 from edgekeeper.device import identity
 from edgekeeper.device.results import ResultActions, ResultsClient
-from edgekeeper.device.uplink import Backoff
 from edgekeeper.protocol.envelope import seal_result
 from edgekeeper.protocol.messages import ResultBody
 

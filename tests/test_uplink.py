@@ -22,6 +22,7 @@ import pytest
 
 from edgekeeper import compat
 from edgekeeper import config as config_mod
+from edgekeeper.backoff import RETRY_AFTER_MAX_S, Backoff, parse_retry_after
 from edgekeeper.cloud import enroll as enroll_mod
 from edgekeeper.cloud.backends import open_queue, open_store
 from edgekeeper.cloud.ingest import IngestServer, create_app
@@ -32,14 +33,7 @@ from edgekeeper.config import CloudSection, Config
 from edgekeeper.device import identity
 from edgekeeper.device.outbox import AsyncOutbox, Outbox, OutboxSink
 from edgekeeper.device.results import ResultActions
-from edgekeeper.device.uplink import (
-    RETRY_AFTER_MAX_S,
-    Backoff,
-    Uplink,
-    UplinkHalted,
-    open_outbox,
-    parse_retry_after,
-)
+from edgekeeper.device.uplink import Uplink, UplinkHalted, open_outbox
 from edgekeeper.protocol.messages import EventBody
 from edgekeeper.tls import server_context
 

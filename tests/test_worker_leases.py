@@ -23,8 +23,8 @@ import pytest
 from structlog.testing import capture_logs
 
 from edgekeeper import config as config_mod
+from edgekeeper.backoff import Circuit
 from edgekeeper.cloud.backends import open_queue, open_store
-from edgekeeper.cloud.backoff import Circuit
 from edgekeeper.cloud.budget import Budget, next_utc_midnight, utc_day
 from edgekeeper.cloud.keys import CloudKeys
 from edgekeeper.cloud.queue.base import EventQueue, Lease, QueuedEvent
@@ -246,8 +246,8 @@ async def test_a_lease_lost_during_the_call_cancels_it_and_stores_nothing(env: E
     assert await env.queue.ack(stolen)  # ...and neither acked nor nacked: the thief's to settle
     s: WorkerStats = worker.stats
     assert (s.done, s.retried, s.dead, s.lost) == (0, 0, 0, 1)
-    (lost,) = [e for e in logs if e["event"] == "worker_lease_lost"]
-    assert lost["key"] == f"{DEVICE}:1" and lost["during"] == "reasoning"
+    (lost,) = [e for e in logs if e["event"] == "worker.lease_lost"]
+    assert (lost["device_id"], lost["seq"], lost["during"]) == (DEVICE, 1, "reasoning")
 
 
 # --- waits that are not the event's fault spend no attempt -----------------------------------

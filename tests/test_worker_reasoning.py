@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 
 from edgekeeper import config as config_mod
+from edgekeeper.backoff import Circuit
 from edgekeeper.cloud.backends import open_queue, open_store
-from edgekeeper.cloud.backoff import Circuit
 from edgekeeper.cloud.budget import Budget, utc_day
 from edgekeeper.cloud.keys import CloudKeys
 from edgekeeper.cloud.queue.base import EventQueue, QueuedEvent

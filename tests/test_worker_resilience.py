@@ -40,7 +40,7 @@ async def test_worker_waits_out_a_redis_restart(tmp_path: Path) -> None:
                     break
                 await asyncio.sleep(0.05)
         assert worker.stats.dead == 1
-        assert any(e["event"] == "worker_queue_unavailable" for e in logs)
+        assert any(e["event"] == "worker.queue_unavailable" for e in logs)
     finally:
         stop.set()
         await asyncio.wait_for(task, 10)

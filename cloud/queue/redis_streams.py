@@ -62,7 +62,7 @@ from edgekeeper.cloud.queue.base import (
     QueuedEvent,
     QueueStats,
 )
-from edgekeeper.errors import ConfigError, RetryableError
+from edgekeeper.errors import ConfigError, Unreachable
 from edgekeeper.log import get_logger
 
 log = get_logger(__name__)
@@ -282,7 +282,7 @@ return {ready, leased, redis.call('XLEN', K_DEAD), redis.call('HLEN', K_SEEN)}
 _STATUS = {0: EnqueueStatus.QUEUED, 1: EnqueueStatus.DUPLICATE, 2: EnqueueStatus.CONFLICT}
 
 
-class QueueBackendDown(RetryableError, ConnectionError):
+class QueueBackendDown(Unreachable):
     """Redis did not answer; the caller retries (the ingest answers 503, the worker waits)."""
 
 

@@ -7,9 +7,11 @@ metadata as JSON (gate label and scores, capture time, device id, gate model, au
 transcript when a recognizer is configured: the model reads no audio).
 
 The answer is validated before use (types, ranges, enums); an invalid one is a MalformedAnswer:
-retried, then dead-lettered after the queue's attempts. Provider trouble (5xx, 529, timeouts,
-429) is first retried by the SDK (``reasoner.max_retries``, honouring ``retry-after``); when
-those run out it is a ProviderUnavailable and the worker backs off as a whole.
+retried, then dead-lettered after the queue's attempts. The SDK's errors are classified in
+``_create``: provider trouble (5xx, 529, timeouts, 429) is first retried by the SDK
+(``reasoner.max_retries``, honouring ``retry-after``); when those run out it is a
+ProviderUnavailable and the worker backs off as a whole. A rejected key (401/403) or an unknown
+model (404) is a ProviderRefused: the worker stops with the fix.
 
 The API key comes from ANTHROPIC_API_KEY in the cloud worker's environment, nowhere else: it is
 handed to the SDK and never stored on this object, logged, or put in an error message.
@@ -30,6 +32,7 @@ import anthropic
 
 from edgekeeper.cloud.reasoners.base import (
     MalformedAnswer,
+    ProviderRefused,
     ProviderUnavailable,
     ReasonerUnavailable,
     Usage,
@@ -304,13 +307,14 @@ class AnthropicReasoner:
         except anthropic.APIConnectionError as err:
             raise ProviderUnavailable(f"provider unreachable: {type(err).__name__}") from None
         except (anthropic.AuthenticationError, anthropic.PermissionDeniedError) as err:
-            raise ProviderUnavailable(
+            raise ProviderRefused(
                 f"provider refused the API key ({err.status_code})",
                 fix="check ANTHROPIC_API_KEY in the worker's environment") from None
         except anthropic.NotFoundError as err:
-            raise ProviderUnavailable(
+            raise ProviderRefused(
                 f"provider does not know model {self.model!r} ({err.status_code})",
-                fix="set reasoner.model to a model your key can use") from None
+                fix="check the model name: set reasoner.model to a model your key can use"
+                ) from None
         except anthropic.RateLimitError as err:
             raise ProviderUnavailable(
                 f"provider rate limit ({err.status_code}) after the SDK's retries",

@@ -16,6 +16,9 @@ Errors, shaped by what the worker should do:
   ``cloud.queue_max_attempts`` deliveries.
 * a ``PermanentError``: the event can never be reasoned about (the provider refuses its
   content); it goes to the dead-letter list at once.
+* ``ProviderRefused`` (a FatalError): the provider refuses the worker itself (a rejected or
+  unauthorised API key, a model it does not know). No event can pass, so the worker stops with
+  the fix instead of retrying forever.
 
 Any of them may carry the ``usage`` of a provider call that was paid for and still failed (a
 malformed answer costs tokens), so the worker records it against the budget.
@@ -30,7 +33,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
-from edgekeeper.errors import ConfigError, RetryableError
+from edgekeeper.errors import ConfigError, FatalError, RetryableError
 from edgekeeper.protocol.messages import EventBody
 
 if TYPE_CHECKING:
@@ -80,6 +83,15 @@ class ProviderUnavailable(ReasonerUnavailable):
                  retry_after: float | None = None) -> None:
         super().__init__(message, fix=fix, usage=usage)
         self.retry_after = retry_after
+
+
+class ProviderRefused(FatalError):
+    """The provider refuses this worker (401/403: the key; 404: the model): stop, show the fix."""
+
+    def __init__(self, message: str, *, fix: str | None = None,
+                 usage: Usage | None = None) -> None:
+        super().__init__(message, fix=fix)
+        self.usage = usage or NO_USAGE
 
 
 class MalformedAnswer(ReasonerUnavailable):

@@ -24,8 +24,9 @@ Why it is built this way:
 
 from __future__ import annotations
 
+import contextlib
 import re
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from edgekeeper.cloud.store.base import (
@@ -37,7 +38,7 @@ from edgekeeper.cloud.store.base import (
     UsageTotals,
     check_enrollment,
 )
-from edgekeeper.errors import ConfigError
+from edgekeeper.errors import ConfigError, classified
 from edgekeeper.protocol.errors import DeviceExists, InvalidToken
 
 # Advisory lock keys (any 64-bit numbers unique to edgekeeper).
@@ -181,6 +182,15 @@ class PostgresStore:
             raise
         return store
 
+    @contextlib.asynccontextmanager
+    async def _connection(self) -> AsyncIterator[Any]:
+        """A pooled connection. PostgreSQL going away (OperationalError, PoolTimeout) becomes
+        Unreachable, a RetryableError, here where it enters our code: the worker waits it out,
+        the ingest answers 503."""
+        with classified(f"PostgreSQL at {self.dsn}"):
+            async with self._pool.connection() as conn:
+                yield conn
+
     @staticmethod
     async def _create_schema(conn: Any) -> None:
         async with conn.transaction():
@@ -189,12 +199,12 @@ class PostgresStore:
                 await conn.execute(statement)
 
     async def _fetchone(self, sql: str, params: Sequence[Any] = ()) -> Any:
-        async with self._pool.connection() as conn:
+        async with self._connection() as conn:
             cur = await conn.execute(sql, params)
             return await cur.fetchone()
 
     async def _fetchall(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
-        async with self._pool.connection() as conn:
+        async with self._connection() as conn:
             cur = await conn.execute(sql, params)
             return list(await cur.fetchall())
 
@@ -203,7 +213,7 @@ class PostgresStore:
     async def enroll(
         self, *, token_hash: bytes, device_id: str, sign_pk: bytes, box_pk: bytes, now: float
     ) -> EnrollOutcome:
-        async with self._pool.connection() as conn, conn.transaction():
+        async with self._connection() as conn, conn.transaction():
             cur = await conn.execute(
                 "SELECT expires_at, used_at, used_by FROM tokens WHERE token_hash = %s"
                 " FOR UPDATE",
@@ -255,7 +265,7 @@ class PostgresStore:
         return [_device(r) for r in rows]
 
     async def revoke(self, device_id: str, *, now: float) -> bool:
-        async with self._pool.connection() as conn, conn.transaction():
+        async with self._connection() as conn, conn.transaction():
             cur = await conn.execute(
                 "UPDATE devices SET revoked_at = %s WHERE device_id = %s AND revoked_at IS NULL",
                 (now, device_id),
@@ -274,7 +284,7 @@ class PostgresStore:
     # tokens -----------------------------------------------------------------------------
 
     async def add_token(self, *, token_hash: bytes, created_at: float, expires_at: float) -> None:
-        async with self._pool.connection() as conn:
+        async with self._connection() as conn:
             await conn.execute(
                 "INSERT INTO tokens (token_hash, created_at, expires_at) VALUES (%s, %s, %s)",
                 (token_hash, created_at, expires_at),
@@ -283,7 +293,7 @@ class PostgresStore:
     # results ----------------------------------------------------------------------------
 
     async def put_result(self, *, device_id: str, seq: int, envelope: bytes, now: float) -> int:
-        async with self._pool.connection() as conn:
+        async with self._connection() as conn:
             # Ids in commit order (module docstring), in one round trip: a single statement in
             # autocommit is its own transaction; its CTE takes the lock before nextval() is
             # drawn (the CTE row is produced before the projection that calls nextval), and
@@ -314,7 +324,7 @@ class PostgresStore:
     async def ack_results(self, device_id: str, ids: Sequence[int], *, now: float) -> int:
         if not ids:
             return 0
-        async with self._pool.connection() as conn:
+        async with self._connection() as conn:
             cur = await conn.execute(
                 "UPDATE results SET acked_at = %s WHERE device_id = %s"
                 " AND id = ANY(%s::bigint[]) AND acked_at IS NULL",
@@ -335,7 +345,7 @@ class PostgresStore:
     async def prune_results(self, *, acked_before: float, limit: int) -> int:
         # Batched: each call is one short autocommit transaction. Ids come from a sequence and
         # are never reused, so a pruned id never comes back under a device's cursor.
-        async with self._pool.connection() as conn:
+        async with self._connection() as conn:
             cur = await conn.execute(
                 "DELETE FROM results WHERE id IN (SELECT id FROM results"
                 " WHERE acked_at < %s ORDER BY acked_at LIMIT %s)",
@@ -349,7 +359,7 @@ class PostgresStore:
         r = record
         sums = ", ".join(_USAGE_SUMS)
         update = ", ".join(f"{c} = usage_daily.{c} + excluded.{c}" for c in _USAGE_SUMS)
-        async with self._pool.connection() as conn:
+        async with self._connection() as conn:
             # One statement (one transaction, one round trip): the call row, then, only if it
             # is new, the event row (new only for the event's first call that day) and both
             # running totals, the device's row before '*' in every transaction (no deadlock).

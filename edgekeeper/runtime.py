@@ -1,0 +1,249 @@
+"""The one process runtime: how every long-running command starts, stops and fails.
+
+``run(main, name=..., drain_seconds=..., reload=...)`` runs ``main(stop)`` under one TaskGroup
+beside a watchdog, with the signal handlers installed here and nowhere else:
+
+* SIGTERM or SIGINT sets ``stop``: the service stops taking work and drains what it holds;
+* from then on the drain has ``drain_seconds`` (default DRAIN_SECONDS, shorter than systemd's
+  TimeoutStopSec=30); past it the watchdog logs every task still in flight, cancels the service
+  and the command exits non-zero (DrainTimeout);
+* a second SIGINT forces the exit now: what was in flight is logged and the process leaves with
+  130, skipping every cleanup (as a SIGKILL would: what was durable stays durable);
+* SIGHUP calls ``reload`` where the command has one, else it is logged and ignored.
+
+Handlers only record the signal (as uvicorn's ``capture_signals`` does); the watchdog does the
+rest. Loops wait with ``sleep(stop, seconds)``, which returns as soon as a drain starts.
+docs/runtime.md tells the whole lifecycle.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import os
+import signal
+import sys
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
+from dataclasses import dataclass, field
+from typing import Any, NoReturn, TypeVar
+
+from edgekeeper import compat
+from edgekeeper.errors import DrainTimeout, EdgekeeperError, RetryableError
+from edgekeeper.log import get_logger
+
+log = get_logger(__name__)
+
+T = TypeVar("T")
+
+# systemd's TimeoutStopSec=30 (systemd/edgekeeper-device.service) kills after 30 s: the drain
+# must be over well before, so the log says what hung instead of a bare SIGKILL.
+DRAIN_SECONDS = 20.0
+# After a missed deadline the service is cancelled; if cancelling does not end it within this (a
+# thread stuck in a blocking call), the process leaves without it.
+CANCEL_GRACE_S = 0.5
+FORCED_EXIT_CODE = 130  # a second Ctrl-C, as a shell reports SIGINT
+
+
+async def sleep(stop: asyncio.Event, seconds: float, wake: asyncio.Event | None = None) -> bool:
+    """Sleep up to ``seconds``; return early when ``stop`` (or ``wake``) is set. True when
+    stopping, so a loop can write ``if await sleep(stop, delay): break``. ``math.inf``: no
+    limit."""
+    if seconds <= 0 or stop.is_set():
+        return stop.is_set()
+    limit = seconds if math.isfinite(seconds) else None
+    if wake is None:
+        with contextlib.suppress(TimeoutError):
+            async with compat.timeout(limit):
+                await stop.wait()
+        return stop.is_set()
+    with contextlib.suppress(TimeoutError):
+        async with compat.timeout(limit), compat.TaskGroup() as tg:
+            waiters = [tg.create_task(stop.wait()), tg.create_task(wake.wait())]
+
+            def first_done(_: asyncio.Task[Any]) -> None:  # the first one set ends the other
+                for w in waiters:
+                    w.cancel()
+
+            for w in waiters:
+                w.add_done_callback(first_done)
+    return stop.is_set()
+
+
+@dataclass
+class _Signals:
+    """What the handlers record; nothing else happens in a handler."""
+
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
+    force: asyncio.Event = field(default_factory=asyncio.Event)
+    hup: asyncio.Event = field(default_factory=asyncio.Event)
+    first: str = ""
+    received: list[str] = field(default_factory=list)
+
+    def handle(self, sig: signal.Signals) -> None:
+        self.received.append(sig.name)
+        if sig is signal.SIGHUP:
+            self.hup.set()
+        elif not self.stop.is_set():
+            self.first = sig.name
+            self.stop.set()
+        elif sig is signal.SIGINT:
+            self.force.set()
+
+
+@contextlib.contextmanager
+def capture_signals(state: _Signals) -> Iterator[None]:
+    """Route SIGTERM, SIGINT and SIGHUP to ``state`` while the block runs."""
+    loop = asyncio.get_running_loop()
+    installed = []
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        # Off the main thread (or on Windows) there are no handlers: Ctrl-C then ends the loop.
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            loop.add_signal_handler(sig, state.handle, sig)
+            installed.append(sig)
+    try:
+        yield
+    finally:
+        for sig in installed:
+            loop.remove_signal_handler(sig)
+
+
+def in_flight(*exclude: asyncio.Task[Any] | None) -> list[str]:
+    """Every other task of this loop, as "name: where it waits (file:line)"."""
+    out = []
+    for task in asyncio.all_tasks():
+        if task in exclude or task.done():
+            continue
+        out.append(f"{task.get_name()}: {_where(task)}")
+    return sorted(out)
+
+
+def _where(task: asyncio.Task[Any]) -> str:
+    """The chain of our coroutines ``task`` is suspended in, innermost last, and the line it
+    waits on (library frames, asyncio's or aiohttp's, are left out when ours are there)."""
+    chain: list[tuple[str, str, int]] = []
+    coro: Any = task.get_coro()
+    for _ in range(50):  # bounded: a chain is never this deep
+        frame = getattr(coro, "cr_frame", None) or getattr(coro, "ag_frame", None)
+        if frame is None:
+            break
+        chain.append((frame.f_code.co_name, frame.f_code.co_filename, frame.f_lineno))
+        coro = getattr(coro, "cr_await", None)
+    ours = [c for c in chain if not _library(c[1])] or chain
+    if not ours:
+        return "(not started)"
+    _, path, line = ours[-1]
+    return " > ".join(c[0] for c in ours[-4:]) + f" ({os.path.basename(path)}:{line})"
+
+
+def _library(path: str) -> bool:
+    return path.startswith(_STDLIB) or "site-packages" in path or "dist-packages" in path
+
+
+_STDLIB = os.path.dirname(os.__file__)
+
+
+async def _watchdog(state: _Signals, service: asyncio.Task[Any], name: str,
+                    drain_s: float, outcome: list[EdgekeeperError],
+                    ours: list[asyncio.Task[Any] | None]) -> None:
+    """From the first stop signal on, give the service ``drain_s`` to finish (a second SIGINT
+    cuts that short), then log what is still running and cancel it."""
+    await state.stop.wait()
+    log.info("runtime.draining", service=name, signal=state.first or None, deadline_s=drain_s)
+    forced = True
+    try:
+        async with compat.timeout(drain_s):
+            await state.force.wait()
+    except TimeoutError:
+        forced = False
+    busy = [f"{service.get_name()}: {_where(service)}",
+            *in_flight(service, *ours)]
+    if forced:
+        # Leave now: cancelling, closing files and the interpreter's own teardown can take
+        # seconds on a busy board, and the user asked twice.
+        log.warning("runtime.forced_exit", service=name, in_flight=busy)
+        _leave(FORCED_EXIT_CODE)
+    log.error("runtime.drain_timeout", service=name, deadline_s=drain_s, in_flight=busy)
+    outcome.append(DrainTimeout(
+        f"{name} was still draining {drain_s:g} s after {state.first or 'the stop'}; "
+        "in flight: " + "; ".join(busy)[:2000],
+        fix="see the runtime.drain_timeout log line for what hung; a longer "
+            "--drain-seconds gives a slow drain more time",
+    ))
+    service.cancel()
+    await asyncio.sleep(CANCEL_GRACE_S)
+    # Still here: cancelling did not end the service (a thread stuck in a blocking call keeps
+    # the interpreter from exiting too). Leave without it; what is durable stays durable.
+    log.error("runtime.exit_now", service=name, in_flight=in_flight(*ours))
+    _leave(outcome[-1].exit_code)
+
+
+def _leave(code: int) -> NoReturn:
+    """Exit the process at once (no cleanup, no waiting for threads), logs flushed first."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+async def _reloader(state: _Signals, name: str,
+                    reload: Callable[[], Awaitable[None]] | None) -> None:
+    while True:
+        await state.hup.wait()
+        state.hup.clear()
+        if reload is None:
+            log.info("runtime.sighup_ignored", service=name, why="nothing to reload")
+            continue
+        try:
+            await reload()
+        except RetryableError as err:  # keep running on what was loaded before
+            log.warning("runtime.reload_failed", service=name, error=err.message, fix=err.fix)
+        else:
+            log.info("runtime.reloaded", service=name)
+
+
+async def serve(main: Callable[[asyncio.Event], Coroutine[Any, Any, T]], *, name: str,
+                drain_seconds: float | None = None,
+                reload: Callable[[], Awaitable[None]] | None = None) -> T:
+    """``main(stop)`` under the runtime, in a running loop (``run`` is the synchronous entry)."""
+    drain_s = DRAIN_SECONDS if drain_seconds is None else drain_seconds
+    state = _Signals()
+    outcome: list[EdgekeeperError] = []
+    with capture_signals(state):
+        try:
+            async with compat.TaskGroup() as tg:
+                service: asyncio.Task[T] = tg.create_task(main(state.stop), name=name)
+                # The runtime's own tasks, never "in flight" in a report.
+                ours: list[asyncio.Task[Any] | None] = [asyncio.current_task()]
+                helpers = [
+                    tg.create_task(_watchdog(state, service, name, drain_s, outcome, ours),
+                                   name="runtime-watchdog"),
+                    tg.create_task(_reloader(state, name, reload), name="runtime-reloader"),
+                ]
+                ours.extend(helpers)
+
+                def done(_: asyncio.Task[Any]) -> None:
+                    for h in helpers:
+                        h.cancel()
+
+                service.add_done_callback(done)
+        except Exception as group:
+            # The service failed: raise its own error, not the group wrapping it, so the CLI
+            # prints one message (with its fix).
+            inner = getattr(group, "exceptions", None)
+            if inner and len(inner) == 1:
+                raise inner[0] from None
+            raise
+    if outcome:
+        raise outcome[-1]
+    return service.result()
+
+
+def run(main: Callable[[asyncio.Event], Coroutine[Any, Any, T]], *, name: str,
+        drain_seconds: float | None = None,
+        reload: Callable[[], Awaitable[None]] | None = None) -> T:
+    """Run ``main(stop)`` in a new event loop until it returns; see the module docstring."""
+    return asyncio.run(serve(main, name=name, drain_seconds=drain_seconds, reload=reload))
+
+
+__all__ = ["CANCEL_GRACE_S", "DRAIN_SECONDS", "FORCED_EXIT_CODE", "capture_signals", "in_flight",
+           "run", "serve", "sleep"]

@@ -79,7 +79,7 @@ async def record(
                 if writer is None:
                     h, w = frame.image.shape[:2]
                     writer = cv2.VideoWriter(str(tmp / "video.avi"),
-                                             cv2.VideoWriter_fourcc(*"MJPG"), fps, (w, h))
+                                             cv2.VideoWriter.fourcc(*"MJPG"), fps, (w, h))
                     meta["video"] = "video.avi"
                 await asyncio.to_thread(writer.write, frame.image)
         finally:

@@ -179,7 +179,7 @@ async def replay_recording(
             gates = await stack.enter_async_context(
                 open_gates(config, vision=need_vision, audio=need_audio)
             )
-        rate = gates.audio.manifest.audio.sample_rate if gates.audio is not None else None
+        rate = gates.audio.manifest.sample_rate if gates.audio is not None else None
         rec = open_recording(
             path,
             audio_rate=rate,

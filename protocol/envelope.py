@@ -242,7 +242,7 @@ def _seal(kind: int, header: bytes, body: bytes, secret_key: bytes, public_key: 
     _ffi.memmove(out, prefix, len(prefix))
     if _lib.crypto_box_easy_afternm(out + len(prefix), body, len(body), nonce, key) != 0:
         raise RuntimeError("crypto_box_easy_afternm failed")  # pragma: no cover
-    return _ffi.buffer(out, total)[:]
+    return bytes(_ffi.buffer(out, total))
 
 
 _LENGTH_WIDTH = {0xC4: 1, 0xC5: 2, 0xC6: 4}

@@ -14,6 +14,7 @@ from typing import Any
 
 from edgekeeper import compat
 from edgekeeper.config import Config
+from edgekeeper.device.live import live_sources
 from edgekeeper.errors import InputError
 from edgekeeper.log import get_logger
 
@@ -137,22 +138,6 @@ def install_stop_signals(stop: asyncio.Event) -> None:
             loop.add_signal_handler(sig, on_signal, sig.name)
 
 
-def live_sources(config: Config, audio_rate: int | None) -> tuple[Any, Any]:
-    from edgekeeper.device.sources import MicrophoneSource, VideoCaptureSource
-
-    video = audio = None
-    if config.camera.enabled:
-        cam = config.camera
-        video = VideoCaptureSource(cam.source, fps=cam.fps, live=True, queue_size=cam.queue_size,
-                                   reconnect_seconds=cam.reconnect_seconds,
-                                   width=cam.width, height=cam.height)
-    if config.microphone.enabled and audio_rate:
-        mic = config.microphone
-        audio = MicrophoneSource(device=mic.device, rate=audio_rate,
-                                 block_seconds=mic.block_seconds, queue_size=mic.queue_size)
-    return video, audio
-
-
 def cmd_run(args: argparse.Namespace, config: Config) -> int:
     import contextlib
     import time
@@ -219,8 +204,13 @@ def cmd_run(args: argparse.Namespace, config: Config) -> int:
 def cmd_record(args: argparse.Namespace, config: Config) -> int:
     from edgekeeper.device.record import record
 
-    out = asyncio.run(record(config, args.out, seconds=args.seconds,
-                             video=not args.no_video, audio=not args.no_audio))
+    async def main() -> Path:
+        stop = asyncio.Event()
+        install_stop_signals(stop)
+        return await record(config, args.out, seconds=args.seconds, video=not args.no_video,
+                            audio=not args.no_audio, stop=stop)
+
+    out = asyncio.run(main())
     print(f"recorded {out}")
     return 0
 

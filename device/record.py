@@ -23,7 +23,7 @@ import numpy as np
 
 from edgekeeper import compat
 from edgekeeper.config import Config
-from edgekeeper.device.cli import install_stop_signals, live_sources
+from edgekeeper.device.live import live_sources
 from edgekeeper.errors import InputError
 from edgekeeper.log import get_logger
 
@@ -38,7 +38,9 @@ async def record(
     video: bool = True,
     audio: bool = True,
     mic_factory: Any = None,
+    stop: asyncio.Event | None = None,
 ) -> Path:
+    """Record ``seconds`` (or until ``stop`` is set) into ``out``; returns ``out``."""
     if out.exists():
         raise InputError(f"recording folder {out} already exists", fix="choose a new folder name")
     if seconds <= 0:
@@ -61,8 +63,8 @@ async def record(
     tmp = out.with_name(f".{out.name}.partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    stop = asyncio.Event()
-    install_stop_signals(stop)
+    # The CLI sets ``stop`` on SIGTERM/SIGINT; a source that ends (a file camera) sets it too.
+    stop = asyncio.Event() if stop is None else stop
     loop = asyncio.get_running_loop()
     loop.call_later(seconds, stop.set)
     started = datetime.now(timezone.utc)

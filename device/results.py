@@ -44,6 +44,8 @@ import aiohttp
 from yarl import URL
 
 from edgekeeper import compat
+from edgekeeper.backoff import Backoff, parse_retry_after
+from edgekeeper.backoff import sleep as _wait
 from edgekeeper.device.outbox import is_disk_full
 from edgekeeper.errors import PermanentError
 from edgekeeper.log import get_logger
@@ -367,8 +369,6 @@ class ResultsClient:
         clock: Callable[[], float] = time.time,
         ssl_context: ssl.SSLContext | None = None,
     ) -> None:
-        from edgekeeper.device.uplink import Backoff
-
         self.actions = actions
         self.keys = keys
         self.device_id = device_id
@@ -409,8 +409,6 @@ class ResultsClient:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Poll until ``stop`` is set; failures back off (full jitter, capped)."""
-        from edgekeeper.device.uplink import _wait
-
         while not stop.is_set():
             poll = asyncio.ensure_future(self.poll_once(wait=self.section.poll_wait_seconds))
             stopper = asyncio.ensure_future(stop.wait())
@@ -559,8 +557,6 @@ def _server_offset(headers: Any, now: float) -> float | None:
 
 
 def _raise_for(status: int, text: str, headers: Any) -> None:
-    from edgekeeper.device.uplink import parse_retry_after
-
     if 200 <= status < 300:
         return
     code, message, fix = "", text[:300], None

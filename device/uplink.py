@@ -50,6 +50,8 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 
 from edgekeeper import compat
+from edgekeeper.backoff import RETRY_AFTER_MAX_S, Backoff, parse_retry_after
+from edgekeeper.backoff import sleep as _wait
 from edgekeeper.device.outbox import AsyncOutbox, Outbox, OutboxDiskFull, OutboxRow, OutboxSink
 from edgekeeper.errors import PermanentError, RetryableError
 from edgekeeper.log import get_logger
@@ -65,8 +67,6 @@ if TYPE_CHECKING:
 
 log = get_logger(__name__)
 
-# The longest Retry-After we obey: a broken or hostile header must not park the device for days.
-RETRY_AFTER_MAX_S = 3600.0
 # With nothing to send, look at the outbox this often even without a wake-up (another process,
 # e.g. `edgekeeper run`, may be the one filling it).
 IDLE_POLL_S = 5.0
@@ -85,63 +85,6 @@ class UplinkHalted(PermanentError):
 
 class UplinkUnavailable(RetryableError, ConnectionError):
     """The cloud stayed unreachable for longer than the burst was allowed to wait."""
-
-
-# --- backoff --------------------------------------------------------------------------------
-
-
-def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
-    """Seconds to wait from a Retry-After header (delta-seconds or an HTTP date), clamped to
-    [0, RETRY_AFTER_MAX_S]; None when absent or unreadable."""
-    if value is None:
-        return None
-    value = value.strip()
-    seconds: float
-    try:
-        seconds = float(value)
-    except ValueError:
-        try:
-            when = email.utils.parsedate_to_datetime(value)
-        except (TypeError, ValueError, IndexError):
-            return None
-        if when is None:
-            return None
-        seconds = when.timestamp() - (time.time() if now is None else now)
-    if seconds != seconds:  # NaN
-        return None
-    return min(max(seconds, 0.0), RETRY_AFTER_MAX_S)
-
-
-class Backoff:
-    """Exponential backoff with full jitter (AWS architecture blog, "Exponential Backoff And
-    Jitter"): the n-th wait is uniform in [0, min(cap, base * 2**n)].
-
-    Full rather than equal jitter: after a cloud outage every device retries at once, and the
-    uniform spread is what keeps them from arriving in waves. A server's Retry-After is a floor:
-    the wait is never shorter than what it asked for.
-    """
-
-    def __init__(self, base: float = 1.0, cap: float = 300.0, rng: random.Random | None = None):
-        if not 0 < base <= cap:
-            raise ValueError("0 < base <= cap is required")
-        self.base = base
-        self.cap = cap
-        self.rng = rng or random.Random()
-        self.failures = 0
-
-    def ceiling(self) -> float:
-        # min() before the power would overflow for a long outage: cap the exponent too.
-        return min(self.cap, self.base * 2.0 ** min(self.failures, 64))
-
-    def next_delay(self, retry_after: float | None = None) -> float:
-        delay = self.rng.uniform(0.0, self.ceiling())
-        self.failures += 1
-        if retry_after is not None:
-            delay = max(delay, min(retry_after, RETRY_AFTER_MAX_S))
-        return delay
-
-    def reset(self) -> None:
-        self.failures = 0
 
 
 # --- one attempt ----------------------------------------------------------------------------
@@ -556,21 +499,6 @@ def _halt_fix(code: str) -> str:
     }.get(code, "see docs/protocol.md, Errors")
 
 
-async def _wait(stop: asyncio.Event, seconds: float, wake: asyncio.Event | None = None) -> None:
-    """Sleep up to ``seconds``; return early when ``stop`` (or ``wake``) is set."""
-    if seconds <= 0 or stop.is_set():
-        return
-    waiters = [asyncio.ensure_future(stop.wait())]
-    if wake is not None:
-        waiters.append(asyncio.ensure_future(wake.wait()))
-    try:
-        await asyncio.wait(waiters, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for w in waiters:
-            w.cancel()
-        await asyncio.gather(*waiters, return_exceptions=True)
-
-
 # --- the device's whole link ----------------------------------------------------------------
 
 
@@ -666,6 +594,7 @@ def open_outbox(config: Config) -> Outbox:
 
 
 __all__ = [
+    "RETRY_AFTER_MAX_S",
     "Backoff",
     "BurstReport",
     "DeviceLink",

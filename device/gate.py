@@ -380,7 +380,7 @@ class Gate:
 
     async def load(self, path: Path) -> Manifest:
         self._runner, self._executor = await self._load(path)
-        log.info("gate loaded", modality=self.modality, model=self.manifest.tag, path=str(path))
+        log.info("gate.loaded", modality=self.modality, model=self.manifest.tag, path=str(path))
         return self.manifest
 
     async def swap(self, path: Path) -> Manifest:
@@ -396,7 +396,7 @@ class Gate:
         self._runner, self._executor = runner, executor
         if old_executor is not None:
             old_executor.shutdown(wait=False)  # pending work still completes on the old model
-        log.info("gate swapped", modality=self.modality, old=old_tag, new=runner.manifest.tag)
+        log.info("gate.swapped", modality=self.modality, old=old_tag, new=runner.manifest.tag)
         return runner.manifest
 
     def submit(self, data: np.ndarray, position: int | None = None) -> asyncio.Future[GateOutput]:

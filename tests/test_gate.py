@@ -234,7 +234,7 @@ async def test_swap_between_two_inferences_without_stopping(tmp_path: Path,
     await warmed_up.wait()
     new = await gate.swap(candidate)
     await task
-    gate.close()
+    await asyncio.to_thread(gate.close)  # joins the model thread: off the loop
     assert len(tags) == 200  # no inference failed or was lost across the swap
     switch = tags.index(tags[-1]) if tags[0] != tags[-1] else None
     assert switch is not None, "the swap never took effect"
@@ -252,4 +252,4 @@ async def test_failed_swap_keeps_the_old_model(tmp_path: Path, sample_recording:
         await gate.swap(bad)
     out = await gate.classify(sample_frames(sample_recording, 1)[0])
     assert out.model == old.tag
-    gate.close()
+    await asyncio.to_thread(gate.close)

@@ -128,7 +128,8 @@ async def test_sigkill_during_uploads_loses_and_duplicates_nothing(tmp_path: Pat
             f"lost: {sorted(set(committed) - set(seqs))[:10]}, "
             f"unexpected: {sorted(set(seqs) - set(committed))[:10]}"
         )
-        assert outbox.stats().pending == 0 and outbox.dead_letters() == []
+        stats, dead = await asyncio.to_thread(lambda: (outbox.stats(), outbox.dead_letters()))
+        assert stats.pending == 0 and dead == []
         assert kills_mid_upload >= KILLS_DURING_UPLOAD
         status = await asyncio.create_subprocess_exec(
             *cli(cfg_path, "device", "status", "--json"), stdout=subprocess.PIPE

@@ -160,7 +160,7 @@ async def test_failing_action_is_retried_then_recorded_failed_and_acked(
         report = await rc.poll_once()
     assert (report.failed, report.acked) == (1, 1)
     assert out.with_suffix(".runs").read_text() == "3"  # first try + 2 retries
-    entry = actions.ledger.get("cloud:3")
+    entry = await asyncio.to_thread(actions.ledger.get, "cloud:3")
     assert entry is not None and entry.status == "failed"
     assert entry.error is not None and "printer on fire" in entry.error
     # The other action still ran; the cloud no longer holds the result.
@@ -211,7 +211,8 @@ async def test_forged_result_never_reaches_an_action(cloud: Cloud, tmp_path: Pat
     assert (report.rejected, report.handled, report.acked) == (1, 1, 2)
     lines = (config.device.state_dir / "results.jsonl").read_text().splitlines()
     assert [json.loads(x)["seq"] for x in lines] == [8]
-    rejected = [x for x in actions.ledger.entries() if x.status == "rejected"]
+    rejected = [x for x in await asyncio.to_thread(actions.ledger.entries)
+                if x.status == "rejected"]
     assert len(rejected) == 1 and rejected[0].error and "auth_failed" in rejected[0].error
     await actions.close()
 
@@ -242,8 +243,11 @@ async def test_run_handles_results_until_stopped(cloud: Cloud, tmp_path: Path) -
         for seq in (1, 2, 3):
             await publish(cloud, result(seq))
 
-        async def all_handled() -> bool:
+        def handled() -> bool:
             return jsonl.exists() and jsonl.read_text().count("\n") == 3
+
+        async def all_handled() -> bool:
+            return await asyncio.to_thread(handled)
 
         await until(all_handled)
         stop.set()  # interrupts the long-poll in flight
@@ -280,7 +284,7 @@ async def test_command_timeout_counts_as_failure(tmp_path: Path) -> None:
         command_timeout=0.3, retries=1, retry_delay=0.0,
     )
     assert await actions.handle("cloud:1", result(1)) == "failed"
-    entry = actions.ledger.get("cloud:1")
+    entry = await asyncio.to_thread(actions.ledger.get, "cloud:1")
     assert entry is not None and entry.error and "longer than 0.3 s" in entry.error
     await actions.close()
 
@@ -340,7 +344,8 @@ async def test_the_ledger_forgets_results_older_than_ledger_keep_days(tmp_path: 
     assert await actions.handle("cloud:1", result(1)) == "already"  # a redelivery: not rerun
     now[0] += 25 * 86400  # 35 days after the first, 25 after the second
     assert await actions.handle("cloud:3", result(3)) == "handled"
-    assert [e.key for e in actions.ledger.entries()] == ["cloud:2", "cloud:3"]
+    entries = await asyncio.to_thread(actions.ledger.entries)
+    assert [e.key for e in entries] == ["cloud:2", "cloud:3"]
     await actions.close()
     # keep forever
     forever = ResultActions(tmp_path / "forever.sqlite", jsonl=None, keep_days=0,
@@ -348,7 +353,7 @@ async def test_the_ledger_forgets_results_older_than_ledger_keep_days(tmp_path: 
     await forever.handle("cloud:1", result(1))
     now[0] += 1000 * 86400
     await forever.handle("cloud:2", result(2))
-    assert len(forever.ledger.entries()) == 2
+    assert len(await asyncio.to_thread(forever.ledger.entries)) == 2
     await forever.close()
 
 

@@ -49,14 +49,14 @@ async def open_gates(config: Config, *, vision: bool, audio: bool) -> AsyncItera
     try:
         if vision:
             gates.vision = Gate("vision", config.gate.num_threads)
-            await gates.vision.load(
-                config_mod.resolve_model(config.gate.vision_model, config.gate.variant)
-            )
+            await gates.vision.load(await asyncio.to_thread(
+                config_mod.resolve_model, config.gate.vision_model, config.gate.variant
+            ))
         if audio:
             gates.audio = Gate("audio", config.gate.num_threads)
-            await gates.audio.load(
-                config_mod.resolve_model(config.gate.audio_model, config.gate.variant)
-            )
+            await gates.audio.load(await asyncio.to_thread(
+                config_mod.resolve_model, config.gate.audio_model, config.gate.variant
+            ))
         bind_context(models=gates.models)
         yield gates
     finally:
@@ -172,7 +172,9 @@ async def replay_recording(
 ) -> ReplayResult:
     """Run one recording through the device pipeline and return its stats and metrics."""
     # Which gates a recording needs depends on what it holds; open it first to know.
-    probe = open_recording(path, audio_rate=16000, fps=config.camera.fps, realtime=realtime)
+    # Opening reads recording.json and probes the media files: on a thread, off the loop.
+    probe = await asyncio.to_thread(open_recording, path, audio_rate=16000,
+                                    fps=config.camera.fps, realtime=realtime)
     need_vision, need_audio = probe.video is not None, probe.audio is not None
     async with contextlib.AsyncExitStack() as stack:
         if gates is None:
@@ -180,7 +182,8 @@ async def replay_recording(
                 open_gates(config, vision=need_vision, audio=need_audio)
             )
         rate = gates.audio.manifest.sample_rate if gates.audio is not None else None
-        rec = open_recording(
+        rec = await asyncio.to_thread(
+            open_recording,
             path,
             audio_rate=rate,
             fps=config.camera.fps,

@@ -86,8 +86,6 @@ _ALLOWED: tuple[tuple[str, str, set[str]], ...] = (
     ("*", "device/outbox.py", {"_open"}),  # mkdir + sqlite3.connect in Outbox.__init__
     ("*", "device/results.py", {"__init__"}),  # mkdir + sqlite3.connect in the ledger
     ("*", "device/identity.py", {"load_enrollment", "load_keys"}),  # key + enrollment files
-    ("*", "device/sources.py", {"open_recording"}),  # stat + read of recording.json
-    ("*", "edgekeeper/config.py", {"resolve_model", "load"}),  # stat, read of the TOML file
     ("*", "cloud/sqlitedb.py", {"close"}),  # executor.shutdown(wait=True) joins a thread
     ("*", "cloud/queue/segments.py", {"scan"}),  # reads every segment's prefix at open
 )

@@ -76,7 +76,7 @@ async def test_stop_drains_pending_events_and_live_drops_are_counted(tmp_path: P
                                                                      "release": 0.0}}},
                       event={"post_roll_seconds": 60.0}, pregate={"motion": False})
     gate = Gate("vision")
-    await gate.load(config_mod.resolve_model("builtin:person"))
+    await gate.load(await asyncio.to_thread(config_mod.resolve_model, "builtin:person"))
     src = VideoCaptureSource(str(sample_recording / "video.avi"), fps=0, live=False,
                              lossless=False, queue_size=1, realtime=True)
     sink = LocalSink(tmp_path / "ev")
@@ -115,7 +115,7 @@ async def test_a_sink_that_cannot_store_does_not_stop_the_loop(sample_recording:
                                                      "cooldown_seconds": 0.0}}},
                       pregate={"motion": False})
     gate = Gate("vision")
-    await gate.load(config_mod.resolve_model("builtin:person"))
+    await gate.load(await asyncio.to_thread(config_mod.resolve_model, "builtin:person"))
     src = VideoCaptureSource(str(sample_recording / "video.avi"), fps=0, live=False,
                              lossless=False, queue_size=4, realtime=False)
     sink = _FullDiskSink()

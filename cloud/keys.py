@@ -80,13 +80,13 @@ class CloudKeys:
         d = cls.directory(data_dir)
         if not (d / BOX_FILE).exists():
             write_secret(d / BOX_FILE, bytes(PrivateKey.generate()))
-            log.info("cloud_box_key_generated", path=str(d / BOX_FILE))
+            log.info("keys.box_key_generated", path=str(d / BOX_FILE))
         if not (d / RELEASE_PUB_FILE).exists():
             if (d / RELEASE_FILE).exists():
                 signing = SigningKey(read_secret(d / RELEASE_FILE))
             else:
                 signing = SigningKey.generate()
                 write_secret(d / RELEASE_FILE, bytes(signing))
-                log.info("release_signing_key_generated", path=str(d / RELEASE_FILE))
+                log.info("keys.release_signing_key_generated", path=str(d / RELEASE_FILE))
             write_secret(d / RELEASE_PUB_FILE, bytes(signing.verify_key).hex().encode() + b"\n")
         return cls.load(data_dir)

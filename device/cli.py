@@ -14,6 +14,7 @@ from typing import Any
 
 from edgekeeper import compat, runtime
 from edgekeeper.config import Config
+from edgekeeper.device.live import live_sources
 from edgekeeper.errors import InputError
 from edgekeeper.log import get_logger
 
@@ -117,20 +118,6 @@ def format_summary(s: dict[str, Any]) -> str:
 
 
 # -- run --------------------------------------------------------------------------------------
-def live_sources(config: Config, audio_rate: int | None) -> tuple[Any, Any]:
-    from edgekeeper.device.sources import MicrophoneSource, VideoCaptureSource
-
-    video = audio = None
-    if config.camera.enabled:
-        cam = config.camera
-        video = VideoCaptureSource(cam.source, fps=cam.fps, live=True, queue_size=cam.queue_size,
-                                   reconnect_seconds=cam.reconnect_seconds,
-                                   width=cam.width, height=cam.height)
-    if config.microphone.enabled and audio_rate:
-        mic = config.microphone
-        audio = MicrophoneSource(device=mic.device, rate=audio_rate,
-                                 block_seconds=mic.block_seconds, queue_size=mic.queue_size)
-    return video, audio
 
 
 def cmd_run(args: argparse.Namespace, config: Config) -> int:

@@ -45,10 +45,10 @@ class GateOutput:
 
 def quantize(x: np.ndarray, detail: dict[str, Any]) -> np.ndarray:
     """Float input -> the tensor's type, using the tensor's own (scale, zero_point)."""
-    dtype = detail["dtype"]
+    dtype = np.dtype(detail["dtype"])
     if dtype == np.float32:
         return x.astype(np.float32, copy=False)
-    scale, zero_point = detail["quantization"]
+    scale, zero_point = _quantization(detail)
     info = np.iinfo(dtype)
     q = np.round(x / scale + zero_point)
     return np.clip(q, info.min, info.max).astype(dtype)
@@ -57,16 +57,25 @@ def quantize(x: np.ndarray, detail: dict[str, Any]) -> np.ndarray:
 def dequantize(y: np.ndarray, detail: dict[str, Any]) -> np.ndarray:
     if detail["dtype"] == np.float32:
         return y.astype(np.float32, copy=False)
+    scale, zero_point = _quantization(detail)
+    return (y.astype(np.float32) - np.float32(zero_point)) * np.float32(scale)
+
+
+def _quantization(detail: dict[str, Any]) -> tuple[float, int]:
+    """A tensor's (scale, zero_point), as the interpreter reports them."""
     scale, zero_point = detail["quantization"]
-    return (y.astype(np.float32) - zero_point) * scale
+    return float(scale), int(zero_point)
 
 
 def _postprocess(kind: str, y: np.ndarray) -> np.ndarray:
     if kind == "softmax":
-        e = np.exp(y - y.max())
-        return e / e.sum()
+        # numpy's stubs type these operators' results as Any: name the array type once.
+        e: np.ndarray = np.exp(y - y.max())
+        probs: np.ndarray = e / e.sum()
+        return probs
     if kind == "sigmoid":
-        return 1.0 / (1.0 + np.exp(-y))
+        probs = 1.0 / (1.0 + np.exp(-y))
+        return probs
     return y
 
 
@@ -201,7 +210,12 @@ class ModelRunner:
                 if last:
                     return seq
                 continue
-            assert seq is not None
+            if seq is None:  # load_manifest requires a pcm first stage; say so if one slips by
+                raise ModelError(
+                    f"model manifest {self.manifest.path}: stage {i} has no input (no 'pcm' "
+                    "stage before it)",
+                    fix="make the first audio stage take 'pcm' input",
+                )
             w = st.window or len(seq)
             if len(seq) < w:
                 raise ModelError(
@@ -216,13 +230,13 @@ class ModelRunner:
                 rows = []
                 for s0 in starts:
                     key = None if base_frame is None else base_frame + s0 + w
-                    if cache is not None and key in cache:
+                    if cache is not None and key is not None and key in cache:
                         rows.append(cache[key])
                         continue
                     win = seq[s0 : s0 + w].reshape((1, *item_shape))
                     out = runner.run(win)[0].reshape(-1)
                     out = out * np.float32(st.scale) + np.float32(st.offset)
-                    if cache is not None:
+                    if cache is not None and key is not None:
                         cache[key] = out
                     rows.append(out)
                 if cache is not None and base_frame is not None:
@@ -255,7 +269,7 @@ class ModelRunner:
         cached = self._frames if base_frame is not None else None
         offset = 0  # where, in samples from the window's start, the front end starts reading
         keep: np.ndarray | None = None
-        if cached is not None and fs:
+        if cached is not None and base_frame is not None and fs:
             first, rows = cached
             have_until = first + len(rows)  # one past the last cached absolute frame
             if first <= base_frame < have_until:
@@ -366,7 +380,7 @@ class Gate:
 
     async def load(self, path: Path) -> Manifest:
         self._runner, self._executor = await self._load(path)
-        log.info("gate loaded", modality=self.modality, model=self.manifest.tag, path=str(path))
+        log.info("gate.loaded", modality=self.modality, model=self.manifest.tag, path=str(path))
         return self.manifest
 
     async def swap(self, path: Path) -> Manifest:
@@ -382,7 +396,7 @@ class Gate:
         self._runner, self._executor = runner, executor
         if old_executor is not None:
             old_executor.shutdown(wait=False)  # pending work still completes on the old model
-        log.info("gate swapped", modality=self.modality, old=old_tag, new=runner.manifest.tag)
+        log.info("gate.swapped", modality=self.modality, old=old_tag, new=runner.manifest.tag)
         return runner.manifest
 
     def submit(self, data: np.ndarray, position: int | None = None) -> asyncio.Future[GateOutput]:

@@ -34,7 +34,7 @@ def interpreter_class() -> tuple[Any, str]:
         except ImportError as err:
             tried.append(f"{module}: {err}")
             continue
-        log.info("inference runtime selected", runtime=name, module=module)
+        log.info("inference.runtime_selected", runtime=name, module=module)
         return cls, name
     raise ModelError(
         "no TFLite runtime is installed (" + "; ".join(tried) + ")",

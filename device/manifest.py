@@ -75,6 +75,16 @@ class Manifest:
         """``name@version``: how events and logs name the model."""
         return f"{self.name}@{self.version}"
 
+    @property
+    def sample_rate(self) -> int:
+        """The rate an audio model takes its samples at (what the microphone is opened with)."""
+        if self.audio is None:
+            raise ModelError(
+                f"model manifest {self.path} is a {self.modality} model: it has no audio input",
+                fix="give an audio manifest for gate.audio_model",
+            )
+        return self.audio.sample_rate
+
 
 def _need(data: dict[str, Any], key: str, kind: type | tuple[type, ...], where: Path) -> Any:
     if key not in data:

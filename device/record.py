@@ -23,7 +23,7 @@ import numpy as np
 
 from edgekeeper import compat
 from edgekeeper.config import Config
-from edgekeeper.device.cli import live_sources
+from edgekeeper.device.live import live_sources
 from edgekeeper.errors import InputError
 from edgekeeper.log import get_logger
 
@@ -40,7 +40,8 @@ async def record(
     mic_factory: Any = None,
     stop: asyncio.Event | None = None,
 ) -> Path:
-    if out.exists():
+    """Record ``seconds`` (or until ``stop`` is set) into ``out``; returns ``out``."""
+    if await asyncio.to_thread(out.exists):
         raise InputError(f"recording folder {out} already exists", fix="choose a new folder name")
     if seconds <= 0:
         raise InputError("--seconds must be > 0")
@@ -60,8 +61,7 @@ async def record(
             fix="enable camera.enabled or microphone.enabled in the config",
         )
     tmp = out.with_name(f".{out.name}.partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    await asyncio.to_thread(_fresh_dir, tmp)
     # edgekeeper.runtime sets ``stop`` on SIGTERM/SIGINT (`edgekeeper record`).
     stop = asyncio.Event() if stop is None else stop
     loop = asyncio.get_running_loop()
@@ -79,8 +79,9 @@ async def record(
                     break
                 if writer is None:
                     h, w = frame.image.shape[:2]
-                    writer = cv2.VideoWriter(str(tmp / "video.avi"),
-                                             cv2.VideoWriter_fourcc(*"MJPG"), fps, (w, h))
+                    writer = await asyncio.to_thread(
+                        cv2.VideoWriter, str(tmp / "video.avi"), cv2.VideoWriter.fourcc(*"MJPG"),
+                        fps, (w, h))
                     meta["video"] = "video.avi"
                 await asyncio.to_thread(writer.write, frame.image)
         finally:
@@ -90,7 +91,7 @@ async def record(
 
     async def record_audio() -> None:
         # Not a `with`: closing flushes the header to disk, so it runs on a thread (finally).
-        w = wave.open(str(tmp / "audio.wav"), "wb")  # noqa: SIM115
+        w = await asyncio.to_thread(wave.open, str(tmp / "audio.wav"), "wb")
         try:
             w.setnchannels(1)
             w.setsampwidth(2)
@@ -120,11 +121,22 @@ async def record(
                 tg.create_task(record_audio())
             tg.create_task(stopper())
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        await asyncio.to_thread(shutil.rmtree, tmp, ignore_errors=True)
         raise
     meta["seconds"] = round(time.monotonic() - t0, 3)
+    await asyncio.to_thread(_finish, tmp, out, meta)
+    log.info("record.written", path=str(out), seconds=meta["seconds"])
+    return out
+
+
+def _fresh_dir(path: Path) -> None:
+    """An empty folder at ``path`` (a partial one left by an interrupted recording goes)."""
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+
+
+def _finish(tmp: Path, out: Path, meta: dict[str, Any]) -> None:
+    """Write recording.json, then give the folder its final name: complete or not there."""
     with contextlib.suppress(FileNotFoundError):
         (tmp / "recording.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
     os.replace(tmp, out)
-    log.info("recording written", path=str(out), seconds=meta["seconds"])
-    return out

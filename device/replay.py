@@ -100,14 +100,14 @@ async def open_gates(config: Config, *, vision: bool, audio: bool) -> AsyncItera
     try:
         if vision:
             gates.vision = Gate("vision", config.gate.num_threads)
-            await gates.vision.load(
-                config_mod.resolve_model(config.gate.vision_model, config.gate.variant)
-            )
+            await gates.vision.load(await asyncio.to_thread(
+                config_mod.resolve_model, config.gate.vision_model, config.gate.variant
+            ))
         if audio:
             gates.audio = Gate("audio", config.gate.num_threads)
-            await gates.audio.load(
-                config_mod.resolve_model(config.gate.audio_model, config.gate.variant)
-            )
+            await gates.audio.load(await asyncio.to_thread(
+                config_mod.resolve_model, config.gate.audio_model, config.gate.variant
+            ))
         await _check_trigger_labels(config, gates)
         bind_context(models=gates.models)
         yield gates
@@ -276,15 +276,18 @@ async def replay_recording(
 ) -> ReplayResult:
     """Run one recording through the device pipeline and return its stats and metrics."""
     # Which gates a recording needs depends on what it holds; open it first to know.
-    probe = open_recording(path, audio_rate=16000, fps=config.camera.fps, realtime=realtime)
+    # Opening reads recording.json and probes the media files: on a thread, off the loop.
+    probe = await asyncio.to_thread(open_recording, path, audio_rate=16000,
+                                    fps=config.camera.fps, realtime=realtime)
     need_vision, need_audio = probe.video is not None, probe.audio is not None
     async with contextlib.AsyncExitStack() as stack:
         if gates is None:
             gates = await stack.enter_async_context(
                 open_gates(config, vision=need_vision, audio=need_audio)
             )
-        rate = gates.audio.manifest.audio.sample_rate if gates.audio is not None else None
-        rec = open_recording(
+        rate = gates.audio.manifest.sample_rate if gates.audio is not None else None
+        rec = await asyncio.to_thread(
+            open_recording,
             path,
             audio_rate=rate,
             fps=config.camera.fps,

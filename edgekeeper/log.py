@@ -1,13 +1,16 @@
 """Logging with structlog: JSON lines for journald, a readable console on a TTY.
 
-Every line carries the device id and, once a gate is loaded, the model versions
-(``bind_context``). Secrets never reach a log: the ``redact`` processor drops any value whose key
-looks like a secret, whatever code logged it.
+Events are named ``component.event`` (``uplink.sent``, ``trigger.fired``; tests/test_log_events.py
+checks every literal) with one field vocabulary (``device_id``, ``seq``, ``label``, ``model``,
+``error``, ``fix``). ``bind_context`` adds values to every later line of the process.
+
+Secrets never reach a log: ``_redact`` replaces the value of every field whose name is one of
+``SECRET_FIELDS``, whatever code logged it. Exact names, not substrings: ``input_tokens`` and
+``max_tokens`` are counts, not secrets.
 
 Libraries log through the standard library (aiohttp, asyncio, the anthropic SDK, httpx); their
-records are rendered by the same pipeline, so a log reader sees one format, not JSON lines with
-plain-text tracebacks between them. Their threshold is WARNING unless the level is debug (httpx
-alone would log every call to the provider at INFO).
+records go through the same processors, so a reader sees one format. Their threshold is WARNING
+unless the level is debug (httpx alone would log every call to the provider at INFO).
 """
 
 from __future__ import annotations
@@ -17,15 +20,25 @@ import sys
 from typing import Any
 
 import structlog
+from structlog.typing import EventDict, WrappedLogger
 
-_SECRET_MARKERS = ("api_key", "apikey", "secret", "private", "token", "password", "authorization")
+# Field names whose values are secrets, compared exactly and case-insensitively (a header's
+# "Authorization" too). Only names: a secret inside another field's text (a URL with a password)
+# is the logging call's to leave out. Add a name here when code starts to log a new secret.
+SECRET_FIELDS = frozenset({
+    "api_key", "apikey", "x_api_key", "x-api-key",  # the LLM provider's key (ANTHROPIC_API_KEY)
+    "authorization", "proxy_authorization", "proxy-authorization", "cookie", "set_cookie",
+    "token", "enrollment_token", "access_token", "refresh_token",  # `edgekeeper cloud token`
+    "password", "passwd", "secret", "client_secret",
+    "private_key", "secret_key", "signing_key", "box_key", "box_sk", "sign_sk",  # device keys
+})
+REDACTED = "[redacted]"
 
 
-def _redact(_: Any, __: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+def _redact(_: WrappedLogger, __: str, event_dict: EventDict) -> EventDict:
     for key in list(event_dict):
-        low = key.lower()
-        if any(marker in low for marker in _SECRET_MARKERS):
-            event_dict[key] = "[redacted]"
+        if key.lower() in SECRET_FIELDS:
+            event_dict[key] = REDACTED
     return event_dict
 
 
@@ -63,6 +76,7 @@ class _LibraryNoise(logging.Filter):
         return True
 
 
+# StreamHandler is generic in typeshed but not subscriptable at run time before Python 3.11.
 class _OurHandler(logging.StreamHandler):  # type: ignore[type-arg]
     """Marks the one handler configure() installs, so a second call replaces it and leaves
     anyone else's (pytest's caplog) alone."""

@@ -111,7 +111,7 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
             raise _Bad(key, value, _describe(tp))
         _, vt = get_args(tp)
         return {str(k): _convert(vt, v, f"{key}.{k}") for k, v in value.items()}
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
         if not isinstance(value, dict):

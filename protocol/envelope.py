@@ -1,54 +1,12 @@
-"""The envelope: how an event body leaves the device and a result body comes back, encrypted end
-to end and bound to its sender; plus Ed25519 signatures for the device's other HTTP requests.
+"""The envelope: an event body leaving the device, or a result body coming back, encrypted end to
+end (crypto_box) and bound to its sender; plus Ed25519 signatures for the device's other HTTP
+requests. The wire format is in docs/protocol.md, the reasoning in docs/architecture.md.
 
-Wire format (version 1, byte by byte in docs/protocol.md): one msgpack array of five items::
-
-    [version: int = 1, kind: int (1 event, 2 result), header: bin, seed: bin(24), box: bin]
-
-``header`` is itself msgpack, kept as opaque bytes so the exact bytes are what get bound::
-
-    [device_id: str, seq: int, timestamp: float64, tag: str, payload_hash: bin(32)]
-
-``tag`` is the gate model version for events and the reasoner name for results; ``timestamp``
-is ``sent_at`` (the moment of sealing: events are sealed again on every upload attempt) for
-events and ``produced_at`` for results. ``box`` is crypto_box (X25519 + XSalsa20-Poly1305, exactly
-what nacl.public.Box computes) from the sender's box key to the receiver's, over the encoded body,
-under a nonce *derived from the header*::
-
-    box_nonce = SHA-256("edgekeeper-envelope-v1" || version || kind || header || seed)[:24]
-
-where ``seed`` is item 3, 24 fresh random bytes per sealing. The receiver derives the nonce from
-what it received, so a change to any header bit (or to the version, kind or seed) yields another
-nonce and the Poly1305 tag fails: the header is authenticated by the box itself, at the cost of
-one hash of ~100 bytes and without touching the (large) body. ``payload_hash`` is the SHA-256 of
-the encoded body (messages.payload_digest); it identifies the payload across retries, which is
-how the cloud tells an idempotent retry (same hash) from a reused sequence number (different
-hash).
-
-Public API:
-
-* ``seal_event(body, *, device, cloud_box_pk, sent_at, model_version, payload_hash=None)``:
-  ``body`` is an EventBody or its ``encode()`` bytes (what the outbox stores); pass the stored
-  ``payload_digest`` to skip hashing again on every attempt.
-* ``open_event(data, *, cloud_box_sk, lookup, now, window_s, max_bytes,
-  verify_payload_hash=False, decode_body=True) -> OpenedEvent``. ``now=None`` skips the
-  freshness check (the worker re-opens queued envelopes long after their arrival). Raises
-  ProtocolError subclasses (protocol/errors.py) in this order: PayloadTooLarge,
-  MalformedEnvelope, UnsupportedVersion, UnknownDevice, DeviceRevoked, AuthenticationFailed,
-  StaleMessage, InvalidBody. ``decode_body=False`` stops after authentication and decryption;
-  ``OpenedEvent.body`` then decodes and checks the body on first access.
-* ``peek_header(data, *, max_bytes) -> EnvelopeHeader``: parse without crypto (to look the
-  device up asynchronously before opening). Never trust it before ``open_event`` succeeds.
-* ``seal_result(body, *, cloud_box_sk, device_box_pk)`` /
-  ``open_result(data, *, device, device_id, cloud_box_pk, max_bytes) -> OpenedResult``.
-* ``sign_request(device, *, device_id, method, path, query, body, timestamp) -> dict`` of
-  headers; ``verify_request(headers, *, method, path, query, body, lookup, now, window_s)
-  -> DevicePublicKeys``.
-
-Why msgpack: it is already a dependency on both sides, carries binary (JPEG frames, WAV) without
-base64's third more bytes, parses in C with hard length limits, and is simple enough to describe
-byte by byte. A fixed-position array instead of a map keeps the envelope small and leaves
-nothing optional to negotiate.
+* ``seal_event`` / ``open_event`` (``open_event`` raises the ProtocolError subclasses of
+  protocol/errors.py; ``now=None`` skips the freshness check, ``decode_body=False`` stops after
+  decryption) and ``peek_header`` (parse without crypto: never trust it before opening).
+* ``seal_result`` / ``open_result``.
+* ``sign_request`` -> headers / ``verify_request`` -> the device's public keys.
 """
 
 from __future__ import annotations
@@ -242,7 +200,7 @@ def _seal(kind: int, header: bytes, body: bytes, secret_key: bytes, public_key: 
     _ffi.memmove(out, prefix, len(prefix))
     if _lib.crypto_box_easy_afternm(out + len(prefix), body, len(body), nonce, key) != 0:
         raise RuntimeError("crypto_box_easy_afternm failed")  # pragma: no cover
-    return _ffi.buffer(out, total)[:]
+    return bytes(_ffi.buffer(out, total))
 
 
 _LENGTH_WIDTH = {0xC4: 1, 0xC5: 2, 0xC6: 4}

@@ -195,7 +195,7 @@ def test_manifest_input_size_must_match_model(tmp_path: Path) -> None:
 async def test_gate_refuses_a_model_of_the_other_modality() -> None:
     gate = Gate("vision")
     with pytest.raises(ModelError, match="audio model"):
-        await gate.load(manifest("sound", "int8"))
+        await gate.load(await asyncio.to_thread(manifest, "sound", "int8"))
 
 
 def test_cli_bad_model_is_one_clear_error(tmp_path: Path, sample_recording: Path,
@@ -217,9 +217,9 @@ def test_cli_bad_model_is_one_clear_error(tmp_path: Path, sample_recording: Path
 async def test_swap_between_two_inferences_without_stopping(tmp_path: Path,
                                                             sample_recording: Path) -> None:
     frames = sample_frames(sample_recording, 10)
-    candidate = edit(copy_model(tmp_path), version="9.9.9-candidate")
+    candidate = edit(await asyncio.to_thread(copy_model, tmp_path), version="9.9.9-candidate")
     gate = Gate("vision")
-    await gate.load(manifest("person", "float"))
+    await gate.load(await asyncio.to_thread(manifest, "person", "float"))
     tags: list[str] = []
     warmed_up = asyncio.Event()
 
@@ -234,7 +234,7 @@ async def test_swap_between_two_inferences_without_stopping(tmp_path: Path,
     await warmed_up.wait()
     new = await gate.swap(candidate)
     await task
-    gate.close()
+    await asyncio.to_thread(gate.close)  # joins the model thread: off the loop
     assert len(tags) == 200  # no inference failed or was lost across the swap
     switch = tags.index(tags[-1]) if tags[0] != tags[-1] else None
     assert switch is not None, "the swap never took effect"
@@ -245,11 +245,11 @@ async def test_swap_between_two_inferences_without_stopping(tmp_path: Path,
 
 async def test_failed_swap_keeps_the_old_model(tmp_path: Path, sample_recording: Path) -> None:
     gate = Gate("vision")
-    old = await gate.load(manifest("person", "int8"))
-    bad = copy_model(tmp_path)
+    old = await gate.load(await asyncio.to_thread(manifest, "person", "int8"))
+    bad = await asyncio.to_thread(copy_model, tmp_path)
     (tmp_path / "person-int8.tflite").write_bytes(b"garbage")
     with pytest.raises(ModelError):
         await gate.swap(bad)
     out = await gate.classify(sample_frames(sample_recording, 1)[0])
     assert out.model == old.tag
-    gate.close()
+    await asyncio.to_thread(gate.close)

@@ -60,7 +60,7 @@ def cli(config: Path, *args: str) -> list[str]:
 async def test_sigkill_during_uploads_loses_and_duplicates_nothing(tmp_path: Path) -> None:
     cloud = await start_cloud(tmp_path / "cloud", rate_per_second=1000.0, rate_burst=1000)
     cfg_path = write_config(tmp_path)
-    config = config_mod.load(cfg_path, env={})
+    config = await asyncio.to_thread(config_mod.load, cfg_path, env={})
     await enrolled(cloud, config)
     outbox = Outbox(config.outbox_path, device_id=DEVICE)
     rng = random.Random(20261123)
@@ -128,7 +128,8 @@ async def test_sigkill_during_uploads_loses_and_duplicates_nothing(tmp_path: Pat
             f"lost: {sorted(set(committed) - set(seqs))[:10]}, "
             f"unexpected: {sorted(set(seqs) - set(committed))[:10]}"
         )
-        assert outbox.stats().pending == 0 and outbox.dead_letters() == []
+        stats, dead = await asyncio.to_thread(lambda: (outbox.stats(), outbox.dead_letters()))
+        assert stats.pending == 0 and dead == []
         assert kills_mid_upload >= KILLS_DURING_UPLOAD
         status = await asyncio.create_subprocess_exec(
             *cli(cfg_path, "device", "status", "--json"), stdout=subprocess.PIPE

@@ -76,7 +76,7 @@ async def test_stop_drains_pending_events_and_live_drops_are_counted(tmp_path: P
                                                                      "release": 0.0}}},
                       event={"post_roll_seconds": 60.0}, pregate={"motion": False})
     gate = Gate("vision")
-    await gate.load(config_mod.resolve_model("builtin:person"))
+    await gate.load(await asyncio.to_thread(config_mod.resolve_model, "builtin:person"))
     src = VideoCaptureSource(str(sample_recording / "video.avi"), fps=0, live=False,
                              lossless=False, queue_size=1, realtime=True)
     sink = LocalSink(tmp_path / "ev")
@@ -84,7 +84,7 @@ async def test_stop_drains_pending_events_and_live_drops_are_counted(tmp_path: P
     stop = asyncio.Event()
     asyncio.get_running_loop().call_later(1.0, stop.set)
     stats = await pipe.run(stop)
-    gate.close()
+    await asyncio.to_thread(gate.close)  # joins the model's thread: off the event loop
     assert stats.events == 1  # the 60 s post-roll never came; the event was not lost
     assert (tmp_path / "ev" / "0000000001" / "meta.json").exists()
     assert stats.frames < 30  # stopped early
@@ -115,12 +115,12 @@ async def test_a_sink_that_cannot_store_does_not_stop_the_loop(sample_recording:
                                                      "cooldown_seconds": 0.0}}},
                       pregate={"motion": False})
     gate = Gate("vision")
-    await gate.load(config_mod.resolve_model("builtin:person"))
+    await gate.load(await asyncio.to_thread(config_mod.resolve_model, "builtin:person"))
     src = VideoCaptureSource(str(sample_recording / "video.avi"), fps=0, live=False,
                              lossless=False, queue_size=4, realtime=False)
     sink = _FullDiskSink()
     stats = await Pipeline(cfg, sink, video=src, vision_gate=gate).run(asyncio.Event())
-    gate.close()
+    await asyncio.to_thread(gate.close)
     fired = sum(1 for d in stats.decisions if d["action"] == "fire")
     assert fired >= 1 and stats.events_lost == fired == sink.asked and stats.events == 0
     assert stats.frames == stats.frames_scored > 0  # it went on to the end of the recording

@@ -313,7 +313,7 @@ async def test_redis_refuses_a_queue_that_is_not_fsynced(redis_prefix: str) -> N
         assert await q.enqueue(ev(1)) is EnqueueStatus.QUEUED
         await q.close()
         (line,) = [json.loads(x) for x in logged.getvalue().splitlines()]
-        assert line["event"] == "redis_not_durable" and line["level"] == "warning"
+        assert line["event"] == "queue.redis_not_durable" and line["level"] == "warning"
         assert "appendfsync always" in line["fix"]
     finally:
         log.configure("warning", "json", stream=sys.__stderr__)  # not a per-test capture

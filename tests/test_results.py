@@ -242,8 +242,11 @@ async def test_run_handles_results_until_stopped(cloud: Cloud, tmp_path: Path) -
         for seq in (1, 2, 3):
             await publish(cloud, result(seq))
 
-        async def all_handled() -> bool:
+        def handled() -> bool:
             return jsonl.exists() and jsonl.read_text().count("\n") == 3
+
+        async def all_handled() -> bool:
+            return await asyncio.to_thread(handled)
 
         await until(all_handled)
         stop.set()  # interrupts the long-poll in flight

@@ -256,7 +256,7 @@ async def test_lost_answer_retry_is_a_duplicate_and_reused_seq_a_dead_letter(
         report = await up.run_burst()
         assert (report.dead, report.remaining) == (1, 0)
     assert await cloud.queued() == [(DEVICE, seq)]
-    dead = outbox.sync.dead_letters()
+    dead = await asyncio.to_thread(outbox.sync.dead_letters)
     assert len(dead) == 1 and dead[0][1] is not None and dead[0][1].startswith("seq_conflict")
     await outbox.close()
 

@@ -21,8 +21,9 @@ async def test_worker_waits_out_a_redis_restart(tmp_path: Path) -> None:
     server = start_redis()
     store = await SQLiteStore.open(tmp_path / "store.sqlite")
     queue = await open_queue("redis", Path("."), url=server.url, prefix="resilience")
-    worker = Worker(queue=queue, store=store, reasoner=EchoReasoner(),
-                    keys=CloudKeys.ensure(tmp_path), concurrency=2, poll_s=0.05)
+    keys = await asyncio.to_thread(CloudKeys.ensure, tmp_path)  # reads or writes key files
+    worker = Worker(queue=queue, store=store, reasoner=EchoReasoner(), keys=keys,
+                    concurrency=2, poll_s=0.05)
     stop = asyncio.Event()
     try:
         with capture_logs() as logs:

@@ -1,40 +1,9 @@
-"""The event queue between the ingest and the workers: what any backend must provide.
+"""The event queue between the ingest and the workers: the Protocol every backend implements
+(cloud/queue/sqlite.py, cloud/queue/redis_streams.py).
 
-Why dedupe lives here and not in the store: "every committed event is in the queue exactly
-once" needs the (device_id, seq) check and the insert in ONE atomic step. Split across two
-backends (a PostgreSQL store and a Redis queue), a crash between "mark seen" and "enqueue" would
-lose or duplicate the event. So ``enqueue`` is idempotent on (device_id, seq) itself and
-remembers each key's payload hash (for at least ``seen_retention`` after the event is acked), and
-answers QUEUED, DUPLICATE or CONFLICT.
-
-Delivery is at-least-once with leases: ``lease`` hands out events that are not leased (or whose
-lease expired: the worker died), each delivery counts an attempt; ``ack`` deletes; ``nack``
-makes the event available again (after ``delay_s``) unless it has used up ``max_attempts``, in
-which case it moves to the dead-letter list, as does any event leased once more after its
-attempts ran out (a poison message that kills its worker). Ack and nack only succeed for the
-current holder of the lease (``receipt``): a worker whose lease expired and was re-leased cannot
-ack someone else's delivery.
-
-Not every return to the queue is the event's failure: over a budget it waits for the next
-UTC day, with the provider down it waits for the provider. ``release`` puts it back after
-``delay_s`` without charging the delivery it just had, so such waits never use up
-``max_attempts`` (an event over budget for a week must not be dead-lettered when nothing
-failed). A lease that merely expires (the worker died) is still charged: that could be the
-event's fault.
-
-A worker whose reasoner call may outlive ``visibility_s`` keeps its lease with ``extend``
-(a heartbeat): otherwise the lease expires under the call, a second worker leases the event and
-the provider is paid twice. ``extend`` only ever prolongs the caller's own delivery; once that
-was lost (expired and re-leased, or the event is gone) it answers False and changes nothing, so
-a late heartbeat never takes an event back from its new holder.
-
-How a Redis Streams backend maps onto this (next issue): ``enqueue`` = a Lua script doing
-``HGET seen {key}`` / ``HSET`` + ``XADD`` atomically (with appendfsync always for durability);
-``lease`` = ``XAUTOCLAIM`` (min-idle = visibility) for expired leases, then ``XREADGROUP >``;
-``attempts`` = the entry's delivery count less its released (uncharged) deliveries; ``receipt``
-= the stream entry id; ``ack`` = ``XACK``
-+ ``XDEL``; ``nack`` = ``XACK`` + re-``XADD`` with attempts carried in the entry (or a delayed
-ZSET); dead letters = a second stream.
+``enqueue`` is idempotent on (device_id, seq) and answers QUEUED, DUPLICATE or CONFLICT;
+delivery is at-least-once with leases (``lease``, ``extend``, ``ack``, ``nack``, ``release``,
+dead letters). Why dedupe lives here and what each call promises: docs/architecture.md.
 """
 
 from __future__ import annotations

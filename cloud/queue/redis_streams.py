@@ -1,52 +1,10 @@
 """The shared queue: a Redis Stream with one consumer group, for ingest processes and workers on
-several machines.
+several machines. The contract is cloud/queue/base.py; why each piece is built as it is (Lua
+scripts, fsync'd AOF, per-lease deadlines, receipts, dead letters, replication) is in
+docs/architecture.md.
 
-Why each piece (the contract is cloud/queue/base.py):
-
-* **Atomic steps are Lua scripts.** "Seen this (device, seq)?" + "remember it" + ``XADD`` must
-  be one step, or a crash between them loses or duplicates an event; so must "is this still my
-  lease?" + ``XACK`` + ``XDEL``. A script runs atomically on the server, so two workers, or two
-  ingest processes receiving the same replayed envelope, can never both win.
-* **Durable means fsync'd.** With ``appendonly yes`` and ``appendfsync always`` Redis writes and
-  fsyncs the AOF before it sends any reply of that event-loop turn, so a QUEUED answer (and the
-  202 the ingest sends on it) means the event is on disk. ``open`` checks both settings with
-  ``CONFIG GET`` and refuses to start (``cloud.redis_fsync_check = "refuse"``, the default) or
-  logs a loud warning (``"warn"``) when they are not so. Concurrent enqueues share an fsync: Redis
-  flushes the AOF once per event-loop turn for every command of that turn (group commit).
-* **Leases are consumer-group deliveries.** New events come from ``XREADGROUP ... >``; the
-  pending-entries list (PEL) remembers who holds what and counts deliveries, which is the
-  event's ``attempts``. Every delivery also gets a deadline in the ``due`` sorted set (server
-  clock, microseconds): an entry whose deadline passed is taken over with ``XCLAIM``, which
-  bumps the delivery count. This is XAUTOCLAIM's job done per lease: XAUTOCLAIM takes one
-  min-idle time for all entries, but a lease carries its own visibility timeout (a worker with a
-  short one must not make a long-running one's events look abandoned), and the deadline also
-  serves ``nack(delay_s)``. Deadlines use the Redis server's clock, so workers on machines whose
-  clocks disagree still agree on when a lease expired.
-* **A receipt names one delivery**: ``"<entry id>:<delivery count>"``, kept in the ``holder``
-  hash. Ack/nack compare it, so a worker whose lease expired and was taken over cannot ack or
-  nack the new holder's delivery.
-* **Released deliveries are not attempts.** ``release`` (a budget wait, the provider down) adds
-  one to the entry's count in the ``free`` hash instead of rewriting the PEL's delivery count
-  (``XCLAIM RETRYCOUNT``): that count keeps growing, so every delivery still gets a receipt of
-  its own, and ``attempts`` is the delivery count less the free ones.
-* **Extending a lease** (the worker's heartbeat during a long reasoner call) moves the entry's
-  deadline in ``due`` and re-``XCLAIM``s it to the same consumer with ``JUSTID`` (which resets
-  its idle time without counting a delivery, so ``XPENDING`` shows a live holder), in one
-  script, and only if the receipt still matches and the PEL still names this consumer: a
-  heartbeat arriving after the lease was taken over changes nothing and says so.
-* **Dead letters** go to a second stream, with an index from event key to entry so ``edgekeeper
-  cloud dlq requeue KEY`` finds one without a scan.
-* **Dedupe keys** (``seen``: key -> payload hash) stay while the event is queued, leased or dead,
-  and are forgotten ``seen_retention_s`` after the ack (``seen_expiry``, pruned a few at a time by
-  later scripts), like the SQLite queue.
-
-Every key is ``{prefix}:name``: the braces make them one Redis Cluster hash slot, which a script
-touching several keys needs, and a prefix per deployment lets several share one Redis. Times in
-the sorted sets are microseconds of the Redis server clock.
-
-Replication: a replica is written asynchronously; if the primary dies and a replica is promoted,
-its last writes may be missing. Run one durable primary (or add ``WAIT`` semantics) where that
-matters; the README says so.
+Every key is ``{prefix}:name`` (one Redis Cluster hash slot, a prefix per deployment); times in
+the sorted sets are microseconds of the Redis server's clock.
 """
 
 from __future__ import annotations
@@ -400,7 +358,7 @@ class RedisStreamsQueue:
                "cloud.redis_fsync_check = \"warn\" to accept the risk")
         if mode == "refuse":
             raise ConfigError(message, fix=fix)
-        log.warning("redis_not_durable", message=message, fix=fix)
+        log.warning("queue.redis_not_durable", error=message, fix=fix)
 
     async def _ensure_group(self) -> None:
         from redis.exceptions import ResponseError

@@ -385,6 +385,7 @@ def _error_type(err: anthropic.APIStatusError) -> str:
     body = err.body
     if isinstance(body, dict):
         inner = body.get("error")
-        if isinstance(inner, dict) and isinstance(inner.get("type"), str):
-            return inner["type"]
+        kind = inner.get("type") if isinstance(inner, dict) else None
+        if isinstance(kind, str):
+            return kind
     return ""

@@ -22,8 +22,9 @@ class EchoReasoner:
 
     async def reason(self, event: EventBody, *, model_version: str) -> Verdict:
         meta = event.meta
-        label = meta.get("label") if isinstance(meta.get("label"), str) else ""
-        scores = meta.get("scores") if isinstance(meta.get("scores"), dict) else {}
+        raw_label, raw_scores = meta.get("label"), meta.get("scores")
+        label = raw_label if isinstance(raw_label, str) else ""
+        scores: dict[str, Any] = raw_scores if isinstance(raw_scores, dict) else {}
         score = scores.get(label) if label else None
         confidence = float(score) if isinstance(score, (int, float)) else 0.0
         confidence = min(1.0, max(0.0, confidence))

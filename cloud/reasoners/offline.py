@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import cv2
+import cv2.data  # the bundled Haar cascades (a submodule the cv2 stubs do not list)
 import numpy as np
 
 from edgekeeper.cloud.reasoners.base import NO_USAGE, Usage, Verdict
@@ -60,7 +61,9 @@ class FrameFindings:
 class _Detectors(threading.local):
     def __init__(self) -> None:
         self.hog = cv2.HOGDescriptor()
-        self.hog.setSVMDetector(cv2.HOGDescriptor_getDefaultPeopleDetector())
+        # Already a float32 array at run time; the stubs say Sequence[float].
+        people = np.asarray(cv2.HOGDescriptor.getDefaultPeopleDetector(), np.float32)
+        self.hog.setSVMDetector(people)
         self.face = cv2.CascadeClassifier(
             os.path.join(cv2.data.haarcascades, "haarcascade_frontalface_default.xml")
         )

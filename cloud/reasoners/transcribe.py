@@ -70,7 +70,7 @@ class PocketSphinxTranscriber:
         try:
             return await loop.run_in_executor(self._executor, self._decode, wav)
         except Exception as err:  # a recognizer failure must not fail the event
-            log.warning("transcribe_failed", error=str(err))
+            log.warning("transcribe.failed", error=str(err))
             return None
 
     async def close(self) -> None:

@@ -1,21 +1,10 @@
-"""The cloud's durable state other than the queue: what any store backend must provide.
+"""The cloud's durable state other than the queue: the Protocol every store implements
+(cloud/store/sqlite.py, cloud/store/postgres.py).
 
-* the device registry (public keys, enrolment and revocation times) and a ``registry_version``
-  that changes on every registry change, so an ingest process can cache the registry and still
-  see a revocation made by the CLI in another process;
-* one-time enrolment tokens, stored only as SHA-256 hashes (a copy of the database does not
-  hold a usable token), consumed in the same transaction that registers the device;
-* results, sealed for their device (the store never holds a plaintext result), with a
-  per-store increasing ``id`` that is the long-poll cursor (never reused, also after pruning),
-  kept until the device acks them and then for ``cloud.results_retention_seconds`` more
-  (``prune_results``; the worker prunes, see cloud/worker.py). Unacked results are never
-  pruned: a device may be offline for weeks.
-
-Dedupe of event sequence numbers lives in the queue (cloud/queue/base.py says why).
-
-A PostgreSQL backend (next issue) maps one to one: the same three tables, ``registry_version``
-as a sequence bumped in the same transaction, ``results.id`` a BIGSERIAL, and LISTEN/NOTIFY
-may replace polling ``results_version``.
+The device registry (with a ``registry_version`` that changes on every change), one-time
+enrolment tokens (SHA-256 hashes only), results sealed for their device (an increasing ``id`` is
+the long-poll cursor; kept until acked, then ``cloud.results_retention_seconds``) and usage per
+device and day. docs/architecture.md says why each is so.
 """
 
 from __future__ import annotations

@@ -411,8 +411,10 @@ class PostgresStore:
             sql += "= %s"
             args += (device_id,)
         rows = await self._fetchall(sql + " ORDER BY day, device_id", args)
-        return [UsageRow(d, dev, *(int(v) for v in rest[:-1]), float(rest[-1]))
-                for d, dev, *rest in rows]
+        # Columns in UsageRow's order: day, device_id, calls, events, the _USAGE_SUMS, cost.
+        return [UsageRow(d, dev, int(calls), int(events), int(i), int(o), int(cw), int(cr),
+                         float(cost))
+                for d, dev, calls, events, i, o, cw, cr, cost in rows]
 
     async def ping(self) -> None:
         await self._fetchone("SELECT 1")

@@ -13,7 +13,7 @@ REBUILD = (
     "apt-get install opencv-doc asterisk-core-sounds-en-wav sound-theme-freedesktop \\\n"
     "    espeak-ng ffmpeg asterisk-core-sounds-fr-wav asterisk-core-sounds-es-wav \\\n"
     "    oxygen-sounds gnome-audio yaru-theme-sound deepin-sound-theme \\\n"
-    "    asc-music fb-music-high singularity-music\n"
+    "    asc-music fb-music-high hyperrogue-music drascula-music singularity-music\n"
     "/tmp/trainvenv/bin/python -m edgekeeper.cloud.training.recipe --out models/\n"
     "```\n"
 )
@@ -150,6 +150,41 @@ def _met(ok: bool) -> str:
     return "met" if ok else "**missed**"
 
 
+def person_plot(m: dict[str, Any], path: Any) -> None:
+    """Recall against exposure (held-out vtest frames and walkers in unseen scenes), next to
+    the card, and the pre-gate's wake rate on the same darkened frames."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sweep = m["brightness_sweep"]
+    names = list(sweep)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    ax = axes[0]
+    for v, style in (("float", "-o"), ("int8", "--s")):
+        ax.plot(names, [sweep[n][v]["vtest_frame_recall"] for n in names], style,
+                label=f"{v}: held-out vtest frames")
+        ax.plot(names, [sweep[n][v]["other_scenes_walkers_recall"] for n in names], style,
+                label=f"{v}: held-out walkers in unseen scenes", alpha=0.6)
+    ax.axhline(0.95, color="k", lw=0.8, ls="--")
+    ax.axhline(0.8, color="k", lw=0.8, ls=":")
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("exposure (night: 5 % + shot/read noise + gain, grey)")
+    ax.set_ylabel(f"share of frames >= {m['threshold']}")
+    ax.set_title("person recall against exposure\n(dashed: 0.95 target to 35 %; dotted: 0.8 at "
+                 "night)", fontsize=9)
+    ax.legend(fontsize=7)
+    ax = axes[1]
+    ax.bar(names, [sweep[n]["pregate_motion_share"] for n in names], color="#48a")
+    ax.set_ylim(0, 1.02)
+    ax.set_title("motion pre-gate: share of held-out vtest frames that wake the model",
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80, metadata={"Software": None})
+    plt.close(fig)
+
+
 def sound_plot(m: dict[str, Any], path: Any) -> None:
     """Bar charts of the int8 gate's held-out figures by source, next to the card."""
     import matplotlib
@@ -158,7 +193,7 @@ def sound_plot(m: dict[str, Any], path: Any) -> None:
     import matplotlib.pyplot as plt
 
     v = m["variants"]["int8"]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.8))
+    fig, axes = plt.subplots(1, 4, figsize=(19, 4.8))
     groups = v["per_label"]["speech"]["per_group"]
     names = list(groups)
     share = [
@@ -202,6 +237,18 @@ def sound_plot(m: dict[str, Any], path: Any) -> None:
     ax.axhline(2.0, color="k", lw=0.8, ls="--")
     ax.legend(fontsize=7)
     ax.set_title("fires per hour on event-free held-out audio\n(dashed: target 2/h)", fontsize=8)
+    ax = axes[3]
+    curve = ev["alarm_curve"]
+    ax.plot([c["music_broadcast_per_hour"] for c in curve], [c["event_recall"] for c in curve],
+            "o-", color="#c44")
+    for c in curve:
+        ax.annotate(f"{c['threshold']}", (c["music_broadcast_per_hour"], c["event_recall"]),
+                    fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel("false alarm fires per hour, music + broadcast", fontsize=8)
+    ax.set_ylabel("alarm event recall, unseen themes", fontsize=8)
+    ax.set_ylim(0, 1.05)
+    ax.set_title("alarm operating curve through the trigger rule\n(labels: threshold; "
+                 f"default {m['thresholds']['alarm']})", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=80, metadata={"Software": None})
     plt.close(fig)
@@ -282,8 +329,8 @@ def sound_card(m: dict[str, Any]) -> str:
         ("<= 2 false alarm triggers/h on music and broadcast",
          f"music {q['quiet']['parts']['music']['alarm_per_hour']}/h, broadcast "
          f"{q['quiet']['parts']['broadcast']['alarm_per_hour']}/h", music_bc <= 2),
-        (f"a single chime or click fires nothing ({q['singles']['sounds']} held-out sounds, "
-         "each once)", f"{q['singles']['fires']} fires", q["singles"]["fires"] == 0),
+        (f"a single chime or click fires nothing ({q['singles']['sounds']} held-out sounds "
+         "<= 2.5 s, each once)", f"{q['singles']['fires']} fires", q["singles"]["fires"] == 0),
     ]
     targets = "\n".join(
         f"| {t} | {val} | {_met(ok)} |" for t, val, ok in target_rows
@@ -408,8 +455,8 @@ correct, not false:
 | --- | --- | --- | --- |
 {quiet_table}
 
-**Single sounds**: each of the {q["singles"]["sounds"]} held-out theme and Asterisk sounds
-(chimes, clicks, single warning tones, beeps) played once in a quiet room or over music:
+**Single sounds**: each of the {q["singles"]["sounds"]} held-out theme and Asterisk sounds of
+at most 2.5 s (chimes, clicks, single warning tones, beeps) played once in a quiet room:
 {q["singles"]["fires"]} fires (int8){fired_list}.
 
 Bundled sample `models/samples/street/audio.wav` through the int8 gate and the trigger rule:

@@ -13,7 +13,8 @@ REBUILD = (
     "apt-get install opencv-doc asterisk-core-sounds-en-wav sound-theme-freedesktop \\\n"
     "    espeak-ng ffmpeg asterisk-core-sounds-fr-wav asterisk-core-sounds-es-wav \\\n"
     "    oxygen-sounds gnome-audio yaru-theme-sound deepin-sound-theme \\\n"
-    "    asc-music fb-music-high hyperrogue-music drascula-music singularity-music\n"
+    "    asc-music fb-music-high hyperrogue-music drascula-music singularity-music \\\n"
+    "    mate-backgrounds lomiri-wallpapers ukui-wallpapers\n"
     "/tmp/trainvenv/bin/python -m edgekeeper.cloud.training.recipe --out models/\n"
     "```\n"
 )
@@ -50,6 +51,7 @@ def person_card(m: dict[str, Any]) -> str:
     scene_i = _pr(v["int8"]["heldout_vtest_vs_scene_negatives"])
     free_seconds = sm["float"]["person_free_video"]["hours"] * 3600
     machine = _machine(m)
+    unseen = _person_unseen(m)
     return f"""# Model card: person gate (`person@{m["model"].split("@")[1]}`)
 
 ## Intended use
@@ -84,12 +86,26 @@ Labels (`labels.txt`, in order): `no_person`, `person`.
 - Extra positives: {d["person_cutouts"]} walkers cut out of training frames by background
   subtraction and pasted (1-6 at a time, often a single one) onto negatives; close-up photos of
   people (messi5, basketball, the chessboard calibration shots), split by file.
+- People-like negatives: {d.get("train_mate-backgrounds", 0)} random crops of the 19 wallpapers
+  of `mate-backgrounds` (flowers, leaves, drops, a ladybird, abstract art) and
+  {d.get("train_shapes", 0)} still scenes (plates, frames with people removed, photos) with 1-5
+  textured discs, ellipses, rounded boxes, blobs and stacked discs pasted in (textures cut from
+  person-free photos, sometimes shaded like a round object); the same shapes appear beside
+  people in 30 % of the composites, so a shape never means "no person" either.
+- Low light and night: about half of all training images, of both labels, are darkened to
+  2.5-80 % exposure (log-uniform; in pixel or linear sensor space), 70 % of them with shot and
+  read noise, 35 % with a camera gain of up to 10x that brings the noise up with the level,
+  35 % as infrared-like greyscale (`data_vision.low_light`).
 - Totals: {d["train_images"]} training images ({d["train_person"]} person), {d["heldout_images"]}
   held-out images ({d["heldout_person"]} person).
 - Licences: OpenCV's sample data is distributed by Debian under OpenCV's licence
   (Apache-2.0 AND BSD-3-Clause per `/usr/share/doc/opencv-doc/copyright`); vtest.avi appears
   to come from the PETS 2009 benchmark (University of Reading), whose own terms the package
-  does not restate.
+  does not restate. `mate-backgrounds`: GPL-2+ (per file in its copyright). Held out, never
+  trained on: `lomiri-wallpapers` (per file CC-BY-4.0, CC-BY-SA-3.0/4.0, CC0-1.0) and
+  `ukui-wallpapers` (CC-BY-SA-3.0). Nothing from them ships: only the trained weights do.
+
+{unseen}
 
 ## Held-out results (ai_edge_litert on the shipped .tflite files, threshold {m["threshold"]})
 Precision / recall for `person`:
@@ -130,9 +146,13 @@ On x86 XNNPACK runs float faster than int8; on ARM boards int8 is usually
 the faster and is the default. Expect several times more on a Raspberry Pi 4.
 
 ## Limitations
-- One real scene with people: the held-out frames come from the same camera, minutes later.
-  Other viewpoints, night, rain, crowds or people far smaller than ~25 px in a 576-line frame
-  are untested; the held-out photo rows show how it behaves on unrelated scenes.
+- One real scene with people: every real person it saw comes from one camera (vtest.avi). The
+  unseen-source recall above pastes held-out walkers from that camera into unseen scenes; real
+  people seen by another camera, from another angle, in rain or crowds, or smaller than ~25 px
+  in a 576-line frame are untested. No Debian or PyPI package found offers such footage.
+- Night here is simulated from daytime footage with a sensor model (exposure, shot and read
+  noise, gain, greyscale); real infrared footage (lit by IR LEDs, with glowing eyes and hot
+  spots) may differ.
 - Close-ups of people indoors are missed: both held-out basketball photos (grayscale, people
   filling the frame) score below the threshold. The model has learned small full-body figures
   outdoors, which is what a street or yard camera sees.
@@ -148,6 +168,108 @@ the faster and is the default. Expect several times more on a Raspberry Pi 4.
 
 def _met(ok: bool) -> str:
     return "met" if ok else "**missed**"
+
+
+def _person_unseen(m: dict[str, Any]) -> str:
+    """The card's section on sources never trained on (empty for metrics without it)."""
+    if "brightness_sweep" not in m:
+        return ""
+    thr = m["threshold"]
+    src = m["heldout_sources"]
+    src_rows = "\n".join(
+        f"| {name} | {r['images']} | {r['label']} | {r['float']:.3f} | {r['int8']:.3f} |"
+        for name, r in src.items()
+    )
+    sweep = m["brightness_sweep"]
+    sweep_rows = "\n".join(
+        f"| {name} | {r['float']['vtest_frame_recall']:.3f} / {r['int8']['vtest_frame_recall']:.3f}"
+        f" | {r['float']['vtest_share_of_frames_triggered']:.3f} / "
+        f"{r['int8']['vtest_share_of_frames_triggered']:.3f}"
+        f" | {r['float']['other_scenes_walkers_recall']:.3f} / "
+        f"{r['int8']['other_scenes_walkers_recall']:.3f}"
+        f" | {r['pregate_motion_share']:.3f} |"
+        for name, r in sweep.items()
+    )
+    sweep_head = (
+        f"| exposure | vtest frames >= {thr} | vtest frames in triggered state (device rule) "
+        f"| walkers in unseen scenes >= {thr} | pre-gate: frames with motion |"
+    )
+    video = m["person_free_video_unseen"]
+    down_to_35 = ("100%", "70%", "50%", "35%")
+    worst = {
+        v: min(min(sweep[n][v]["vtest_frame_recall"], sweep[n][v]["other_scenes_walkers_recall"])
+               for n in down_to_35)
+        for v in ("float", "int8")
+    }
+    night = {
+        v: min(sweep["night"][v]["vtest_frame_recall"],
+               sweep["night"][v]["other_scenes_walkers_recall"])
+        for v in ("float", "int8")
+    }
+    fph = {v: video[v]["fires_per_hour_every_frame"] for v in ("float", "int8")}
+    pkg_rows = "\n".join(
+        f"| {pk} | {video['packages'][pk]} | {video['float']['fires_by_package_every_frame'][pk]}"
+        f" | {video['int8']['fires_by_package_every_frame'][pk]} |"
+        for pk in sorted(video["packages"])
+    )
+    return f"""## On sources never trained on
+
+Targets (issue 12), int8 (the device default) / float, measured below:
+- recall >= 0.95 down to 35 % exposure (worst of the 100-35 % rows, vtest frames and walkers in
+  unseen scenes): {worst["int8"]:.3f} / {worst["float"]:.3f}, {_met(worst["int8"] >= 0.95)};
+- recall >= 0.8 on night-like footage (row `night`): {night["int8"]:.3f} /
+  {night["float"]:.3f}, {_met(night["int8"] >= 0.8)};
+- <= 5 false triggers per hour on person-free video of unseen scenes (every frame scored):
+  {fph["int8"]} / {fph["float"]}, {_met(fph["int8"] <= 5)}.
+
+![recall against exposure and the pre-gate in the dark](heldout.png)
+
+**Whole held-out sources** (two Debian packages no training example came from; 8 random crops
+of each wallpaper, and the same crops with 1-3 walkers cut from held-out vtest frames pasted
+in). Share of images at or over {thr} (false positive rate for `no_person` rows, recall for
+`person` rows):
+
+| source | images | truth | float | int8 |
+| --- | --- | --- | --- | --- |
+{src_rows}
+
+**Brightness sweep** of the {m["data"]["vtest_heldout_frames"]} held-out vtest frames (people
+in every frame), darkened at full resolution by `data_vision.darken` (pixel values times the
+exposure; `night` is 5 % exposure, shot noise 1.0 x level, read noise 2 grey levels, camera
+gain 6x, greyscale; `night-dark` the same without the gain) and shrunk as on a device; and of
+the unseen-source composites above (darkened at model size). Float / int8:
+
+{sweep_head}
+| --- | --- | --- | --- | --- |
+{sweep_rows}
+
+"Triggered state" is the device's default `person` rule (`TriggerPolicy`, 3 of 5 over
+{thr}, release under 0.4) run over the frame scores at 10 fps. The pre-gate column is the
+default `[pregate]` motion measure (`device/pregate.py`) on the same darkened frames.
+
+**Person-free video**: {video["minutes"]} minutes at 10 fps, continuous, made from the
+{len(video["packages"])} held-out
+packages' stills (`data_vision.person_free_video`): each still shown for 72 s as shots of
+6-20 s, each shot a slow pan across the picture, a slow zoom, a still shot or a light change
+(exposure falling to 5-30 % and back, with camera gain in the darkest part), fresh sensor noise
+on every frame (shot 0.5, read 1-3 grey levels), rendered at 320x240. Every frame scored by both
+models, then the device's default `person` rule (cooldown off, so every activation counts):
+
+- every frame scored (pre-gate off): {fph["float"]} (float) / {fph["int8"]} (int8) false
+  triggers per hour; frames over {thr}: {video["float"]["frames_over_threshold"]} /
+  {video["int8"]["frames_over_threshold"]};
+- through the default motion pre-gate (it let {video["pregate_share_of_frames_run"]:.3f} of the
+  frames through; pans, zooms and light changes are motion): {video["float"][
+      "fires_per_hour_with_pregate"]} / {video["int8"]["fires_per_hour_with_pregate"]} per hour.
+
+| package | minutes | false triggers, float | false triggers, int8 |
+| --- | --- | --- | --- |
+{pkg_rows}
+
+**Close-ups of people in photos** (not a goal; a street or yard camera sees whole small
+figures): the `photo-person` row of the by-source table below (held-out opencv-doc photos of
+people filling the frame).
+"""
 
 
 def person_plot(m: dict[str, Any], path: Any) -> None:

@@ -462,6 +462,37 @@ def sound_card(m: dict[str, Any]) -> str:
         "| espeak-ng | `espeak-ng` | GPL-3+ (synthetic voices) | 8 voices and 20 sentences "
         "train; 5 other voices and 6 other sentences held out whole (`espeak-ng-heldout`) |"
     )
+    curve = {c["threshold"]: c for c in q["alarm_curve"]}
+    at08 = curve.get(0.8)
+    default = curve.get(m["thresholds"]["alarm"], {"music_broadcast_per_hour": "?",
+                                                   "event_recall": float("nan")})
+    n_alerts = sum(c.get("alerts", 0) for c in d["train_clips"].values())
+    same_al = q["events_heldout_files"]["alarm"]
+    speech_rec = ", ".join(
+        f"{g.split(': ')[1].split(' (')[0]} {gi['share_over_threshold']:.2f}"
+        for g, gi in speech_groups.items()
+    )
+    limits = [
+        f"- **Music still sets off `alarm`**: {q['quiet']['parts']['music']['alarm_fires']} "
+        f"fires in {q['quiet']['parts']['music']['minutes']:.0f} min of the held-out soundtrack "
+        f"({q['quiet']['parts']['music']['alarm_per_hour']}/h, int8, cooldown off); sustained "
+        "synthesiser tones and arpeggios look like sirens and beep trains to this head.",
+        f"- **Repeated alerts it has not heard are often missed**: {al_ev['caught']} of "
+        f"{al_ev['events']} repeated Yaru / Deepin alerts fired `alarm`, against "
+        f"{same_al['caught']} of {same_al['events']} for held-out files of the training themes: "
+        f"{n_alerts} real alert sounds are too few to generalise from.",
+        f"- **Speech on unseen voices**, share of 2 s windows over the threshold: {speech_rec}.",
+    ]
+    if at08 is not None:
+        limits.append(
+            f"- A higher alarm threshold trades recall for quiet (curve above): at 0.8, "
+            f"{at08['music_broadcast_per_hour']} false fires/h on music and broadcast and "
+            f"event recall {at08['event_recall']:.2f}; at the default "
+            f"{m['thresholds']['alarm']}, {default['music_broadcast_per_hour']}/h and "
+            f"{default['event_recall']:.2f}. Set it per room with "
+            "`[trigger.labels.alarm] threshold`."
+        )
+    measured_limits = "\n".join(limits)
     rules = ", ".join(
         f"{lab} >= {r['threshold']} (release {r['release']}, span {r['min_span_seconds']} s)"
         for lab, r in tr["labels"].items()
@@ -592,6 +623,7 @@ whole window (mel + 16 embeddings + head) float {_lat(v["float"]["latency_full_w
 int8 {_lat(v["int8"]["latency_full_window"])}. The front-ends dominate.
 
 ## What it cannot do
+{measured_limits}
 - **Short speech does not trigger.** With `min_span_seconds = 2.5` a lone word or a phrase
   under about 1.5 s does not fire `speech`; conversation, announcements and a radio do.
 - **It cannot tell TV or radio speech from a person in the room**: speech over music is speech.

@@ -94,6 +94,12 @@ SOURCES = {
                ("*.mp3",), "music"),
         Source("frozen-bubble-music", "fb-music-high", "GPL-2",
                Path("/usr/share/games/frozen-bubble/snd"), ("*.xm",), "music"),
+        # The hr-savino-* tracks are left out: Debian 12's ffmpeg cannot parse their headers.
+        Source("hyperrogue-music", "hyperrogue-music", "GPL-2+",
+               Path("/usr/share/hyperrogue/music"), ("hr3-*.ogg", "hr-domina-*.ogg"), "music"),
+        Source("drascula-music", "drascula-music",
+               "Drascula-License (free redistribution, see its debian/copyright)",
+               Path("/usr/share/scummvm/drascula/audio"), ("track*.ogg",), "music"),
         Source("singularity-music", "singularity-music", "CC-BY-SA-3.0",
                Path("/usr/share/games/singularity/music"), ("*.ogg",), "music"),
         Source("asterisk-en", "asterisk-core-sounds-en-wav", "CC-BY-SA-3.0 (Allison Smith)",
@@ -505,7 +511,7 @@ def _event(
         ]
         gap = np.zeros(int(rng.uniform(0.05, 0.4) * SR), dtype=np.float32)
         return np.concatenate([q for p in parts for q in (p, gap)])[: -len(gap) or None]
-    if pools.alerts and (not pools.synth_alarms or rng.random() < 0.5):
+    if pools.alerts and (not pools.synth_alarms or rng.random() < 0.6):
         clip = pools.alerts[int(rng.integers(len(pools.alerts)))].audio
         return repeat_alert(clip, max(seconds, 2.5), rng)
     return synth_alarm(synth_rng, seconds)
@@ -530,7 +536,8 @@ def make_window(
     label: int, pools: Pools, rng: np.random.Generator, synth_rng: np.random.Generator
 ) -> np.ndarray:
     """One 2 s training window whose label holds by construction."""
-    bed = background_bed(rng, WINDOW, pools)
+    # Half of all background windows are music: it is the background most like an alarm.
+    bed = background_bed(rng, WINDOW, pools, music=0.5 if label == BACKGROUND else 0.35)
     if label != BACKGROUND:
         ev = _event(label, pools, rng, synth_rng, rng.uniform(1.5, 6.0))
         need = min(int(MIN_EVENT_SECONDS[label] * SR), len(ev))
@@ -616,15 +623,20 @@ def make_event_stream(
     return Stream(out, events, [("events", 0.0, seconds)])
 
 
-def make_singles_stream(pools: Pools, seed: int, *, every: float = 8.0) -> Stream:
-    """Each of ``pools.singles`` played once, one every ``every`` seconds, in a quiet room or
-    over music: none of them may fire. ``events`` holds (name, start, end) of each sound."""
+def make_singles_stream(
+    pools: Pools, seed: int, *, every: float = 8.0, longest: float = 2.5
+) -> Stream:
+    """Each of ``pools.singles`` of at most ``longest`` seconds (chimes, clicks, one alert tone,
+    beeps) played once, one every ``every`` seconds, in a quiet room (no music: music is
+    measured on its own): none may fire. ``events`` holds (name, start, end) of each sound.
+    Longer single sounds (log-in jingles, an animal recording) are in the household stream."""
     rng = np.random.default_rng(seed)
     n = int(every * SR)
     parts, events = [], []
-    for i, clip in enumerate(pools.singles):
-        bed = background_bed(rng, n, replace(pools, singles=[]), music=0.25)
-        x = clip.audio[: 4 * SR]
+    short = [c for c in pools.singles if len(c.audio) <= longest * SR]
+    for i, clip in enumerate(short):
+        bed = background_bed(rng, n, replace(pools, singles=[]), music=0.0)
+        x = clip.audio
         x = x / (np.max(np.abs(x)) + 1e-9) * 10 ** (rng.uniform(-20, -3) / 20)
         at = int(rng.uniform(1.0, 2.0) * SR)
         parts.append(mix(bed, x, at, rng))

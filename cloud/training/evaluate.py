@@ -169,14 +169,18 @@ def event_recall(
 
 
 def policy_fires(
-    scores: np.ndarray, ends: np.ndarray, labels: Sequence[str]
+    scores: np.ndarray,
+    ends: np.ndarray,
+    labels: Sequence[str],
+    thresholds: dict[str, float] | None = None,
 ) -> list[tuple[str, float]]:
     """``(label, time)`` of every fire of the device's default trigger rules over a stream.
 
     Runs the real ``TriggerPolicy`` (k-of-n, min_span_seconds, hysteresis) with the default
     ``[trigger.labels]`` thresholds, as a deployed gate would, except that cooldowns and the
     hourly cap are off: every activation counts, so a figure here can only be worse than a
-    device's.
+    device's. ``thresholds`` overrides some labels' thresholds (release scales with them), to
+    trace an operating curve.
     """
     from dataclasses import replace
 
@@ -185,6 +189,9 @@ def policy_fires(
 
     base = TriggerSection()
     rules = {k: replace(r, cooldown_seconds=0.0) for k, r in base.labels.items()}
+    for k, thr in (thresholds or {}).items():
+        r = rules[k]
+        rules[k] = replace(r, threshold=thr, release=r.release * thr / r.threshold)
     policy = TriggerPolicy(replace(base, labels=rules, max_events_per_hour=1_000_000))
     fires = []
     for t, row in zip(ends, scores, strict=True):

@@ -557,10 +557,11 @@ exactly as the contract describes.
   freedesktop ALSA channel announcements, espeak-ng.
 - **alarm**: a real alert sound of a sound theme (names with warning, error, critical, battery,
   phone, ring, busy, calling, attention, nudge) repeated with 0.05-0.6 s gaps for at least
-  2.5 s, or a synthesised alarm (smoke-alarm T3 beeps, sirens, hi-lo, buzzers, beep trains,
-  mechanical bells). A window is `alarm` when it holds 1.5 s of it, 0.5 s audible.
-- **background**: generated noise, hum and rumble; Asterisk room tone; music (35% of beds: a
-  game soundtrack at -40 to -12 dBFS); and in 45% of beds one theme sound played *once*
+  2.5 s (60%), or a synthesised alarm (40%: smoke-alarm T3 beeps, sirens, hi-lo, buzzers,
+  beep trains, mechanical bells). A window is `alarm` when it holds 1.5 s of it, 0.5 s audible.
+- **background**: generated noise, hum and rumble; Asterisk room tone; music (half of the
+  background windows and a third of the others: a game soundtrack at -40 to -12 dBFS over
+  quieter noise); and in 45% of beds one theme sound played *once*
   (chimes, clicks, shutter, a single warning or error tone: one short sound is not an alarm).
 - Speech and alarms are mixed over these beds (SNR >= ~3 dB), so a third of them sit on music,
   as on a radio or TV. A quarter of all windows pass through an 8 kHz telephone band.

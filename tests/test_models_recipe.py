@@ -392,3 +392,17 @@ def test_int8_gates_fire_on_the_sample_where_the_labels_say() -> None:
     # Far from any event (only noise and, at 8.5 s, a click) nothing should fire.
     quiet = (ends_a >= 9.5) & (ends_a <= 11.5)
     assert p_a[quiet, 1:].max() < 0.5
+
+
+def test_darken_models_exposure_noise_gain_and_grey() -> None:
+    img = np.full((8, 8, 3), (200, 100, 40), np.uint8)
+    assert data_vision.darken(img, 0.5)[0, 0].tolist() == [100, 50, 20]
+    # Linear light: half the light is brighter than half the pixel value (gamma 2.2).
+    assert data_vision.darken(img, 0.5, linear=True)[0, 0, 0] > 100
+    grey = data_vision.darken(img, 0.1, grey=True, gain=4.0)
+    assert (grey[..., 0] == grey[..., 1]).all() and (grey[..., 1] == grey[..., 2]).all()
+    assert grey[0, 0, 0] == round(np.mean([200, 100, 40]) * 0.1 * 4.0)
+    noisy = data_vision.darken(img, 0.05, np.random.default_rng(0), shot=1.0, read=2.0, gain=6.0)
+    assert noisy.std() > 3  # the camera's gain amplifies the sensor noise
+    with pytest.raises(ValueError, match="noise needs an rng"):
+        data_vision.darken(img, 0.5, shot=1.0)

@@ -4,6 +4,13 @@ Per label (only labels with a rule in ``[trigger.labels]`` can trigger):
 
 - **k-of-n smoothing**: a label activates when at least k of its last n scored windows reach its
   ``threshold``; one noisy frame cannot fire, one missed frame cannot hide a person.
+- **span** (audio): a label fires only once its hits spread over at least ``min_span_seconds``
+  (first to last hit window end in the current run). Audio windows overlap (2 s every 0.48 s),
+  so one short sound hits several windows in a row and satisfies k-of-n by itself; but a sound
+  of d seconds can only hit windows ending within d + window of each other, so with 2 s windows
+  and 2.5 s a chime or click of 0.5 s or less never fires alone, whatever the model scores. What
+  fires is a sound that lasts (speech, a ringing alarm) or repeats (an alert beeping for
+  seconds). A run ends when none of the last n windows is a hit. 0 (person) turns it off.
 - **hysteresis**: once active it stays active until fewer than k of the last n reach ``release``
   (a lower bar), so a score hovering at the threshold does not fire over and over. One
   activation yields at most one event.
@@ -56,6 +63,11 @@ class _LabelState:
     window: collections.deque[float]
     active: bool = False
     last_fire: float | None = None
+    # The current run of hits (for min_span_seconds): first and latest hit, and whether the run
+    # was already reported as held back for being too short (one "hold" per run, not per window).
+    run_start: float | None = None
+    run_last: float | None = None
+    run_held: bool = False
 
 
 @dataclass
@@ -63,6 +75,7 @@ class TriggerStats:
     fired: int = 0
     held_cooldown: int = 0
     held_rate_cap: int = 0
+    held_short: int = 0
     by_label: dict[str, int] = field(default_factory=dict)
 
 
@@ -93,6 +106,13 @@ class TriggerPolicy:
             st = self._state(label)
             st.window.append(score)
             hits = sum(1 for s in st.window if s >= rule.threshold)
+            if score >= rule.threshold:
+                if st.run_start is None:
+                    st.run_start = t
+                st.run_last = t
+            elif hits == 0:  # no hit in the last n windows: the run (one sound) is over
+                st.run_start = st.run_last = None
+                st.run_held = False
 
             def decide(action: Literal["fire", "hold", "release"], reason: str) -> None:
                 decisions.append(
@@ -106,6 +126,19 @@ class TriggerPolicy:
                     decide("release", f"fewer than {k} of last {n} >= release {rule.release}")
                 continue
             if hits < k:
+                continue
+            span = 0.0
+            if st.run_start is not None and st.run_last is not None:
+                span = st.run_last - st.run_start
+            if span < rule.min_span_seconds:
+                if not st.run_held:  # say it once per run; the run may still grow and fire
+                    st.run_held = True
+                    self.stats.held_short += 1
+                    decide(
+                        "hold",
+                        f"{k}-of-{n} >= {rule.threshold} but hits span {span:.2f}s < "
+                        f"min_span_seconds {rule.min_span_seconds} (one short sound)",
+                    )
                 continue
             st.active = True  # this activation is spent, whether it fires or is held back
             if st.last_fire is not None and t - st.last_fire < rule.cooldown_seconds:
@@ -127,5 +160,8 @@ class TriggerPolicy:
             self._fired_at.append(t)
             self.stats.fired += 1
             self.stats.by_label[label] = self.stats.by_label.get(label, 0) + 1
-            decide("fire", f"{hits} of last {n} windows >= threshold {rule.threshold} (k={k})")
+            why = f"{hits} of last {n} windows >= threshold {rule.threshold} (k={k})"
+            if rule.min_span_seconds > 0:
+                why += f", hits span {span:.2f}s >= {rule.min_span_seconds}s"
+            decide("fire", why)
         return decisions

@@ -152,19 +152,30 @@ class LabelRule:
     priority: int = 0
     # false switches a label off (a default one included): it never triggers.
     enabled: bool = True
+    # Audio windows overlap (2 s every 0.48 s), so one short sound hits several windows in a row.
+    # A label fires only once its hits spread over at least this many seconds (first to last hit
+    # window end): a sound of d seconds hits only windows ending within d + window of each other,
+    # so with 2 s windows and 2.5 no sound of 0.5 s or less fires alone. 0 turns the rule off.
+    min_span_seconds: float = 0.0
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.release <= self.threshold <= 1.0:
             raise ValueError("0 <= release <= threshold <= 1 is required")
         if self.cooldown_seconds < 0:
             raise ValueError("cooldown_seconds must be >= 0")
+        if self.min_span_seconds < 0:
+            raise ValueError("min_span_seconds must be >= 0")
 
 
 def _default_rules() -> dict[str, LabelRule]:
     return {
         "person": LabelRule(threshold=0.7, release=0.4, cooldown_seconds=30.0, priority=1),
-        "alarm": LabelRule(threshold=0.6, release=0.3, cooldown_seconds=30.0, priority=2),
-        "speech": LabelRule(threshold=0.8, release=0.5, cooldown_seconds=60.0, priority=0),
+        "alarm": LabelRule(
+            threshold=0.6, release=0.3, cooldown_seconds=30.0, priority=2, min_span_seconds=2.5
+        ),
+        "speech": LabelRule(
+            threshold=0.8, release=0.5, cooldown_seconds=60.0, priority=0, min_span_seconds=2.5
+        ),
     }
 
 

@@ -106,6 +106,93 @@ def test_heldout_split_is_stable_and_partial() -> None:
     assert "alarm-clock-elapsed.oga" in data_audio.FORCED_HELDOUT
 
 
+def test_audio_roles_keep_tones_and_animals_out_of_speech() -> None:
+    src = data_audio.SOURCES
+    en, fr = src["asterisk-en"], src["asterisk-fr"]
+    for name in ("beep.wav", "beeperr.wav", "confbridge-join.wav", "tt-monkeys.wav"):
+        assert data_audio.roles_of(en, en.root / name) == ("singles",)
+        assert data_audio.roles_of(fr, fr.root / name) == ("singles",)
+    assert data_audio.roles_of(en, en.root / "tt-weasels.wav") == ("speech",)  # spoken
+    assert data_audio.roles_of(en, en.root / "digits" / "7.wav") == ("speech",)
+    assert data_audio.roles_of(en, en.root / "silence" / "1.wav") == ("quiet",)
+    fd, yaru = src["freedesktop"], src["yaru"]
+    # An alert is an alarm when repeated and background when played once; a chime only the latter.
+    assert data_audio.roles_of(fd, fd.root / "dialog-warning.oga") == ("alerts", "singles")
+    assert data_audio.roles_of(yaru, yaru.root / "battery-low.oga") == ("alerts", "singles")
+    assert data_audio.roles_of(fd, fd.root / "complete.oga") == ("singles",)
+    assert data_audio.roles_of(fd, fd.root / "alarm-clock-elapsed.oga") == ("alerts",)
+    assert data_audio.roles_of(fd, fd.root / "audio-channel-front-left.oga") == ("speech",)
+    music = src["singularity-music"]
+    assert data_audio.roles_of(music, music.root / "Nebula.ogg") == ("music",)
+
+
+def test_heldout_sources_never_reach_training() -> None:
+    for name in data_audio.HELDOUT_SOURCES:
+        assert not data_audio._in_split(name, "anything.wav", heldout=False)
+        assert data_audio._in_split(name, "anything.wav", heldout=True)
+    # Two other themes, another music collection, two other Asterisk voices/languages.
+    assert {"yaru", "deepin", "singularity-music", "asterisk-fr", "asterisk-es"} <= set(
+        data_audio.HELDOUT_SOURCES
+    )
+    assert not data_audio._in_split("freedesktop", "dialog-warning.oga", heldout=False)
+    for s in data_audio.SOURCES.values():
+        assert s.package and s.licence  # every source names its package and licence
+
+
+def _pools() -> data_audio.Pools:
+    rng = np.random.default_rng(3)
+    t = np.arange(8000) / 16000
+    tone = (np.sin(2 * np.pi * 1000 * t) * 0.5).astype(np.float32)
+    noise = (rng.normal(size=16000 * 30) * 0.1).astype(np.float32)
+    clip = data_audio.Clip
+    return data_audio.Pools(
+        speech=[clip(noise[:24000], "test", "test:speech")],
+        alerts=[clip(tone, "test", "test:alert")],
+        singles=[clip(tone, "test", "test:chime"), clip(tone[:800], "test", "test:click")],
+        quiet=[clip(noise[:16000] * 0.01, "test", "test:quiet")],
+        music=[clip(noise, "test", "test:music")],
+    )
+
+
+def test_repeated_alert_and_streams_are_built_as_described() -> None:
+    rng = np.random.default_rng(0)
+    tone = _pools().alerts[0].audio
+    rep = data_audio.repeat_alert(tone, 4.0, rng)
+    assert len(rep) == 64000
+    loud = np.abs(rep).reshape(-1, 800).max(axis=1) > 0.1  # 50 ms frames
+    assert np.sum(np.diff(loud.astype(int)) == 1) >= 3  # goes off again and again
+
+    quiet = data_audio.make_quiet_stream(_pools(), 0, music_s=20, broadcast_s=20, household_s=20)
+    assert [p[0] for p in quiet.parts] == ["music", "broadcast", "household"]
+    assert len(quiet.audio) == 60 * 16000 and quiet.events == []
+    singles = data_audio.make_singles_stream(_pools(), 0, every=8.0)
+    assert [e[0] for e in singles.events] == ["test:chime", "test:click"]
+    assert len(singles.audio) == 16 * 16000
+    events = data_audio.make_event_stream(
+        data_audio.replace(_pools(), synth_alarms=False), 60, 0, every=12.0
+    )
+    assert [e[0] for e in events.events] == ["speech", "alarm"] * 2
+    assert all(e - s >= 3.0 for lab, s, e in events.events if lab == "alarm")
+
+
+def test_policy_fires_uses_the_device_rule() -> None:
+    from edgekeeper.cloud.training.evaluate import fired_events, policy_fires
+
+    ends = np.arange(2.0, 30.0, 0.48)
+    labels = ("background", "speech", "alarm")
+    p = np.zeros((len(ends), 3))
+    p[:, 0] = 1.0
+    chime = (ends > 4.0) & (ends <= 6.0)  # a short sound: 4 windows, 1.4 s apart
+    alarm = (ends > 12.0) & (ends <= 18.0)  # a repeated alert: hits over 6 s
+    p[chime | alarm] = [0.0, 0.0, 1.0]
+    fires = policy_fires(p, ends, labels)
+    assert [lab for lab, _ in fires] == ["alarm"]
+    assert 14.5 <= fires[0][1] <= 15.5  # once the hits spread over 2.5 s
+    out = fired_events(fires, [("alarm", 10.5, 16.0), ("alarm", 4.0, 4.5)], "alarm", 2.0)
+    assert out == {"events": 2, "caught": 1, "recall": 0.5, "fires": 1, "false_fires": 0}
+    assert fired_events(fires, [], "alarm", 2.0)["false_fires"] == 1
+
+
 def test_time_split_keeps_a_gap_and_the_tail() -> None:
     train, held = data_vision.time_split(795)
     assert train.stop + data_vision.GAP_FRAMES == held.start
@@ -305,3 +392,17 @@ def test_int8_gates_fire_on_the_sample_where_the_labels_say() -> None:
     # Far from any event (only noise and, at 8.5 s, a click) nothing should fire.
     quiet = (ends_a >= 9.5) & (ends_a <= 11.5)
     assert p_a[quiet, 1:].max() < 0.5
+
+
+def test_darken_models_exposure_noise_gain_and_grey() -> None:
+    img = np.full((8, 8, 3), (200, 100, 40), np.uint8)
+    assert data_vision.darken(img, 0.5)[0, 0].tolist() == [100, 50, 20]
+    # Linear light: half the light is brighter than half the pixel value (gamma 2.2).
+    assert data_vision.darken(img, 0.5, linear=True)[0, 0, 0] > 100
+    grey = data_vision.darken(img, 0.1, grey=True, gain=4.0)
+    assert (grey[..., 0] == grey[..., 1]).all() and (grey[..., 1] == grey[..., 2]).all()
+    assert grey[0, 0, 0] == round(np.mean([200, 100, 40]) * 0.1 * 4.0)
+    noisy = data_vision.darken(img, 0.05, np.random.default_rng(0), shot=1.0, read=2.0, gain=6.0)
+    assert noisy.std() > 3  # the camera's gain amplifies the sensor noise
+    with pytest.raises(ValueError, match="noise needs an rng"):
+        data_vision.darken(img, 0.5, shot=1.0)

@@ -163,3 +163,65 @@ def event_recall(
         "recall": round(caught / len(evs), 4) if evs else 1.0,
         "triggers_outside_events": int(np.sum(~inside)),
     }
+
+
+# ----------------------------------------------- event figures through the device's trigger rule
+
+
+def policy_fires(
+    scores: np.ndarray,
+    ends: np.ndarray,
+    labels: Sequence[str],
+    thresholds: dict[str, float] | None = None,
+) -> list[tuple[str, float]]:
+    """``(label, time)`` of every fire of the device's default trigger rules over a stream.
+
+    Runs the real ``TriggerPolicy`` (k-of-n, min_span_seconds, hysteresis) with the default
+    ``[trigger.labels]`` thresholds, as a deployed gate would, except that cooldowns and the
+    hourly cap are off: every activation counts, so a figure here can only be worse than a
+    device's. ``thresholds`` overrides some labels' thresholds (release scales with them), to
+    trace an operating curve.
+    """
+    from dataclasses import replace
+
+    from edgekeeper.config import TriggerSection
+    from edgekeeper.device.trigger import TriggerPolicy
+
+    base = TriggerSection()
+    rules = {k: replace(r, cooldown_seconds=0.0) for k, r in base.labels.items()}
+    for k, thr in (thresholds or {}).items():
+        r = rules[k]
+        rules[k] = replace(r, threshold=thr, release=r.release * thr / r.threshold)
+    policy = TriggerPolicy(replace(base, labels=rules, max_events_per_hour=1_000_000))
+    fires = []
+    for t, row in zip(ends, scores, strict=True):
+        named = {lab: float(s) for lab, s in zip(labels, row, strict=True)}
+        fires += [(d.label, float(t)) for d in policy.update(float(t), named) if d.fired]
+    return fires
+
+
+def fired_events(
+    fires: Sequence[tuple[str, float]],
+    events: Sequence[tuple[str, float, float]],
+    label: str,
+    window_seconds: float,
+) -> dict[str, float]:
+    """Events of ``label`` caught by a fire of ``label`` while in the window, and the other fires.
+
+    A fire counts for an event when it comes after the event starts and at most one window
+    length after it ends (the event is still inside the window). A fire of ``label`` that
+    overlaps no event of ``label`` is a false trigger.
+    """
+    times = np.array([t for lab, t in fires if lab == label])
+    evs = [(s, e) for lab, s, e in events if lab == label]
+    caught = sum(bool(np.any((times > s) & (times <= e + window_seconds))) for s, e in evs)
+    false = sum(
+        not any(s < t <= e + window_seconds for s, e in evs) for t in times
+    )
+    return {
+        "events": len(evs),
+        "caught": int(caught),
+        "recall": round(caught / len(evs), 4) if evs else 1.0,
+        "fires": len(times),
+        "false_fires": int(false),
+    }

@@ -29,8 +29,18 @@ from edgekeeper.device.replay import THUMBNAIL_WIDTH, replay_recording
 
 STREET = config_mod.MODELS_DIR / "samples" / "street"
 
+
+def _shipped_tag(name: str) -> str:
+    """name@version of a shipped model, read from its manifest (a rebuild bumps the version)."""
+    doc = json.loads((config_mod.MODELS_DIR / name / "manifest-int8.json").read_text())
+    return f"{doc['name']}@{doc['version']}"
+
+
+PERSON, SOUND = _shipped_tag("person"), _shipped_tag("sound")
+
 # The float model, and a person rule strict enough (release = threshold, 1-of-1) that the
-# person's dips release it and the 60 s cooldown holds back every re-activation.
+# person's dips release it and the 60 s cooldown holds back every re-activation. The shipped
+# model scores the sample's person 0.96-1.0, so the rule sits just below 1.
 FLOAT_HOLD_TOML = """
 [gate]
 variant = "float"
@@ -40,8 +50,8 @@ k = 1
 n = 1
 
 [trigger.labels.person]
-threshold = 0.95
-release = 0.95
+threshold = 0.99
+release = 0.99
 cooldown_seconds = 60
 """
 
@@ -153,7 +163,7 @@ def test_report_json_records_effective_config_variant_and_file_hashes(
     )
     assert b["config"]["trigger"]["k"] == b["config"]["trigger"]["n"] == 1
     person = b["config"]["trigger"]["labels"]["person"]
-    assert (person["threshold"], person["release"], person["cooldown_seconds"]) == (0.95, 0.95, 60)
+    assert (person["threshold"], person["release"], person["cooldown_seconds"]) == (0.99, 0.99, 60)
     # Credentials and addresses stay out of a report people pass around.
     assert not {"uplink", "cloud", "reasoner", "device"} & set(a["config"])
 
@@ -161,7 +171,7 @@ def test_report_json_records_effective_config_variant_and_file_hashes(
     assert set(ga) == {"vision", "audio"} and set(gb) == {"vision"}
     va, vb = ga["vision"], gb["vision"]
     # The tag alone cannot tell them apart; variant, manifest and hashes do.
-    assert va["tag"] == vb["tag"] == "person@1.0.0"
+    assert va["tag"] == vb["tag"] == PERSON
     assert (va["variant"], vb["variant"]) == ("int8", "float")
     assert Path(va["manifest"]).name == "manifest-int8.json"
     assert Path(vb["manifest"]).name == "manifest-float.json"
@@ -177,10 +187,10 @@ def test_report_json_records_effective_config_variant_and_file_hashes(
 
     # The page shows the same: variant, the rule's values and each model file's hash.
     text = page(float_hold).text
-    assert "person@1.0.0 (float)" in text and "0.95" in text and "60 s" in text
+    assert f"{PERSON} (float)" in text and "0.99" in text and "60 s" in text
     for f in vb["files"]:
         assert f["sha256"][:16] in text
-    assert "person@1.0.0 (int8)" in page(street).text
+    assert f"{PERSON} (int8)" in page(street).text
 
 
 def test_events_table_has_one_row_per_event_with_existing_thumbnails(street: Path) -> None:
@@ -259,7 +269,7 @@ def test_plots_are_linear_from_zero_and_legends_hide_no_curve(
     assert res.gates["vision"]["variant"] is None and res.gates["audio"]["variant"] == "int8"
     assert res.gates["vision"]["manifest"] == str(manifest.resolve())
     html = report_mod.render_html([res], cfg, tmp_path)
-    assert "person@1.0.0 (manifest manifest-float.json), sound@1.0.0 (int8)" in Page(html).text
+    assert f"{PERSON} (manifest manifest-float.json), {SOUND} (int8)" in Page(html).text
 
     plt = report_mod.pyplot()
     assert plt is not None, "the test extra brings matplotlib"
@@ -306,7 +316,7 @@ def test_page_without_matplotlib_says_how_to_get_plots(tmp_path: Path, street: P
     # Everything else is still there.
     run = json.loads((out / "report.json").read_text())["runs"][0]
     assert len(p.tables["events"]) == len(run["events"]) >= 1
-    assert "person@1.0.0 (int8)" in p.text
+    assert f"{PERSON} (int8)" in p.text
     # With matplotlib, the plots are there and the notice is not.
     with_plots = (street / "report.html").read_text()
     assert "data:image/png;base64," in with_plots and "Plots are missing" not in with_plots

@@ -4,6 +4,9 @@ Every test talks to a real broker on 127.0.0.1 (tests/servers.py: the usual one 
 it answers, else one started here; the outage, TLS and restart tests start their own) and
 checks what a real subscriber receives. Each test uses its own topic and discovery prefixes,
 so tests never see each other's retained messages on a shared broker.
+
+The device modules are imported here, not inside a test: importing cv2 inside a running loop
+is a blocking call (tests/conftest.py's guard).
 """
 
 from __future__ import annotations
@@ -25,9 +28,14 @@ import pytest
 
 from edgekeeper import compat
 from edgekeeper import config as config_mod
+from edgekeeper.backoff import Backoff
 from edgekeeper.device.events import Event
+from edgekeeper.device.gate import Gate
+from edgekeeper.device.loop import Pipeline
 from edgekeeper.device.mqtt import MqttPublisher
-from edgekeeper.device.uplink import Backoff
+from edgekeeper.device.results import ResultActions
+from edgekeeper.device.sink import LocalSink
+from edgekeeper.device.sources import VideoCaptureSource
 from edgekeeper.errors import ConfigError
 from edgekeeper.protocol.messages import ResultBody
 
@@ -81,7 +89,8 @@ def make_config(tmp_path: Path, broker: servers.MosquittoServer, prefixes: dict[
                 **mqtt: Any) -> config_mod.Config:
     return config_mod.build_from_dict({
         "device": {"id": DEVICE, "state_dir": str(tmp_path / "state")},
-        "trigger": {"labels": {"person": {}, "alarm": {}}},
+        # The default rules are laid under these (config.py): speech is switched off.
+        "trigger": {"labels": {"person": {}, "alarm": {}, "speech": {"enabled": False}}},
         "mqtt": {"host": broker.host, "port": broker.port, **prefixes, **mqtt},
     }, source="test")
 
@@ -484,12 +493,6 @@ async def test_wired_into_the_loop_and_the_results_actions(
     tmp_path: Path, broker: servers.MosquittoServer, prefixes: dict[str, str],
     sample_recording: Path,
 ) -> None:
-    from edgekeeper.device.gate import Gate
-    from edgekeeper.device.loop import Pipeline
-    from edgekeeper.device.results import ResultActions
-    from edgekeeper.device.sink import LocalSink
-    from edgekeeper.device.sources import VideoCaptureSource
-
     config = config_mod.build_from_dict({
         "device": {"id": DEVICE, "state_dir": str(tmp_path / "state")},
         "trigger": {"k": 1, "n": 1, "labels": {"person": {"threshold": 0.0, "release": 0.0,
@@ -500,7 +503,7 @@ async def test_wired_into_the_loop_and_the_results_actions(
     }, source="test")
     base = f"{prefixes['topic_prefix']}/{DEVICE}"
     gate = Gate("vision")
-    await gate.load(config_mod.resolve_model("builtin:person"))
+    await gate.load(await asyncio.to_thread(config_mod.resolve_model, "builtin:person"))
     actions = ResultActions(tmp_path / "state" / "results.sqlite", jsonl=None)
     try:
         async with subscribed(broker, f"{base}/#") as sub:
@@ -531,7 +534,7 @@ async def test_wired_into_the_loop_and_the_results_actions(
         assert [(d["seq"], d["result_id"]) for d in got] == [(1, None), (1, 5), (2, 6)]
         assert (await _counts(publisher))["unpublished"] == 0
     finally:
-        gate.close()
+        await asyncio.to_thread(gate.close)  # joins the model's thread: off the event loop
         await actions.close()
 
 

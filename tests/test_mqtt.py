@@ -29,6 +29,9 @@ import pytest
 from edgekeeper import compat
 from edgekeeper import config as config_mod
 from edgekeeper.backoff import Backoff
+from edgekeeper.cloud.reasoners.echo import EchoReasoner
+from edgekeeper.cloud.worker import Worker
+from edgekeeper.device import identity
 from edgekeeper.device.events import Event
 from edgekeeper.device.gate import Gate
 from edgekeeper.device.loop import Pipeline
@@ -40,6 +43,7 @@ from edgekeeper.errors import ConfigError
 from edgekeeper.protocol.messages import ResultBody
 
 import servers
+from cloudkit import running_cloud
 
 aiomqtt = pytest.importorskip("aiomqtt", reason="the mqtt extra is not installed")
 
@@ -564,3 +568,86 @@ async def test_a_full_memory_queue_drops_old_triggers_but_no_result(
                             and len(sub.on(f"{base}/trigger/person")) >= 2, "6 results, 2 triggers")
     assert [json.loads(p)["seq"] for p in sub.on(f"{base}/result")] == [1, 2, 3, 4, 5, 6]
     assert [json.loads(p)["seq"] for p in sub.on(f"{base}/trigger/person")] == [4, 5]
+
+
+async def test_edgekeeper_run_publishes_and_says_offline_on_sigterm(
+    tmp_path: Path, broker: servers.MosquittoServer, prefixes: dict[str, str],
+    sample_recording: Path,
+) -> None:
+    """The real `edgekeeper run` (the sample recording as its camera, enrolled with a local
+    ingest whose worker echoes the gate) with [mqtt] set: online, a trigger, the cloud's result,
+    then offline once SIGTERM has drained it."""
+    base = f"{prefixes['topic_prefix']}/{DEVICE}"
+    state = tmp_path / "state"
+    config = tmp_path / "device.toml"
+    config.write_text(f"""
+[device]
+id = "{DEVICE}"
+state_dir = "{state}"
+[camera]
+source = "{sample_recording / 'video.avi'}"
+[pregate]
+motion = false
+[trigger]
+k = 1
+n = 1
+[trigger.labels.person]
+threshold = 0.0
+release = 0.0
+cooldown_seconds = 3600.0
+[event]
+post_roll_seconds = 0.5
+[uplink]
+backoff_base_seconds = 0.05
+backoff_cap_seconds = 0.5
+[results]
+poll_wait_seconds = 2.0
+[mqtt]
+host = "{broker.host}"
+port = {broker.port}
+topic_prefix = "{prefixes['topic_prefix']}"
+discovery_prefix = "{prefixes['discovery_prefix']}"
+publish_triggers = true
+""")
+    log_path = tmp_path / "device.log"
+    async with running_cloud(tmp_path) as cloud:
+        await identity.enroll(cloud.url, await cloud.token(), device_id=DEVICE, state_dir=state)
+        worker = Worker(queue=cloud.queue, store=cloud.store, reasoner=EchoReasoner(),
+                        keys=cloud.keys, poll_s=0.05)
+        stop_worker = asyncio.Event()
+        async with compat.TaskGroup() as tg:
+            tg.create_task(worker.run(stop=stop_worker), name="test-worker")
+            try:
+                async with subscribed(broker, f"{base}/#") as sub:
+                    with log_path.open("wb") as log_file:
+                        device = await asyncio.create_subprocess_exec(
+                            sys.executable, "-m", "edgekeeper.cli", "--config", str(config),
+                            "run", stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=log_file,
+                            env={**os.environ, "EDGEKEEPER_LOG_FORMAT": "json"})
+                    try:
+                        await sub.until(lambda: sub.on(f"{base}/available") == [b"online"],
+                                        "online")
+                        trig = await sub.until(lambda: sub.on(f"{base}/trigger/person"),
+                                               "the trigger")
+                        got = await sub.until(lambda: sub.on(f"{base}/result"), "the result")
+                        device.send_signal(signal.SIGTERM)
+                        await sub.until(
+                            lambda: sub.on(f"{base}/available")[-1:] == [b"offline"],
+                            "offline after SIGTERM")
+                        async with compat.timeout(WAIT):
+                            code = await device.wait()
+                    finally:
+                        if device.returncode is None:
+                            device.kill()
+                            await device.wait()
+            finally:
+                stop_worker.set()
+    log_text = log_path.read_text(errors="replace")
+    assert code == 0, log_text[-3000:]
+    assert json.loads(trig[0])["label"] == "person"
+    doc = json.loads(got[0])
+    # The cloud's result (it has the cloud's result_id), for the event the device sent.
+    assert (doc["device_id"], doc["seq"], doc["reasoner"]) == (DEVICE, 1, "echo"), doc
+    assert doc["result_id"] is not None and doc["label"] == "person", doc
+    assert '"event": "mqtt.stopped"' in log_text or '"event":"mqtt.stopped"' in log_text

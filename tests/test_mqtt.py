@@ -392,6 +392,76 @@ async def test_unpublished_results_survive_a_restart_and_repeats_are_not_sent(
     assert [json.loads(p)["seq"] for p in sub.on(topic)] == [1, 2, 3, 4]
 
 
+_FULL_DISK_CHILD = """
+import asyncio, json, resource, signal, sys
+from pathlib import Path
+from edgekeeper import config as config_mod
+from edgekeeper.device.mqtt import MqttPublisher
+from edgekeeper.device.results import ResultActions
+from edgekeeper.errors import RetryableError
+from edgekeeper.protocol.messages import ResultBody
+
+async def main():
+    state = Path(sys.argv[1])
+    cfg = config_mod.build_from_dict({
+        "device": {"id": "porch-pi", "state_dir": str(state)},
+        "mqtt": {"host": "127.0.0.1", "port": 1}}, source="child")
+    out = {}
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    async with MqttPublisher.from_config(cfg) as mqtt:
+        actions = ResultActions(state / "results.sqlite", retries=1, retry_delay=0.01)
+        actions.actions.append(("mqtt", mqtt.action))
+        await actions.ledger.get("warm-up")  # the ledger exists before the disk "fills"
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG rather than being killed
+        resource.setrlimit(resource.RLIMIT_FSIZE, (256 * 1024, hard))  # a full disk
+        added = 0
+        try:
+            for seq in range(1, 1000):
+                await mqtt.publish_result({"seq": seq, "label": "person",
+                                           "summary": "x" * 20000}, result_id=seq)
+                added += 1
+        except Exception as err:
+            out["error"] = [c.__name__ for c in type(err).__mro__]
+            out["retryable"] = isinstance(err, RetryableError) and isinstance(err, OSError)
+        out["added"] = added
+        body = ResultBody(device_id="porch-pi", seq=5000, reasoner="offline", label="person",
+                          confidence=0.5, summary="y" * 16000, action="notify",
+                          gate_correct=None, provisional=False, produced_at=1.0, extra={})
+        out["outcome"] = await actions.handle("cloud:5000", body, result_id=5000)
+        out["ledger_error"] = (await actions.ledger.get("cloud:5000")).error
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))  # space freed
+        out["after"] = await mqtt.publish_result({"seq": 6000, "label": "person"}, result_id=1)
+        out["counts"] = await mqtt.counts()
+        await actions.close()
+    print(json.dumps(out))
+
+asyncio.run(main())
+"""
+
+
+async def test_a_full_disk_is_a_retryable_error_and_loses_no_stored_result(
+    tmp_path: Path,
+) -> None:
+    """A file size limit stands in for the full disk (as in tests/disk_full_child.py), in a
+    child process so the limit binds nothing else."""
+    child = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", _FULL_DISK_CHILD, str(tmp_path / "state"),
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    async with compat.timeout(60):
+        out, err = await child.communicate()
+    assert child.returncode == 0, err.decode()[-3000:]
+    got = json.loads(out.decode().strip().splitlines()[-1])  # the last line: logs go before
+    # The SQLite helper's classified error: a RetryableError and an OSError, so the result
+    # actions retry it.
+    assert got["retryable"] and "StorageUnwritable" in got["error"], got["error"]
+    assert got["added"] > 0
+    # Retried, then recorded as a failed action (not a crash of the results client).
+    assert got["outcome"] == "failed" and got["ledger_error"].startswith("mqtt:")
+    # Room again: it takes results, and every one committed before is still there.
+    assert got["after"] is True
+    assert got["counts"] == {"unpublished": got["added"] + 1, "published": 0}
+
+
 # --- TLS, credentials, config ----------------------------------------------------------------
 
 

@@ -139,7 +139,8 @@ def cmd_run(args: argparse.Namespace, config: Config) -> int:
 
 async def run_device(config: Config, stop: asyncio.Event) -> dict[str, Any]:
     """The live loop until ``stop``: sources closed first, captured events committed to the
-    outbox, then the link stopped (what is still in the outbox is sent on the next start)."""
+    outbox, then the link stopped (what is still in the outbox is sent on the next start), then
+    MQTT (when ``mqtt.host`` is set), so results handled during the link's drain still go out."""
     from edgekeeper.device import identity
     from edgekeeper.device.loop import Pipeline, PipelineStats
     from edgekeeper.device.replay import open_gates
@@ -162,14 +163,33 @@ async def run_device(config: Config, stop: asyncio.Event) -> dict[str, Any]:
         else:
             sink = LocalSink(config.sink_dir)
             where = f"local sink {config.sink_dir} (not enrolled: no cloud)"
+        mqtt = None
+        if config.mqtt.host:
+            from edgekeeper.device.mqtt import MqttPublisher
+
+            mqtt = await stack.enter_async_context(MqttPublisher.from_config(config))
+            if link is not None:
+                # Last: it runs before the ledger records a result, provisional ones too.
+                link.actions.actions.append(("mqtt", mqtt.action))
         pipeline = Pipeline(config, sink, video=video, audio=audio,
                             vision_gate=gates.vision, audio_gate=gates.audio,
-                            clock_base=time.time(), ordered=False)
+                            clock_base=time.time(), ordered=False,
+                            on_decision=mqtt.note_decision if mqtt else None,
+                            on_event=mqtt.event_nowait if mqtt else None)
         log.info("device.running", events_to=where, models=gates.models)
-        stop_link = asyncio.Event()
+        stop_link, stop_mqtt = asyncio.Event(), asyncio.Event()
         async with compat.TaskGroup() as tg:
+            if mqtt is not None:
+                tg.create_task(mqtt.run(stop_mqtt), name="device-mqtt")
             if link is not None:
-                tg.create_task(link.run(stop_link), name="device-link")
+
+                async def link_then_mqtt() -> None:
+                    try:
+                        await link.run(stop_link)
+                    finally:
+                        stop_mqtt.set()  # the link's drain has handled its last result
+
+                tg.create_task(link_then_mqtt(), name="device-link")
 
             async def loop_then_link() -> PipelineStats:
                 try:
@@ -177,6 +197,8 @@ async def run_device(config: Config, stop: asyncio.Event) -> dict[str, Any]:
                 finally:
                     # The loop has committed everything it captured; now stop the link.
                     stop_link.set()
+                    if link is None:
+                        stop_mqtt.set()
 
             loop_task = tg.create_task(loop_then_link(), name="device-loop")
         return loop_task.result().as_dict()

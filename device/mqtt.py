@@ -16,7 +16,8 @@ and Home Assistant discovery configs (retained) under ``<discovery_prefix>/``: a
 per trigger label, a sensor for the last verdict, an image entity for the key frame.
 
 A broker outage never blocks the caller and never loses a result: ``publish_result`` commits
-the message to a small SQLite file (``<state_dir>/mqtt.sqlite``, WAL, in a thread) and returns;
+the message to a small SQLite file (``<state_dir>/mqtt.sqlite``, the one SQLite helper
+``edgekeeper.sqlite.Database``: WAL, synchronous=FULL, 0600, its own thread) and returns;
 the publisher task publishes it with QoS 1 and marks it published only once the broker acked
 it. After an outage (or a restart of the device) every unpublished result goes out, in order,
 on reconnect. Delivery is at least once: a crash between the broker's ack and the mark (a
@@ -24,26 +25,30 @@ millisecond window) sends that result again. Triggers and snapshots are momentar
 records: they wait in a bounded memory queue (oldest dropped when it is full) and a trigger
 older than ``off_delay_seconds`` no longer turns its sensor on.
 
-The seam to the rest of the device: ``async with MqttPublisher.from_config(config) as mqtt``,
-run ``mqtt.run(stop)`` in the device's TaskGroup, then call ``await mqtt.publish_result(...)``
-for each result handled and ``mqtt.trigger_nowait(...)`` / ``mqtt.event_nowait(event)`` from
-the loop's (synchronous) callbacks: ``Pipeline(..., on_decision=mqtt.note_decision,
-on_event=mqtt.event_nowait)``. ``mqtt.action`` is ``publish_result`` shaped as a results
-action (device/results.py), so it runs before the ledger records the result.
+``edgekeeper run`` (device/cli.py ``run_device``) wires it in when ``mqtt.host`` is set:
+``async with MqttPublisher.from_config(config) as mqtt`` in the run's exit stack,
+``mqtt.action`` (``publish_result`` shaped as a results action, device/results.py) last in the
+link's actions, so it runs before the ledger records a result, provisional ones included;
+``Pipeline(..., on_decision=mqtt.note_decision, on_event=mqtt.event_nowait)`` (synchronous
+callbacks that never wait); and ``mqtt.run(stop_mqtt)`` in the run's TaskGroup, stopped only
+after the link has drained, so results handled during a drain still go out.
+
+Built on the one runtime: waits are ``runtime.sleep``, reconnects use ``edgekeeper.backoff``,
+every task belongs to a TaskGroup, and a store that cannot be written (disk full) raises the
+SQLite helper's ``RetryableError``, which the results actions retry.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import importlib.util
 import json
+import math
 import os
 import re
 import sqlite3
 import ssl
-import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -51,10 +56,11 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
-from edgekeeper import __version__, compat
-from edgekeeper.device.outbox import is_disk_full
-from edgekeeper.errors import ConfigError
+from edgekeeper import __version__, compat, runtime
+from edgekeeper.backoff import Backoff
+from edgekeeper.errors import ConfigError, RetryableError
 from edgekeeper.log import get_logger
+from edgekeeper.sqlite import Database, Pragmas, StorageUnwritable, transaction
 
 if TYPE_CHECKING:
     import aiomqtt
@@ -62,7 +68,6 @@ if TYPE_CHECKING:
     from edgekeeper.config import Config, MqttSection
     from edgekeeper.device.events import Event
     from edgekeeper.device.trigger import Decision
-    from edgekeeper.device.uplink import Backoff
     from edgekeeper.protocol.messages import ResultBody
 
 log = get_logger(__name__)
@@ -149,80 +154,85 @@ class Message:
 
 
 class PendingStore:
-    """Results not yet acked by the broker: a small SQLite file (WAL, synchronous=FULL, 0600).
+    """Results not yet acked by the broker: ``mqtt.sqlite`` on the one SQLite helper
+    (edgekeeper/sqlite.py: created 0600 in a 0700 directory, WAL, synchronous=FULL, every call
+    on the database's own thread). Open with ``await PendingStore.open(path)``.
 
-    Every method blocks on the disk: call them through ``asyncio.to_thread``.
+    A write the disk refuses raises the helper's ``DiskFull`` / ``DiskIOError`` (a
+    ``RetryableError`` and an ``OSError``), rolled back: the results actions retry it.
     """
 
-    def __init__(self, path: Path, clock: Callable[[], float] = time.time) -> None:
-        self.path = Path(path)
+    def __init__(self, db: Database, clock: Callable[[], float] = time.time) -> None:
+        self.db = db
+        self.path = db.path
         self._clock = clock
-        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))
-        self._lock = threading.Lock()
-        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
-                                   timeout=30.0)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(_SCHEMA)
 
-    def add(self, key: str, msg: Message) -> int | None:
+    @classmethod
+    async def open(cls, path: Path, clock: Callable[[], float] = time.time) -> PendingStore:
+        db = await Database.open(path, name="mqtt pending results", schema=_SCHEMA,
+                                 pragmas=Pragmas(synchronous="FULL", busy_timeout_s=30.0),
+                                 setting="device.state_dir")
+        return cls(db, clock)
+
+    async def add(self, key: str, msg: Message) -> int | None:
         """Commit ``msg``; its row id, or None when ``key`` was recorded before (a repeat)."""
-        with self._lock:
-            try:
-                cur = self._db.execute(
-                    "INSERT INTO messages (key, topic, payload, retain, label, queued_at) "
-                    "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (key) DO NOTHING",
-                    (key, msg.topic, msg.payload, int(msg.retain), msg.label, msg.at),
-                )
-            except sqlite3.OperationalError as err:
-                if not is_disk_full(err):
-                    raise
-                # An OSError, as the results actions expect of a failure worth retrying.
-                raise OSError(errno.ENOSPC, f"no space left for {self.path}") from None
+        row, dropped = await self.db.run(self._add, key, msg)
+        if dropped:
+            log.warning("mqtt.pending_dropped", results=dropped, kept=_MAX_PENDING)
+        return row
+
+    @staticmethod
+    def _add(conn: sqlite3.Connection, key: str, msg: Message) -> tuple[int | None, int]:
+        with transaction(conn):
+            cur = conn.execute(
+                "INSERT INTO messages (key, topic, payload, retain, label, queued_at) "
+                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (key) DO NOTHING",
+                (key, msg.topic, msg.payload, int(msg.retain), msg.label, msg.at),
+            )
             if cur.rowcount == 0:
-                return None
+                return None, 0
             row = int(cur.lastrowid or 0)
-            over = self._db.execute(
-                "SELECT COUNT(*) FROM messages WHERE published_at IS NULL").fetchone()[0]
+            over = int(conn.execute(
+                "SELECT COUNT(*) FROM messages WHERE published_at IS NULL").fetchone()[0])
+            dropped = 0
             if over > _MAX_PENDING:
-                dropped = self._db.execute(
+                dropped = conn.execute(
                     "DELETE FROM messages WHERE id IN (SELECT id FROM messages WHERE "
                     "published_at IS NULL ORDER BY id LIMIT ?)", (over - _MAX_PENDING,)
                 ).rowcount
-                log.warning("mqtt.pending_dropped", results=dropped, kept=_MAX_PENDING)
-            return row
+            return row, dropped
 
-    def pending(self, after: int, limit: int = _FLUSH_BATCH) -> list[Message]:
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT id, topic, payload, retain, label, queued_at FROM messages "
-                "WHERE published_at IS NULL AND id > ? ORDER BY id LIMIT ?", (after, limit),
-            ).fetchall()
+    async def pending(self, after: int, limit: int = _FLUSH_BATCH) -> list[Message]:
+        rows = await self.db.run(lambda conn: conn.execute(
+            "SELECT id, topic, payload, retain, label, queued_at FROM messages "
+            "WHERE published_at IS NULL AND id > ? ORDER BY id LIMIT ?", (after, limit),
+        ).fetchall())
         return [Message(r[1], bytes(r[2]), bool(r[3]), r[4], r[5], r[0]) for r in rows]
 
-    def mark_published(self, row: int) -> None:
-        with self._lock:
-            self._db.execute("UPDATE messages SET published_at = ? WHERE id = ?",
-                             (self._clock(), row))
+    async def mark_published(self, row: int) -> None:
+        now = self._clock()
+        await self.db.run(lambda conn: conn.execute(
+            "UPDATE messages SET published_at = ? WHERE id = ?", (now, row)))
 
-    def prune(self) -> int:
-        with self._lock:
-            return self._db.execute(
+    async def prune(self) -> int:
+        """Forget results published more than a week ago; how many went."""
+        cutoff = self._clock() - _KEEP_PUBLISHED_S
+        try:
+            return await self.db.run(lambda conn: conn.execute(
                 "DELETE FROM messages WHERE published_at IS NOT NULL AND published_at < ?",
-                (self._clock() - _KEEP_PUBLISHED_S,),
-            ).rowcount
+                (cutoff,),
+            ).rowcount)
+        except StorageUnwritable:
+            return 0  # a delete needs room in the WAL too: a full disk must not stop the start
 
-    def counts(self) -> dict[str, int]:
-        with self._lock:
-            unpublished, published = self._db.execute(
-                "SELECT COUNT(*) - COUNT(published_at), COUNT(published_at) FROM messages"
-            ).fetchone()
+    async def counts(self) -> dict[str, int]:
+        unpublished, published = await self.db.run(lambda conn: conn.execute(
+            "SELECT COUNT(*) - COUNT(published_at), COUNT(published_at) FROM messages"
+        ).fetchone())
         return {"unpublished": int(unpublished), "published": int(published)}
 
-    def close(self) -> None:
-        with self._lock:
-            self._db.close()
+    async def close(self) -> None:
+        await self.db.close()
 
 
 # --- Home Assistant discovery ---------------------------------------------------------------
@@ -266,16 +276,15 @@ def tls_context(section: MqttSection) -> ssl.SSLContext | None:
     if not section.tls:
         return None
     ctx = ssl.create_default_context()  # the system's CAs, hostname checks, TLS >= 1.2
-    for key, path, load in (
-        ("ca_file", section.ca_file, lambda p: ctx.load_verify_locations(cafile=p)),
-        ("cert_file", section.cert_file,
-         lambda p: ctx.load_cert_chain(p, str(Path(section.key_file).expanduser()))),
-    ):
+    for key, path in (("ca_file", section.ca_file), ("cert_file", section.cert_file)):
         if not path:
             continue
         full = str(Path(path).expanduser())
         try:
-            load(full)
+            if key == "ca_file":
+                ctx.load_verify_locations(cafile=full)
+            else:
+                ctx.load_cert_chain(full, str(Path(section.key_file).expanduser()))
         except FileNotFoundError as err:
             raise ConfigError(f"mqtt.{key}: {err.filename or full} does not exist",
                               fix=f"point mqtt.{key} (and key_file) at a PEM file") from None
@@ -305,8 +314,6 @@ class MqttPublisher:
         backoff: Backoff | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        from edgekeeper.device.uplink import Backoff
-
         self.section = section
         self.device_id = device_id
         self.topics = Topics.build(section, device_id)
@@ -321,7 +328,9 @@ class MqttPublisher:
         self._queue: asyncio.Queue[Message] = asyncio.Queue(section.queue_size)
         # Results are published from the disk, oldest first: publish_result only says so.
         self._rescan = True  # results may wait there from before
-        self._results = asyncio.Event()
+        # Set by whatever gives the publisher work (a result on disk, a message in memory) or
+        # ends its session (the connection lost): the session sleeps on it between messages.
+        self._wake = asyncio.Event()
         self._carry: Message | None = None  # a memory message whose publish was cut off
         self.connected = False
         self.last_error: str | None = None  # why the last connection failed (for status)
@@ -349,20 +358,23 @@ class MqttPublisher:
                     "an EnvironmentFile= readable only by the service), or clear "
                     "mqtt.password_env",
                 )
+        # A label switched off (enabled = false, a default one included) never triggers: no
+        # sensor for it.
+        labels = tuple(name for name, rule in config.trigger.labels.items() if rule.enabled)
         return cls(section, device_id=config.device.id, state_dir=config.device.state_dir,
-                   labels=tuple(config.trigger.labels), password=password)
+                   labels=labels, password=password)
 
     async def __aenter__(self) -> MqttPublisher:
         self._tls = await asyncio.to_thread(tls_context, self.section)
-        self._store = await asyncio.to_thread(PendingStore, self.store_path, self._clock)
-        await asyncio.to_thread(self._store.prune)
+        self._store = await PendingStore.open(self.store_path, self._clock)
+        await self._store.prune()
         return self
 
     async def __aexit__(self, et: type[BaseException] | None, e: BaseException | None,
                         tb: TracebackType | None) -> None:
         if self._store is not None:
             store, self._store = self._store, None
-            await asyncio.to_thread(store.close)
+            await store.close()
 
     # -- what the device calls -------------------------------------------------------------
     async def publish_result(self, result: ResultBody | Mapping[str, Any], *,
@@ -383,11 +395,11 @@ class MqttPublisher:
             key = f"{'provisional' if doc['result_id'] is None else 'cloud'}:{doc.get('seq')}"
         label = str(doc.get("label", ""))
         msg = Message(self.topics.result, _json(doc), label=label, at=self._clock())
-        row = await asyncio.to_thread(self._store.add, key, msg)
+        row = await self._store.add(key, msg)
         if row is None:
             return False
         self._rescan = True
-        self._results.set()
+        self._wake.set()
         return True
 
     async def action(self, doc: dict[str, Any]) -> None:
@@ -428,23 +440,33 @@ class MqttPublisher:
         while True:
             try:
                 self._queue.put_nowait(msg)
-                return
+                break
             except asyncio.QueueFull:
                 old = self._queue.get_nowait()
                 self.dropped += 1
-                log.warning("mqtt.queue_full", dropped=self.dropped, topic=old.topic)
+                log.warning("mqtt.queue_full", dropped=self.dropped, topic=old.topic,
+                            label=old.label or None)
+        self._wake.set()
 
     # -- the task --------------------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:
-        """Connect, publish, reconnect with backoff, until ``stop`` is set; then say offline."""
+        """Connect, publish, reconnect with backoff, until ``stop`` is set; then say offline.
+
+        Broker and network failures are retried for as long as it runs, as is a store the disk
+        refuses (a ``RetryableError``); a ``PermanentError`` (a corrupt store) ends it."""
         import aiomqtt
 
         assert self._store is not None, "use `async with MqttPublisher(...)`"
         while not stop.is_set():
             try:
-                async with self._client(aiomqtt) as client:
+                async with self._client() as client:
                     await self._session(client, stop)
                 return
+            except RetryableError as err:  # the pending store: disk full, locked too long
+                self._disconnected(err.message)
+                delay = self.backoff.next_delay()
+                log.warning("mqtt.store_failed", error=err.message, fix=err.fix,
+                            seconds=round(delay, 2))
             except aiomqtt.MqttCodeError as err:
                 self._disconnected(str(err))
                 delay = self.backoff.next_delay()
@@ -462,9 +484,11 @@ class MqttPublisher:
                 delay = self.backoff.next_delay()
                 log.warning("mqtt.disconnected", host=self.section.host,
                             error=str(err) or type(err).__name__, seconds=round(delay, 2))
-            await _wait(stop, delay)
+            await runtime.sleep(stop, delay)
 
-    def _client(self, aiomqtt: Any) -> aiomqtt.Client:
+    def _client(self) -> aiomqtt.Client:
+        import aiomqtt
+
         s = self.section
         return aiomqtt.Client(
             s.host, s.port, identifier=self.client_id, keepalive=s.keepalive,
@@ -481,6 +505,7 @@ class MqttPublisher:
         self._rescan = True
 
     async def _session(self, client: aiomqtt.Client, stop: asyncio.Event) -> None:
+        """One connection: announce, publish until ``stop`` or the connection drops."""
         await client.publish(self.topics.available, ONLINE, qos=1, retain=True)
         for topic, cfg in (discovery_configs(self.section, self.topics, self.device_id,
                                              self.labels).items()
@@ -493,8 +518,35 @@ class MqttPublisher:
         self.backoff.reset()
         log.info("mqtt.connected", host=self.section.host, port=self.section.port,
                  prefix=self.topics.prefix)
-        # Waits for the connection to drop: the messages iterator raises then.
-        watcher = asyncio.ensure_future(_drain(client))
+        lost = asyncio.Event()
+        failure: Exception | None = None
+        async with compat.TaskGroup() as tg:
+            # Waits for the connection to drop (the messages iterator raises then) and says so.
+            watcher = tg.create_task(self._watch(client, lost), name="mqtt-watch")
+            try:
+                await self._publish(client, stop, lost)
+            except Exception as err:
+                # Re-raised after the group, not through it: the caller catches the error
+                # itself, not a TaskGroup's ExceptionGroup around it.
+                failure = err
+            finally:
+                watcher.cancel()
+        if failure is not None:
+            raise failure
+
+    async def _watch(self, client: aiomqtt.Client, lost: asyncio.Event) -> None:
+        import aiomqtt
+
+        # We subscribe to nothing; the iterator ends (raises MqttError) when the connection
+        # drops.
+        with contextlib.suppress(aiomqtt.MqttError):
+            async for _ in client.messages:
+                pass
+        lost.set()
+        self._wake.set()
+
+    async def _publish(self, client: aiomqtt.Client, stop: asyncio.Event,
+                       lost: asyncio.Event) -> None:
         try:
             while True:
                 if self._carry is not None:
@@ -504,7 +556,7 @@ class MqttPublisher:
                     await self._flush(client, stop)
                 if stop.is_set():
                     break
-                msg = await self._next(stop, watcher)
+                msg = await self._next(stop, lost)
                 if msg is not None:
                     self._carry = msg
                     await self._send(client, msg)
@@ -528,32 +580,20 @@ class MqttPublisher:
                 async with compat.timeout(1.0):
                     await client.publish(self.topics.available, OFFLINE, qos=0, retain=True)
             raise
-        finally:
-            watcher.cancel()
-            await asyncio.gather(watcher, return_exceptions=True)
 
-    async def _next(self, stop: asyncio.Event, watcher: asyncio.Future[None]) -> Message | None:
+    async def _next(self, stop: asyncio.Event, lost: asyncio.Event) -> Message | None:
         """The next message from memory; None when results wait on disk or on a stop."""
-        if self._rescan:
-            return None
-        if not self._queue.empty():
-            return self._queue.get_nowait()
-        self._results.clear()
-        getter = asyncio.ensure_future(self._queue.get())
-        others = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(self._results.wait())]
-        try:
-            await asyncio.wait({getter, watcher, *others}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for waiter in others:
-                waiter.cancel()
-            if not getter.done():
-                getter.cancel()
-        if getter.done() and not getter.cancelled():
-            return getter.result()
-        if watcher.done():
-            watcher.result()  # raises the MqttError that ended the connection
-            raise _connection_lost()
-        return None
+        while True:
+            # No await between the checks and the sleep: nothing can set _wake unseen.
+            self._wake.clear()
+            if self._rescan:
+                return None
+            if not self._queue.empty():
+                return self._queue.get_nowait()
+            if lost.is_set():
+                raise _connection_lost()
+            if await runtime.sleep(stop, math.inf, wake=self._wake):
+                return None
 
     async def _flush(self, client: aiomqtt.Client, stop: asyncio.Event | None) -> None:
         """Publish every result still on disk, oldest first (a stop leaves the rest there)."""
@@ -561,7 +601,7 @@ class MqttPublisher:
         self._rescan = False
         after = 0
         while True:
-            batch = await asyncio.to_thread(self._store.pending, after)
+            batch = await self._store.pending(after)
             if not batch:
                 return
             if stop is not None and stop.is_set():
@@ -575,7 +615,7 @@ class MqttPublisher:
         await client.publish(msg.topic, msg.payload, qos=1, retain=msg.retain)
         if msg.row is not None:
             assert self._store is not None
-            await asyncio.to_thread(self._store.mark_published, msg.row)
+            await self._store.mark_published(msg.row)
             # The last verdict, retained, for dashboards that start after it arrived.
             await client.publish(self.topics.verdict, msg.payload, qos=1, retain=True)
             log.debug("mqtt.published", topic=msg.topic, row=msg.row)
@@ -584,20 +624,7 @@ class MqttPublisher:
 
     async def counts(self) -> dict[str, int]:
         assert self._store is not None
-        return await asyncio.to_thread(self._store.counts)
-
-
-async def _wait(stop: asyncio.Event, seconds: float) -> None:
-    """Sleep up to ``seconds``; return early when ``stop`` is set."""
-    with contextlib.suppress(TimeoutError):
-        async with compat.timeout(seconds):
-            await stop.wait()
-
-
-async def _drain(client: aiomqtt.Client) -> None:
-    # We subscribe to nothing; the iterator ends (raises MqttError) when the connection drops.
-    async for _ in client.messages:
-        pass
+        return await self._store.counts()
 
 
 def _connection_lost() -> Exception:

@@ -4,6 +4,9 @@ Every test talks to a real broker on 127.0.0.1 (tests/servers.py: the usual one 
 it answers, else one started here; the outage, TLS and restart tests start their own) and
 checks what a real subscriber receives. Each test uses its own topic and discovery prefixes,
 so tests never see each other's retained messages on a shared broker.
+
+The device modules are imported here, not inside a test: importing cv2 inside a running loop
+is a blocking call (tests/conftest.py's guard).
 """
 
 from __future__ import annotations
@@ -25,13 +28,22 @@ import pytest
 
 from edgekeeper import compat
 from edgekeeper import config as config_mod
+from edgekeeper.backoff import Backoff
+from edgekeeper.cloud.reasoners.echo import EchoReasoner
+from edgekeeper.cloud.worker import Worker
+from edgekeeper.device import identity
 from edgekeeper.device.events import Event
+from edgekeeper.device.gate import Gate
+from edgekeeper.device.loop import Pipeline
 from edgekeeper.device.mqtt import MqttPublisher
-from edgekeeper.device.uplink import Backoff
+from edgekeeper.device.results import ResultActions
+from edgekeeper.device.sink import LocalSink
+from edgekeeper.device.sources import VideoCaptureSource
 from edgekeeper.errors import ConfigError
 from edgekeeper.protocol.messages import ResultBody
 
 import servers
+from cloudkit import running_cloud
 
 aiomqtt = pytest.importorskip("aiomqtt", reason="the mqtt extra is not installed")
 
@@ -81,7 +93,8 @@ def make_config(tmp_path: Path, broker: servers.MosquittoServer, prefixes: dict[
                 **mqtt: Any) -> config_mod.Config:
     return config_mod.build_from_dict({
         "device": {"id": DEVICE, "state_dir": str(tmp_path / "state")},
-        "trigger": {"labels": {"person": {}, "alarm": {}}},
+        # The default rules are laid under these (config.py): speech is switched off.
+        "trigger": {"labels": {"person": {}, "alarm": {}, "speech": {"enabled": False}}},
         "mqtt": {"host": broker.host, "port": broker.port, **prefixes, **mqtt},
     }, source="test")
 
@@ -379,6 +392,76 @@ async def test_unpublished_results_survive_a_restart_and_repeats_are_not_sent(
     assert [json.loads(p)["seq"] for p in sub.on(topic)] == [1, 2, 3, 4]
 
 
+_FULL_DISK_CHILD = """
+import asyncio, json, resource, signal, sys
+from pathlib import Path
+from edgekeeper import config as config_mod
+from edgekeeper.device.mqtt import MqttPublisher
+from edgekeeper.device.results import ResultActions
+from edgekeeper.errors import RetryableError
+from edgekeeper.protocol.messages import ResultBody
+
+async def main():
+    state = Path(sys.argv[1])
+    cfg = config_mod.build_from_dict({
+        "device": {"id": "porch-pi", "state_dir": str(state)},
+        "mqtt": {"host": "127.0.0.1", "port": 1}}, source="child")
+    out = {}
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    async with MqttPublisher.from_config(cfg) as mqtt:
+        actions = ResultActions(state / "results.sqlite", retries=1, retry_delay=0.01)
+        actions.actions.append(("mqtt", mqtt.action))
+        await actions.ledger.get("warm-up")  # the ledger exists before the disk "fills"
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG rather than being killed
+        resource.setrlimit(resource.RLIMIT_FSIZE, (256 * 1024, hard))  # a full disk
+        added = 0
+        try:
+            for seq in range(1, 1000):
+                await mqtt.publish_result({"seq": seq, "label": "person",
+                                           "summary": "x" * 20000}, result_id=seq)
+                added += 1
+        except Exception as err:
+            out["error"] = [c.__name__ for c in type(err).__mro__]
+            out["retryable"] = isinstance(err, RetryableError) and isinstance(err, OSError)
+        out["added"] = added
+        body = ResultBody(device_id="porch-pi", seq=5000, reasoner="offline", label="person",
+                          confidence=0.5, summary="y" * 16000, action="notify",
+                          gate_correct=None, provisional=False, produced_at=1.0, extra={})
+        out["outcome"] = await actions.handle("cloud:5000", body, result_id=5000)
+        out["ledger_error"] = (await actions.ledger.get("cloud:5000")).error
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))  # space freed
+        out["after"] = await mqtt.publish_result({"seq": 6000, "label": "person"}, result_id=1)
+        out["counts"] = await mqtt.counts()
+        await actions.close()
+    print(json.dumps(out))
+
+asyncio.run(main())
+"""
+
+
+async def test_a_full_disk_is_a_retryable_error_and_loses_no_stored_result(
+    tmp_path: Path,
+) -> None:
+    """A file size limit stands in for the full disk (as in tests/disk_full_child.py), in a
+    child process so the limit binds nothing else."""
+    child = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", _FULL_DISK_CHILD, str(tmp_path / "state"),
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    async with compat.timeout(60):
+        out, err = await child.communicate()
+    assert child.returncode == 0, err.decode()[-3000:]
+    got = json.loads(out.decode().strip().splitlines()[-1])  # the last line: logs go before
+    # The SQLite helper's classified error: a RetryableError and an OSError, so the result
+    # actions retry it.
+    assert got["retryable"] and "StorageUnwritable" in got["error"], got["error"]
+    assert got["added"] > 0
+    # Retried, then recorded as a failed action (not a crash of the results client).
+    assert got["outcome"] == "failed" and got["ledger_error"].startswith("mqtt:")
+    # Room again: it takes results, and every one committed before is still there.
+    assert got["after"] is True
+    assert got["counts"] == {"unpublished": got["added"] + 1, "published": 0}
+
+
 # --- TLS, credentials, config ----------------------------------------------------------------
 
 
@@ -484,12 +567,6 @@ async def test_wired_into_the_loop_and_the_results_actions(
     tmp_path: Path, broker: servers.MosquittoServer, prefixes: dict[str, str],
     sample_recording: Path,
 ) -> None:
-    from edgekeeper.device.gate import Gate
-    from edgekeeper.device.loop import Pipeline
-    from edgekeeper.device.results import ResultActions
-    from edgekeeper.device.sink import LocalSink
-    from edgekeeper.device.sources import VideoCaptureSource
-
     config = config_mod.build_from_dict({
         "device": {"id": DEVICE, "state_dir": str(tmp_path / "state")},
         "trigger": {"k": 1, "n": 1, "labels": {"person": {"threshold": 0.0, "release": 0.0,
@@ -500,7 +577,7 @@ async def test_wired_into_the_loop_and_the_results_actions(
     }, source="test")
     base = f"{prefixes['topic_prefix']}/{DEVICE}"
     gate = Gate("vision")
-    await gate.load(config_mod.resolve_model("builtin:person"))
+    await gate.load(await asyncio.to_thread(config_mod.resolve_model, "builtin:person"))
     actions = ResultActions(tmp_path / "state" / "results.sqlite", jsonl=None)
     try:
         async with subscribed(broker, f"{base}/#") as sub:
@@ -531,7 +608,7 @@ async def test_wired_into_the_loop_and_the_results_actions(
         assert [(d["seq"], d["result_id"]) for d in got] == [(1, None), (1, 5), (2, 6)]
         assert (await _counts(publisher))["unpublished"] == 0
     finally:
-        gate.close()
+        await asyncio.to_thread(gate.close)  # joins the model's thread: off the event loop
         await actions.close()
 
 
@@ -561,3 +638,86 @@ async def test_a_full_memory_queue_drops_old_triggers_but_no_result(
                             and len(sub.on(f"{base}/trigger/person")) >= 2, "6 results, 2 triggers")
     assert [json.loads(p)["seq"] for p in sub.on(f"{base}/result")] == [1, 2, 3, 4, 5, 6]
     assert [json.loads(p)["seq"] for p in sub.on(f"{base}/trigger/person")] == [4, 5]
+
+
+async def test_edgekeeper_run_publishes_and_says_offline_on_sigterm(
+    tmp_path: Path, broker: servers.MosquittoServer, prefixes: dict[str, str],
+    sample_recording: Path,
+) -> None:
+    """The real `edgekeeper run` (the sample recording as its camera, enrolled with a local
+    ingest whose worker echoes the gate) with [mqtt] set: online, a trigger, the cloud's result,
+    then offline once SIGTERM has drained it."""
+    base = f"{prefixes['topic_prefix']}/{DEVICE}"
+    state = tmp_path / "state"
+    config = tmp_path / "device.toml"
+    config.write_text(f"""
+[device]
+id = "{DEVICE}"
+state_dir = "{state}"
+[camera]
+source = "{sample_recording / 'video.avi'}"
+[pregate]
+motion = false
+[trigger]
+k = 1
+n = 1
+[trigger.labels.person]
+threshold = 0.0
+release = 0.0
+cooldown_seconds = 3600.0
+[event]
+post_roll_seconds = 0.5
+[uplink]
+backoff_base_seconds = 0.05
+backoff_cap_seconds = 0.5
+[results]
+poll_wait_seconds = 2.0
+[mqtt]
+host = "{broker.host}"
+port = {broker.port}
+topic_prefix = "{prefixes['topic_prefix']}"
+discovery_prefix = "{prefixes['discovery_prefix']}"
+publish_triggers = true
+""")
+    log_path = tmp_path / "device.log"
+    async with running_cloud(tmp_path) as cloud:
+        await identity.enroll(cloud.url, await cloud.token(), device_id=DEVICE, state_dir=state)
+        worker = Worker(queue=cloud.queue, store=cloud.store, reasoner=EchoReasoner(),
+                        keys=cloud.keys, poll_s=0.05)
+        stop_worker = asyncio.Event()
+        async with compat.TaskGroup() as tg:
+            tg.create_task(worker.run(stop=stop_worker), name="test-worker")
+            try:
+                async with subscribed(broker, f"{base}/#") as sub:
+                    with log_path.open("wb") as log_file:
+                        device = await asyncio.create_subprocess_exec(
+                            sys.executable, "-m", "edgekeeper.cli", "--config", str(config),
+                            "run", stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=log_file,
+                            env={**os.environ, "EDGEKEEPER_LOG_FORMAT": "json"})
+                    try:
+                        await sub.until(lambda: sub.on(f"{base}/available") == [b"online"],
+                                        "online")
+                        trig = await sub.until(lambda: sub.on(f"{base}/trigger/person"),
+                                               "the trigger")
+                        got = await sub.until(lambda: sub.on(f"{base}/result"), "the result")
+                        device.send_signal(signal.SIGTERM)
+                        await sub.until(
+                            lambda: sub.on(f"{base}/available")[-1:] == [b"offline"],
+                            "offline after SIGTERM")
+                        async with compat.timeout(WAIT):
+                            code = await device.wait()
+                    finally:
+                        if device.returncode is None:
+                            device.kill()
+                            await device.wait()
+            finally:
+                stop_worker.set()
+    log_text = log_path.read_text(errors="replace")
+    assert code == 0, log_text[-3000:]
+    assert json.loads(trig[0])["label"] == "person"
+    doc = json.loads(got[0])
+    # The cloud's result (it has the cloud's result_id), for the event the device sent.
+    assert (doc["device_id"], doc["seq"], doc["reasoner"]) == (DEVICE, 1, "echo"), doc
+    assert doc["result_id"] is not None and doc["label"] == "person", doc
+    assert '"event": "mqtt.stopped"' in log_text or '"event":"mqtt.stopped"' in log_text

@@ -21,7 +21,7 @@ from edgekeeper.log import get_logger
 log = get_logger(__name__)
 
 
-def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("run", help="run the device loop on the configured camera and microphone")
     p.add_argument("--seconds", type=float, default=0.0,
                    help="stop after this many seconds (default: run until SIGTERM/SIGINT)")
@@ -151,7 +151,7 @@ async def run_device(config: Config, stop: asyncio.Event) -> dict[str, Any]:
         gates = await stack.enter_async_context(
             open_gates(config, vision=config.camera.enabled, audio=config.microphone.enabled)
         )
-        rate = gates.audio.manifest.audio.sample_rate if gates.audio else None
+        rate = gates.audio.manifest.sample_rate if gates.audio else None
         video, audio = live_sources(config, rate)
         link = None
         if enrolled:

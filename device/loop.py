@@ -186,7 +186,7 @@ class Pipeline:
             models["vision"] = vision_gate.manifest.tag
         if audio_gate is not None:
             models["audio"] = audio_gate.manifest.tag
-        audio_rate = audio_gate.manifest.audio.sample_rate if audio_gate is not None else 16000
+        audio_rate = audio_gate.manifest.sample_rate if audio_gate is not None else 16000
         self.capture = Capture(
             config.event,
             device_id=config.device.id,
@@ -246,9 +246,9 @@ class Pipeline:
         assert a is not None
         windows = _AudioWindow(a.window_samples, a.hop_samples)
         lat = self.stats.latencies_ms.setdefault("audio", [])
+        block: AudioBlock  # the source is duck-typed (Any): say what it yields
         try:
             async for block in self.audio.stream():
-                block: AudioBlock
                 self.stats.audio_blocks += 1
                 completed = windows.push(block.samples)
                 block_end = block.t + len(block.samples) / a.sample_rate

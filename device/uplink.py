@@ -377,7 +377,7 @@ class Uplink:
                 and data.get("seq") == seq
             )
             if ok:
-                return Attempt(seq, Verdict.DONE, str(data["status"]), status=status)  # type: ignore[index]
+                return Attempt(seq, Verdict.DONE, str(data["status"]), status=status)
             return Attempt(seq, Verdict.RETRY, "unexpected_answer",
                            f"HTTP {status} without the ingest's JSON: {text[:120]!r}", status)
         code, message = "", text[:300]

@@ -36,7 +36,7 @@ log = get_logger(__name__)
 SAMPLE = MODELS_DIR / "samples" / "street"
 
 
-def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "demo",
         help="run the whole loop (cloud, device, link, reasoning) on 127.0.0.1",

@@ -201,6 +201,7 @@ async def test_a_missing_segment_dead_letters_its_events_with_the_reason(tmp_pat
         (dead,) = await q.dead_letters()
         assert dead.event.seq == 1
         assert "envelope unreadable" in dead.reason and first.name in dead.reason
+        assert "fix: restore the segment file" in dead.reason  # a PermanentError, with its fix
     finally:
         await q.close()
 

@@ -146,7 +146,7 @@ async def run_device(config: Config, stop: asyncio.Event) -> dict[str, Any]:
     from edgekeeper.device.sink import LocalSink
     from edgekeeper.device.uplink import DeviceLink
 
-    enrolled = (config.device.state_dir / identity.ENROLLMENT_FILE).exists()
+    enrolled = await asyncio.to_thread((config.device.state_dir / identity.ENROLLMENT_FILE).exists)
     async with contextlib.AsyncExitStack() as stack:
         gates = await stack.enter_async_context(
             open_gates(config, vision=config.camera.enabled, audio=config.microphone.enabled)
@@ -156,7 +156,7 @@ async def run_device(config: Config, stop: asyncio.Event) -> dict[str, Any]:
         link = None
         if enrolled:
             # Events go to the durable outbox; the uplink sends them beside the loop.
-            link = await stack.enter_async_context(DeviceLink.from_config(config))
+            link = await stack.enter_async_context(await DeviceLink.open(config))
             sink: Any = link.sink
             where = f"outbox {config.outbox_path} -> {link.uplink.url}"
         else:

@@ -131,7 +131,7 @@ async def run_demo(
         enrollment = await identity.enroll(url, token, device_id=device_cfg.device.id,
                                            state_dir=device_cfg.device.state_dir)
         say(f"device    {enrollment.device_id} enrolled; cloud keys pinned")
-        link = await stack.enter_async_context(DeviceLink.from_config(device_cfg))
+        link = await stack.enter_async_context(await DeviceLink.open(device_cfg))
 
         async def show(doc: dict[str, Any]) -> None:
             received.append(doc)

@@ -312,7 +312,7 @@ async def test_a_full_disk_refuses_enqueues_and_leaves_no_half_written_record(
     assert sorted(queued) == list(range(1, 10))  # every refused one went in on its retry
 
     (seg,) = segment_files(tmp_path)
-    records, end = scan(seg, int(seg.stem), 0)
+    records, end = await asyncio.to_thread(scan, seg, int(seg.stem), 0)
     assert end == seg.stat().st_size  # no torn or stray bytes anywhere in the file
     assert [r.event.seq for r in records] == queued
     q = await SQLiteQueue.open(tmp_path / "queue.sqlite")

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from edgekeeper import compat
 from edgekeeper import config as config_mod
 from edgekeeper.config import Config
 from edgekeeper.device.events import Event
@@ -341,9 +342,11 @@ async def _run_with_progress(pipeline: Pipeline, rec: Recording, *, show: bool) 
     bar_format = "{l_bar}{bar}| {n:.1f}/{total:.1f} media s [{elapsed}<{remaining}]"
     with tqdm(total=round(total, 1), unit="s", desc=f"replay {rec.path.name}", leave=False,
               bar_format=bar_format) as bar:
-        task = asyncio.create_task(pipeline.run())
-        while not task.done():
-            await asyncio.wait({task}, timeout=0.25)
-            bar.n = round(min(total, pipeline.stats.media_seconds), 1)
-            bar.refresh()
+        # The group owns the run: cancelling the replay (Ctrl-C) cancels and awaits it too.
+        async with compat.TaskGroup() as tg:
+            task = tg.create_task(pipeline.run(), name="replay-pipeline")
+            while not task.done():
+                await asyncio.wait({task}, timeout=0.25)
+                bar.n = round(min(total, pipeline.stats.media_seconds), 1)
+                bar.refresh()
         return task.result()

@@ -100,7 +100,7 @@ async def run(args: argparse.Namespace, workdir: Path, url: str) -> dict[str, An
                               state_dir=base.device.state_dir)
         device_cfg = dataclasses.replace(base, uplink=dataclasses.replace(base.uplink,
                                                                           cloud_url=""))
-        link = await stack.enter_async_context(DeviceLink.from_config(device_cfg))
+        link = await stack.enter_async_context(await DeviceLink.open(device_cfg))
 
         async def on_result(doc: dict[str, Any]) -> None:
             arrived[int(doc["seq"])] = time.time()

@@ -22,9 +22,14 @@ def _add(sub: Any, name: str, help_: str, handler: Any) -> argparse.ArgumentPars
     return parser
 
 
-def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     cloud = sub.add_parser("cloud", help="run and administer the cloud half")
-    cloud.set_defaults(handler=lambda args, config: (cloud.print_help(), 2)[1])
+
+    def show_help(args: argparse.Namespace, config: Config) -> int:
+        cloud.print_help()
+        return 2
+
+    cloud.set_defaults(handler=show_help)
     csub = cloud.add_subparsers(dest="cloud_command", metavar="SUBCOMMAND")
 
     p = _add(csub, "serve", "run the ingest (HTTP API) until SIGINT/SIGTERM (SIGHUP: re-read "
@@ -132,8 +137,9 @@ def _token(args: argparse.Namespace, config: Config) -> int:
     token = asyncio.run(
         _with_store(config, lambda store: issue_token(store, ttl_s=ttl, now=time.time()))
     )
-    until = dt.datetime.fromtimestamp(time.time() + ttl, dt.timezone.utc)
-    until = until.isoformat(timespec="seconds")
+    until = dt.datetime.fromtimestamp(time.time() + ttl, dt.timezone.utc).isoformat(
+        timespec="seconds"
+    )
     print(token)
     print(f"valid once, until {until}: edgekeeper device enroll --cloud URL --token=TOKEN",
           file=sys.stderr)

@@ -677,7 +677,8 @@ def create_app(
             )
             if queue is None:
                 stack.push_async_callback(own_queue.close)
-            own_keys = keys or await asyncio.to_thread(CloudKeys.ensure, data_dir)
+            own_keys = (keys if keys is not None
+                        else await asyncio.to_thread(CloudKeys.ensure, data_dir))
             registry = Registry(own_store, section.registry_refresh_seconds)
             await registry.load()
             watch = ResultsWatch(own_store, section.results_poll_seconds)

@@ -355,10 +355,10 @@ class Worker:
                     return
                 reasoner, path, note = self.cheaper, "cheaper", decision.reason
 
-        verdict = await self._reason(lease, reasoner, opened.body, opened.model_version)
-        if verdict is None:
+        reasoned = await self._reason(lease, reasoner, opened.body, opened.model_version)
+        if reasoned is None:
             return
-        reasoner, verdict, fell_back = verdict
+        reasoner, verdict, fell_back = reasoned
         if fell_back:
             path, note = "fallback", "provider unavailable"
         provisional = verdict.provisional or path != "primary"

@@ -21,7 +21,7 @@ from edgekeeper.log import get_logger
 log = get_logger(__name__)
 
 
-def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("run", help="run the device loop on the configured camera and microphone")
     p.add_argument("--seconds", type=float, default=0.0,
                    help="stop after this many seconds (default: run until SIGTERM/SIGINT)")
@@ -147,17 +147,17 @@ async def run_device(config: Config, stop: asyncio.Event) -> dict[str, Any]:
     from edgekeeper.device.sink import LocalSink
     from edgekeeper.device.uplink import DeviceLink
 
-    enrolled = (config.device.state_dir / identity.ENROLLMENT_FILE).exists()
+    enrolled = await asyncio.to_thread((config.device.state_dir / identity.ENROLLMENT_FILE).exists)
     async with contextlib.AsyncExitStack() as stack:
         gates = await stack.enter_async_context(
             open_gates(config, vision=config.camera.enabled, audio=config.microphone.enabled)
         )
-        rate = gates.audio.manifest.audio.sample_rate if gates.audio else None
+        rate = gates.audio.manifest.sample_rate if gates.audio else None
         video, audio = live_sources(config, rate)
         link = None
         if enrolled:
             # Events go to the durable outbox; the uplink sends them beside the loop.
-            link = await stack.enter_async_context(DeviceLink.from_config(config))
+            link = await stack.enter_async_context(await DeviceLink.open(config))
             sink: Any = link.sink
             where = f"outbox {config.outbox_path} -> {link.uplink.url}"
         else:

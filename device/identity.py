@@ -26,7 +26,7 @@ from typing import Any
 
 import aiohttp
 
-from edgekeeper.errors import ConfigError, PermanentError, RetryableError
+from edgekeeper.errors import ConfigError, PermanentError, RetryableError, classified
 from edgekeeper.log import get_logger
 from edgekeeper.protocol.keys import CloudPublicKeys, DeviceKeys, b64e, read_secret, write_secret
 from edgekeeper.tls import client_context
@@ -183,14 +183,15 @@ async def enroll(
         connector=aiohttp.TCPConnector(ssl=client_context(ca_file) or True),
     )
     try:
-        async with sess.post(f"{base}/v1/enroll", json=payload) as resp:
-            text = (await resp.content.read(_MAX_ANSWER)).decode("utf-8", "replace")
-            status = resp.status
-    except (aiohttp.ClientError, TimeoutError, OSError) as err:
+        # Transport errors (aiohttp, timeouts, OS errors) become ours where they enter.
+        with classified(f"cannot reach {base}/v1/enroll"):
+            async with sess.post(f"{base}/v1/enroll", json=payload) as resp:
+                text = (await resp.content.read(_MAX_ANSWER)).decode("utf-8", "replace")
+                status = resp.status
+    except RetryableError as err:
         raise CloudUnreachable(
-            f"cannot reach {base}/v1/enroll: {err or type(err).__name__}",
-            fix="check the URL and that `edgekeeper cloud serve` runs there",
-        ) from None
+            err.message, fix="check the URL and that `edgekeeper cloud serve` runs there"
+        ) from err
     finally:
         if own:
             await sess.close()

@@ -29,7 +29,7 @@ from edgekeeper.errors import ConfigError
 MIB = 1024 * 1024
 
 
-def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     device = sub.add_parser("device", help="device identity, enrollment and the cloud link")
     cmds = device.add_subparsers(dest="device_command", metavar="DEVICE_COMMAND")
     device.set_defaults(handler=_help(device))
@@ -44,7 +44,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         help="token from `edgekeeper cloud token`, written --token=TOKEN ('-' reads it from "
              "stdin, off the process list)",
     )
-    p.error = _token_hint(p.error)  # type: ignore[method-assign]
+    # argparse has no hook for one option's message: this parser's error() is wrapped in place.
+    p.error = _token_hint(p.error)  # type: ignore[assignment]
     p.add_argument("--timeout", type=float, default=30.0, metavar="S")
     p.set_defaults(handler=cmd_enroll)
 

@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, ParamSpec, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, ParamSpec, Protocol, TypeVar, runtime_checkable
 
 from edgekeeper.errors import ConfigError, PermanentError, RetryableError
 from edgekeeper.log import get_logger
@@ -643,6 +643,7 @@ def model_tag(meta: dict[str, Any]) -> str:
     return tag[:128]  # the header's limit (protocol/envelope.py MAX_TAG)
 
 
+@runtime_checkable
 class _HasBody(Protocol):
     def to_body(self) -> EventBody: ...
 
@@ -674,8 +675,8 @@ class OutboxSink:
 
     async def deliver(self, event: EventBody | _HasBody) -> None:
         def encode() -> tuple[bytes, int, int, str]:
-            to_body = getattr(event, "to_body", None)
-            body: EventBody = to_body() if to_body is not None else event
+            # An Event builds its body here, on the thread (encoding a clip is not free).
+            body = event.to_body() if isinstance(event, _HasBody) else event
             return body.encode(), body.seq, body.priority, model_tag(body.meta)
 
         encoded, seq, priority, tag = await asyncio.to_thread(encode)

@@ -19,12 +19,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from edgekeeper import compat
 from edgekeeper import config as config_mod
 from edgekeeper.config import Config
 from edgekeeper.device.events import Event
 from edgekeeper.device.gate import Gate
 from edgekeeper.device.loop import Pipeline, PipelineStats
-from edgekeeper.device.manifest import load_manifest
+from edgekeeper.device.manifest import Manifest, load_manifest
 from edgekeeper.device.sink import LocalSink, Sink
 from edgekeeper.device.sources import Recording, open_recording
 from edgekeeper.errors import ModelError
@@ -117,6 +118,11 @@ async def open_gates(config: Config, *, vision: bool, audio: bool) -> AsyncItera
                 await asyncio.to_thread(g.close)
 
 
+def _read_manifest(spec: str, variant: str) -> Manifest:
+    """The manifest a gate.*_model value names (resolving a builtin: name stats files)."""
+    return load_manifest(config_mod.resolve_model(spec, variant))
+
+
 async def _check_trigger_labels(config: Config, gates: Gates) -> None:
     """Refuse a trigger rule no configured model can fire, now that the manifests are known.
 
@@ -128,9 +134,8 @@ async def _check_trigger_labels(config: Config, gates: Gates) -> None:
             manifest = gate.manifest
         else:
             spec = getattr(config.gate, f"{modality}_model")
-            path = config_mod.resolve_model(spec, config.gate.variant)
             try:
-                manifest = await asyncio.to_thread(load_manifest, path)
+                manifest = await asyncio.to_thread(_read_manifest, spec, config.gate.variant)
             except ModelError:
                 continue  # not loaded and not readable: nothing it outputs can be counted on
         outputs[f"{modality} model {manifest.tag}"] = manifest.labels
@@ -337,9 +342,11 @@ async def _run_with_progress(pipeline: Pipeline, rec: Recording, *, show: bool) 
     bar_format = "{l_bar}{bar}| {n:.1f}/{total:.1f} media s [{elapsed}<{remaining}]"
     with tqdm(total=round(total, 1), unit="s", desc=f"replay {rec.path.name}", leave=False,
               bar_format=bar_format) as bar:
-        task = asyncio.create_task(pipeline.run())
-        while not task.done():
-            await asyncio.wait({task}, timeout=0.25)
-            bar.n = round(min(total, pipeline.stats.media_seconds), 1)
-            bar.refresh()
+        # The group owns the run: cancelling the replay (Ctrl-C) cancels and awaits it too.
+        async with compat.TaskGroup() as tg:
+            task = tg.create_task(pipeline.run(), name="replay-pipeline")
+            while not task.done():
+                await asyncio.wait({task}, timeout=0.25)
+                bar.n = round(min(total, pipeline.stats.media_seconds), 1)
+                bar.refresh()
         return task.result()

@@ -510,7 +510,8 @@ class ResultsClient:
             log.error("results.malformed_item", item=str(item)[:200])
             return "rejected"
         rid = item["id"]
-        seq = item.get("seq") if type(item.get("seq")) is int else -1
+        listed = item.get("seq")
+        seq = listed if type(listed) is int else -1  # not a bool, though bool is an int
         key = f"cloud:{seq}"
         try:
             envelope = b64d(str(item.get("envelope", "")), what="envelope")
@@ -520,10 +521,10 @@ class ResultsClient:
             )
         except (ProtocolError, ValueError) as err:
             reason = f"{getattr(err, 'code', 'invalid')}: {err}"[:1000]
-            await self.actions.reject(f"rejected:{rid}", int(seq), rid, reason)
+            await self.actions.reject(f"rejected:{rid}", seq, rid, reason)
             return "rejected"
         if opened.seq != seq:
-            await self.actions.reject(f"rejected:{rid}", int(seq), rid,
+            await self.actions.reject(f"rejected:{rid}", seq, rid,
                                       f"listed as seq {seq}, sealed as seq {opened.seq}")
             return "rejected"
         return await self.actions.handle(key, opened.body, result_id=rid)

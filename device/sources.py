@@ -362,14 +362,14 @@ class VideoCaptureSource(ThreadedSource):
 
     def _reconnect(self) -> Any:
         """A live stream ended or failed: reopen it until it reads again (or we are stopped)."""
-        log.warning("camera lost; reconnecting", source=self.spec, every_s=self.reconnect_seconds)
+        log.warning("camera.lost", source=self.spec, reconnect_every_s=self.reconnect_seconds)
         while not self._stop.wait(self.reconnect_seconds):
             self._cap.release()
             self._cap = self._open_capture()
             ok, image = self._cap.read() if self._cap.isOpened() else (False, None)
             if ok:
                 self.stats.reconnects += 1
-                log.info("camera reconnected", source=self.spec)
+                log.info("camera.reconnected", source=self.spec)
                 return image
         return None
 
@@ -587,7 +587,7 @@ class MicrophoneSource:
         def on_drop(item: Any) -> None:
             # Audio is never dropped silently: count it, say it.
             self.stats.dropped += 1
-            log.warning("audio overflow: the loop fell behind; block dropped",
+            log.warning("audio.block_dropped", why="the loop fell behind",
                         source=self.name, dropped=self.stats.dropped, t=item.t)
 
         handoff.on_drop = on_drop
@@ -637,7 +637,7 @@ class MicrophoneSource:
             stream.stop()
             stream.close()
             if self.overflows:
-                log.warning("microphone reported input overflows", count=self.overflows)
+                log.warning("microphone.input_overflows", count=self.overflows)
 
 
 # ---------------------------------------------------------------------------------------------

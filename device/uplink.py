@@ -377,7 +377,7 @@ class Uplink:
                 and data.get("seq") == seq
             )
             if ok:
-                return Attempt(seq, Verdict.DONE, str(data["status"]), status=status)  # type: ignore[index]
+                return Attempt(seq, Verdict.DONE, str(data["status"]), status=status)
             return Attempt(seq, Verdict.RETRY, "unexpected_answer",
                            f"HTTP {status} without the ingest's JSON: {text[:120]!r}", status)
         code, message = "", text[:300]
@@ -489,7 +489,7 @@ def _halt_fix(code: str) -> str:
 class DeviceLink:
     """Outbox + uploader + results client of one device, owned together.
 
-    For the device loop: ``async with DeviceLink.from_config(config) as link:`` then hand
+    For the device loop: ``async with await DeviceLink.open(config) as link:`` then hand
     ``link.sink`` to the pipeline and run ``await link.run(stop)`` beside it.
     """
 
@@ -569,12 +569,18 @@ class DeviceLink:
 
 
 def open_outbox(config: Config) -> Outbox:
+    """The configured outbox, opened on the calling thread (it creates or checks the file)."""
     return Outbox(
         config.outbox_path,
         device_id=config.device.id,
         quota_bytes=int(config.outbox.quota_mb * 1024 * 1024),
         full_policy=config.outbox.full_policy,
     )
+
+
+async def open_async_outbox(config: Config) -> AsyncOutbox:
+    """The configured outbox for asyncio code, opened off the event loop."""
+    return AsyncOutbox(await asyncio.to_thread(open_outbox, config))
 
 
 __all__ = [
@@ -584,6 +590,7 @@ __all__ = [
     "UplinkHalted",
     "UplinkStats",
     "UplinkUnavailable",
+    "open_async_outbox",
     "open_outbox",
     "provisional_result",
 ]

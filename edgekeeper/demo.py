@@ -36,7 +36,7 @@ log = get_logger(__name__)
 SAMPLE = MODELS_DIR / "samples" / "street"
 
 
-def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "demo",
         help="run the whole loop (cloud, device, link, reasoning) on 127.0.0.1",
@@ -131,7 +131,7 @@ async def run_demo(
         enrollment = await identity.enroll(url, token, device_id=device_cfg.device.id,
                                            state_dir=device_cfg.device.state_dir)
         say(f"device    {enrollment.device_id} enrolled; cloud keys pinned")
-        link = await stack.enter_async_context(DeviceLink.from_config(device_cfg))
+        link = await stack.enter_async_context(await DeviceLink.open(device_cfg))
 
         async def show(doc: dict[str, Any]) -> None:
             received.append(doc)

@@ -4,6 +4,7 @@ file; and an event from an 8 kHz source carries 8 kHz audio, not the model's 16 
 
 from __future__ import annotations
 
+import asyncio
 import io
 import shutil
 import subprocess
@@ -57,7 +58,7 @@ async def test_sox_written_files_are_read(tmp_path: Path, name: str, args: list[
         assert fmt_tag(path) == 0xFFFE  # what sox writes for 24-bit: WAVE_FORMAT_EXTENSIBLE
     if name.startswith("float32"):
         assert fmt_tag(path) == 3  # IEEE float
-    rec = open_recording(path, audio_rate=16000, fps=10, realtime=False)
+    rec = await asyncio.to_thread(open_recording, path, audio_rate=16000, fps=10, realtime=False)
     assert rec.audio is not None and rec.video is None
     blocks = await collect(rec.audio)
     samples = np.concatenate([b.samples for b in blocks])
@@ -79,7 +80,7 @@ async def test_what_cannot_be_read_is_refused_naming_the_file(tmp_path: Path) ->
     # a text file with an audio suffix, through the path replay takes
     notes = tmp_path / "notes.flac"
     notes.write_text("these are notes, not FLAC\n")
-    rec = open_recording(notes, audio_rate=16000, fps=10, realtime=False)
+    rec = await asyncio.to_thread(open_recording, notes, audio_rate=16000, fps=10, realtime=False)
     with pytest.raises(InputError, match=r"notes\.flac"):
         await collect(rec.audio)
 

@@ -55,7 +55,7 @@ async def test_cloud_and_device_create_only_private_files(tmp_path: Path, umask_
     config = device_config(tmp_path / "pi", results={"jsonl": "results.jsonl"})
     try:
         enrollment = await enrolled(cloud, config)
-        outbox = opened_outbox(config)
+        outbox = await opened_outbox(config)
         async with make_uplink(config, outbox, enrollment) as up:
             await capture(OutboxSink(outbox), 3)
             assert (await up.run_burst(give_up_after=5)).delivered == 3

@@ -62,7 +62,7 @@ async def test_sigkill_during_uploads_loses_and_duplicates_nothing(tmp_path: Pat
     cfg_path = write_config(tmp_path)
     config = await asyncio.to_thread(config_mod.load, cfg_path, env={})
     await enrolled(cloud, config)
-    outbox = Outbox(config.outbox_path, device_id=DEVICE)
+    outbox = await asyncio.to_thread(Outbox, config.outbox_path, device_id=DEVICE)
     rng = random.Random(20261123)
     committed: list[int] = []
 
@@ -137,7 +137,7 @@ async def test_sigkill_during_uploads_loses_and_duplicates_nothing(tmp_path: Pat
         doc = json.loads((await status.communicate())[0])
         assert doc["pending"] == 0 and doc["last_seq"] == max(committed)
     finally:
-        outbox.close()
+        await asyncio.to_thread(outbox.close)
         await cloud.close()
     # The outbox survived every kill intact.
     db = sqlite3.connect(config.outbox_path)

@@ -18,21 +18,6 @@ FOLDERS = ("device", "cloud", "edgekeeper", "protocol")
 EVENT_NAME = re.compile(r"^[a-z][a-z0-9_]*(\.[a-z0-9_]+)+$")
 LEVELS = frozenset({"debug", "info", "warning", "warn", "error", "exception", "critical", "msg"})
 
-# TEMPORARY, TODO(lead): empty after merging issue 13's branches. Files that other branches
-# rewrite (runtime: device/cli.py, device/loop.py, cloud/ingest.py, cloud/worker.py,
-# edgekeeper/demo.py; defects: device/sources.py; storage: cloud/queue/sqlite.py); each renames
-# its events there, and this list keeps the test green until the branches meet.
-TEMPORARY_OTHER_BRANCHES = frozenset({
-    "device/cli.py",
-    "device/loop.py",
-    "device/sources.py",
-    "cloud/ingest.py",
-    "cloud/worker.py",
-    "cloud/queue/sqlite.py",
-    "edgekeeper/demo.py",
-})
-
-
 def _loggers(tree: ast.Module) -> set[str]:
     """Module-level names bound to ``get_logger(...)`` (ours or structlog's)."""
     names = set()
@@ -69,8 +54,6 @@ def _offenders() -> dict[str, list[str]]:
     for folder in FOLDERS:
         for path in sorted((ROOT / folder).rglob("*.py")):
             rel = path.relative_to(ROOT).as_posix()
-            if rel in TEMPORARY_OTHER_BRANCHES:
-                continue
             bad = [f"line {line}: {event!r}" if event is not None else f"line {line}: computed"
                    for line, event in events(path.read_text(encoding="utf-8"))
                    if event is None or not EVENT_NAME.match(event)]
@@ -99,7 +82,3 @@ def test_the_scan_finds_loggers_and_judges_names() -> None:
     assert found == [(3, "uplink.sent"), (4, "camera lost; reconnecting"), (5, None)]
     assert [bool(EVENT_NAME.match(e or "")) for _, e in found] == [True, False, False]
 
-
-def test_the_temporary_list_names_only_real_files() -> None:
-    missing = [p for p in TEMPORARY_OTHER_BRANCHES if not (ROOT / p).is_file()]
-    assert not missing, f"TEMPORARY_OTHER_BRANCHES lists files that do not exist: {missing}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import sqlite3
 import stat
@@ -254,7 +255,7 @@ def test_leases_of_a_killed_uploader_are_reclaimed_at_once(tmp_path: Path) -> No
 
 
 async def test_async_outbox_runs_in_threads_and_signals_changes(tmp_path: Path) -> None:
-    aob = AsyncOutbox(make(tmp_path))
+    aob = AsyncOutbox(await asyncio.to_thread(make, tmp_path))
     s = await aob.next_seq()
     assert not aob.changed.is_set()
     await aob.put(b"hello", s)
@@ -273,7 +274,9 @@ async def test_sink_takes_the_runtimes_events_and_never_crashes_capture(tmp_path
     from edgekeeper.device.outbox import OutboxSink
     from edgekeeper.protocol.messages import EventBody
 
-    aob = AsyncOutbox(make(tmp_path, quota_bytes=6000, full_policy="reject_new"))
+    aob = AsyncOutbox(await asyncio.to_thread(
+        make, tmp_path, quota_bytes=6000, full_policy="reject_new"
+    ))
     sink = OutboxSink(aob)
     seq = await sink.next_seq()
     event = Event(

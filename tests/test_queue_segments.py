@@ -201,6 +201,7 @@ async def test_a_missing_segment_dead_letters_its_events_with_the_reason(tmp_pat
         (dead,) = await q.dead_letters()
         assert dead.event.seq == 1
         assert "envelope unreadable" in dead.reason and first.name in dead.reason
+        assert "fix: restore the segment file" in dead.reason  # a PermanentError, with its fix
     finally:
         await q.close()
 
@@ -311,7 +312,7 @@ async def test_a_full_disk_refuses_enqueues_and_leaves_no_half_written_record(
     assert sorted(queued) == list(range(1, 10))  # every refused one went in on its retry
 
     (seg,) = segment_files(tmp_path)
-    records, end = scan(seg, int(seg.stem), 0)
+    records, end = await asyncio.to_thread(scan, seg, int(seg.stem), 0)
     assert end == seg.stat().st_size  # no torn or stray bytes anywhere in the file
     assert [r.event.seq for r in records] == queued
     q = await SQLiteQueue.open(tmp_path / "queue.sqlite")

@@ -4,6 +4,7 @@ results all verify the server; without the CA, enrollment refuses the server."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from pathlib import Path
 
@@ -55,7 +56,7 @@ async def test_enroll_upload_and_results_over_https_with_a_private_ca(
                                            ca_file=config.uplink.ca_file)
         assert enrollment.cloud_url == cloud.url
 
-        outbox = opened_outbox(config)
+        outbox = await opened_outbox(config)
         seqs = await capture(OutboxSink(outbox), 3)
         async with make_uplink(config, outbox, enrollment) as up:
             report = await up.run_burst(give_up_after=5)
@@ -63,8 +64,9 @@ async def test_enroll_upload_and_results_over_https_with_a_private_ca(
 
         await publish(cloud, result(seqs[0]))
         actions = ResultActions.from_config(config)
+        keys = await asyncio.to_thread(identity.load_keys, state)
         async with ResultsClient(
-            actions, keys=identity.load_keys(state), device_id=DEVICE, cloud_url=cloud.url,
+            actions, keys=keys, device_id=DEVICE, cloud_url=cloud.url,
             cloud_box_pk=enrollment.cloud.box_pk, section=config.results,
             ssl_context=client_context(config.uplink.ca_file),
         ) as rc:

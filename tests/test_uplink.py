@@ -33,7 +33,7 @@ from edgekeeper.config import CloudSection, Config
 from edgekeeper.device import identity
 from edgekeeper.device.outbox import AsyncOutbox, Outbox, OutboxSink
 from edgekeeper.device.results import ResultActions
-from edgekeeper.device.uplink import Uplink, UplinkHalted, open_outbox
+from edgekeeper.device.uplink import Uplink, UplinkHalted, open_async_outbox, open_outbox
 from edgekeeper.protocol.messages import EventBody
 from edgekeeper.tls import server_context
 
@@ -108,10 +108,10 @@ def device_config(tmp_path: Path, **sections: dict[str, Any]) -> Config:
 _opened: list[AsyncOutbox] = []
 
 
-def opened_outbox(config: Config) -> AsyncOutbox:
+async def opened_outbox(config: Config) -> AsyncOutbox:
     """An outbox the autouse fixture closes even when the test fails half-way (an unclosed
     SQLite connection is a ResourceWarning that fails whichever test happens to collect it)."""
-    outbox = AsyncOutbox(open_outbox(config))
+    outbox = await open_async_outbox(config)
     _opened.append(outbox)
     return outbox
 
@@ -223,7 +223,7 @@ async def test_burst_delivers_in_order_and_deletes_only_after_2xx(
 ) -> None:
     config = device_config(tmp_path, uplink={"concurrency": 1})
     enrollment = await enrolled(cloud, config)
-    outbox = opened_outbox(config)
+    outbox = await opened_outbox(config)
     seqs = await capture(OutboxSink(outbox), 25)
     async with make_uplink(config, outbox, enrollment) as up:
         report = await up.run_burst()
@@ -239,7 +239,7 @@ async def test_lost_answer_retry_is_a_duplicate_and_reused_seq_a_dead_letter(
 ) -> None:
     config = device_config(tmp_path)
     enrollment = await enrolled(cloud, config)
-    outbox = opened_outbox(config)
+    outbox = await opened_outbox(config)
     sink = OutboxSink(outbox)
     seq = await sink.next_seq()
     body = event_body(seq)
@@ -275,7 +275,7 @@ async def test_network_cut_blackhole_and_reset_lose_and_duplicate_nothing(
                 "connect_timeout_seconds": 0.4},
     )
     enrollment = await enrolled(cloud, config)
-    outbox = opened_outbox(config)
+    outbox = await opened_outbox(config)
     sink = OutboxSink(outbox)
     captured: list[int] = []
     rng = random.Random(1234)
@@ -338,7 +338,7 @@ async def test_retry_after_from_the_rate_limit_is_honoured(tmp_path: Path) -> No
     try:
         config = device_config(tmp_path, uplink={"concurrency": 1})
         enrollment = await enrolled(cloud, config)
-        outbox = opened_outbox(config)
+        outbox = await opened_outbox(config)
         seqs = await capture(OutboxSink(outbox), 4)
         async with make_uplink(config, outbox, enrollment) as up:
             report = await up.run_burst()
@@ -356,7 +356,7 @@ async def test_retry_after_from_the_rate_limit_is_honoured(tmp_path: Path) -> No
 async def test_revoked_device_halts_and_keeps_its_events(cloud: Cloud, tmp_path: Path) -> None:
     config = device_config(tmp_path)
     enrollment = await enrolled(cloud, config)
-    outbox = opened_outbox(config)
+    outbox = await opened_outbox(config)
     await capture(OutboxSink(outbox), 3)
     assert await cloud.store.revoke(DEVICE, now=time.time())
     await until(lambda: _revoked_seen(cloud))
@@ -379,7 +379,7 @@ async def test_skewed_device_clock_is_corrected_from_the_cloud_date(
 ) -> None:
     config = device_config(tmp_path)
     enrollment = await enrolled(cloud, config)
-    outbox = opened_outbox(config)
+    outbox = await opened_outbox(config)
     seqs = await capture(OutboxSink(outbox), 3)
     # The board's RTC is an hour behind (no NTP yet): the cloud's window is ±300 s.
     async with make_uplink(config, outbox, enrollment,
@@ -397,7 +397,7 @@ async def test_a_2xx_that_is_not_the_ingest_deletes_nothing(cloud: Cloud, tmp_pa
     async with captive_portal() as (portal_url, _):
         config = device_config(tmp_path)
         enrollment = await enrolled(cloud, config)
-        outbox = opened_outbox(config)
+        outbox = await opened_outbox(config)
         await capture(OutboxSink(outbox), 3)
         async with make_uplink(config, outbox, enrollment, url=portal_url) as up:
             report = await up.run_burst(give_up_after=0.5)
@@ -413,7 +413,7 @@ async def test_edge_fallback_acts_once_per_event_while_the_cloud_is_down(
         tmp_path, uplink={"edge_fallback": True, "edge_fallback_after_seconds": 0.0}
     )
     enrollment = await enrolled(cloud, config)
-    outbox = opened_outbox(config)
+    outbox = await opened_outbox(config)
     seqs = await capture(OutboxSink(outbox), 3)
     actions = ResultActions.from_config(config)
     dead_url = f"http://127.0.0.1:{free_port()}"  # nothing listens: connection refused
@@ -461,7 +461,8 @@ async def test_enroll_errors_are_clear(cloud: Cloud, tmp_path: Path) -> None:
     from edgekeeper.errors import ConfigError
 
     with pytest.raises(ConfigError, match="enrolled as device"):
-        identity.load_enrollment(config.device.state_dir, "someone-else")
+        await asyncio.to_thread(identity.load_enrollment, config.device.state_dir,
+                                "someone-else")
 
 
 async def test_uplink_run_waits_for_new_events_and_stops_cleanly(
@@ -469,7 +470,7 @@ async def test_uplink_run_waits_for_new_events_and_stops_cleanly(
 ) -> None:
     config = device_config(tmp_path)
     enrollment = await enrolled(cloud, config)
-    outbox = opened_outbox(config)
+    outbox = await opened_outbox(config)
     sink = OutboxSink(outbox)
     stop = asyncio.Event()
     async with make_uplink(config, outbox, enrollment) as up:

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edgekeeper.cloud.queue.base import QueuedEvent
+from edgekeeper.errors import PermanentError
 from edgekeeper.fs import open_private
 
 MAGIC = b"EKS1"
@@ -36,8 +37,17 @@ _datasync = getattr(os, "fdatasync", os.fsync)
 _MAX_IOV = 1024
 
 
-class SegmentError(OSError):
-    """An envelope could not be read back from its segment (missing file, short read)."""
+class SegmentError(PermanentError, OSError):
+    """An envelope could not be read back from its segment (missing file, short read).
+
+    Permanent: the bytes are gone, so reading again will not bring them back (the queue
+    dead-letters the event with this reason). Also an OSError with its errno, because the
+    queue's lease handles it together with the OS's own read errors (os.pread)."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message, fix="restore the segment file from a backup; the event it "
+                         "held is a dead letter until then")
+        self.errno = code
 
 
 def segment_name(segment_id: int) -> str:

@@ -15,6 +15,7 @@ day, while sensor noise in a dark still scene changes none.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import cv2
@@ -85,11 +86,11 @@ def changed_share(prev: np.ndarray, grey: np.ndarray, threshold: float) -> float
     """
     mean = (float(prev.mean()) + float(grey.mean())) / 2
     gain = min(MAX_GAIN, max(1.0, REFERENCE_LEVEL / max(mean, 1.0)))
-    diff = (grey - prev) * gain
+    diff: np.ndarray = (grey - prev) * gain
     diff -= np.median(diff)
     diff = np.abs(diff, out=diff)
     sigma = max(1.4826 * float(np.median(diff)), MIN_NOISE * gain)
-    changed = np.count_nonzero(diff > max(float(threshold), NOISE_FACTOR * sigma))
+    changed = int(np.count_nonzero(diff > max(float(threshold), NOISE_FACTOR * sigma)))
     return float(changed) / diff.size
 
 
@@ -124,7 +125,7 @@ def rms_dbfs(samples: np.ndarray) -> float:
     if samples.size == 0:
         return -120.0
     rms = float(np.sqrt(np.mean(np.square(samples, dtype=np.float64))))
-    return 20.0 * np.log10(max(rms, 1e-6))
+    return 20.0 * math.log10(max(rms, 1e-6))
 
 
 class AudioPregate:

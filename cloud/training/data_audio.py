@@ -35,6 +35,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from functools import cache
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import soxr
@@ -265,11 +266,9 @@ class Pools:
 
     def only(self, **sources: tuple[str, ...]) -> Pools:
         """The same pools with some roles cut to the given sources (per-source figures)."""
-        return replace(
-            self,
-            **{role: [c for c in getattr(self, role) if c.source in keep]
-               for role, keep in sources.items()},
-        )
+        cut: dict[str, Any] = {role: [c for c in getattr(self, role) if c.source in keep]
+                               for role, keep in sources.items()}
+        return replace(self, **cut)
 
 
 def roles_of(src: Source, path: Path) -> tuple[str, ...]:
@@ -344,7 +343,9 @@ def _tone(freq: np.ndarray | float, n: int, harmonics: int, rng: np.random.Gener
     out = np.sin(phase)
     for k in range(3, 2 * harmonics + 2, 2):
         out += np.sin(k * phase) / k * rng.uniform(0.3, 1.0)
-    return out / np.max(np.abs(out))
+    peak: float = np.max(np.abs(out))
+    tone: np.ndarray = out / peak
+    return tone
 
 
 def synth_alarm(rng: np.random.Generator, seconds: float) -> np.ndarray:
@@ -372,8 +373,8 @@ def synth_alarm(rng: np.random.Generator, seconds: float) -> np.ndarray:
     elif family == 3:  # hi-lo two-tone
         f1, f2 = rng.uniform(400, 1000), rng.uniform(1000, 2500)
         period = rng.uniform(0.3, 1.2)
-        f = np.where((t % period) < period / 2, f1, f2)
-        out = _tone(f, n, harmonics, rng)
+        hilo = np.where((t % period) < period / 2, f1, f2)
+        out = _tone(hilo, n, harmonics, rng)
     elif family == 5:  # mechanical bell (fire bell, alarm clock): a clapper striking metal
         out = np.zeros(n)
         f0 = rng.uniform(1200, 4000)
@@ -421,7 +422,8 @@ def _excerpt(rng: np.random.Generator, clips: list[Clip], n: int) -> np.ndarray:
 
 
 def _at_rms(x: np.ndarray, dbfs: float) -> np.ndarray:
-    return x / (np.sqrt(np.mean(x**2)) + 1e-9) * 10 ** (dbfs / 20)
+    scaled: np.ndarray = x / (np.sqrt(np.mean(x**2)) + 1e-9) * 10 ** (dbfs / 20)
+    return scaled
 
 
 def _add_single(rng: np.random.Generator, out: np.ndarray, clips: list[Clip]) -> None:
@@ -469,7 +471,8 @@ def background_bed(
 
 def _frame_rms(x: np.ndarray, frame: int = 320) -> np.ndarray:
     n = len(x) // frame
-    return np.sqrt(np.mean(x[: n * frame].reshape(n, frame) ** 2, axis=1) + 1e-12)
+    rms: np.ndarray = np.sqrt(np.mean(x[: n * frame].reshape(n, frame) ** 2, axis=1) + 1e-12)
+    return rms
 
 
 def active_seconds(x: np.ndarray, reference: float | None = None, top_db: float = 30.0) -> float:
@@ -487,7 +490,8 @@ def active_seconds(x: np.ndarray, reference: float | None = None, top_db: float 
 
 def phone_band(x: np.ndarray) -> np.ndarray:
     """Down to 8 kHz and back: the band an Asterisk prompt has."""
-    return soxr.resample(soxr.resample(x, SR, 8000), 8000, SR)[: len(x)].astype(np.float32)
+    narrow: np.ndarray = soxr.resample(soxr.resample(x, SR, 8000), 8000, SR)
+    return narrow[: len(x)].astype(np.float32)
 
 
 def repeat_alert(clip: np.ndarray, seconds: float, rng: np.random.Generator) -> np.ndarray:
@@ -666,8 +670,9 @@ def make_quiet_stream(
             n = min(left, int(rng.uniform(60, 180) * SR))
             chunks.append(_at_rms(_excerpt(rng, pools.music, n), rng.uniform(-35, -14)))
             left -= n
-        x = np.concatenate(chunks)
-        return (x + _at_rms(_colored_noise(rng, len(x), 1.0), -60)).astype(np.float32)
+        x: np.ndarray = np.concatenate(chunks)
+        mixed: np.ndarray = x + _at_rms(_colored_noise(rng, len(x), 1.0), -60)
+        return mixed.astype(np.float32)
 
     x = music_run(music_s)
     out.append(x)

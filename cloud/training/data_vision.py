@@ -38,6 +38,7 @@ import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -204,7 +205,8 @@ def time_split(n_frames: int) -> tuple[range, range]:
 def background_plate(frames: np.ndarray) -> np.ndarray:
     """Per-pixel temporal median: walkers move on, the ground stays."""
     step = max(1, len(frames) // 150)  # 150 frames give a clean median and bound memory
-    return np.median(frames[::step], axis=0).astype(np.uint8)
+    plate: np.ndarray = np.median(frames[::step], axis=0).astype(np.uint8)
+    return plate
 
 
 _KERNEL = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (5, 5))
@@ -302,7 +304,7 @@ def shrink(img: np.ndarray, rng: np.random.Generator | None = None) -> np.ndarra
 
 def jitter_photometric(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Exposure, white balance and sensor noise at model size (uint8 in, uint8 out)."""
-    f = x.astype(np.float32)
+    f: np.ndarray = x.astype(np.float32)
     gain = rng.uniform(0.6, 1.4) * rng.uniform(0.9, 1.1, size=3)
     f = f * gain + rng.uniform(-25, 25)
     if rng.random() < 0.3:
@@ -334,7 +336,7 @@ def darken(
     noise with it; ``grey`` makes a one-channel infrared-like picture (noise is then per pixel,
     not per channel, as on a monochrome sensor).
     """
-    f = img.astype(np.float32)
+    f: np.ndarray = img.astype(np.float32)
     lin = 255.0 * (np.power(f / 255.0, 2.2) * exposure) ** (1 / 2.2) if linear else None
     f = lin if lin is not None else f * exposure
     if grey:
@@ -351,7 +353,7 @@ def darken(
 
 # Brightness sweeps on the card: (name, darken keyword arguments). "night" is a dark scene
 # through a camera at high gain (noisy, infrared-like grey); "night-dark" the same without gain.
-SWEEP = (
+SWEEP: tuple[tuple[str, dict[str, Any]], ...] = (
     ("100%", {"exposure": 1.0}),
     ("70%", {"exposure": 0.7}),
     ("50%", {"exposure": 0.5}),

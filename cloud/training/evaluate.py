@@ -41,13 +41,15 @@ class TFLiteModel:
         if dtype in (np.int8, np.uint8):
             scale, zero = self.input["quantization"]
             info = np.iinfo(dtype)
-            return np.clip(np.round(x / scale + zero), info.min, info.max).astype(dtype)
+            q: np.ndarray = np.clip(np.round(x / scale + zero), info.min, info.max).astype(dtype)
+            return q
         return x.astype(np.float32)
 
     def _dequantise(self, y: np.ndarray, detail: dict[str, Any]) -> np.ndarray:
         if detail["dtype"] in (np.int8, np.uint8):
             scale, zero = detail["quantization"]
-            return ((y.astype(np.float32) - zero) * scale).astype(np.float32)
+            real: np.ndarray = ((y.astype(np.float32) - zero) * scale).astype(np.float32)
+            return real
         return y.astype(np.float32)
 
     def __call__(self, x: np.ndarray) -> list[np.ndarray]:
@@ -113,7 +115,7 @@ def smoothed(
     passes = np.asarray(passes, dtype=np.int64)
     csum = np.concatenate([[0], np.cumsum(passes)])
     idx = np.arange(1, len(passes) + 1)
-    votes = csum[idx] - csum[np.maximum(0, idx - n)]
+    votes: np.ndarray = csum[idx] - csum[np.maximum(0, idx - n)]
     return votes >= k
 
 

@@ -114,7 +114,7 @@ class AudioFrontend:
             self._mel_len = pcm.shape[0]
         it.set_tensor(it.get_input_details()[0]["index"], (pcm * PCM_SCALE)[None, :])  # type: ignore[attr-defined]
         it.invoke()  # type: ignore[attr-defined]
-        out = it.get_tensor(it.get_output_details()[0]["index"])  # type: ignore[attr-defined]
+        out: np.ndarray = it.get_tensor(it.get_output_details()[0]["index"])  # type: ignore[attr-defined]
         seq = np.squeeze(out)
         if seq.ndim == 1:  # a single mel row squeezes to 1-D; keep it a sequence
             seq = seq[None, :]
@@ -135,7 +135,7 @@ class AudioFrontend:
             self._emb_batch = batch.shape[0]
         it.set_tensor(it.get_input_details()[0]["index"], batch.astype(np.float32))  # type: ignore[attr-defined]
         it.invoke()  # type: ignore[attr-defined]
-        out = it.get_tensor(it.get_output_details()[0]["index"])  # type: ignore[attr-defined]
+        out: np.ndarray = it.get_tensor(it.get_output_details()[0]["index"])  # type: ignore[attr-defined]
         return out.reshape(len(starts), -1).astype(np.float32)
 
     def features(self, window: np.ndarray) -> np.ndarray:

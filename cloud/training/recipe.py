@@ -106,7 +106,7 @@ def _sha256(*arrays: np.ndarray) -> str:
     """Fingerprint of the exact training arrays: tells "other data" from "other training"."""
     h = hashlib.sha256()
     for a in arrays:
-        h.update(memoryview(np.ascontiguousarray(a)).cast("B"))
+        h.update(np.ascontiguousarray(a).data.cast("B"))
     return h.hexdigest()
 
 
@@ -296,7 +296,7 @@ def _vision_unseen(
         }
     # Brightness sweeps: held-out vtest frames (full resolution, darkened and noised as a
     # sensor would, then shrunk as on a device) and the held-out-source composites.
-    frames = dv.read_video(dv.OPENCV_DATA / dv.VTEST)[data.heldout_vtest_frames.start :]
+    frames = dv.read_video(sources.OPENCV_DATA / dv.VTEST)[data.heldout_vtest_frames.start :]
     times = np.arange(len(frames)) / VIDEO_FPS
     walkers = np.concatenate(
         [x for name, (x, _y) in data.heldout_sources.items() if name.endswith("+walkers")]

@@ -25,6 +25,7 @@ from edgekeeper.cloud.training.sources import (
     ASTERISK_SOUNDS,
     FREEDESKTOP_SOUNDS,
     OPENCV_DATA,
+    decode_audio,
     require,
     require_tool,
 )
@@ -61,7 +62,7 @@ def _pick_speech() -> Path:
     for p in sorted(require(ASTERISK_SOUNDS).glob("*.wav")):
         rel = str(p.relative_to(ASTERISK_SOUNDS))
         if da.heldout_file(rel):
-            voiced = da.trim(da.decode_audio(p, da.SR))
+            voiced = da.trim(decode_audio(p, da.SR))
             if 2.5 <= len(voiced) / da.SR <= 4.0:
                 return p
     raise FileNotFoundError("no held-out Asterisk prompt of 2.5-4 s found")
@@ -128,7 +129,7 @@ def compose_audio(
 
     labels: list[dict[str, object]] = []
     speech_file = _pick_speech()
-    speech = da.trim(da.decode_audio(speech_file, da.SR))
+    speech = da.trim(decode_audio(speech_file, da.SR))
     speech = speech / np.max(np.abs(speech)) * 0.5
     at = int(SPEECH_AT * da.SR)
     audio[at : at + len(speech)] += speech
@@ -136,12 +137,12 @@ def compose_audio(
         {"label": "speech", "start": SPEECH_AT, "end": round(SPEECH_AT + len(speech) / da.SR, 2)}
     )
 
-    click = da.trim(da.decode_audio(require(FREEDESKTOP_SOUNDS / CLICK), da.SR))
+    click = da.trim(decode_audio(require(FREEDESKTOP_SOUNDS / CLICK), da.SR))
     click = click / np.max(np.abs(click)) * 0.3
     at = int(CLICK_AT * da.SR)
     audio[at : at + len(click)] += click  # a non-event the gate should ignore: no label
 
-    alarm = da.trim(da.decode_audio(require(FREEDESKTOP_SOUNDS / ALARM), da.SR))
+    alarm = da.trim(decode_audio(require(FREEDESKTOP_SOUNDS / ALARM), da.SR))
     gap = np.zeros(int(ALARM_GAP_SECONDS * da.SR), dtype=np.float32)
     reps = int(np.ceil(ALARM_SECONDS * da.SR / (len(alarm) + len(gap))))
     alarm = np.tile(np.concatenate([alarm, gap]), reps)[: int(ALARM_SECONDS * da.SR)]

@@ -31,7 +31,7 @@ import subprocess
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -62,6 +62,23 @@ def _wait(check: Any, what: str, timeout: float = 30.0) -> None:
     raise RuntimeError(f"{what} did not come up within {timeout:.0f} s (last error: {last})")
 
 
+def _launch(argv: list[str], logfile: Path, answers: Callable[[], bool],
+            what: str) -> subprocess.Popen[bytes]:
+    """Start a server we own, its output appended to ``logfile``; wait until it answers (a
+    server that exits first fails with the end of its log)."""
+    with open(logfile, "ab") as log:
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL)
+
+    def up() -> bool:
+        if proc.poll() is not None:
+            raise RuntimeError(logfile.read_text(errors="replace")[-2000:])
+        return answers()
+
+    _wait(up, what)
+    return proc
+
+
 # --- Redis ----------------------------------------------------------------------------------
 
 
@@ -76,18 +93,8 @@ class RedisServer:
     def launch(self) -> None:
         """Start (or restart, same port and directory) a server we own; wait for PING."""
         assert self.argv and self.workdir is not None, "not a server we started"
-        with open(self.workdir / "redis.log", "ab") as log:
-            proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL)
-        self.proc = proc
-        workdir = self.workdir
-
-        def up() -> bool:
-            if proc.poll() is not None:
-                raise RuntimeError((workdir / "redis.log").read_text(errors="replace")[-2000:])
-            return self.ping()
-
-        _wait(up, f"redis-server {self.url}")
+        self.proc = _launch(self.argv, self.workdir / "redis.log", self.ping,
+                            f"redis-server {self.url}")
 
     def kill(self) -> None:
         """SIGKILL: a crash. Its files stay for ``launch()`` to start again from."""
@@ -349,18 +356,8 @@ class MosquittoServer:
     def launch(self) -> None:
         """Start (or restart, same port, same persistence file) a broker we own."""
         assert self.argv and self.workdir is not None, "not a broker we started"
-        with open(self.workdir / "mosquitto.log", "ab") as log:
-            proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL)
-        self.proc = proc
-        workdir = self.workdir
-
-        def up() -> bool:
-            if proc.poll() is not None:
-                raise RuntimeError((workdir / "mosquitto.log").read_text(errors="replace")[-2000:])
-            return self.answers()
-
-        _wait(up, f"mosquitto on {self.host}:{self.port}")
+        self.proc = _launch(self.argv, self.workdir / "mosquitto.log", self.answers,
+                            f"mosquitto on {self.host}:{self.port}")
 
     def answers(self) -> bool:
         with contextlib.suppress(OSError), socket.create_connection((self.host, self.port), 1):

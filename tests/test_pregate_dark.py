@@ -13,7 +13,7 @@ import cv2
 import numpy as np
 import pytest
 
-from edgekeeper.cloud.training.data_vision import darken
+from edgekeeper.cloud.training.data_vision import darken, read_video
 from edgekeeper.config import PregateSection
 from edgekeeper.device.pregate import MotionMeter, VideoPregate
 
@@ -36,16 +36,7 @@ DARK = {
 
 @pytest.fixture(scope="module")
 def street() -> np.ndarray:
-    cap = cv2.VideoCapture(str(SAMPLE_VIDEO))
-    frames = []
-    while True:
-        ok, frame = cap.read()
-        if not ok:
-            break
-        frames.append(frame)
-    cap.release()
-    assert len(frames) > 100, f"could not read the bundled sample {SAMPLE_VIDEO}"
-    return np.stack(frames)
+    return read_video(SAMPLE_VIDEO)  # raises, naming the file, when nothing decodes
 
 
 def wake_share(frames: list[np.ndarray], cfg: PregateSection) -> tuple[float, int]:

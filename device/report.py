@@ -63,11 +63,14 @@ def decision_rule(decision: dict[str, Any]) -> str:
     if action == "fire":
         return "k-of-n over threshold"
     if action == "hold":
-        # The trigger names the rule that held it back in its reason (cooldown or hourly cap).
+        # The trigger names the rule that held it back in its reason (cooldown, hourly cap, or
+        # a run of hits too short for min_span_seconds: one short sound).
         if "cooldown" in reason:
             return "cooldown"
         if "cap" in reason:
             return "hourly cap"
+        if "min_span" in reason:
+            return "too short (min span)"
         return "held back"
     if action == "release":
         return "release (hysteresis)"
@@ -323,7 +326,7 @@ def _kpis(r: ReplayResult) -> str:
     cards = [
         ("Media duration", fmt_s(max(r.recording.duration, s.media_seconds)), ""),
         ("Events", str(s.events), f"{s.events_lost} lost" if s.events_lost else ""),
-        ("Held back", str(len(holds)), why or "by cooldown or hourly cap"),
+        ("Held back", str(len(holds)), why or "by cooldown, hourly cap or min span"),
         ("Bytes sent", fmt_bytes(s.event_bytes), share),
     ]
     return '<div class="kpis">' + "".join(

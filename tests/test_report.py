@@ -320,3 +320,11 @@ def test_page_without_matplotlib_says_how_to_get_plots(tmp_path: Path, street: P
     # With matplotlib, the plots are there and the notice is not.
     with_plots = (street / "report.html").read_text()
     assert "data:image/png;base64," in with_plots and "Plots are missing" not in with_plots
+
+
+def test_a_hold_for_a_short_run_names_the_min_span_rule() -> None:
+    # The reason as device/trigger.py words it when a run of hits is too short to fire alone.
+    hold = {"action": "hold", "reason": "3-of-5 >= 0.6 but hits span 1.00s < min_span_seconds "
+                                        "2.5 (one short sound)"}
+    assert report_mod.decision_rule(hold) == "too short (min span)"
+    assert report_mod.decision_rule({"action": "hold", "reason": "cooldown 30s"}) == "cooldown"

@@ -32,8 +32,8 @@ def test_secret_fields_are_redacted(lines: io.StringIO) -> None:
         "enroll.requested",
         token="tok-123",
         enrollment_token="tok-456",
-        api_key="sk-ant-secret",
-        Authorization="Bearer sk-ant-secret",
+        api_key="fake-provider-key-1",
+        Authorization="Bearer fake-provider-key-1",
         password="hunter2",
         private_key="k" * 64,
     )
@@ -41,7 +41,7 @@ def test_secret_fields_are_redacted(lines: io.StringIO) -> None:
     for name in ("token", "enrollment_token", "api_key", "Authorization", "password",
                  "private_key"):
         assert record[name] == log.REDACTED, name
-    assert "sk-ant-secret" not in lines.getvalue()
+    assert "fake-provider-key-1" not in lines.getvalue()
     assert "hunter2" not in lines.getvalue()
 
 
@@ -66,7 +66,7 @@ def test_token_counts_and_other_fields_are_kept(lines: io.StringIO) -> None:
 
 
 def test_bound_context_is_redacted_too(lines: io.StringIO) -> None:
-    log.bind_context(api_key="sk-ant-bound")
+    log.bind_context(api_key="fake-provider-key-2")
     try:
         log.get_logger("test").info("test.bound")
     finally:

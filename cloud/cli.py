@@ -54,6 +54,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     _add(csub, "devices", "list enrolled devices", _devices)
     _add(csub, "keys", "print the cloud's public keys (generating them on first use)", _keys)
 
+    p = _add(csub, "examples", "summarise training examples: per target label, device and "
+             "reasoner, and the gate's precision as the teacher sees it", _examples)
+    p.add_argument("--model", help="one model family (person, sound; default: all)")
+    p.add_argument("--scope", default="fleet", help="fleet (default), group:NAME or device:ID")
+    p.add_argument("--json", action="store_true", help="one JSON object")
+
     from edgekeeper.cloud import dlq  # light: config and errors only
 
     dlq.register(csub)
@@ -126,6 +132,12 @@ async def _with_store(config: Config, fn: Any) -> Any:
         return await fn(store)
     finally:
         await store.close()
+
+
+def _examples(args: argparse.Namespace, config: Config) -> int:
+    from edgekeeper.cloud.training.examples import summary_command
+
+    return summary_command(args, config, _with_store)
 
 
 def _token(args: argparse.Namespace, config: Config) -> int:

@@ -540,6 +540,22 @@ class BudgetSection:
 
 
 @dataclass(frozen=True)
+class TrainingSection:
+    # Every reasoned event becomes a training example in the cloud's store: the gate's features,
+    # scores and label, the teacher's judgement, provenance (cloud/training/examples.py,
+    # docs/model-updates.md). No raw media unless keep_media: heads retrain on features.
+    examples: bool = True
+    # Also keep the event's key frames / audio (for full fine-tuning) under
+    # <cloud data_dir>/training-media/, deleted media_retention_days after reasoning.
+    keep_media: bool = False
+    media_retention_days: float = 30.0
+
+    def __post_init__(self) -> None:
+        if not 0 < self.media_retention_days <= 3650:
+            raise ValueError("media_retention_days must be > 0 and at most 3650 (ten years)")
+
+
+@dataclass(frozen=True)
 class MqttSection:
     # Results (and, if asked, triggers) published to an MQTT broker with Home Assistant
     # discovery (device/mqtt.py, docs/mqtt.md). Empty host: MQTT is off.
@@ -602,6 +618,7 @@ class Config:
     cloud: CloudSection = field(default_factory=CloudSection)
     reasoner: ReasonerSection = field(default_factory=ReasonerSection)
     budget: BudgetSection = field(default_factory=BudgetSection)
+    training: TrainingSection = field(default_factory=TrainingSection)
     mqtt: MqttSection = field(default_factory=MqttSection)
     # Where the config came from, for error messages ("defaults" when none was given).
     source: str = field(default="defaults", compare=False)

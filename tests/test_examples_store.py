@@ -95,7 +95,7 @@ async def test_examples_round_trip_dedupe_and_scope(make_store: Opener) -> None:
 
     fleet = await store.examples(model="person", scope=Scope())
     assert [e.id for e in fleet] == ids[:3]  # oldest first, sound's left out
-    assert all(same(a, b) for a, b in zip(fleet, made[:3]))
+    assert all(same(a, b) for a, b in zip(fleet, made[:3], strict=True))
     assert fleet[1].target is None and fleet[1].gate_correct is None
     assert fleet[2].gate_correct is False and fleet[0].gate_correct is True
 

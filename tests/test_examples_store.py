@@ -410,13 +410,17 @@ async def test_a_real_run_turns_every_reasoned_event_into_an_example(
         # A person the offline teacher confirmed teaches "person", at the provisional weight.
         assert any(e.target == "person" and e.weight == 0.5 for e in stored.values())
 
-        # The retention (the worker's hourly task, run once more a day later) deletes it all.
+        # The worker's retention task (first run at start, then hourly), two days later:
+        # every kept file is deleted, the examples stay without media.
         recorder = worker.examples
         assert recorder is not None
         recorder.clock = lambda: time.time() + 2 * 86400.0
-        assert await recorder.forget_old_media() == len(with_features)
+        await worker.run(burst=True)
         media = cloud_cfg.cloud_data_dir / MEDIA_DIR
-        assert not any(p.is_file() for p in media.rglob("*"))
+        assert media.is_dir() and not any(p.is_file() for p in media.rglob("*"))
+        after = [e for model in ("person", "sound")
+                 for e in await store.examples(model=model, scope=Scope())]
+        assert len(after) == len(with_features) and all(e.media_path is None for e in after)
 
     # The operator's summary of the same store, through the command line.
     from edgekeeper.cli import main

@@ -402,8 +402,11 @@ class SQLiteStore:
                        until: float | None = None, limit: int = 100_000
                        ) -> list[TrainingExample]:
         where, args = scope_filter(scope)
-        sql = f"{_EXAMPLE_SELECT} WHERE model = ? AND {where} AND reasoned_at >= ?"
-        params: tuple[object, ...] = (model, *args, -1.0 if since is None else since)
+        sql = f"{_EXAMPLE_SELECT} WHERE model = ? AND {where}"
+        params: tuple[object, ...] = (model, *args)
+        if since is not None:
+            sql += " AND reasoned_at >= ?"
+            params += (since,)
         if until is not None:
             sql += " AND reasoned_at < ?"
             params += (until,)

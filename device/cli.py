@@ -177,7 +177,7 @@ class DeviceService:
         self.config = config
         self.config_path = config_path
         self.pipeline: Any = None
-        self.outputs: dict[str, tuple[str, ...]] = {}
+        self.gates: Any = None  # the loaded models, to check a reloaded file's labels against
 
     async def run(self, stop: asyncio.Event) -> dict[str, Any]:
         """Sources closed first, captured events committed to the outbox, then the link
@@ -195,8 +195,7 @@ class DeviceService:
             gates = await stack.enter_async_context(
                 open_gates(config, vision=config.camera.enabled, audio=config.microphone.enabled)
             )
-            self.outputs = {f"{g.modality} model {g.manifest.tag}": tuple(g.manifest.labels)
-                            for g in (gates.vision, gates.audio) if g is not None}
+            self.gates = gates
             rate = gates.audio.manifest.sample_rate if gates.audio else None
             video, audio = live_sources(config, rate)
             link = None
@@ -268,9 +267,12 @@ class DeviceService:
         from edgekeeper import config as config_mod
         from edgekeeper import log as log_mod
 
+        # The same check as at start (a rule for a label no configured model outputs).
+        from edgekeeper.device.replay import _check_trigger_labels
+
         new = await asyncio.to_thread(config_mod.load, self.config_path)
-        if self.outputs:
-            config_mod.check_labels(new, self.outputs)
+        if self.gates is not None:
+            await _check_trigger_labels(new, self.gates)
         old = self.config
         changed = [f.name for f in dataclasses.fields(old) if f.compare
                    and getattr(old, f.name) != getattr(new, f.name)]

@@ -337,3 +337,24 @@ def test_notifier_speaks_the_protocol_to_a_path_and_is_silent_without_a_socket(
         server.close()
     silent = Notifier.from_env({})
     assert not silent.enabled and not silent.ready() and silent.watchdog_interval is None
+
+
+def test_native_writes_to_fd_2_become_json_log_lines(capfd: pytest.CaptureFixture[str]) -> None:
+    """What C code prints to fd 2 during a model load is logged, one JSON object per line;
+    a JSON line (ours, from another thread meanwhile) goes through unchanged."""
+    from edgekeeper import log
+
+    log.configure("debug", "json")
+    try:
+        with log.native_output("tflite"):
+            os.write(2, b"INFO: Created TensorFlow Lite XNNPACK delegate for CPU.\n")
+            os.write(2, b'{"event": "gate.loaded", "level": "info"}\n')
+            os.write(2, b"ERROR: something the runtime refused\n")
+    finally:
+        log.configure("warning", "json")
+    lines = capfd.readouterr().err.splitlines()
+    docs = [json.loads(line) for line in lines]  # every line parses
+    assert {"event": "gate.loaded", "level": "info"} in docs
+    native = {d["line"]: d["level"] for d in docs if d["event"] == "native.output"}
+    assert native == {"INFO: Created TensorFlow Lite XNNPACK delegate for CPU.": "debug",
+                      "ERROR: something the runtime refused": "warning"}

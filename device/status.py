@@ -33,7 +33,7 @@ from edgekeeper import runtime
 from edgekeeper.config import Config
 from edgekeeper.device.loop import Pipeline
 from edgekeeper.device.outbox import AsyncOutbox, OutboxStats
-from edgekeeper.errors import ConfigError
+from edgekeeper.errors import ConfigError, EdgekeeperError
 from edgekeeper.fs import write_private
 from edgekeeper.log import get_logger
 
@@ -226,7 +226,7 @@ class DeviceMonitor:
         if self.outbox is not None:
             try:
                 self.backlog = await self.outbox.stats()
-            except OSError as err:  # a disk error: say so in the status, keep the service up
+            except (EdgekeeperError, OSError) as err:  # a disk error: keep the service up
                 log.warning("status.outbox_unreadable", error=str(err))
         try:
             await asyncio.to_thread(self._write, self.snapshot(state))

@@ -109,10 +109,9 @@ class Supervisor:
         if self.is_ready:
             return
         self.is_ready = True
-        self.notifier.ready(status)
-        log.info("runtime.ready", service=self.name, supervised=self.notifier.enabled,
-                 watchdog_s=self.notifier.watchdog_interval and
-                 2 * self.notifier.watchdog_interval)
+        if self.notifier.ready(status):  # said only under systemd: elsewhere it is noise
+            log.info("runtime.ready", service=self.name,
+                     watchdog_s=self.notifier.watchdog_usec / 1e6 or None)
 
     def watch(self, check: Callable[[], Health]) -> None:
         """Judge health with ``check`` (cheap, synchronous) from now on."""

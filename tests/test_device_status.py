@@ -15,14 +15,13 @@ import time
 from pathlib import Path
 
 import pytest
+from test_notify import device, device_toml, mjpeg_camera
 
 from edgekeeper import compat
 from edgekeeper import config as config_mod
 from edgekeeper.cli import main
 from edgekeeper.device.status import EX_CONFIG, read_status
 from edgekeeper.device.uplink import open_outbox
-
-from test_notify import device, device_toml, mjpeg_camera
 
 
 def status(capsys: pytest.CaptureFixture[str], cfg: Path, *args: str) -> tuple[int, str]:
@@ -60,7 +59,7 @@ def test_an_unenrolled_device_refuses_to_run_and_says_how_to_enroll(
 
     cfg.write_text(cfg.read_text() + '[uplink]\nmode = "local-only"\n')
     code, out = status(capsys, cfg, "--json")
-    assert json.loads(out)["enrollment_missing"] is False
+    assert code == 0 and json.loads(out)["enrollment_missing"] is False
 
 
 async def test_status_shows_what_the_running_service_publishes(
@@ -130,5 +129,5 @@ def test_status_shows_the_quota_the_outbox_applies(
     assert doc["quota_bytes"] == pytest.approx(applied, rel=0.01)
     assert doc["quota_bytes"] < doc["configured_quota_bytes"] and doc["disk_short"] is True
     code, out = status(capsys, cfg)
-    assert "MiB instead of the configured 1000000 MiB" in out, out
+    assert code == 0 and "MiB instead of the configured 1000000 MiB" in out, out
     assert "warning: the disk has less" in out

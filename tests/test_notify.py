@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import json
 import os
+import resource
 import signal
 import socket
 import sys
@@ -204,13 +205,13 @@ def device_toml(tmp_path: Path, camera_url: str, extra: str = "") -> Path:
 
 
 @contextlib.asynccontextmanager
-async def device(config: Path, *args: str, env: dict[str, str] | None = None
-                 ) -> AsyncIterator[DeviceProc]:
+async def device(config: Path, *args: str, env: dict[str, str] | None = None,
+                 preexec_fn: Callable[[], None] | None = None) -> AsyncIterator[DeviceProc]:
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "edgekeeper.cli", "--config", str(config), *args, "run",
         env={**os.environ, "EDGEKEEPER_LOG_FORMAT": "json", **(env or {})},
         stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE)
+        stderr=asyncio.subprocess.PIPE, preexec_fn=preexec_fn)
     p = DeviceProc(proc)
 
     async def read() -> None:
@@ -274,6 +275,35 @@ async def test_watchdog_pings_only_while_frames_flow_and_sigterm_says_stopping(
     assert_one_json_object_per_line(p.lines)
     (stopped,) = p.events("device.stopped")
     assert int(str(stopped["frames"])) > 0
+
+
+def _small_files_only() -> None:
+    """In the child, before exec: no file may grow past 16 KB (a disk with room for the status
+    file and sequence numbers, not for an event's JPEGs). SIGXFSZ ignored (survives exec), so an
+    oversized write fails with EFBIG as a full disk's fails with ENOSPC, instead of killing."""
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (16 * 1024, resource.RLIM_INFINITY))
+
+
+async def test_watchdog_stops_when_events_cannot_be_stored(
+    tmp_path: Path, sample_recording: Path
+) -> None:
+    async with notify_socket() as ns, mjpeg_camera(sample_recording) as cam:
+        env = {"NOTIFY_SOCKET": ns.address, "WATCHDOG_USEC": str(WATCHDOG_USEC)}
+        async with device(device_toml(tmp_path, cam.url), env=env,
+                          preexec_fn=_small_files_only) as p:
+            await ns.until(lambda: ns.count("READY=1") >= 1, "READY=1", p)
+            await p.logged("sink.event_not_stored")  # the person event's JPEGs did not fit
+            await ns.until(lambda: any("could not be stored" in s for s in ns.statuses()),
+                           "STATUS saying events cannot be stored", p)
+            pings, beats = ns.count("WATCHDOG=1"), len(ns.messages)
+            await ns.until(lambda: len(ns.messages) >= beats + 3, "three more rounds", p)
+            # Frames still flow (the camera is fine): only the sink keeps the pings off.
+            assert ns.count("WATCHDOG=1") == pings, ns.messages[beats - 1:]
+            assert not any("no camera frame" in s for s in ns.statuses())
+            p.proc.send_signal(signal.SIGTERM)
+            assert await p.exited() == 0, p.text()
+    assert not list((tmp_path / "state" / "events").glob("0*"))  # nothing half-written kept
 
 
 async def test_sighup_applies_trigger_rules_and_refuses_a_bad_file(

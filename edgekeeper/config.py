@@ -251,6 +251,9 @@ class OutboxSection:
 
 @dataclass(frozen=True)
 class UplinkSection:
+    # cloud: `edgekeeper run` sends events to the cloud and refuses to start unenrolled (exit
+    # 78, with the fix). local-only: events stay on this machine (sink.directory), on purpose.
+    mode: Literal["cloud", "local-only"] = "cloud"
     # The cloud ingest URL; empty means the one pinned by `edgekeeper device enroll`.
     cloud_url: str = ""
     connect_timeout_seconds: float = 10.0

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
+from edgekeeper.cloud.store.releases import ReleaseStore
 from edgekeeper.protocol.errors import DeviceExists, InvalidToken
 from edgekeeper.protocol.keys import DevicePublicKeys
 
@@ -96,8 +97,9 @@ class UsageRow:
 
 
 @runtime_checkable
-class Store(Protocol):
-    """Registry, tokens and results. Coroutines only; none blocks the event loop."""
+class Store(ReleaseStore, Protocol):
+    """Registry, tokens and results (releases: cloud/store/releases.py). Coroutines only; none
+    blocks the event loop."""
 
     # registry ---------------------------------------------------------------------------
     async def enroll(

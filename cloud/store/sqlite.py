@@ -16,6 +16,8 @@ from edgekeeper.cloud.store.base import (
     UsageTotals,
     check_enrollment,
 )
+from edgekeeper.cloud.store.sqlite_releases import SCHEMA as RELEASES_SCHEMA
+from edgekeeper.cloud.store.sqlite_releases import SQLiteReleases
 from edgekeeper.protocol.errors import InvalidToken
 from edgekeeper.sqlite import Database, transaction
 
@@ -96,7 +98,7 @@ def _bump_registry(conn: sqlite3.Connection) -> None:
     conn.execute("UPDATE meta SET value = value + 1 WHERE key = 'registry_version'")
 
 
-class SQLiteStore:
+class SQLiteStore(SQLiteReleases):  # releases, groups, reports: sqlite_releases.py
     """Store on one SQLite file. Create with ``await SQLiteStore.open(path)``."""
 
     def __init__(self, db: Database) -> None:
@@ -104,7 +106,7 @@ class SQLiteStore:
 
     @classmethod
     async def open(cls, path: Path) -> SQLiteStore:
-        return cls(await Database.open(path, name="store", schema=SCHEMA,
+        return cls(await Database.open(path, name="store", schema=SCHEMA + ";" + RELEASES_SCHEMA,
                                        setting="cloud.data_dir"))
 
     @property

@@ -199,6 +199,7 @@ def _rollback(model: str, args: argparse.Namespace, config: Config) -> int:
 
     keys = CloudKeys.ensure(config.cloud_data_dir)
     online = keys.release_signing_key is not None
+    key = _default_key(config)
     out = args.out or (Path(tempfile.mkdtemp(prefix="edgekeeper-rollback-")) if online
                        else Path(f"rollback-{model}-{int(time.time())}"))
 
@@ -207,7 +208,7 @@ def _rollback(model: str, args: argparse.Namespace, config: Config) -> int:
                                     expiry_days=config.cloud.release_expiry_days)
         if not online:
             return body.tag
-        await asyncio.to_thread(sign_release, out, _default_key(config))
+        await asyncio.to_thread(sign_release, out, key)
         record = await publish_release(store, config.cloud_data_dir, out, keys.release_pk)
         return f"{record.model}@{record.version}"
 

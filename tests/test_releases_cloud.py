@@ -183,7 +183,7 @@ async def test_version_must_go_up(cloud: Cloud, tmp_path: Path) -> None:
     # Built without knowing what is published (another machine): publish refuses it.
     await asyncio.to_thread(build_release, MODELS / "person", tmp_path / "c", version="1.2.0")
     await asyncio.to_thread(sign_release, tmp_path / "c", key_file(cloud))
-    with pytest.raises(ReleaseError, match="not above the highest published person@1.2.0"):
+    with pytest.raises(ReleaseError, match=r"not above the highest published person@1\.2\.0"):
         await publish_release(cloud.store, cloud.data_dir, tmp_path / "c", cloud.keys.release_pk)
     assert [r.version for r in await cloud.store.releases("person")] == ["1.2.0"]
     nxt = await built(cloud, tmp_path / "d")
@@ -213,7 +213,7 @@ async def test_tampered_file_or_foreign_key_is_refused_at_publish(
     await asyncio.to_thread(shutil.rmtree, out)
     await built(cloud, out)
     await asyncio.to_thread(flip_signed_body)
-    with pytest.raises(ReleaseError, match="bad_signature|malformed"):
+    with pytest.raises(ReleaseError, match=r"bad_signature|malformed"):
         await publish_release(cloud.store, cloud.data_dir, out, cloud.keys.release_pk)
     # Signed by a key that is not this cloud's release key.
     other = tmp_path / "other.key"
@@ -375,6 +375,7 @@ async def test_operator_commands_and_rollback_release(
                      running_created_at=running.created_at, runtime_version="0.1.0")
         for entry in back.files:
             status, blob, _ = await fetch(cloud, dev, f"/v1/releases/person/1.2.0/{entry.path}")
+            assert status == 200
             check_file(entry, blob)
         stages = [(r.version, r.rollback, r.stage) for r in await cloud.store.releases()]
         assert stages == [("1.2.0", False, "promoted"), ("1.3.0", False, "halted"),

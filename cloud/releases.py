@@ -237,7 +237,8 @@ def build_release(
         raise _refused(err, str(source)) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    log.info("releases.built", release=body.tag, scope=str(body.scope), path=str(out))
+    log.info("releases.built", model=body.model, version=body.version, scope=str(body.scope),
+             path=str(out))
     return body
 
 
@@ -271,7 +272,7 @@ def sign_release(directory: Path, key_path: Path) -> ReleaseBody:
     except ReleaseRefused as err:
         raise _refused(err, str(directory)) from None
     _write_atomic(directory / RELEASE_FILE, data)
-    log.info("releases.signed", release=body.tag, path=str(directory))
+    log.info("releases.signed", model=body.model, version=body.version, path=str(directory))
     return body
 
 
@@ -362,10 +363,10 @@ async def publish_release(
             if (r.scope == record.scope and r.stage != "halted"
                     and parse_version(r.version) > parse_version(body.version)):
                 await store.set_release_stage(r.id, "halted", now=now)
-                log.warning("releases.halted", release=f"{r.model}@{r.version}",
+                log.warning("releases.halted", model=r.model, version=r.version,
                             reason=f"rollback to {body.version}")
-    log.info("releases.published", release=body.tag, scope=record.scope, stage=record.stage,
-             rollback=body.rollback, files=len(files))
+    log.info("releases.published", model=body.model, version=body.version, scope=record.scope,
+             stage=record.stage, rollback=body.rollback, files=len(files))
     return record
 
 
@@ -527,7 +528,7 @@ async def evaluate_rollouts(store: Store, *, now: float, canary_seconds: float,
         else:
             change = StageChange(r, "promoted", f"{len(canaries)} canaries passed their trial")
         if await store.set_release_stage(r.id, change.stage, now=now):
-            log.info("releases.stage_changed", release=f"{r.model}@{r.version}",
+            log.info("releases.stage_changed", model=r.model, version=r.version,
                      stage=change.stage, reason=change.reason)
             changes.append(change)
     return changes

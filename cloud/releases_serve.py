@@ -194,7 +194,7 @@ async def post_report(request: web.Request) -> web.Response:
     store = hooks.store(request)
     await store.add_release_report(report)
     log.info("releases.reported", device_id=device.device_id,
-             release=f"{report.model}@{report.version}", outcome=report.outcome,
+             model=report.model, version=report.version, outcome=report.outcome,
              reason=report.reason[:200])
     if report.outcome in ("rolled_back", "trial_passed"):
         # A canary rolling back halts the release now, not on the next beat.

@@ -1,5 +1,5 @@
 """Cloud subcommands: ``edgekeeper cloud serve | worker | status | token | revoke | devices |
-keys | dlq | usage``. ``serve`` and ``worker`` run under edgekeeper.runtime."""
+keys | dlq | usage | release | releases``. ``serve`` and ``worker`` run under edgekeeper.runtime."""
 
 from __future__ import annotations
 
@@ -51,7 +51,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = _add(csub, "revoke", "revoke a device: it gets 401 from then on", _revoke)
     p.add_argument("device", metavar="DEVICE")
 
-    _add(csub, "devices", "list enrolled devices", _devices)
+    devices = _add(csub, "devices", "list enrolled devices", _devices)
     _add(csub, "keys", "print the cloud's public keys (generating them on first use)", _keys)
 
     p = _add(csub, "examples", "summarise training examples: per target label, device and "
@@ -67,6 +67,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     from edgekeeper.cloud import usage  # light: config and errors only
 
     usage.register(csub)
+
+    from edgekeeper.cloud import releases_cli  # light: config and errors only
+
+    releases_cli.register(csub, devices)  # release, releases, devices group
 
 
 def _serve(args: argparse.Namespace, config: Config) -> int:

@@ -388,8 +388,17 @@ class CloudSection:
     # TLS-terminating proxy in front (edgekeeper/tls.py).
     tls_cert_file: str = ""
     tls_key_file: str = ""
+    # Model releases (docs/model-updates.md): a canary-stage release is promoted to the rest of
+    # its scope once every canary passed its trial and this long has gone by with no rollback
+    # or refusal; a built release expires (devices refuse it) this many days after it is built.
+    rollout_canary_seconds: float = 3600.0
+    release_expiry_days: float = 30.0
 
     def __post_init__(self) -> None:
+        if not 0 <= self.rollout_canary_seconds <= 30 * 86400 or not (
+                0 < self.release_expiry_days <= 3650):
+            raise ValueError("rollout_canary_seconds must be 0-2592000 and release_expiry_days"
+                             " 0-3650 (more than 0)")
         if not 0 <= self.port <= 65535:
             raise ValueError("port must be 0-65535")
         if not 1024 <= self.max_event_bytes <= 256 * 1024 * 1024:

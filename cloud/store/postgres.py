@@ -39,6 +39,8 @@ from edgekeeper.cloud.store.base import (
     UsageTotals,
     check_enrollment,
 )
+from edgekeeper.cloud.store.postgres_releases import SCHEMA as RELEASES_SCHEMA
+from edgekeeper.cloud.store.postgres_releases import PostgresReleases
 from edgekeeper.cloud.training.examples import (
     EXAMPLE_COLUMNS,
     ExampleCount,
@@ -183,7 +185,7 @@ def _device(row: Sequence[Any]) -> DeviceRecord:
     return DeviceRecord(row[0], bytes(row[1]), bytes(row[2]), row[3], row[4])
 
 
-class PostgresStore:
+class PostgresStore(PostgresReleases):  # releases, groups, reports: postgres_releases.py
     """Store on PostgreSQL. Create with ``await PostgresStore.open(dsn=...)``."""
 
     def __init__(self, pool: Any, dsn: str) -> None:
@@ -241,7 +243,7 @@ class PostgresStore:
     async def _create_schema(conn: Any) -> None:
         async with conn.transaction():
             await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
-            for statement in (*SCHEMA, *EXAMPLES_SCHEMA):
+            for statement in (*SCHEMA, *EXAMPLES_SCHEMA, *RELEASES_SCHEMA):
                 await conn.execute(statement)
 
     async def _fetchone(self, sql: str, params: Sequence[Any] = ()) -> Any:

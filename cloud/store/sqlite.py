@@ -18,6 +18,8 @@ from edgekeeper.cloud.store.base import (
     UsageTotals,
     check_enrollment,
 )
+from edgekeeper.cloud.store.sqlite_releases import SCHEMA as RELEASES_SCHEMA
+from edgekeeper.cloud.store.sqlite_releases import SQLiteReleases
 from edgekeeper.cloud.training.examples import (
     EXAMPLE_COLUMNS,
     ExampleCount,
@@ -143,7 +145,7 @@ def _bump_registry(conn: sqlite3.Connection) -> None:
     conn.execute("UPDATE meta SET value = value + 1 WHERE key = 'registry_version'")
 
 
-class SQLiteStore:
+class SQLiteStore(SQLiteReleases):  # releases, groups, reports: sqlite_releases.py
     """Store on one SQLite file. Create with ``await SQLiteStore.open(path)``."""
 
     def __init__(self, db: Database) -> None:
@@ -151,8 +153,8 @@ class SQLiteStore:
 
     @classmethod
     async def open(cls, path: Path) -> SQLiteStore:
-        return cls(await Database.open(path, name="store",
-                                       schema=SCHEMA + ";" + EXAMPLES_SCHEMA,
+        schema = ";".join((SCHEMA, EXAMPLES_SCHEMA, RELEASES_SCHEMA))
+        return cls(await Database.open(path, name="store", schema=schema,
                                        setting="cloud.data_dir"))
 
     @property

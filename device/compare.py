@@ -32,7 +32,7 @@ from edgekeeper.config import Config
 from edgekeeper.device import cost
 from edgekeeper.device.manifest import Manifest, load_manifest
 from edgekeeper.device.replay import ReplayResult, replay_recording
-from edgekeeper.errors import EdgekeeperError, InputError, ModelError
+from edgekeeper.errors import EdgekeeperError, InputError
 from edgekeeper.protocol import release
 from edgekeeper.protocol.keys import CloudPublicKeys
 
@@ -215,7 +215,7 @@ def resolve(side: Side, arg: str, *, variant: str, release_pk: bytes | None = No
         else:
             kind = "manifest"
             manifest = load_manifest(Path(arg).expanduser())
-    except InputError as err:
+    except InputError as err:  # ModelError (a manifest's problem) is one too
         if str(err).startswith(f"--compare {side}"):
             raise
         raise _arg_error(side, arg, err) from None
@@ -226,8 +226,6 @@ def resolve(side: Side, arg: str, *, variant: str, release_pk: bytes | None = No
         raise _arg_error(side, arg, err, fix=err.fix or (
             "the release's files differ from what it signed: fetch or rebuild the release, and "
             "never edit files inside it")) from None
-    except ModelError as err:  # pragma: no cover  (ModelError is an InputError: handled above)
-        raise _arg_error(side, arg, err) from None
     return Candidate(side, arg, kind, manifest, info)
 
 

@@ -733,14 +733,17 @@ def _usd(v: float | None) -> str:
     return f"${v:.4f}" if v < 1 else f"${v:.2f}"
 
 
-def _delta(a: float | None, b: float | None, fmt: Any, *, lower_better: bool = False) -> str:
-    """B minus A, signed, in the row's unit; blank when either side is undefined or equal."""
+def _delta(a: float | None, b: float | None, fmt: Any, *, better: str = "") -> str:
+    """B minus A, signed, in the row's unit; blank when either side is undefined or equal.
+    ``better`` ("higher" / "lower") colours a quality figure; counts, bytes and cost stay
+    uncoloured: fewer events is only better when precision and recall hold."""
     if a is None or b is None or a == b:
         return ""
     d = b - a
-    better = (d < 0) == lower_better
-    return f'<span class="{"better" if better else "worse"}">{"+" if d > 0 else "−"}' \
-           f"{fmt(abs(d))}</span>"
+    cls = ""
+    if better:
+        cls = ' class="better"' if (d > 0) == (better == "higher") else ' class="worse"'
+    return f'<span{cls}>{"+" if d > 0 else "−"}{fmt(abs(d))}</span>'
 
 
 def _compare_models(comp: ComparisonView) -> str:
@@ -777,18 +780,18 @@ def _compare_summary(comp: ComparisonView) -> str:
     ca, cb = ta["llm_cost"], tb["llm_cost"]
     rows: list[list[str]] = [
         ["Events (all labels)", str(ta["events"]), str(tb["events"]),
-         _delta(ta["events"], tb["events"], lambda v: f"{v:g}", lower_better=True)],
+         _delta(ta["events"], tb["events"], lambda v: f"{v:g}")],
         ["Bytes that would leave",
          f"{fmt_bytes(ta['bytes_sent'])}<br><small>{fmt_share(ta['bytes_ratio'])} of "
          "streaming</small>",
          f"{fmt_bytes(tb['bytes_sent'])}<br><small>{fmt_share(tb['bytes_ratio'])} of "
          "streaming</small>",
-         _delta(ta["bytes_sent"], tb["bytes_sent"], fmt_bytes, lower_better=True)],
+         _delta(ta["bytes_sent"], tb["bytes_sent"], fmt_bytes)],
         [f"Estimated LLM cost<br><small>{_esc(ca['model'])}, {ca['events']} vs "
          f"{cb['events']} events</small>",
          f"{_usd(ca['usd'])}<br><small>{_usd(ca['usd_per_event'])} per event</small>",
          f"{_usd(cb['usd'])}<br><small>{_usd(cb['usd_per_event'])} per event</small>",
-         _delta(ca["usd"], cb["usd"], _usd, lower_better=True)],
+         _delta(ca["usd"], cb["usd"], _usd)],
     ]
     for label in sorted(comp.labels):
         ma, mb = ta["labels"].get(label), tb["labels"].get(label)
@@ -797,19 +800,19 @@ def _compare_summary(comp: ComparisonView) -> str:
         na, nb = ta["events_by_label"].get(label, 0), tb["events_by_label"].get(label, 0)
         rows.append([f"<b>{_esc(label)}</b> events", str(na), str(nb),
                      _delta(na, nb, lambda v: f"{v:g}")])
-        for key, name, lower in (
-            ("event_precision", "precision (events)", False),
-            ("event_recall", "recall (labelled ranges hit)", False),
-            ("false_triggers_per_hour", "false triggers per hour", True),
-            ("window_precision", "window precision", False),
-            ("window_recall", "window recall", False),
+        for key, name, better in (
+            ("event_precision", "precision (events)", "higher"),
+            ("event_recall", "recall (labelled ranges hit)", "higher"),
+            ("false_triggers_per_hour", "false triggers per hour", "lower"),
+            ("window_precision", "window precision", "higher"),
+            ("window_recall", "window recall", "higher"),
         ):
             va = None if ma is None else ma[key]
             vb = None if mb is None else mb[key]
             fmt: Any = (lambda v: f"{v:.1f}") if key.endswith("hour") else fmt_share
             rows.append([f"<b>{_esc(label)}</b> {name}",
                          "–" if va is None else fmt(va), "–" if vb is None else fmt(vb),
-                         _delta(va, vb, fmt, lower_better=lower)])
+                         _delta(va, vb, fmt, better=better)])
     table = _table(["", _side("A"), _side("B"), "B − A"], rows, num=(1, 2, 3), cls="compare")
     note = ("" if any(t["labels"] for t in (ta, tb)) else
             "<p class=muted>No ground truth given, so no precision, recall or false triggers: "
@@ -824,7 +827,7 @@ def _compare_summary(comp: ComparisonView) -> str:
     )
 
 
-def _disagreement_table(comp: ComparisonView, index: int) -> str:
+def _disagreement_table(comp: ComparisonView, index: int, out_dir: Path) -> str:
     rows_in = comp.disagreements[index]
     if not rows_in:
         return ("<p class=ok>They agree: every event of one has an event of the same label at "
@@ -832,11 +835,13 @@ def _disagreement_table(comp: ComparisonView, index: int) -> str:
     rows = []
     for d in rows_in:
         run = comp.runs[d["fired"]][index]
-        thumbs = "".join(
-            f'<img class="thumb" alt="{d["fired"]} event {d["seq"]} key frame {i + 1}" '
-            f'src="data:image/jpeg;base64,{base64.b64encode(j).decode()}">'
-            for i, j in enumerate(run.thumbnails.get(d["seq"], []))
-        )
+        folder = run.events_dir / f"{d['seq']:010d}" if run.events_dir is not None else None
+        thumbs = ""
+        for i, jpeg in enumerate(run.thumbnails.get(d["seq"], [])):
+            img = (f'<img class="thumb" alt="{d["fired"]} event {d["seq"]} key frame {i + 1}" '
+                   f'src="data:image/jpeg;base64,{base64.b64encode(jpeg).decode()}">')
+            link = _rel_link(folder / f"frame-{i}.jpg", out_dir) if folder else None
+            thumbs += f'<a href="{link}">{img}</a>' if link else img
         held = (f"<br><small>held back: {_esc('; '.join(d['silent_held_back']))}</small>"
                 if d["silent_held_back"] else "")
         peak = "no score" if d["silent_peak"] is None else f"peak {d['silent_peak']:.2f}"
@@ -872,7 +877,16 @@ table.compare td:first-child{width:38%}
 """
 
 
-def render_compare_html(comp: ComparisonView, config: Config) -> str:
+def _shown_config(comp: ComparisonView, config: Config) -> Config:
+    """The config as both runs used it: the compared modality's model is A's or B's."""
+    which = f"A or B ({comp.a.manifest.tag} / {comp.b.manifest.tag})"
+    if comp.a.modality == "vision":
+        return dataclasses.replace(config, gate=dataclasses.replace(config.gate,
+                                                                    vision_model=which))
+    return dataclasses.replace(config, gate=dataclasses.replace(config.gate, audio_model=which))
+
+
+def render_compare_html(comp: ComparisonView, config: Config, out_dir: Path) -> str:
     plt = pyplot()
     sections = []
     for i, (ra, rb) in enumerate(zip(comp.runs["A"], comp.runs["B"], strict=True)):
@@ -888,7 +902,7 @@ def render_compare_html(comp: ComparisonView, config: Config) -> str:
             f"{fmt_s(max(ra.recording.duration, ra.stats.media_seconds))} · A: {ra.stats.events}"
             f" events, B: {rb.stats.events} events</div>"
             + ("<h3>Scores over time</h3>" + scores if scores else "")
-            + f"<h3>Where they disagree ({n})</h3>" + _disagreement_table(comp, i)
+            + f"<h3>Where they disagree ({n})</h3>" + _disagreement_table(comp, i, out_dir)
             + "</section>"
         )
     notice = "" if plt is not None else f'<p class="notice">{PLOTS_MISSING}</p>'
@@ -899,12 +913,13 @@ def render_compare_html(comp: ComparisonView, config: Config) -> str:
         "<meta name=viewport content='width=device-width,initial-scale=1'>"
         f"<title>edgekeeper replay: A against B</title><style>{_CSS}{_COMPARE_CSS}</style>"
         f"<h1>edgekeeper replay: {_side('A')} against {_side('B')}</h1>"
-        f"<div class=muted>The same {n_rec} recording{'s' if n_rec != 1 else ''} through the "
+        f"<div class=muted>The same {'recording' if n_rec == 1 else f'{n_rec} recordings'}"
+        " through the "
         f"same device loop and config (<code>{_esc(config.source)}</code>); only the "
         f"{_esc(comp.a.modality)} model differs.</div>"
         + notice + _compare_models(comp)
         + "<h2>Side by side</h2>" + _compare_summary(comp)
-        + "".join(sections) + _config_section(config, results)
+        + "".join(sections) + _config_section(_shown_config(comp, config), results)
     )
 
 
@@ -918,7 +933,7 @@ def write_compare_report(comp: ComparisonView, config: Config, out_dir: Path) ->
     data = {
         "schema": COMPARE_SCHEMA,
         "kind": "replay-compare",
-        "config": effective_config(config),
+        "config": effective_config(_shown_config(comp, config)),
         "models": {"A": comp.a.to_json(), "B": comp.b.to_json()},
         "totals": comp.totals,
         "recordings": [
@@ -927,7 +942,7 @@ def write_compare_report(comp: ComparisonView, config: Config, out_dir: Path) ->
             for i, (ra, rb) in enumerate(zip(comp.runs["A"], comp.runs["B"], strict=True))
         ],
     }
-    page = render_compare_html(comp, config)
+    page = render_compare_html(comp, config, out_dir)
     paths = {"json": out_dir / "report.json", "html": out_dir / "report.html"}
     for key, content in (("json", json.dumps(data, indent=2, sort_keys=True)), ("html", page)):
         tmp = paths[key].with_suffix(".tmp")

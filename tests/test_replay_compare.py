@@ -7,10 +7,12 @@ DSSE envelopes (protocol/release.py) over the copied files."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 import pytest
 from nacl.signing import SigningKey
@@ -148,6 +150,9 @@ def test_a_changed_model_shows_where_they_disagree(tmp_path: Path,
     table = html.split("Where they disagree", 1)[1].split("</table>", 1)[0]
     assert table.count("<tr>") == len(rows) + 1  # a head row and one per moment
     assert "data:image/jpeg;base64," in table  # A's key frames at that moment
+    # each linked to the full-size frame A's run wrote beside the report
+    hrefs = re.findall(r'href="([^"]+)"', table)
+    assert hrefs and all((tmp_path / "report" / unquote(h)).is_file() for h in hrefs)
 
 
 def signed_release(folder: Path, key: SigningKey) -> Path:

@@ -19,8 +19,10 @@ from nacl.signing import SigningKey
 
 from edgekeeper import config as config_mod
 from edgekeeper.cli import main
-from edgekeeper.device import cost
+from edgekeeper.device import compare as compare_mod
+from edgekeeper.device import cost, identity
 from edgekeeper.protocol import release
+from edgekeeper.protocol.keys import CloudPublicKeys
 
 STREET = config_mod.MODELS_DIR / "samples" / "street"
 VIDEO, LABELS = STREET / "video.avi", STREET / "labels.json"
@@ -35,10 +37,11 @@ def write_config(root: Path, extra: str = "") -> Path:
     return path
 
 
-def compare(root: Path, a: str, b: str, *extra: str) -> dict[str, Any]:
+def compare(root: Path, a: str, b: str, *extra: str, as_json: bool = True) -> dict[str, Any]:
     cfg = write_config(root)
     argv = ["--config", str(cfg), "replay", "--compare", a, b, str(VIDEO), "--labels",
-            str(LABELS), "--report", str(root / "report"), "--no-progress", "--json", *extra]
+            str(LABELS), "--report", str(root / "report"), "--no-progress", *extra]
+    argv += ["--json"] if as_json else []
     assert main(argv) == 0
     data: dict[str, Any] = json.loads((root / "report" / "report.json").read_text())
     return data
@@ -188,11 +191,32 @@ def test_release_folder_checked_and_compared(tmp_path: Path,
     assert rec["A"]["events"] == rec["B"]["events"] and rec["disagreements"] == []
 
     # No key given and none pinned (the state dir holds no enrollment): it runs, and says so.
-    data = compare(tmp_path / "nokey", "builtin:person", str(folder))
-    capsys.readouterr()
+    data = compare(tmp_path / "nokey", "builtin:person", str(folder), as_json=False)
+    printed = capsys.readouterr().out
+    assert "signature not checked" in printed and "they disagree at 0 moments" in printed
     assert data["models"]["B"]["release"]["signature_checked"] is False
     html = (tmp_path / "nokey" / "report" / "report.html").read_text()
     assert "signature not checked" in html
+
+
+def test_release_key_from_the_pinned_enrollment_or_a_keys_file(tmp_path: Path) -> None:
+    key = SigningKey.generate()
+    folder = signed_release(tmp_path / "release", key)
+    state = tmp_path / "state"
+    assert compare_mod.load_release_key(None, state) == (None, "")  # not enrolled: no key
+    cloud = CloudPublicKeys(box_pk=bytes(32), release_pk=bytes(key.verify_key))
+    identity.save_enrollment(state, identity.Enrollment("dev-1", "https://127.0.0.1:1", cloud,
+                                                        time.time()))
+    pk, where = compare_mod.load_release_key(None, state)
+    assert pk == bytes(key.verify_key) and "pinned" in where
+    cand = compare_mod.resolve("B", str(folder), variant="int8", release_pk=pk, key_source=where)
+    assert cand.kind == "release" and cand.modality == "vision"
+    assert cand.release is not None and cand.release["signature_checked"] is True
+    # --release-key takes the cloud keys JSON a device pins (CloudPublicKeys.save), or hex.
+    cloud.save(tmp_path / "cloud.json")
+    assert compare_mod.load_release_key(tmp_path / "cloud.json", tmp_path / "none")[0] == pk
+    (tmp_path / "key.hex").write_text(pk.hex().upper())
+    assert compare_mod.load_release_key(tmp_path / "key.hex", tmp_path / "none")[0] == pk
 
 
 def run_error(tmp_path: Path, *argv: str, capsys: pytest.CaptureFixture[str]) -> str:

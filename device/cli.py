@@ -45,6 +45,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.add_argument("--verbose", action="store_true",
                    help="log every decision as it happens (they are in the report either way)")
+    p.add_argument("--compare", nargs=2, metavar=("A", "B"),
+                   help="run two models (manifest JSON, builtin:NAME[:int8|float] or release "
+                   "folder) over the same recordings; one report side by side")
+    p.add_argument("--release-key", type=Path, metavar="FILE",
+                   help="with --compare: the release public key (hex, or the cloud keys JSON) "
+                   "to check release folders' signatures; default: this device's pinned key")
     p.set_defaults(handler=cmd_replay)
 
     p = sub.add_parser("record", help="record the camera and microphone into a recording folder")
@@ -68,6 +74,10 @@ def cmd_replay(args: argparse.Namespace, config: Config) -> int:
         from edgekeeper import log as log_mod
 
         log_mod.configure("warning", config.log.format)
+    if args.compare:
+        from edgekeeper.device.compare import cmd_compare
+
+        return cmd_compare(args, config)
 
     async def main() -> list[Any]:
         results = []

@@ -145,10 +145,16 @@ async def run_device(config: Config, stop: asyncio.Event) -> dict[str, Any]:
     from edgekeeper.device.loop import Pipeline, PipelineStats
     from edgekeeper.device.replay import open_gates
     from edgekeeper.device.sink import LocalSink
+    from edgekeeper.device.update import Updates
     from edgekeeper.device.uplink import DeviceLink
 
     enrolled = await asyncio.to_thread((config.device.state_dir / identity.ENROLLMENT_FILE).exists)
     async with contextlib.AsyncExitStack() as stack:
+        # Signed model updates: the gates load the model the slots' pointer names (verified).
+        updates = await Updates.prepare(config) if enrolled else None
+        if updates is not None:
+            config = updates.config
+            await stack.enter_async_context(updates)
         gates = await stack.enter_async_context(
             open_gates(config, vision=config.camera.enabled, audio=config.microphone.enabled)
         )
@@ -175,12 +181,17 @@ async def run_device(config: Config, stop: asyncio.Event) -> dict[str, Any]:
                             vision_gate=gates.vision, audio_gate=gates.audio,
                             clock_base=time.time(), ordered=False,
                             on_decision=mqtt.note_decision if mqtt else None,
-                            on_event=mqtt.event_nowait if mqtt else None)
+                            on_event=_each(mqtt and mqtt.event_nowait,
+                                           updates and updates.on_event))
+        if updates is not None:
+            updates.attach(gates, link, pipeline.capture.models)
         log.info("device.running", events_to=where, models=gates.models)
         stop_link, stop_mqtt = asyncio.Event(), asyncio.Event()
         async with compat.TaskGroup() as tg:
             if mqtt is not None:
                 tg.create_task(mqtt.run(stop_mqtt), name="device-mqtt")
+            if updates is not None:
+                tg.create_task(updates.run(stop), name="device-updates")
             if link is not None:
 
                 async def link_then_mqtt() -> None:
@@ -202,6 +213,14 @@ async def run_device(config: Config, stop: asyncio.Event) -> dict[str, Any]:
 
             loop_task = tg.create_task(loop_then_link(), name="device-loop")
         return loop_task.result().as_dict()
+
+
+def _each(*callbacks: Any) -> Any:
+    """One callback calling each given one (None and False are left out), or None."""
+    live = [c for c in callbacks if c]
+    if not live:
+        return None
+    return lambda value: [c(value) for c in live]
 
 
 # -- record -----------------------------------------------------------------------------------

@@ -211,7 +211,8 @@ def _encode(modality: str, data: np.ndarray) -> bytes | None:
         encoded: bytes = buf.tobytes()
         return encoded if ok else None
     pcm = np.clip(np.asarray(data, np.float32) * 32768.0, -32768, 32767).astype("<i2")
-    return pcm.tobytes()
+    raw: bytes = pcm.tobytes()
+    return raw
 
 
 def _decode_rows(modality: str,

@@ -67,7 +67,6 @@ from edgekeeper.protocol.release import (
 
 log = get_logger(__name__)
 
-_DOWNLOAD_ATTEMPTS = 3  # per file and check; a later check starts again
 _BASELINE = 500  # the previous model's last inferences the trial's hit rate is compared with
 _RATE_MIN_INFERENCES = 50
 _RATE_FACTOR, _RATE_MARGIN = 3.0, 0.2
@@ -81,6 +80,7 @@ class UpdateSettings:
     trial_inferences: int = 500
     trial_seconds: float = 600.0
     shadow_max_flip: float = 0.5
+    download_attempts: int = 3  # per file and check; a later check starts again
 
 
 @dataclass
@@ -270,12 +270,12 @@ class Updater:
                     copy_verified, src, dest, entry.sha256, entry.length):
                 reused += 1
                 continue
-            for attempt in range(1, _DOWNLOAD_ATTEMPTS + 1):
+            for attempt in range(1, self.settings.download_attempts + 1):
                 try:
                     await self.fetcher.download(self.family, body.version, entry, dest)
                     break
                 except RetryableError as err:
-                    if attempt == _DOWNLOAD_ATTEMPTS:
+                    if attempt == self.settings.download_attempts:
                         log.warning("update.download_failed", model=self.family,
                                     version=body.version, file=entry.path,
                                     error=err.message[:300])

@@ -350,7 +350,8 @@ async def test_a_slow_download_times_out_while_inference_continues(make_device: 
 
     task = asyncio.create_task(infer())
     started = time.monotonic()
-    with capture_logs() as logs, pytest.raises(RetryableError, match=r"not complete within|no byte"):
+    with capture_logs() as logs, pytest.raises(RetryableError,
+                                               match=r"not complete within|no byte"):
         await d.updater.check_once()
     ended = time.monotonic()
     done.set()

@@ -37,6 +37,7 @@ from typing import Any
 from edgekeeper import __version__, runtime
 from edgekeeper.backoff import Backoff
 from edgekeeper.device.gate import Gate, GateOutput
+from edgekeeper.device.update import install
 from edgekeeper.device.update.canary import (
     CanaryInput,
     CanaryRing,
@@ -48,16 +49,10 @@ from edgekeeper.device.update.store import (
     Active,
     ModelStore,
     Pointer,
-    Ref,
-    Trial,
-    copy_verified,
-    fsync_dir,
 )
 from edgekeeper.errors import EdgekeeperError, RetryableError
-from edgekeeper.fs import private_dir, write_private
 from edgekeeper.log import get_logger
 from edgekeeper.protocol.release import (
-    RELEASE_FILE,
     InputSpec,
     ReleaseBody,
     ReleaseRefused,
@@ -259,39 +254,9 @@ class Updater:
     # -- download ----------------------------------------------------------------------------
     async def _download(self, body: ReleaseBody, raw: bytes, sha: str,
                         stop: asyncio.Event) -> Path:
-        incoming = await asyncio.to_thread(self.store.empty_incoming)
-        local = await asyncio.to_thread(self.store.local_files, self.active)
-        fetched = reused = 0
-        for entry in body.files:
-            dest = incoming / entry.path
-            await asyncio.to_thread(private_dir, dest.parent)
-            src = local.get(entry.sha256)
-            if src is not None and await asyncio.to_thread(
-                    copy_verified, src, dest, entry.sha256, entry.length):
-                reused += 1
-                continue
-            for attempt in range(1, self.settings.download_attempts + 1):
-                try:
-                    await self.fetcher.download(self.family, body.version, entry, dest)
-                    break
-                except RetryableError as err:
-                    if attempt == self.settings.download_attempts:
-                        log.warning("update.download_failed", model=self.family,
-                                    version=body.version, file=entry.path,
-                                    error=err.message[:300])
-                        raise
-                    delay = self._file_backoff.next_delay(getattr(err, "retry_after", None))
-                    log.info("update.download_retry", model=self.family, file=entry.path,
-                             attempt=attempt, error=err.message[:200], seconds=round(delay, 2))
-                    if await runtime.sleep(stop, delay):
-                        raise
-            fetched += 1
-        self._file_backoff.reset()
-        await asyncio.to_thread(_seal, incoming, raw)
-        await asyncio.to_thread(self.store.verify_dir, incoming, sha)
-        log.info("update.downloaded", model=self.family, version=body.version,
-                 fetched=fetched, reused=reused)
-        return incoming / body.entry
+        return await install.download(
+            self.store, self.fetcher, self.active, body, raw, sha,
+            attempts=self.settings.download_attempts, backoff=self._file_backoff, stop=stop)
 
     # -- shadow ------------------------------------------------------------------------------
     async def _shadow(self, candidate: Path, body: ReleaseBody) -> str | None:
@@ -314,16 +279,9 @@ class Updater:
 
     # -- swap, trial, rollback ---------------------------------------------------------------
     async def _swap(self, body: ReleaseBody, sha: str) -> None:
-        before = self.active
-        slot = self.store.inactive_slot(before.pointer)
-        ref = Ref(slot, body.version, body.created_at, sha)
-        fallback = before.ref if before.pointer is None or before.pointer.trial is None else (
-            before.pointer.fallback)
-        pointer = Pointer(active=ref, trial=Trial(self.clock()), fallback=fallback,
-                          rejected=before.pointer.rejected if before.pointer else ())
-        directory = await asyncio.to_thread(self.store.install, slot)
-        pointer = await asyncio.to_thread(self.store.write_pointer, pointer)
-        manifest = directory / body.entry
+        pointer, manifest = await asyncio.to_thread(
+            install.commit, self.store, self.active, body, sha, self.clock())
+        ref = pointer.active
         baseline = (sum(self._baseline) / len(self._baseline)) if self._baseline else None
         assert pointer.trial is not None
         self._trial = _TrialState(body.tag, pointer.trial.started_at, baseline)
@@ -354,9 +312,7 @@ class Updater:
                 and self.clock() - trial.started_at < self.settings.trial_seconds):
             return  # woken early (not due yet)
         self._trial = None
-        pointer = await asyncio.to_thread(self.store.write_pointer, replace(
-            pointer, trial=replace(pointer.trial, inferences=trial.inferences)))
-        pointer = await asyncio.to_thread(self.store.write_pointer, replace(pointer, trial=None))
+        pointer = await asyncio.to_thread(install.passed, self.store, pointer)
         self.active = replace(self.active, pointer=pointer)
         log.info("update.trial_passed", model=self.family, version=self.active.ref.version,
                  inferences=trial.inferences)
@@ -401,8 +357,3 @@ class Updater:
                 return
             self._reports.popleft()
 
-
-def _seal(directory: Path, raw: bytes) -> None:
-    """release.json goes in last: a folder with one has every file (verify_dir checks)."""
-    write_private(directory / RELEASE_FILE, raw)
-    fsync_dir(directory)

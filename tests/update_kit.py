@@ -8,6 +8,7 @@ Used by tests/test_update.py, tests/test_update_kill.py (and its child) and benc
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import json
 import shutil
@@ -105,6 +106,7 @@ class ReleaseServer:
     def __init__(self, *devices: DevicePublicKeys) -> None:
         self.devices = {d.device_id: d for d in devices}
         self.served: dict[str, Served] = {}
+        self.folders: dict[tuple[str, str], Path] = {}  # files of every version published
         self.reports: list[dict[str, Any]] = []
         self.requests: list[str] = []
         self.chunk_delay = 0.0  # seconds between 16 KiB chunks (the kill test)
@@ -115,6 +117,8 @@ class ReleaseServer:
     def publish(self, family: str, folder: Path, **mode: str) -> bytes:
         raw = (Path(folder) / RELEASE_FILE).read_bytes()
         self.served[family] = Served(raw, Path(folder), dict(mode))
+        payload = json.loads(base64.b64decode(json.loads(raw)["payload"]))
+        self.folders[(family, payload["version"])] = Path(folder)
         return raw
 
     async def start(self) -> str:
@@ -164,7 +168,9 @@ class ReleaseServer:
         if served is None:
             raise web.HTTPNotFound()
         path = request.match_info["path"]
-        data = await asyncio.to_thread((served.files / path).read_bytes)
+        folder = self.folders.get((request.match_info["model"], request.match_info["version"]),
+                                  served.files)
+        data = await asyncio.to_thread((folder / path).read_bytes)
         mode = served.mode.get(path, served.mode.get("*", ""))
         if mode == "flip":
             data = bytes([data[0] ^ 0x01]) + data[1:]
@@ -182,13 +188,16 @@ class ReleaseServer:
                 await resp.write(data[i : i + 1])
                 await asyncio.sleep(1.0)
         step = 16 * 1024
-        for i in range(0, len(data), step):
-            await resp.write(data[i : i + step])
-            if self.chunk_delay:
-                await asyncio.sleep(self.chunk_delay)
-        if mode == "extra":
-            await resp.write(b"and more bytes than the release declares")
-        await resp.write_eof()
+        try:
+            for i in range(0, len(data), step):
+                await resp.write(data[i : i + step])
+                if self.chunk_delay:
+                    await asyncio.sleep(self.chunk_delay)
+            if mode == "extra":
+                await resp.write(b"and more bytes than the release declares")
+            await resp.write_eof()
+        except ConnectionResetError:
+            pass  # the device went away mid-file (the kill test kills it there)
         return resp
 
     async def _report(self, request: web.Request) -> web.Response:

@@ -486,3 +486,68 @@ def test_a_damaged_pointer_starts_the_builtin(tmp_path: Path) -> None:
 
 def test_the_release_hint_names_versions_per_model() -> None:
     assert parse_hint("person=1.2.0, sound=1.1.0,junk") == {"person": "1.2.0", "sound": "1.1.0"}
+
+
+# -- wired into the device: Updates (edgekeeper run) and `device models` -----------------------
+
+
+async def test_the_device_runs_the_updater_and_restarts_on_the_new_model(
+        tmp_path: Path, make_config: Any) -> None:
+    from edgekeeper.device import identity
+    from edgekeeper.device.replay import open_gates
+    from edgekeeper.device.update import Updates
+    from edgekeeper.device.update.status import describe
+    from edgekeeper.protocol.keys import CloudPublicKeys
+
+    key = SigningKey.generate()
+    config = make_config(microphone={"enabled": False}, updates={"check_seconds": 3600,
+                                                                      "trial_inferences": 0})
+    state = config.device.state_dir
+    keys, _ = await asyncio.to_thread(identity.load_or_create_keys, state)
+    server = ReleaseServer(keys.public(config.device.id))
+    url = await server.start()
+    await asyncio.to_thread(identity.save_enrollment, state, identity.Enrollment(
+        config.device.id, url, CloudPublicKeys(bytes(32), bytes(key.verify_key)), time.time()))
+    folder = await asyncio.to_thread(build_release, tmp_path / "r", "person", "1.2.0", key)
+    server.publish("person", folder)
+    try:
+        updates = await Updates.prepare(config)
+        assert updates is not None
+        assert updates.config.gate.vision_model.endswith("person/manifest-int8.json")
+        stop = asyncio.Event()
+        async with updates, open_gates(updates.config, vision=True, audio=False) as gates:
+            models = {"vision": gates.vision.manifest.tag}
+            updates.attach(gates, None, models)
+            task = asyncio.create_task(updates.run(stop))
+            for _ in range(200):  # the first check runs at once
+                if gates.vision.manifest.tag == "person@1.2.0":
+                    break
+                await asyncio.sleep(0.05)
+            assert models == {"vision": "person@1.2.0"}  # events name the model now running
+            # The trial (0 inferences) passes; then the results long-poll's hint wakes a check
+            # at once (nothing new: unchanged).
+            for _ in range(100):
+                if server.reports and server.reports[-1]["outcome"] == "trial_passed":
+                    break
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(0.5)  # the check right after the trial is done; now it sleeps
+            requests = len(server.requests)
+            updates.hint("person=1.3.0, sound=1.1.0")
+            for _ in range(100):
+                if len(server.requests) > requests:
+                    break
+                await asyncio.sleep(0.05)
+            assert server.requests[requests:] == ["/v1/releases/person"]
+            stop.set()
+            await task
+        # The next start loads slot-a's verified model.
+        again = await Updates.prepare(config)
+        assert again is not None
+        assert "slot-a" in again.config.gate.vision_model
+        docs = await asyncio.to_thread(describe, config)
+        assert docs[0]["model"] == "person" and docs[0]["active"] == "slot-a"
+        assert docs[0]["slots"]["a"] == {"state": "verified", "version": "1.2.0",
+                                         "created_at": docs[0]["slots"]["a"]["created_at"]}
+        assert docs[0]["trial"] is None
+    finally:
+        await server.stop()

@@ -174,11 +174,13 @@ class Updater:
             await self._flush_reports()
             if self._trial is not None:
                 left = self._trial.started_at + self.settings.trial_seconds - self.clock()
-                if await runtime.sleep(stop, max(0.0, left), wake=self._trial.done):
+                if not self._trial_due() and await runtime.sleep(
+                        stop, max(0.0, left), wake=self._trial.done):
                     break
                 await self.finish_trial()
                 continue
             delay = self.settings.check_seconds
+            self.wake.clear()  # a hint from now on wakes the sleep below
             try:
                 await self.check_once(stop)
                 self.backoff.reset()
@@ -190,7 +192,6 @@ class Updater:
                 log.warning("update.check_failed", model=self.family, error=err.message[:300],
                             seconds=round(delay, 1))
             if self._trial is None:
-                self.wake.clear()
                 await runtime.sleep(stop, delay, wake=self.wake)
 
     async def check_once(self, stop: asyncio.Event | None = None) -> str:
@@ -299,6 +300,12 @@ class Updater:
             self.on_swapped(self.gate.manifest.tag)
         await self._report(body.version, "active", "")
 
+    def _trial_due(self) -> bool:
+        t = self._trial
+        return t is not None and (
+            t.failed is not None or t.inferences >= self.settings.trial_inferences
+            or self.clock() - t.started_at >= self.settings.trial_seconds)
+
     async def finish_trial(self) -> None:
         trial, pointer = self._trial, self.active.pointer
         if trial is None or pointer is None or pointer.trial is None:
@@ -308,8 +315,7 @@ class Updater:
             self._trial = None
             await self._rollback(pointer, trial.failed)
             return
-        if (trial.inferences < self.settings.trial_inferences
-                and self.clock() - trial.started_at < self.settings.trial_seconds):
+        if not self._trial_due():
             return  # woken early (not due yet)
         self._trial = None
         pointer = await asyncio.to_thread(install.passed, self.store, pointer)

@@ -29,12 +29,15 @@ from edgekeeper.protocol.release import (
     RELEASE_FILE,
     InputSpec,
     ReleaseBody,
+    ReleaseRefused,
     Scope,
     describe_files,
+    parse_version,
     sign,
 )
 
 DAY = 86400.0
+OUTCOMES = {"downloaded", "refused", "shadow_failed", "active", "trial_passed", "rolled_back"}
 
 
 def build_release(out: Path, family: str, version: str, key: SigningKey, *,
@@ -201,9 +204,17 @@ class ReleaseServer:
         return resp
 
     async def _report(self, request: web.Request) -> web.Response:
+        """Checked as the ingest documents it (docs/protocol.md, "Model releases")."""
         await self._signed(request)
-        self.reports.append(await request.json())
-        return web.json_response({"ok": True})
+        doc = await request.json()
+        try:
+            assert set(doc) <= {"model", "version", "outcome", "reason", "at", "running"}
+            assert doc["outcome"] in OUTCOMES and len(doc["reason"]) <= 1000
+            parse_version(doc["version"])
+        except (AssertionError, KeyError, ReleaseRefused):
+            raise web.HTTPBadRequest(text=f"invalid_request: {doc}") from None
+        self.reports.append(doc)
+        return web.json_response({"recorded": True})
 
 
 def tree_digest(root: Path) -> dict[str, str]:

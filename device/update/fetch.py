@@ -160,9 +160,12 @@ class ReleaseFetcher:
                            fix="the download is tried again later") from None
 
     async def report(self, model: str, version: str, outcome: str, reason: str,
-                     at: float) -> None:
-        body = json.dumps({"model": model, "version": version, "outcome": outcome,
-                           "reason": reason[:1000], "at": at}).encode()
+                     at: float, running: str | None = None) -> None:
+        doc: dict[str, Any] = {"model": model, "version": version, "outcome": outcome,
+                               "reason": reason[:1000], "at": at}
+        if running is not None:
+            doc["running"] = running  # the version the device runs now
+        body = json.dumps(doc).encode()
         url, headers = self._request("POST", "/v1/releases/report", body)
         headers["Content-Type"] = "application/json"
         with classified("POST /v1/releases/report"):

@@ -25,7 +25,11 @@ refusal never touches the running model or either slot (downloads only ever writ
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
+import contextlib
 import hashlib
+import json
 import math
 import time
 from collections import deque
@@ -57,6 +61,7 @@ from edgekeeper.protocol.release import (
     ReleaseBody,
     ReleaseRefused,
     check_update,
+    parse_version,
     verify,
 )
 
@@ -115,6 +120,7 @@ class Updater:
         self._reports: deque[tuple[str, str, str, float]] = deque(maxlen=64)
         self._baseline: deque[bool] = deque(maxlen=_BASELINE)
         self._trial: _TrialState | None = None
+        self._hinted = ""
         for version, outcome, reason in active.reports:
             self._reports.append((version, outcome, reason, clock()))
         if active.pointer is not None and active.pointer.trial is not None:
@@ -161,6 +167,7 @@ class Updater:
 
     def hint(self, version: str) -> None:
         """The results long-poll says the cloud publishes ``version``: look now if it differs."""
+        self._hinted = version
         if version != self.active.ref.version:
             self.wake.set()
 
@@ -221,7 +228,8 @@ class Updater:
         except ReleaseRefused as err:
             self._seen.add(sha)
             self.etag = etag
-            await self._refused(body.version if body else "unknown", err.reason, err.message)
+            await self._refused(body.version if body else _claimed_version(raw, self._hinted),
+                                err.reason, err.message)
             return "refused"
         self.etag = etag
         await self._report(body.version, "downloaded", "")
@@ -352,14 +360,34 @@ class Updater:
         await self._flush_reports()
 
     async def _flush_reports(self) -> None:
-        """Send what is queued, in order; a failure keeps the rest for the next round."""
+        """Send what is queued, in order. A transient failure keeps the rest for the next
+        round; a report the cloud refuses (4xx) is dropped, logged, so it cannot block the
+        others forever."""
         while self._reports:
             version, outcome, reason, at = self._reports[0]
             try:
-                await self.fetcher.report(self.family, version, outcome, reason, at)
-            except EdgekeeperError as err:
+                await self.fetcher.report(self.family, version, outcome, reason, at,
+                                          running=self.active.ref.version)
+            except RetryableError as err:
                 log.warning("update.report_failed", model=self.family, outcome=outcome,
                             error=err.message[:200], queued=len(self._reports))
                 return
+            except EdgekeeperError as err:
+                log.error("update.report_refused", model=self.family, outcome=outcome,
+                          version=version, error=err.message[:200])
             self._reports.popleft()
+
+
+def _claimed_version(raw: bytes, hinted: str) -> str:
+    """The version a release that failed verification *claims* (unverified: only to name it in
+    the report), else the one the long-poll hinted at, else 0.0.0."""
+    with contextlib.suppress(ValueError, KeyError, TypeError, binascii.Error,
+                             UnicodeDecodeError, ReleaseRefused):
+        payload = json.loads(base64.b64decode(json.loads(raw)["payload"]))
+        parse_version(payload["version"])
+        return str(payload["version"])
+    with contextlib.suppress(ReleaseRefused):
+        parse_version(hinted)
+        return hinted
+    return "0.0.0"
 

@@ -551,3 +551,38 @@ async def test_the_device_runs_the_updater_and_restarts_on_the_new_model(
         assert docs[0]["trial"] is None
     finally:
         await server.stop()
+
+
+async def test_the_results_long_poll_hands_the_release_hint_on(make_config: Any) -> None:
+    """The ingest's Edgekeeper-Releases header on a results answer reaches the updater."""
+    from aiohttp import web
+
+    from edgekeeper.device import identity
+    from edgekeeper.device.results import ResultActions, ResultsClient
+
+    async def results(request: web.Request) -> web.Response:
+        return web.json_response({"results": [], "cursor": 0},
+                                 headers={"Edgekeeper-Releases": "person=1.2.0,sound=1.1.0"})
+
+    app = web.Application()
+    app.router.add_get("/v1/results", results)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    config = make_config()
+    keys, _ = await asyncio.to_thread(identity.load_or_create_keys, config.device.state_dir)
+    actions = ResultActions.from_config(config)
+    heard: list[str] = []
+    try:
+        async with ResultsClient(actions, keys=keys, device_id=config.device.id,
+                                 cloud_url=f"http://127.0.0.1:{port}", cloud_box_pk=bytes(32),
+                                 section=config.results) as rc:
+            rc.on_releases = heard.append
+            await rc.poll_once()
+    finally:
+        await actions.close()
+        await runner.cleanup()
+    assert heard == ["person=1.2.0,sound=1.1.0"]
+    assert parse_hint(heard[0]) == {"person": "1.2.0", "sound": "1.1.0"}

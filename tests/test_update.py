@@ -586,3 +586,22 @@ async def test_the_results_long_poll_hands_the_release_hint_on(make_config: Any)
         await runner.cleanup()
     assert heard == ["person=1.2.0,sound=1.1.0"]
     assert parse_hint(heard[0]) == {"person": "1.2.0", "sound": "1.1.0"}
+
+
+async def test_a_stop_cuts_a_download_short(make_device: Any) -> None:
+    """The runtime's drain must not wait for a download (minutes on a slow link)."""
+    d = await make_device(stall_seconds=60.0, deadline_seconds=600.0)
+    d.server.publish("person", await d.release("1.2.0"), **{"manifest-int8.json": "stall"})
+    before = await asyncio.to_thread(d.snapshot)
+    stop = asyncio.Event()
+    task = asyncio.create_task(d.updater.run(stop))
+    for _ in range(200):
+        if any("manifest-int8.json" in p for p in d.server.requests):
+            break
+        await asyncio.sleep(0.05)
+    assert any("manifest-int8.json" in p for p in d.server.requests)
+    stop.set()
+    started = time.monotonic()
+    await asyncio.wait_for(task, 5.0)
+    assert time.monotonic() - started < 2.0
+    assert await asyncio.to_thread(d.snapshot) == before

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from edgekeeper import __version__, runtime
+from edgekeeper import __version__, compat, runtime
 from edgekeeper.backoff import Backoff
 from edgekeeper.device.gate import Gate, GateOutput
 from edgekeeper.device.update import install
@@ -186,8 +186,18 @@ class Updater:
                     break
                 await self.finish_trial()
                 continue
-            delay = self.settings.check_seconds
             self.wake.clear()  # a hint from now on wakes the sleep below
+            delay = await self._check_until_stopped(stop)
+            if self._trial is None:
+                await runtime.sleep(stop, delay, wake=self.wake)
+
+    async def _check_until_stopped(self, stop: asyncio.Event) -> float:
+        """One ``check_once``, cut short by a stop (a download may take minutes; the drain
+        must not wait for it: what it leaves in incoming/ is never loaded). Returns the wait
+        before the next check."""
+        delay = [self.settings.check_seconds]
+
+        async def check() -> None:
             try:
                 await self.check_once(stop)
                 self.backoff.reset()
@@ -195,11 +205,19 @@ class Updater:
                 log.error("update.check_refused", model=self.family, error=err.message,
                           fix=err.fix)
             except RetryableError as err:
-                delay = self.backoff.next_delay(getattr(err, "retry_after", None))
+                delay[0] = self.backoff.next_delay(getattr(err, "retry_after", None))
                 log.warning("update.check_failed", model=self.family, error=err.message[:300],
-                            seconds=round(delay, 1))
-            if self._trial is None:
-                await runtime.sleep(stop, delay, wake=self.wake)
+                            seconds=round(delay[0], 1))
+
+        async def cut_short(checking: asyncio.Task[None]) -> None:
+            await stop.wait()
+            checking.cancel()
+
+        async with compat.TaskGroup() as tg:
+            checking = tg.create_task(check(), name=f"update-check-{self.family}")
+            watcher = tg.create_task(cut_short(checking), name=f"update-stop-{self.family}")
+            checking.add_done_callback(lambda _: watcher.cancel())
+        return delay[0]
 
     async def check_once(self, stop: asyncio.Event | None = None) -> str:
         """One look at the cloud's release. Returns what happened: "none", "unchanged",

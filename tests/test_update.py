@@ -605,3 +605,42 @@ async def test_a_stop_cuts_a_download_short(make_device: Any) -> None:
     await asyncio.wait_for(task, 5.0)
     assert time.monotonic() - started < 2.0
     assert await asyncio.to_thread(d.snapshot) == before
+
+
+async def test_the_canary_ring_keeps_inputs_and_the_teachers_verdict(tmp_path: Path) -> None:
+    """Inputs are kept (bounded per modality), the event's input gets the teacher's verdict,
+    and the shadow evaluation leaves out the inputs the teacher says the gate got wrong."""
+    from edgekeeper.device.update.canary import shadow_evaluate
+    from edgekeeper.protocol.release import verify
+
+    ring = await CanaryRing(tmp_path / "canary.sqlite", size=3,
+                            thresholds={"person": 0.7}).open()
+    gate = Gate("vision", 1)
+    builtin = MODELS_DIR / "person" / "manifest-int8.json"
+    await gate.load(builtin)
+    try:
+        images = await asyncio.to_thread(frames, 5)
+        for image in images:
+            out = await gate.classify(image)
+            ring._last.clear()  # sample every input (the ring rate-limits by the clock)
+            ring.offer("vision", image, out)
+            await ring._store(*ring._queue.popleft())
+        assert await ring.count("vision") == 3  # the newest 3
+        ring.event_opened("vision", 7)
+        await ring.tag_latest_hit(*ring._tags.popleft())
+        await ring.note_result(7, "nobody", False)
+        inputs = await ring.inputs("vision")
+        assert [i.gate_correct for i in inputs] == [None, None, False]
+        assert inputs[0].data.shape == (240, 320, 3)  # stored downscaled, as JPEG
+        assert (tmp_path / "canary.sqlite").stat().st_mode & 0o777 == 0o600
+        key = SigningKey.generate()
+        folder = await asyncio.to_thread(build_release, tmp_path / "r", "person", "1.2.0", key,
+                                         vision={"mean": [-3.0] * 3})
+        body = verify((folder / RELEASE_FILE).read_bytes(), bytes(key.verify_key))
+        report = await asyncio.to_thread(
+            shadow_evaluate, builtin, folder / body.entry, body, inputs,
+            thresholds={"person": 0.7}, max_flip=0.5)
+        assert (report.ok, report.compared, report.flips) == (False, 2, 2)
+    finally:
+        await ring.close()
+        await asyncio.to_thread(gate.close)

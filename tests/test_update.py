@@ -301,6 +301,9 @@ SHADOW = {
     # An audio model given as the person model: the wrong input shape.
     "wrong_input_shape": ({"model_file": MODELS_DIR / "sound" / "sound-int8.tflite"},
                           "load_failed"),
+    # A manifest whose model is a file outside the release (here the builtin's, by its path).
+    "file_outside_the_release": ({"edit_manifest": lambda m: m["stages"][0].update(
+        model=str(MODELS_DIR / "person" / "person-int8.tflite"))}, "wrong_files"),
     # A model that says "no person" to everything the current one sees a person in.
     "disagrees": ({"vision": {"mean": [-3.0] * 3}}, "disagrees"),
 }

@@ -45,7 +45,8 @@ def build_release(out: Path, family: str, version: str, key: SigningKey, *,
                   rollback: bool = False, variant: str = "int8",
                   vision: dict[str, Any] | None = None, model_file: Path | None = None,
                   sample_rate: int | None = None,
-                  edit_body: Callable[[ReleaseBody], ReleaseBody] | None = None) -> Path:
+                  edit_body: Callable[[ReleaseBody], ReleaseBody] | None = None,
+                  edit_manifest: Callable[[dict[str, Any]], None] | None = None) -> Path:
     """A release folder (files + signed release.json) of a shipped model, as ``version``.
 
     ``vision`` overrides keys of the manifest's vision block (mean/std/width ...); ``model_file``
@@ -72,6 +73,8 @@ def build_release(out: Path, family: str, version: str, key: SigningKey, *,
         stage["model"] = name
         files.append(name)
     shutil.copy(src / "labels.txt", out / "labels.txt")
+    if edit_manifest is not None:
+        edit_manifest(manifest)
     (out / f"manifest-{variant}.json").write_text(json.dumps(manifest, indent=1))
     labels = tuple((src / "labels.txt").read_text().split())
     if manifest["modality"] == "vision":

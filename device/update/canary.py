@@ -278,6 +278,12 @@ def shadow_evaluate(current: Path, candidate: Path, body: ReleaseBody,
         if manifest.modality != body.input.modality:
             return fail(f"wrong_input: the manifest is {manifest.modality}, the release "
                         f"{body.input.modality}")
+        base = candidate.parent.resolve()
+        declared = {(base / f.path).resolve() for f in body.files}
+        outside = [str(st.model) for st in manifest.stages if st.model.resolve() not in declared]
+        if outside:
+            # Only the release's own, verified files may run: not a file beside the slot.
+            return fail(f"wrong_files: {outside[0]} is not a file of the release")
         if manifest.tag != body.tag:
             return fail(f"wrong_version: the manifest is {manifest.tag}, the release {body.tag}")
         if tuple(manifest.labels) != tuple(body.labels):

@@ -197,11 +197,17 @@ class DeviceService:
         from edgekeeper.device.replay import open_gates
         from edgekeeper.device.sink import LocalSink
         from edgekeeper.device.status import DeviceMonitor
+        from edgekeeper.device.update import Updates
         from edgekeeper.device.uplink import DeviceLink
 
         config = self.config
         enrolled = await asyncio.to_thread(check_enrolled, config)
         async with contextlib.AsyncExitStack() as stack:
+            # Signed model updates: the gates load the model the slots' pointer names (verified).
+            updates = await Updates.prepare(config) if enrolled is not None else None
+            if updates is not None:
+                config = self.config = updates.config
+                await stack.enter_async_context(updates)
             gates = await stack.enter_async_context(
                 open_gates(config, vision=config.camera.enabled, audio=config.microphone.enabled)
             )
@@ -229,7 +235,9 @@ class DeviceService:
                 config, sink, video=video, audio=audio, vision_gate=gates.vision,
                 audio_gate=gates.audio, clock_base=time.time(), ordered=False,
                 on_decision=mqtt.note_decision if mqtt else None,
-                on_event=mqtt.event_nowait if mqtt else None)
+                on_event=_each(mqtt and mqtt.event_nowait, updates and updates.on_event))
+            if updates is not None:
+                updates.attach(gates, link, pipeline.capture.models)
             interval = runtime.supervisor().notifier.watchdog_interval
             monitor = DeviceMonitor(config, pipeline, outbox=link.outbox if link else None,
                                     models=gates.models, events_to=where, enrolled=enrolled,
@@ -244,6 +252,8 @@ class DeviceService:
                 tg.create_task(monitor.announce_ready(stop_status), name="device-ready")
                 if mqtt is not None:
                     tg.create_task(mqtt.run(stop_mqtt), name="device-mqtt")
+                if updates is not None:
+                    tg.create_task(updates.run(stop), name="device-updates")
                 if link is not None:
 
                     async def link_then_mqtt() -> None:
@@ -297,6 +307,14 @@ class DeviceService:
         log.info("device.config_reloaded", source=new.source,
                  applied=[n for n in changed if n in self.LIVE] or None,
                  needs_restart=restart or None)
+
+
+def _each(*callbacks: Any) -> Any:
+    """One callback calling each given one (None and False are left out), or None."""
+    live = [c for c in callbacks if c]
+    if not live:
+        return None
+    return lambda value: [c(value) for c in live]
 
 
 # -- record -----------------------------------------------------------------------------------

@@ -53,6 +53,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(handler=cmd_status)
 
+    p = cmds.add_parser("models", help="the model each gate runs, the two update slots, "
+                        "the trial (docs/model-updates.md)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(handler=_models)
+
     p = cmds.add_parser("upload", help="send the outbox to the cloud (and handle results)")
     p.add_argument("--burst", action="store_true", help="drain the outbox once, then exit")
     p.add_argument(
@@ -73,6 +78,12 @@ def _token_hint(error: Callable[[str], NoReturn]) -> Callable[[str], NoReturn]:
         error(message)
 
     return error_with_hint
+
+
+def _models(args: argparse.Namespace, config: Any) -> int:
+    from edgekeeper.device.update.status import cmd_models
+
+    return cmd_models(args, config)
 
 
 def _help(parser: argparse.ArgumentParser) -> Any:

@@ -318,6 +318,36 @@ class ResultsSection:
 
 
 @dataclass(frozen=True)
+class UpdatesSection:
+    # Signed model releases from the cloud (device/update/, docs/model-updates.md). Only gates
+    # configured as builtin:NAME are updated, and only on an enrolled device.
+    enabled: bool = True
+    # How often to ask for a new release (the results long-poll's hint asks sooner).
+    check_seconds: float = 3600.0
+    # A download with no byte for this long, or not complete within download_seconds, is
+    # abandoned and tried again at the next check.
+    stall_seconds: float = 10.0
+    download_seconds: float = 600.0
+    # A new model's trial: this many inferences or this many seconds, whichever comes first.
+    trial_inferences: int = 500
+    trial_seconds: float = 600.0
+    # Shadow evaluation refuses a candidate that flips the hit/no-hit decision of more than
+    # this share of the canary inputs (those no teacher marked the current model wrong on).
+    shadow_max_flip: float = 0.5
+    # Recent gate inputs kept per modality for the shadow evaluation (<state_dir>/canary.sqlite).
+    canary_size: int = 64
+
+    def __post_init__(self) -> None:
+        if not (self.check_seconds >= 1 and self.stall_seconds > 0
+                and self.download_seconds >= self.stall_seconds):
+            raise ValueError("check_seconds >= 1 and 0 < stall_seconds <= download_seconds")
+        if self.trial_inferences < 0 or self.trial_seconds < 0:
+            raise ValueError("trial_inferences and trial_seconds must be >= 0")
+        if not 0 <= self.shadow_max_flip <= 1 or not 1 <= self.canary_size <= 10000:
+            raise ValueError("0 <= shadow_max_flip <= 1 and 1 <= canary_size <= 10000")
+
+
+@dataclass(frozen=True)
 class CloudSection:
     # The cloud half (cloud/ingest.py, cloud/worker.py). Empty data_dir means edgekeeper-cloud/
     # beside the device state dir (~/.local/state/edgekeeper-cloud, /var/lib/edgekeeper-cloud):
@@ -627,6 +657,7 @@ class Config:
     outbox: OutboxSection = field(default_factory=OutboxSection)
     uplink: UplinkSection = field(default_factory=UplinkSection)
     results: ResultsSection = field(default_factory=ResultsSection)
+    updates: UpdatesSection = field(default_factory=UpdatesSection)
     cloud: CloudSection = field(default_factory=CloudSection)
     reasoner: ReasonerSection = field(default_factory=ReasonerSection)
     budget: BudgetSection = field(default_factory=BudgetSection)

@@ -19,8 +19,8 @@ assert ``fake.problems == []``):
 * ``tool_choice`` forcing one offered tool: ``{"type": "tool", "name": <tool>}``;
 * ``messages``: one ``user`` turn whose content has at least one text block and whose image
   blocks are ``{"type": "image", "source": {"type": "base64", "media_type": "image/jpeg",
-  "data": ...}}`` with data that decodes to a JPEG (FF D8); ``images_required=True`` demands
-  at least one.
+  "data": ...}}`` with data that decodes to a JPEG (FF D8), or ``image/png`` with PNG data;
+  ``images_required=True`` demands at least one.
 
 How it answers: a ``Reply`` pushed with ``fake.push(...)`` (consumed in order, one per request),
 else ``fake.responder(request)`` when set, else ``fake.default`` (200 with a tool_use block).
@@ -58,6 +58,8 @@ from typing import Any
 
 from aiohttp import web
 
+# Image types the Messages API takes that we send (frames, spectrograms) and their magic bytes.
+IMAGE_MAGIC = {"image/jpeg": b"\xff\xd8", "image/png": b"\x89PNG\r\n\x1a\n"}
 DEFAULT_REQUIRED_FIELDS = ("label", "confidence", "summary", "action", "gate_correct")
 
 
@@ -426,16 +428,17 @@ class FakeAnthropic:
                     p.append(f"content[{i}] is an empty text block")
             elif kind == "image":
                 src = block.get("source") or {}
-                if src.get("type") != "base64" or src.get("media_type") != "image/jpeg":
-                    p.append(f"content[{i}] must be a base64 image/jpeg source")
+                media = src.get("media_type")
+                if src.get("type") != "base64" or media not in IMAGE_MAGIC:
+                    p.append(f"content[{i}] must be a base64 image/jpeg or image/png source")
                     continue
                 try:
                     raw = base64.b64decode(src.get("data") or "", validate=True)
                 except (binascii.Error, ValueError):
                     p.append(f"content[{i}] data is not valid base64")
                     continue
-                if not raw.startswith(b"\xff\xd8"):
-                    p.append(f"content[{i}] data is not a JPEG")
+                if not raw.startswith(IMAGE_MAGIC[media]):
+                    p.append(f"content[{i}] data is not a {media}")
                     continue
                 images += 1
             else:

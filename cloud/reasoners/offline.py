@@ -4,9 +4,13 @@ LLM is configured (the embedded default without ANTHROPIC_API_KEY, ``edgekeeper 
 Frames: OpenCV's HOG people detector (Dalal-Triggs linear SVM, shipped inside OpenCV) looks for
 whole people, and the frontal-face Haar cascade (cv2.data.haarcascades, shipped with
 opencv-python-headless 4.x) for faces close to the camera, on the same key frames the LLM would
-see. Audio: a transcript from PocketSphinx when installed (cloud/reasoners/transcribe.py) and the
-clip's level; nothing else can be said offline about sounds, so the gate's audio labels are
-neither confirmed nor denied (``gate_correct = None``) unless speech was recognised.
+see. Audio: the clip's level, a transcript from PocketSphinx when installed
+(cloud/reasoners/transcribe.py), and a DSP judgement of the sound (cloud/reasoners/audio_judge.py:
+periodic narrow-band beeps or a sustained tone or siren = alarm; a harmonic voice-band stack
+broken into syllable bursts = speech; sustained harmonic texture = music; else background).
+For an audio event (the gate's label is one of the sound model's, or there is no frame) that
+judgement confirms or denies the gate's label; music counts as background to the gate, which
+has no music label. Its accuracy per label is measured by bench/bench_teacher.py.
 
 Every result says ``reasoner = "offline:hog+haar[+pocketsphinx]"`` and ``provisional = True``,
 and recommends at most "log": no one mistakes it for an LLM's judgement, and it never has the
@@ -29,8 +33,9 @@ import cv2
 import cv2.data  # the bundled Haar cascades (a submodule the cv2 stubs do not list)
 import numpy as np
 
+from edgekeeper.cloud.reasoners.audio_judge import AudioJudgement, judge_pcm
 from edgekeeper.cloud.reasoners.base import NO_USAGE, Usage, Verdict
-from edgekeeper.cloud.reasoners.media import audio_summary, decode_jpeg, pick_frames
+from edgekeeper.cloud.reasoners.media import audio_summary, decode_jpeg, pick_frames, read_wav
 from edgekeeper.cloud.reasoners.transcribe import Transcriber, make_transcriber
 from edgekeeper.config import ReasonerSection
 from edgekeeper.protocol.messages import EventBody
@@ -47,6 +52,22 @@ FACE_MIN_SIZE = 32
 FACE_SCALE = 1.2  # 1.1 finds the same faces here at three times the cost
 # How sure the teacher is when it finds nothing: HOG misses small, sitting or occluded people.
 NOTHING_FOUND_CONFIDENCE = 0.55
+# The sound gate's labels (models/sound/labels.txt); an event on one of them is judged by ear.
+AUDIO_LABELS = frozenset({"background", "speech", "alarm"})
+# What each of the audio judge's labels is in the gate's vocabulary (it has no music label).
+GATE_VIEW = {"speech": "speech", "alarm": "alarm", "music": "background",
+             "background": "background"}
+
+
+def judge_wav(wav: bytes, transcript: str | None) -> AudioJudgement | None:
+    """The audio judge on a WAV clip, None when it does not read (blocking: call in a thread)."""
+    try:
+        pcm, rate = read_wav(wav)
+    except ValueError:
+        return None
+    if pcm.size == 0:
+        return None
+    return judge_pcm(pcm, rate, transcript)
 
 
 @dataclass(frozen=True)
@@ -124,16 +145,20 @@ class OfflineReasoner:
         findings = list(await asyncio.gather(*(
             loop.run_in_executor(self._executor, examine_frame, i, f) for i, f in picked)))
         audio: dict[str, Any] | None = None
+        heard: AudioJudgement | None = None
         if event.audio_wav is not None:
             audio = await loop.run_in_executor(self._executor, audio_summary, event.audio_wav)
+            transcript: str | None = None
             if self._transcriber is not None:
                 transcript = await self._transcriber.transcribe(event.audio_wav)
                 if transcript is not None:
                     audio["transcript"] = transcript
-        return self.judge(event, findings, audio)
+            heard = await loop.run_in_executor(self._executor, judge_wav, event.audio_wav,
+                                               transcript)
+        return self.judge(event, findings, audio, heard)
 
     def judge(self, event: EventBody, findings: list[FrameFindings],
-              audio: dict[str, Any] | None) -> Verdict:
+              audio: dict[str, Any] | None, heard: AudioJudgement | None = None) -> Verdict:
         meta = event.meta
         gate_label = meta.get("label") if isinstance(meta.get("label"), str) else ""
         with_people = [f for f in findings if f.people or f.faces]
@@ -154,17 +179,23 @@ class OfflineReasoner:
             if transcript:
                 parts.append(f"recognizer heard: {transcript[:200]!r}")
         label, gate_correct, confidence, action = gate_label or "unknown", None, 0.0, "none"
-        if with_people:
+        if heard is not None and gate_label in AUDIO_LABELS:
+            # A sound event: judged by ear, whatever the frames show.
+            label, confidence = heard.label, heard.confidence
+            gate_correct = GATE_VIEW[heard.label] == gate_label
+            action = "log" if heard.label in ("alarm", "speech") else "none"
+        elif with_people:
             label, confidence, action = "person", _confidence(best, faces), "log"
             gate_correct = True if gate_label == "person" else None
         elif gate_label == "person" and seen:
             label, confidence = "background", NOTHING_FOUND_CONFIDENCE
             gate_correct = False
-        elif gate_label == "speech" and audio is not None and "transcript" in audio:
-            gate_correct = bool(transcript)
-            label = "speech" if transcript else "background"
-            confidence = 0.7 if transcript else NOTHING_FOUND_CONFIDENCE
-            action = "log" if transcript else "none"
+        elif heard is not None and not seen:
+            # Audio only, on a label the sound model does not have: an opinion, no verdict.
+            label, confidence = heard.label, heard.confidence
+            action = "log" if heard.label in ("alarm", "speech") else "none"
+        if heard is not None:
+            parts.append(f"sounds like {heard.label} ({heard.reason})")
         summary = "offline teacher (no LLM): " + ("; ".join(parts) or "nothing to examine")
         return Verdict(
             label=label,
@@ -179,6 +210,7 @@ class OfflineReasoner:
                             "hog_margin": round(f.best_weight, 3), "readable": f.readable}
                            for f in findings],
                 "audio": audio,
+                "audio_judgement": heard.as_dict() if heard is not None else None,
             },
             usage=NO_USAGE,
         )

@@ -92,7 +92,7 @@ async def test_unreadable_frame_is_noted_not_fatal(teacher: OfflineReasoner) -> 
     assert v.gate_correct is None and v.provisional is True
 
 
-async def test_audio_only_event_gets_metadata_and_no_opinion(teacher: OfflineReasoner) -> None:
+async def test_audio_only_event_gets_metadata_and_a_judgement(teacher: OfflineReasoner) -> None:
     buf = io.BytesIO()
     with wave.open(buf, "wb") as w:
         w.setnchannels(1)
@@ -101,7 +101,10 @@ async def test_audio_only_event_gets_metadata_and_no_opinion(teacher: OfflineRea
         t = np.arange(16000) / 16000
         w.writeframes((0.5 * np.sign(np.sin(2 * np.pi * 3000 * t)) * 32767).astype("<i2").tobytes())
     v = await teacher.reason(event(label="alarm", audio=buf.getvalue()), model_version="sound@1")
-    assert v.label == "alarm" and v.gate_correct is None  # offline cannot tell an alarm
+    # A steady 3 kHz tone through the whole clip: a sustained alarm tone to the audio judge
+    # (tests/test_teacher_audio.py has the real sounds).
+    assert v.label == "alarm" and v.gate_correct is True and v.provisional is True
+    assert v.extra["audio_judgement"]["features"]["dominant_hz"] == pytest.approx(3000, abs=40)
     assert v.extra["audio"]["seconds"] == 1.0 and v.extra["audio"]["rms_dbfs"] > -10
     assert "audio 1.0 s" in v.summary
 

@@ -60,6 +60,8 @@ class AudioFeatures:
     steady_share: float  # consecutive loud frames whose strongest peak stays within 1 bin
     dominant_hz: float  # median strongest frequency of loud frames
     level_range_db: float  # 90th - 10th percentile frame level: stationary noise is flat
+    level_dbfs: float  # 90th percentile frame level (in BAND)
+    persistence: float  # strong peaks (within 10 dB of a frame's top) still there 1 frame on
 
 
 @dataclass(frozen=True)
@@ -135,7 +137,7 @@ def features(pcm: np.ndarray, rate: int) -> AudioFeatures:
         loud = level > SILENCE_DBFS
     n_loud = int(loud.sum())
     empty = AudioFeatures(round(seconds, 2), 0.0, 0.0, 0.0, 0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0,
-                          0.0, 0.0, 0.0)
+                          0.0, 0.0, 0.0, SILENCE_DBFS, 0.0)
     if n_loud < 3:
         return empty
     lp = pb[loud]
@@ -181,6 +183,17 @@ def features(pcm: np.ndarray, rate: int) -> AudioFeatures:
     total = mod[(mf >= 0.5) & (mf <= 20)].sum()
     syll = float(mod[(mf >= 2) & (mf <= 8)].sum() / total) if total > 0 else 0.0
     onsets = np.sum(loud[1:] & ~loud[:-1])
+    # Peak persistence: tones, notes and voiced sounds hold their strong peaks from one frame to
+    # the next; in noise the strongest bins land anywhere. Over all frames above silence.
+    on = level > SILENCE_DBFS
+    dball = 10 * np.log10(pb[on] + 1e-12)
+    strong = np.zeros_like(dball, dtype=bool)
+    strong[:, 1:-1] = ((dball[:, 1:-1] > dball[:, :-2]) & (dball[:, 1:-1] >= dball[:, 2:])
+                       & (dball[:, 1:-1] > dball.max(axis=1, keepdims=True) - 10.0))
+    near = strong.copy()
+    near[:, 1:] |= strong[:, :-1]
+    near[:, :-1] |= strong[:, 1:]
+    held = float((strong[1:] & near[:-1]).sum() / max(1, strong[1:].sum()))
     peak_bin = np.argmax(pb, axis=1)
     pairs = loud[1:] & loud[:-1]
     steady = float(np.sum(pairs & (np.abs(np.diff(peak_bin)) <= 1)) / max(1, pairs.sum()))
@@ -200,6 +213,8 @@ def features(pcm: np.ndarray, rate: int) -> AudioFeatures:
         steady_share=steady,
         dominant_hz=float(np.median(dom)),
         level_range_db=float(np.percentile(level, 90) - floor),
+        level_dbfs=float(np.percentile(level, 90)),
+        persistence=held,
     )
 
 
@@ -214,9 +229,12 @@ VOICE_MAX_HZ = 400.0
 SPEECH_PEAKS = (4.0, 12.0)  # a harmonic stack in the voice band
 SPEECH_MIN_RANGE_DB = 20.0  # speech pauses between words; music and noise rarely do
 SPEECH_MAX_FLATNESS = 0.01
-MUSIC_RANGE_DB = (3.0, 26.0)  # dynamic, but without the deep gaps of speech or beeps
-MUSIC_MIN_PEAKS = 6.0
-MUSIC_MIN_PERIOD = 0.5
+MUSIC_RANGE_DB = (3.0, 18.0)  # goes on without the deep gaps of speech or beeps...
+MUSIC_MIN_DBFS = -35.0  # ...well above the room's noise
+MUSIC_MIN_PEAKS = 5.0  # harmonic texture, not one tone
+MUSIC_MAX_FLATNESS = 0.2  # not noise
+MUSIC_BEAT = 0.75  # or a steady beat (drums: broadband, but regular) over a gappier level
+MUSIC_BEAT_MAX_RANGE_DB = 26.0
 
 
 def judge_features(f: AudioFeatures, transcript: str | None = None) -> AudioJudgement:
@@ -229,15 +247,18 @@ def judge_features(f: AudioFeatures, transcript: str | None = None) -> AudioJudg
                  and (f.peaks_per_frame <= BEEP_MAX_PEAKS
                       or (f.tonal_share >= 0.85 and f.steady_share >= 0.85)))
     repeated = f.period_strength >= REPEAT_MIN_PERIOD and onsets >= REPEAT_MIN_ONSETS
-    sustained = f.loud_share >= SUSTAINED_MIN_LOUD and f.tonal_share >= 0.8
+    sustained = (f.loud_share >= SUSTAINED_MIN_LOUD and f.tonal_share >= 0.8
+                 and f.pitch_classes == 1 and f.steady_share >= 0.9)
     siren = (f.sweep_share >= SIREN_MIN_SWEEP and f.tonal_share >= 0.7
              and f.loud_share >= SUSTAINED_MIN_LOUD and f.dominant_hz >= BEEP_MIN_HZ)
     voiced = (f.dominant_hz < VOICE_MAX_HZ and SPEECH_PEAKS[0] <= f.peaks_per_frame
               <= SPEECH_PEAKS[1] and f.flatness < SPEECH_MAX_FLATNESS)
     speechy = voiced and f.level_range_db >= SPEECH_MIN_RANGE_DB and onsets >= 2
-    musical = (MUSIC_RANGE_DB[0] <= f.level_range_db <= MUSIC_RANGE_DB[1]
-               and f.peaks_per_frame >= MUSIC_MIN_PEAKS
-               and (f.period_strength >= MUSIC_MIN_PERIOD or f.loud_share >= 0.9))
+    texture = (MUSIC_RANGE_DB[0] <= f.level_range_db <= MUSIC_RANGE_DB[1]
+               and f.flatness < MUSIC_MAX_FLATNESS)
+    beat = (f.period_strength >= MUSIC_BEAT and f.level_range_db <= MUSIC_BEAT_MAX_RANGE_DB)
+    musical = (f.level_dbfs >= MUSIC_MIN_DBFS and f.peaks_per_frame >= MUSIC_MIN_PEAKS
+               and (texture or beat))
     scores = {label: 0.0 for label in LABELS}
     if beep_like and (repeated or sustained):
         label, conf = "alarm", 0.8 if repeated else 0.7
@@ -256,8 +277,7 @@ def judge_features(f: AudioFeatures, transcript: str | None = None) -> AudioJudg
     elif musical:
         label, conf = "music", 0.6
         reason = ("sustained harmonic texture"
-                  + (f" with a beat every {f.period_seconds:.2f} s"
-                     if f.period_strength >= MUSIC_MIN_PERIOD else ""))
+                  + (f" with a beat every {f.period_seconds:.2f} s" if beat else ""))
     else:
         label = "background"
         quiet = f.loud_share < 0.05 or f.level_range_db < 3.0

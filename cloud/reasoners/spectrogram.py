@@ -5,10 +5,11 @@ path): time runs left to right with tick labels in seconds, frequency bottom to 
 labels in Hz/kHz (100 Hz to 8 kHz), and colour is level in dB relative to the clip's loudest
 bin (a scale bar on the right: black/purple -80 dB, yellow 0 dB; OpenCV's "inferno" map).
 
-Size: ``WIDTH`` x ``HEIGHT`` = 512 x 256 pixels (the plot itself 440 x 200), a PNG of about
-20-60 KB; Claude bills an image at about width x height / 750 tokens, so ~175 input tokens, less
-than a scaled-down key frame. How to read it is in the system prompt
-(cloud/reasoners/anthropic.py, SPECTROGRAM_GUIDE).
+Size: ``WIDTH`` x ``HEIGHT`` = 512 x 256 pixels (the plot itself 440 x 200). Claude bills an
+image by its pixels, about width x height / 750 tokens: ~175 input tokens, less than one
+scaled-down key frame. On the wire it is a PNG of 40-100 KB (lossless, so one-pixel tonal lines
+survive; colour in 4 dB steps keeps it that small). How to read it is in the system prompt
+(cloud/reasoners/anthropic.py).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ PLOT_W, PLOT_H = WIDTH - LEFT - RIGHT, HEIGHT - TOP - BOTTOM
 MEL_BANDS = PLOT_H  # one mel band per pixel row
 FMIN, FMAX = 100.0, 8_000.0
 DB_RANGE = 80.0
+DB_STEP = 4.0
 FREQ_TICKS = (100, 250, 500, 1_000, 2_000, 4_000, 8_000)
 FONT = cv2.FONT_HERSHEY_SIMPLEX
 
@@ -79,7 +81,9 @@ def render(pcm: np.ndarray, rate: int) -> np.ndarray:
     db = mel_db(pcm, rate)
     seconds = max(1e-3, pcm.size / rate)
     frames = db.shape[1]
-    scaled = ((db + DB_RANGE) / DB_RANGE * 255.0).clip(0, 255).astype(np.uint8)[::-1]
+    # Colour steps of DB_STEP: finer than the eye (or a model) can use, and the PNG stays small.
+    steps = np.floor((db + DB_RANGE) / DB_STEP)
+    scaled = (steps * (255.0 / (DB_RANGE / DB_STEP))).clip(0, 255).astype(np.uint8)[::-1]
     plot = cv2.resize(scaled, (PLOT_W, PLOT_H), interpolation=cv2.INTER_AREA
                       if frames > PLOT_W else cv2.INTER_NEAREST)
     img = np.full((HEIGHT, WIDTH, 3), 24, np.uint8)

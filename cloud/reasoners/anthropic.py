@@ -106,9 +106,9 @@ change, shadows, rain, insects on the lens, a fan or traffic hum).
 - confidence: your probability, from 0 to 1, that your label is right. Be calibrated: 0.9 means \
 you would be wrong about one time in ten. Small, dark or blurry subjects deserve lower values.
 - summary: one or two plain sentences a home owner or operator can read on a phone: what is \
-seen (and heard, from the spectrogram, level and transcript), where in the frame, and anything unusual. No \
-speculation about identity, age, ethnicity, or other sensitive traits of people; describe \
-clothing or actions only when useful for the decision.
+seen (and heard, from the spectrogram, level and transcript), where in the frame, and anything \
+unusual. No speculation about identity, age, ethnicity, or other sensitive traits of people; \
+describe clothing or actions only when useful for the decision.
 - action: the strongest action you recommend, one of:
   "none": nothing needs doing (false trigger, routine scene).
   "log": worth keeping in the history, no one needs to look now (a passer-by in a public \

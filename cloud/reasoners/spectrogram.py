@@ -63,13 +63,14 @@ def mel_db(pcm: np.ndarray, rate: int) -> np.ndarray:
     p = power_spectrogram(to_rate(pcm, rate))
     mel = _FILTERS @ p.T
     db = 10.0 * np.log10(mel + 1e-12)
-    return np.maximum(db - db.max(), -DB_RANGE)
+    out: np.ndarray = np.maximum(db - db.max(), -DB_RANGE)
+    return out
 
 
 def _row_of(freq: float) -> int:
     """Pixel row (in the plot) of a frequency: row 0 is the top (FMAX)."""
     frac = (float(_mel(freq)) - float(_mel(FMIN))) / (float(_mel(FMAX)) - float(_mel(FMIN)))
-    return int(round((1.0 - frac) * (PLOT_H - 1)))
+    return round((1.0 - frac) * (PLOT_H - 1))
 
 
 def _text(img: np.ndarray, s: str, x: int, y: int) -> None:
@@ -93,16 +94,16 @@ def render(pcm: np.ndarray, rate: int) -> np.ndarray:
         cv2.line(img, (LEFT - 4, y), (LEFT - 1, y), (200, 200, 200), 1)
         _text(img, f"{f // 1000}k" if f >= 1000 else str(f), 4, y + 4)
     step = next(s for s in (0.25, 0.5, 1.0, 2.0, 5.0, 10.0) if seconds / s <= 8)
-    for k in range(int(math.floor(seconds / step)) + 1):
+    for k in range(math.floor(seconds / step) + 1):
         t = k * step
-        x = LEFT + int(round(t / seconds * (PLOT_W - 1)))
+        x = LEFT + round(t / seconds * (PLOT_W - 1))
         cv2.line(img, (x, TOP + PLOT_H), (x, TOP + PLOT_H + 3), (200, 200, 200), 1)
         _text(img, f"{t:g}", x - 6, TOP + PLOT_H + 14)
     _text(img, "time (s)", LEFT + PLOT_W // 2 - 20, TOP + PLOT_H + 28)
     _text(img, "Hz", 4, HEIGHT - 6)
     # Colour bar: dB relative to the loudest bin.
-    bar = np.linspace(255, 0, PLOT_H).astype(np.uint8).reshape(-1, 1)
-    bar = cv2.applyColorMap(np.repeat(bar, 8, axis=1), cv2.COLORMAP_INFERNO)
+    ramp = np.linspace(255, 0, PLOT_H).astype(np.uint8).reshape(-1, 1)
+    bar = cv2.applyColorMap(np.repeat(ramp, 8, axis=1), cv2.COLORMAP_INFERNO)
     x0 = LEFT + PLOT_W + 4
     img[TOP:TOP + PLOT_H, x0:x0 + 8] = bar
     _text(img, "0", x0 + 9, TOP + 8)

@@ -276,10 +276,11 @@ class AnthropicReasoner:
                     "type": "base64", "media_type": "image/jpeg",
                     "data": base64.b64encode(data).decode("ascii")}})
                 shown.append({"index": index, "width": w, "height": h})
-            audio = audio_summary(event.audio_wav) if event.audio_wav is not None else None
-            if audio is not None and audio.get("readable") and audio.get("seconds"):
-                assert event.audio_wav is not None
-                pcm, rate = read_wav(event.audio_wav)
+            wav = event.audio_wav
+            audio = audio_summary(wav) if wav is not None else None
+            if wav is not None and audio is not None and audio.get("readable") \
+                    and audio.get("seconds"):
+                pcm, rate = read_wav(wav)
                 png = spectrogram_png(pcm, rate)
                 blocks.append({"type": "image", "source": {
                     "type": "base64", "media_type": "image/png",
@@ -359,6 +360,8 @@ class AnthropicReasoner:
 
     async def reason(self, event: EventBody, *, model_version: str) -> Verdict:
         request = await self.build_request(event, model_version=model_version)
+        media = [b["source"]["media_type"] for b in request["messages"][0]["content"]
+                 if b.get("type") == "image"]
         message = await self._create(request)
         usage = _usage(message, self.model)
         tool_input = None
@@ -382,12 +385,8 @@ class AnthropicReasoner:
             action=action,
             gate_correct=gate,
             provisional=False,
-            extra={"model": self.model, "frames_shown": sum(
-                1 for b in request["messages"][0]["content"]
-                if b.get("type") == "image" and b["source"]["media_type"] == "image/jpeg"),
-                "spectrogram": event.audio_wav is not None and any(
-                    b.get("type") == "image" and b["source"]["media_type"] == "image/png"
-                    for b in request["messages"][0]["content"])},
+            extra={"model": self.model, "frames_shown": media.count("image/jpeg"),
+                   "spectrogram": "image/png" in media},
             usage=usage,
         )
 

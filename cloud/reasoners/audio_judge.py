@@ -1,22 +1,26 @@
 """The offline teacher's ear: an honest DSP judgement of a clip as speech, alarm, music or
-background, from its short-time spectrum (numpy only; ~10 ms of CPU per second of audio).
+background, from its short-time spectrum (numpy only; about 6 ms of CPU per second of audio
+on a 2-core x86 machine).
 
 What each label looks like, and what is measured for it (``AudioFeatures``):
 
-* **alarm**: narrow-band tones (one to a few spectral peaks hold most of a frame's energy) that
-  switch on and off with a regular period (a smoke alarm's T3 beeps, a ringing phone, a repeated
-  alert), or go on steadily (a sustained pure tone) or sweep smoothly (a siren). Measured: the
-  share of loud frames that are *tonal* (``tonal_share``), how few distinct pitches they use
-  (``pitch_classes``: an alarm repeats one or two), and the regularity of the loud/quiet
-  envelope (``period_strength``: the autocorrelation peak between 0.1 and 2 s).
-* **speech**: harmonic stacks (many peaks, a pitch of 80-400 Hz) broken up at the syllable rate:
-  the energy of the 300-3400 Hz voice band is modulated at 2-8 Hz (``syllable_share``), with
-  short pauses. A PocketSphinx transcript, when one was made, adds weight but decides nothing
-  alone (the recognizer "hears" words in music and noise too).
-* **music**: sustained harmonic texture: most frames loud (few pauses), many peaks per frame,
-  pitches that change often (``pitch_classes`` high), often a steady beat.
+* **alarm**: a narrow-band tone (at most ``BEEP_MAX_PEAKS`` spectral peaks, or tonal and
+  steady frames; one or two pitches; strongest at ``BEEP_MIN_HZ`` or above) that switches on and
+  off with a regular period (``period_strength``: the loud/quiet envelope's autocorrelation
+  peak at 0.1-2 s, over two onsets or more: a smoke alarm's beeps, a ringing phone, a repeated
+  alert), or one steady tone through most of the clip, or a tone that glides (a siren).
+* **speech**: a harmonic stack in the voice band (strongest below ``VOICE_MAX_HZ``, 4-12 peaks,
+  not noise-flat) broken into two bursts or more with deep gaps between them
+  (``level_range_db``). A PocketSphinx transcript raises the confidence; alone, with a voiced
+  spectrum, it is weak evidence (the recognizer "hears" words in music and noise too).
+* **music**: harmonic texture (several peaks) well above the room that goes on without deep
+  gaps, or a steady beat.
 * **background**: everything else (noise, hum, silence, one short chime or click: one short
   sound is not an alarm, as in the gate's training data).
+
+``syllable_share`` (voice-band modulation at 2-8 Hz) and ``onsets_per_second`` are reported in
+``extra.audio_judgement`` but the rules use only the onset count: on these clips the syllable
+share did not separate speech from music.
 
 The rules are hand-set on Debian's sound theme, Asterisk prompts and game music (see
 bench/bench_teacher.py, docs/reasoning.md for the accuracy per label); confidences are modest
@@ -61,7 +65,6 @@ class AudioFeatures:
     dominant_hz: float  # median strongest frequency of loud frames
     level_range_db: float  # 90th - 10th percentile frame level: stationary noise is flat
     level_dbfs: float  # 90th percentile frame level (in BAND)
-    persistence: float  # strong peaks (within 10 dB of a frame's top) still there 1 frame on
 
 
 @dataclass(frozen=True)
@@ -137,7 +140,7 @@ def features(pcm: np.ndarray, rate: int) -> AudioFeatures:
         loud = level > SILENCE_DBFS
     n_loud = int(loud.sum())
     empty = AudioFeatures(round(seconds, 2), 0.0, 0.0, 0.0, 0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0,
-                          0.0, 0.0, 0.0, SILENCE_DBFS, 0.0)
+                          0.0, 0.0, 0.0, SILENCE_DBFS)
     if n_loud < 3:
         return empty
     lp = pb[loud]
@@ -183,17 +186,6 @@ def features(pcm: np.ndarray, rate: int) -> AudioFeatures:
     total = mod[(mf >= 0.5) & (mf <= 20)].sum()
     syll = float(mod[(mf >= 2) & (mf <= 8)].sum() / total) if total > 0 else 0.0
     onsets = np.sum(loud[1:] & ~loud[:-1])
-    # Peak persistence: tones, notes and voiced sounds hold their strong peaks from one frame to
-    # the next; in noise the strongest bins land anywhere. Over all frames above silence.
-    on = level > SILENCE_DBFS
-    dball = 10 * np.log10(pb[on] + 1e-12)
-    strong = np.zeros_like(dball, dtype=bool)
-    strong[:, 1:-1] = ((dball[:, 1:-1] > dball[:, :-2]) & (dball[:, 1:-1] >= dball[:, 2:])
-                       & (dball[:, 1:-1] > dball.max(axis=1, keepdims=True) - 10.0))
-    near = strong.copy()
-    near[:, 1:] |= strong[:, :-1]
-    near[:, :-1] |= strong[:, 1:]
-    held = float((strong[1:] & near[:-1]).sum() / max(1, strong[1:].sum()))
     peak_bin = np.argmax(pb, axis=1)
     pairs = loud[1:] & loud[:-1]
     steady = float(np.sum(pairs & (np.abs(np.diff(peak_bin)) <= 1)) / max(1, pairs.sum()))
@@ -214,7 +206,6 @@ def features(pcm: np.ndarray, rate: int) -> AudioFeatures:
         dominant_hz=float(np.median(dom)),
         level_range_db=float(np.percentile(level, 90) - floor),
         level_dbfs=float(np.percentile(level, 90)),
-        persistence=held,
     )
 
 

@@ -196,11 +196,11 @@ def test_example_from_an_event_and_the_weight_rule() -> None:
                                                                       "person", "person")
     assert np.array_equal(ex.features, np.arange(8, dtype=np.float32).reshape(2, 4))
     assert ex.scores == {"person": 0.91} and ex.group == "garden" and ex.reasoned_at == NOW
-    assert ex.weight == 1.0  # an LLM's label
+    assert ex.weight == 0.9  # an LLM's label: its confidence (cloud/reasoners/weighting.py)
     provisional = example_from(body, result("person", correct=True, provisional=True), "")
     unsure = example_from(body, result("person", correct=True, confidence=0.5), "")
     nothing = example_from(body, result("person", correct=None), "")
-    assert provisional is not None and provisional.weight == 0.5
+    assert provisional is not None and provisional.weight == 0.45  # 0.9 x 0.5
     assert unsure is not None and unsure.weight == 0.0
     assert nothing is not None and nothing.target is None and nothing.weight == 0.0
     bare = dataclasses.replace(body, features=None, features_dtype="", features_shape=())

@@ -28,6 +28,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from edgekeeper import fs, runtime
+from edgekeeper.cloud.reasoners.weighting import training_weight
 from edgekeeper.config import TrainingSection
 from edgekeeper.log import get_logger
 from edgekeeper.protocol.messages import EventBody
@@ -188,13 +189,14 @@ def target_of(model: str, gate_label: str, teacher_label: str,
     return None if mapped == gate_label else mapped
 
 
-def _weight(*, target: str | None, provisional: bool, confidence: float) -> float:
-    """Stand-in for cloud/reasoners/weighting.py's ``training_weight`` (branch ``teacher``): an
-    LLM's label counts 1.0, a provisional one (offline teacher, fallbacks) 0.5, a label given
-    with confidence below 0.6 or one that teaches nothing 0."""
-    if target is None or confidence < 0.6:
+def _weight(*, target: str | None, label: str, provisional: bool, confidence: float,
+            gate_correct: bool | None, reasoner: str) -> float:
+    """The documented rule (cloud/reasoners/weighting.py, docs/reasoning.md "Labels for
+    training"), and 0 for a judgement that teaches none of the model's labels."""
+    if target is None:
         return 0.0
-    return 0.5 if provisional else 1.0
+    return training_weight({"label": label, "confidence": confidence, "provisional": provisional,
+                            "gate_correct": gate_correct, "reasoner": reasoner})
 
 
 def _split_tag(tag: str) -> tuple[str, str]:
@@ -251,8 +253,10 @@ def example_from(event_body: EventBody, result_or_verdict: Any, model_version_ta
     target = target_of(model, gate_label, r.label, gate_correct)
     provisional = bool(r.provisional)
     confidence = float(r.confidence)
+    reasoner_name = reasoner if reasoner is not None else str(getattr(r, "reasoner", ""))
     if weight is None:
-        weight = _weight(target=target, provisional=provisional, confidence=confidence)
+        weight = _weight(target=target, label=r.label, provisional=provisional,
+                         confidence=confidence, gate_correct=gate_correct, reasoner=reasoner_name)
     return TrainingExample(
         device_id=event_body.device_id,
         seq=event_body.seq,
@@ -266,7 +270,7 @@ def example_from(event_body: EventBody, result_or_verdict: Any, model_version_ta
         target=target,
         teacher_confidence=confidence,
         gate_correct=gate_correct,
-        reasoner=reasoner if reasoner is not None else str(getattr(r, "reasoner", "")),
+        reasoner=reasoner_name,
         provisional=provisional,
         weight=weight,
         captured_at=event_body.captured_at,

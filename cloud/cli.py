@@ -1,5 +1,5 @@
 """Cloud subcommands: ``edgekeeper cloud serve | worker | status | token | revoke | devices |
-keys | dlq | usage``. ``serve`` and ``worker`` run under edgekeeper.runtime."""
+keys | dlq | usage | retrain``. ``serve`` and ``worker`` run under edgekeeper.runtime."""
 
 from __future__ import annotations
 
@@ -61,6 +61,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     from edgekeeper.cloud import usage  # light: config and errors only
 
     usage.register(csub)
+
+    from edgekeeper.cloud.training import retrain_cli  # light: TensorFlow loads when it runs
+
+    retrain_cli.register(csub)
 
 
 def _serve(args: argparse.Namespace, config: Config) -> int:

@@ -100,6 +100,27 @@ def test_audio_stage_cannot_take_a_named_output(tmp_path: Path) -> None:
         load_manifest(tmp_path / "m.json")
 
 
+def test_scores_layer_read_from_the_float_model_reproduces_it(sample_recording: Path) -> None:
+    from edgekeeper.cloud.training import heads
+    from edgekeeper.cloud.training.evaluate import TFLiteModel
+    from edgekeeper.cloud.training.features import frame_to_input
+
+    path = MODELS / "person" / "person-float.tflite"
+    model = TFLiteModel(path)
+    roles = model.output_roles(2)
+    outs = [model(frame_to_input(f, 160, 120)) for f in frames(sample_recording)]
+    emb = np.stack([o[roles["embedding"]] for o in outs])
+    ref = np.stack([o[roles["scores"]] for o in outs])
+    candidates = heads.vision_head_weights(path, 2, 32)
+    head, err = heads.pick_vision_head(candidates, emb, ref, path)
+    assert err <= heads.TOLERANCE
+    assert head.kernel.shape == (32, 2) and head.bias.shape == (2,)
+    # A wrong head (another model's numbers) is refused, naming the file.
+    with pytest.raises(ModelError, match="does not reproduce its scores"):
+        heads.pick_vision_head([heads.DenseHead(head.kernel[::-1].copy(), head.bias)], emb,
+                               ref[:, ::-1] * 0 + 0.5, path)
+
+
 # ------------------------------------------------------------------ the round, without TF
 
 
@@ -213,3 +234,51 @@ def test_retrain_person_writes_a_loadable_candidate(tmp_path: Path) -> None:
     assert "<img" in (out / "report.html").read_text()
     runner = ModelRunner.load(out / "manifest-int8.json")
     assert runner.manifest.tag == "person@1.2.0"
+
+
+# ------------------------------------------------------------------ the CLI
+
+
+@pytest.fixture
+def cloud_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    data = tmp_path / "cloud"
+    monkeypatch.setenv("EDGEKEEPER_CLOUD_DATA_DIR", str(data))
+    monkeypatch.setenv("EDGEKEEPER_STATE_DIR", str(tmp_path / "state"))
+    monkeypatch.delenv("EDGEKEEPER_CONFIG", raising=False)
+    return data
+
+
+def test_cli_without_the_train_extra_says_one_line(
+    cloud_env: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("tensorflow") is not None:
+        pytest.skip("TensorFlow is installed: the message for its absence cannot show")
+    from edgekeeper.cli import main
+
+    code = main(["cloud", "retrain", "--model", "person"])
+    err = capsys.readouterr().err
+    assert code != 0
+    assert "pip install 'edgekeeper[train]'" in err and "Traceback" not in err
+
+
+def test_cli_refuses_a_bad_scope_and_since(
+    cloud_env: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pytest.importorskip("tensorflow", reason="the command checks for TensorFlow first")
+    from edgekeeper.cli import main
+
+    assert main(["cloud", "retrain", "--model", "person", "--scope", "room:1"]) != 0
+    assert "use fleet, group:NAME or device:ID" in capsys.readouterr().err
+    assert main(["cloud", "retrain", "--model", "person", "--since", "yesterday"]) != 0
+    assert "is not a date" in capsys.readouterr().err
+    assert main(["cloud", "retrain", "--model", "cat"]) != 0
+    assert "holds no manifest-float.json" in capsys.readouterr().err
+
+
+def test_publish_candidate_says_the_release_builder_is_missing(tmp_path: Path) -> None:
+    from edgekeeper.cloud.training.retrain import publish_candidate
+
+    with pytest.raises(ConfigError, match="release builder"):
+        publish_candidate(tmp_path)

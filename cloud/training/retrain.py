@@ -372,12 +372,6 @@ def retrain(examples: Sequence[TrainingExample], settings: RetrainSettings, out:
     x = np.concatenate([ex_x, reh.train_x])
     y = np.concatenate([ex_y, reh.train_y])
     w = np.concatenate([ex_w, r_w])
-    # Class-balanced, as the recipe trains (train.fit): every label gets the same total weight,
-    # so a deployment's examples, nearly all of one label (false alarms on music), lower that
-    # label's scores where they sit without drowning what the other labels' rows teach.
-    totals = np.bincount(y, weights=w, minlength=len(labels))
-    present = totals > 0
-    w = w * (totals[present].mean() / np.where(present, totals, 1.0))[y]
     d = DEFAULTS[cur.modality]
     t0 = time.perf_counter()
     history = train_head(model, x, y, w, epochs=s.epochs or int(d["epochs"]),

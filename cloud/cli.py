@@ -1,5 +1,6 @@
 """Cloud subcommands: ``edgekeeper cloud serve | worker | status | token | revoke | devices |
-keys | dlq | usage | retrain``. ``serve`` and ``worker`` run under edgekeeper.runtime."""
+keys | dlq | usage | release | releases | retrain``. ``serve`` and ``worker`` run under
+edgekeeper.runtime."""
 
 from __future__ import annotations
 
@@ -51,8 +52,14 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = _add(csub, "revoke", "revoke a device: it gets 401 from then on", _revoke)
     p.add_argument("device", metavar="DEVICE")
 
-    _add(csub, "devices", "list enrolled devices", _devices)
+    devices = _add(csub, "devices", "list enrolled devices", _devices)
     _add(csub, "keys", "print the cloud's public keys (generating them on first use)", _keys)
+
+    p = _add(csub, "examples", "summarise training examples: per target label, device and "
+             "reasoner, and the gate's precision as the teacher sees it", _examples)
+    p.add_argument("--model", help="one model family (person, sound; default: all)")
+    p.add_argument("--scope", default="fleet", help="fleet (default), group:NAME or device:ID")
+    p.add_argument("--json", action="store_true", help="one JSON object")
 
     from edgekeeper.cloud import dlq  # light: config and errors only
 
@@ -61,6 +68,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     from edgekeeper.cloud import usage  # light: config and errors only
 
     usage.register(csub)
+
+    from edgekeeper.cloud import releases_cli  # light: config and errors only
+
+    releases_cli.register(csub, devices)  # release, releases, devices group
 
     from edgekeeper.cloud.training import retrain_cli  # light: TensorFlow loads when it runs
 
@@ -130,6 +141,12 @@ async def _with_store(config: Config, fn: Any) -> Any:
         return await fn(store)
     finally:
         await store.close()
+
+
+def _examples(args: argparse.Namespace, config: Config) -> int:
+    from edgekeeper.cloud.training.examples import summary_command
+
+    return summary_command(args, config, _with_store)
 
 
 def _token(args: argparse.Namespace, config: Config) -> int:

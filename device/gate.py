@@ -10,7 +10,9 @@ answering, then replaces it between two inferences: the loop never stops.
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -366,6 +368,9 @@ class Gate:
         self._runner: ModelRunner | None = None
         self._executor: ThreadPoolExecutor | None = None
         self.inferences = 0
+        # Called with (input, future) once each inference is done (on the event loop): the
+        # updater's canary ring and trial watch (device/update/). Keep them cheap.
+        self.observers: list[Callable[[np.ndarray, asyncio.Future[GateOutput]], None]] = []
 
     @property
     def manifest(self) -> Manifest:
@@ -424,9 +429,10 @@ class Gate:
         if runner is None or executor is None:
             raise RuntimeError("gate used before load()")
         self.inferences += 1
-        return asyncio.get_running_loop().run_in_executor(
-            executor, runner.classify, data, position
-        )
+        fut = asyncio.get_running_loop().run_in_executor(executor, runner.classify, data, position)
+        for observe in self.observers:
+            fut.add_done_callback(functools.partial(observe, data))
+        return fut
 
     async def classify(self, data: np.ndarray, position: int | None = None) -> GateOutput:
         return await self.submit(data, position)

@@ -392,6 +392,9 @@ class ResultsClient:
         # True once a poll has results in hand: from then on a stop lets their actions finish
         # and the ack go out. Before (waiting on the long-poll) a stop cuts the poll short.
         self._in_hand = False
+        # Called with the Edgekeeper-Releases header ("person=1.2.0,sound=1.1.0") of a poll's
+        # answer: the updater looks for a new model now instead of at its next check.
+        self.on_releases: Callable[[str], None] | None = None
 
     async def __aenter__(self) -> ResultsClient:
         # The read timeout must outlast the long-poll the cloud may hold open.
@@ -483,6 +486,9 @@ class ResultsClient:
             ) as resp:
                 text = (await resp.content.read(_MAX_ANSWER)).decode("utf-8", "replace")
                 self._check(resp.status, text, resp.headers)
+                hint = resp.headers.get("Edgekeeper-Releases")
+        if hint and self.on_releases is not None:
+            self.on_releases(hint)
         self._in_hand = True
         try:
             return await self._handle_all(text, report)

@@ -516,9 +516,9 @@ def _check_loads(folder: Path) -> None:
 def publish_candidate(folder: Path) -> None:
     """Hand an accepted candidate folder to the release builder (cloud/releases.py)."""
     raise ConfigError(
-        f"cannot publish {folder}: the release builder (cloud/releases.py) is not part of "
-        "this build yet",
-        fix="build and sign a release from the folder by hand, or run without --publish",
+        f"cannot publish {folder} from retrain yet: it is not wired to the release builder",
+        fix=f"edgekeeper cloud release build {folder} ..., then release sign and release "
+        "publish (docs/model-updates.md, Releases)",
     )
 
 

@@ -73,7 +73,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
     releases_cli.register(csub, devices)  # release, releases, devices group
 
-    from edgekeeper.cloud.training import retrain_cli  # light: TensorFlow loads when it runs
+    from edgekeeper.cloud import retrain_cli  # light: TensorFlow loads when it runs
 
     retrain_cli.register(csub)
 

@@ -1,5 +1,6 @@
 """Cloud subcommands: ``edgekeeper cloud serve | worker | status | token | revoke | devices |
-keys | dlq | usage | release | releases``. ``serve`` and ``worker`` run under edgekeeper.runtime."""
+keys | dlq | usage | release | releases | retrain``. ``serve`` and ``worker`` run under
+edgekeeper.runtime."""
 
 from __future__ import annotations
 
@@ -71,6 +72,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     from edgekeeper.cloud import releases_cli  # light: config and errors only
 
     releases_cli.register(csub, devices)  # release, releases, devices group
+
+    from edgekeeper.cloud import retrain_cli  # light: TensorFlow loads when it runs
+
+    retrain_cli.register(csub)
 
 
 def _serve(args: argparse.Namespace, config: Config) -> int:

@@ -183,6 +183,24 @@ class ModelRunner:
         x = (x - self._mean) / self._std
         return x[None, ...]
 
+    def _vision(self, x: np.ndarray) -> tuple[list[np.ndarray], np.ndarray | None]:
+        """The backbone on the image, then each head on the named output of the stage before.
+
+        The features are the first stage's ``embedding`` (the backbone's), not a head's: a
+        retrained head changes only the scores, so examples of every version share one
+        feature space and a retrain can learn from all of them (docs/model-updates.md).
+        """
+        outputs = self.stages[0].run(x)
+        features: np.ndarray | None = None
+        for i, runner in enumerate(self.stages):
+            st = runner.stage
+            if i:
+                prev = self.manifest.stages[i - 1].outputs[st.input]
+                outputs = runner.run(outputs[prev].reshape(runner.shape))
+            if features is None and "embedding" in st.outputs:
+                features = outputs[st.outputs["embedding"]].reshape(-1).copy()
+        return outputs, features
+
     # -- audio -----------------------------------------------------------------------------
     def _audio_features(self, samples: np.ndarray, position: int | None) -> np.ndarray:
         """Run every stage but the last; return the last stage's input.
@@ -316,10 +334,7 @@ class ModelRunner:
         last = self.stages[-1]
         out_map = m.stages[-1].outputs
         if m.modality == "vision":
-            outputs = last.run(self.preprocess_image(data))
-            features = (
-                outputs[out_map["embedding"]].reshape(-1) if "embedding" in out_map else None
-            )
+            outputs, features = self._vision(self.preprocess_image(data))
         else:
             if len(self.stages) == 1:
                 window = data.astype(np.float32)[None, :]

@@ -45,7 +45,9 @@ class AudioInput:
 @dataclass(frozen=True)
 class Stage:
     model: Path
-    input: Literal["tensor", "pcm"] = "tensor"
+    # "tensor", "pcm" (audio front end) or, for a vision stage after the first, the name of an
+    # output of the stage before it (a head on the backbone's "embedding").
+    input: str = "tensor"
     pcm_scale: float = 1.0
     scale: float = 1.0
     offset: float = 0.0
@@ -116,8 +118,11 @@ def _stage(raw: Any, base: Path, where: Path, index: int) -> Stage:
             fix="restore the file or correct the path (relative to the manifest's folder)",
         )
     inp = raw.get("input", "tensor")
-    if inp not in ("tensor", "pcm"):
-        raise ModelError(f"model manifest {where}: stages[{index}].input must be 'tensor' or 'pcm'")
+    if not isinstance(inp, str) or not inp:
+        raise ModelError(
+            f"model manifest {where}: stages[{index}].input must be 'tensor', 'pcm' or the name "
+            "of an output of the stage before it"
+        )
     outputs = raw.get("outputs", {})
     if not isinstance(outputs, dict) or not all(
         isinstance(v, int) and v >= 0 for v in outputs.values()
@@ -136,6 +141,24 @@ def _stage(raw: Any, base: Path, where: Path, index: int) -> Stage:
         frame_samples=int(raw.get("frame_samples", 0)),
         outputs=dict(outputs),
     )
+
+
+def _check_vision_chain(stages: tuple[Stage, ...], path: Path) -> None:
+    """A vision model: the backbone takes the image; each later stage (a head) takes one named
+    output of the stage before it, e.g. ``{"model": "head-int8.tflite", "input": "embedding"}``."""
+    if stages[0].input != "tensor":
+        raise ModelError(
+            f"model manifest {path}: stages[0].input {stages[0].input!r}: the first vision "
+            "stage takes the image ('tensor')"
+        )
+    for i in range(1, len(stages)):
+        if stages[i].input not in stages[i - 1].outputs:
+            raise ModelError(
+                f"model manifest {path}: stages[{i}].input {stages[i].input!r} is not an "
+                f"output of stages[{i - 1}] (it names {sorted(stages[i - 1].outputs)})",
+                fix=f'name the output in stages[{i - 1}].outputs, e.g. "outputs": '
+                '{"embedding": 0}, and set the head\'s "input" to it (docs/models.md)',
+            )
 
 
 def load_manifest(path: Path) -> Manifest:
@@ -203,8 +226,7 @@ def load_manifest(path: Path) -> Manifest:
             raise ModelError(f"model manifest {path}: vision needs width, height >= 1 and a color")
         if any(s == 0 for s in vision.std):
             raise ModelError(f"model manifest {path}: vision.std must not contain 0")
-        if len(stages) != 1:
-            raise ModelError(f"model manifest {path}: a vision model has exactly one stage")
+        _check_vision_chain(stages, path)
     else:
         a = _need(data, "audio", dict, path)
         try:
@@ -218,6 +240,13 @@ def load_manifest(path: Path) -> Manifest:
         if audio.sample_rate < 4000 or audio.window_seconds <= 0 or audio.hop_seconds <= 0:
             raise ModelError(
                 f"model manifest {path}: audio needs sample_rate >= 4000, window, hop > 0"
+            )
+        named = [i for i, s in enumerate(stages) if s.input not in ("tensor", "pcm")]
+        if named:
+            raise ModelError(
+                f"model manifest {path}: stages[{named[0]}].input "
+                f"{stages[named[0]].input!r}: an audio stage takes 'pcm' or 'tensor'",
+                fix="only vision heads take a named output of the stage before them",
             )
         if stages[0].input != "pcm" and len(stages) > 1:
             raise ModelError(f"model manifest {path}: the first audio stage must take 'pcm' input")

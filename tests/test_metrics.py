@@ -133,15 +133,15 @@ async def test_cloud_worker_serves_its_metrics_on_127_0_0_1(tmp_path: Path) -> N
     env = {**os.environ, "EDGEKEEPER_CLOUD_DATA_DIR": str(data_dir),
            "EDGEKEEPER_REASONER": "echo", "EDGEKEEPER_LOG_FORMAT": "json"}
     env.pop("EDGEKEEPER_CONFIG", None)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "edgekeeper.cli", "cloud", "worker", "--metrics-port", str(port)],
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "edgekeeper.cli", "cloud", "worker", "--metrics-port", str(port),
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}/metrics"
     try:
         deadline = time.monotonic() + 60
         samples: Samples = {}
         while time.monotonic() < deadline:
-            assert proc.poll() is None, proc.communicate()[1].decode()
+            assert proc.returncode is None, (await proc.communicate())[1].decode()
             try:
                 samples = parse(await asyncio.to_thread(get_text, url))
             except OSError:
@@ -157,7 +157,7 @@ async def test_cloud_worker_serves_its_metrics_on_127_0_0_1(tmp_path: Path) -> N
         assert value(samples, "edgekeeper_worker_failures_total", kind="crashed") == 0
     finally:
         proc.send_signal(signal.SIGTERM)
-        _, stderr = await asyncio.to_thread(proc.communicate, timeout=30)
+        _, stderr = await asyncio.wait_for(proc.communicate(), 30)
     assert proc.returncode == 0, stderr.decode()
     lines = [json.loads(ln) for ln in stderr.decode().splitlines() if ln.startswith("{")]
     # Bound to loopback by default; each finished event logged at INFO with its timing.

@@ -25,6 +25,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("run", help="run the device loop on the configured camera and microphone")
     p.add_argument("--seconds", type=float, default=0.0,
                    help="stop after this many seconds (default: run until SIGTERM/SIGINT)")
+    p.add_argument("--metrics-port", type=int, metavar="PORT",
+                   help="serve Prometheus metrics on http://HOST:PORT/metrics (default: off)")
+    p.add_argument("--metrics-host", default="127.0.0.1", metavar="HOST",
+                   help="address for --metrics-port (default: 127.0.0.1)")
     p.set_defaults(handler=cmd_run)
 
     p = sub.add_parser(
@@ -130,14 +134,16 @@ def cmd_run(args: argparse.Namespace, config: Config) -> int:
     async def main(stop: asyncio.Event) -> dict[str, Any]:
         if args.seconds > 0:
             asyncio.get_running_loop().call_later(args.seconds, stop.set)
-        return await run_device(config, stop)
+        return await run_device(config, stop, metrics_port=args.metrics_port,
+                                metrics_host=args.metrics_host)
 
     stats = runtime.run(main, name="device", drain_seconds=args.drain_seconds)
     print(json.dumps(stats, indent=2, sort_keys=True))
     return 0
 
 
-async def run_device(config: Config, stop: asyncio.Event) -> dict[str, Any]:
+async def run_device(config: Config, stop: asyncio.Event, *, metrics_port: int | None = None,
+                     metrics_host: str = "127.0.0.1") -> dict[str, Any]:
     """The live loop until ``stop``: sources closed first, captured events committed to the
     outbox, then the link stopped (what is still in the outbox is sent on the next start), then
     MQTT (when ``mqtt.host`` is set), so results handled during the link's drain still go out."""
@@ -176,6 +182,11 @@ async def run_device(config: Config, stop: asyncio.Event) -> dict[str, Any]:
                             clock_base=time.time(), ordered=False,
                             on_decision=mqtt.note_decision if mqtt else None,
                             on_event=mqtt.event_nowait if mqtt else None)
+        from edgekeeper import metrics as metrics_mod
+        from edgekeeper.device.metrics import DeviceMetrics
+
+        await stack.enter_async_context(metrics_mod.serve(
+            DeviceMetrics(pipeline, link).registry, metrics_port, metrics_host, service="device"))
         log.info("device.running", events_to=where, models=gates.models)
         stop_link, stop_mqtt = asyncio.Event(), asyncio.Event()
         async with compat.TaskGroup() as tg:

@@ -160,6 +160,9 @@ async def serve(registry: CollectorRegistry, port: int | None, host: str = "127.
     if port is None:
         yield None
         return
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"metrics port {port} is not a port",
+                          fix="use 1-65535 for --metrics-port (0: any free port)")
     try:
         server, thread = await asyncio.to_thread(
             _start_http_server, port, host, registry)

@@ -14,6 +14,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -23,6 +24,7 @@ from edgekeeper import config as config_mod
 from edgekeeper import metrics as metrics_mod
 from edgekeeper.cloud.budget import Budget, utc_day
 from edgekeeper.cloud.reasoners.anthropic import AnthropicReasoner
+from edgekeeper.cloud.reasoners.echo import EchoReasoner
 from edgekeeper.cloud.worker import Worker
 from edgekeeper.metrics import WorkerMetrics
 from edgekeeper.protocol.keys import DeviceKeys, b64e
@@ -201,3 +203,65 @@ async def test_worker_metrics_count_llm_tokens_and_cost(tmp_path: Path) -> None:
     cost = value(samples, "edgekeeper_worker_llm_cost_usd_total", reasoner=name)
     assert cost > 0 and cost == stats.cost_usd
     assert cost == pytest.approx(billed.cost_usd)
+
+
+async def test_edgekeeper_run_serves_the_device_metrics(
+    tmp_path: Path, sample_recording: Path, make_config: Any
+) -> None:
+    from edgekeeper.device import identity
+    from edgekeeper.device.cli import run_device
+
+    async with running_cloud(tmp_path) as cloud:
+        config = make_config(
+            camera={"source": str(sample_recording / "video.avi")},
+            microphone={"enabled": False},
+            trigger={"k": 1, "n": 1, "labels": {"person": {"threshold": 0.0, "release": 0.0}}},
+            event={"post_roll_seconds": 0.5},
+            results={"poll_wait_seconds": 1.0},
+        )
+        await identity.enroll(cloud.url, await cloud.token(), device_id=config.device.id,
+                              state_dir=config.device.state_dir)
+        port = free_port()
+        url = f"http://127.0.0.1:{port}/metrics"
+        stop = asyncio.Event()
+        device = asyncio.create_task(run_device(config, stop, metrics_port=port))
+        worker_stop = asyncio.Event()
+        worker = asyncio.create_task(Worker(
+            queue=cloud.queue, store=cloud.store, reasoner=EchoReasoner(), keys=cloud.keys,
+            poll_s=0.05).run(stop=worker_stop))
+        samples: Samples = {}
+
+        async def settled() -> bool:
+            nonlocal samples
+            assert not device.done(), device.exception()
+            try:
+                samples = await scrape(cloud.session, url)
+            except aiohttp.ClientError:
+                return False
+            return (value(samples, "edgekeeper_device_uploads_total", outcome="delivered") >= 1
+                    # the echo reasoner's answers are provisional, and say so
+                    and value(samples, "edgekeeper_device_results_total", label="person",
+                              provisional="true") >= 1)
+
+        try:
+            await until(settled, timeout=60, every=0.2)
+        except TimeoutError:
+            raise AssertionError(f"no result came back: {samples}") from None
+        finally:
+            stop.set()
+            report = await device
+            worker_stop.set()
+            await worker
+    assert value(samples, "edgekeeper_device_windows_total", modality="video") > 0
+    assert value(samples, "edgekeeper_device_inferences_total", modality="video") > 0
+    assert value(samples, "edgekeeper_device_gate_seconds_count", modality="video") > 0
+    assert value(samples, "edgekeeper_device_gate_seconds_sum", modality="video") > 0
+    assert value(samples, "edgekeeper_device_triggers_total", label="person") >= 1
+    assert value(samples, "edgekeeper_device_events_total") >= 1
+    assert value(samples, "edgekeeper_device_event_bytes_total") > 0
+    assert value(samples, "edgekeeper_device_outbox_quota_bytes") > 0
+    assert ("edgekeeper_device_outbox_events", frozenset({("state", "pending")})) in samples
+    # The same numbers the run's own report gives (counted once, read twice).
+    assert value(samples, "edgekeeper_device_windows_total", modality="video") <= report["frames"]
+    assert report["frames_scored"] >= value(samples, "edgekeeper_device_inferences_total",
+                                            modality="video")

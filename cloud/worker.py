@@ -220,7 +220,11 @@ class Worker:
         """A worker starting after an earlier one was refused asks the provider once, so the
         refusal recorded for /healthz is cleared as soon as the key is fixed (or stays, and
         this worker stops at once, before leasing anything)."""
-        prior = await self.store.provider_state()
+        try:
+            prior = await self.store.provider_state()
+        except RetryableError as err:  # the store is away: leasing waits it out, so do we
+            log.warning("worker.provider_state_unread", error=err.message[:300], fix=err.fix)
+            return
         if prior is None or prior.state != "refused":
             return
         try:
@@ -232,10 +236,13 @@ class Worker:
             log.warning("worker.probe_failed", error=repr(err)[:300])
             return
         await self._record(usage, PROBE_DEVICE, 0, self.reasoner.name)
-        await self.store.put_provider_state(ProviderState(
-            "ok", "", "", self.consumer, self.clock()))
-        log.info("worker.provider_accepted", reasoner=self.reasoner.name,
-                 was=prior.reason)
+        try:
+            await self.store.put_provider_state(ProviderState(
+                "ok", "", "", self.consumer, self.clock()))
+        except RetryableError as err:
+            log.warning("worker.provider_state_unrecorded", error=err.message[:300])
+            return
+        log.info("worker.provider_accepted", reasoner=self.reasoner.name, was=prior.reason)
 
     # --- the lease loop ---------------------------------------------------------------------
     async def run(self, *, burst: bool = False, stop: asyncio.Event | None = None) -> WorkerStats:

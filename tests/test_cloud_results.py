@@ -123,8 +123,9 @@ async def test_results_and_devices_commands_after_real_uploads(
         for seq in (1, 2):
             status, _, _ = await cloud.post_envelope(a.seal(make_event("pi-door", seq)))
             assert status == 202
+        # One at a time: results are listed in the order they were produced.
         stats = await Worker(queue=cloud.queue, store=cloud.store, reasoner=EchoReasoner(),
-                             keys=cloud.keys).run(burst=True)
+                             keys=cloud.keys, concurrency=1).run(burst=True)
         assert stats.done == 2
         monkeypatch.setenv("EDGEKEEPER_CLOUD_DATA_DIR", str(cloud.data_dir))
         monkeypatch.delenv("EDGEKEEPER_CONFIG", raising=False)

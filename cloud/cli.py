@@ -1,6 +1,6 @@
 """Cloud subcommands: ``edgekeeper cloud serve | worker | status | token | revoke | devices |
-results | keys | dlq | usage``. ``serve`` and ``worker`` run under edgekeeper.runtime;
-docs/operations.md tells what an operator reads in them."""
+results | keys | dlq | usage | release | releases``. ``serve`` and ``worker`` run under
+edgekeeper.runtime; docs/operations.md tells what an operator reads in them."""
 
 from __future__ import annotations
 
@@ -58,9 +58,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = _add(csub, "revoke", "revoke a device: it gets 401 from then on", _revoke)
     p.add_argument("device", metavar="DEVICE")
 
-    p = _add(csub, "devices", "list enrolled devices: enrolled, last seen, events, last result",
-             _devices)
-    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    devices = _add(csub, "devices", "list enrolled devices: enrolled, last seen, events, "
+                   "last result", _devices)
+    devices.add_argument("--json", action="store_true", help="one JSON object per line")
 
     p = _add(csub, "results", "what the workers concluded (time, device, seq, label, "
              "confidence, summary, action, reasoner)", _results)
@@ -73,6 +73,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     _add(csub, "keys", "print the cloud's public keys (generating them on first use)", _keys)
 
+    p = _add(csub, "examples", "summarise training examples: per target label, device and "
+             "reasoner, and the gate's precision as the teacher sees it", _examples)
+    p.add_argument("--model", help="one model family (person, sound; default: all)")
+    p.add_argument("--scope", default="fleet", help="fleet (default), group:NAME or device:ID")
+    p.add_argument("--json", action="store_true", help="one JSON object")
+
     from edgekeeper.cloud import dlq  # light: config and errors only
 
     dlq.register(csub)
@@ -80,6 +86,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     from edgekeeper.cloud import usage  # light: config and errors only
 
     usage.register(csub)
+
+    from edgekeeper.cloud import releases_cli  # light: config and errors only
+
+    releases_cli.register(csub, devices)  # release, releases, devices group
 
 
 def _serve(args: argparse.Namespace, config: Config) -> int:
@@ -161,6 +171,12 @@ async def _with_store(config: Config, fn: Any) -> Any:
         return await fn(store)
     finally:
         await store.close()
+
+
+def _examples(args: argparse.Namespace, config: Config) -> int:
+    from edgekeeper.cloud.training.examples import summary_command
+
+    return summary_command(args, config, _with_store)
 
 
 def _token(args: argparse.Namespace, config: Config) -> int:

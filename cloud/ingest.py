@@ -39,6 +39,7 @@ from aiohttp import web
 
 from edgekeeper import compat
 from edgekeeper.cloud import enroll as enroll_mod
+from edgekeeper.cloud import releases_serve
 from edgekeeper.cloud.backends import open_queue, open_store
 from edgekeeper.cloud.keys import CloudKeys
 from edgekeeper.cloud.queue.base import EnqueueStatus, EventQueue, QueuedEvent
@@ -575,7 +576,8 @@ async def get_results(request: web.Request) -> web.Response:
         {
             "results": [{"id": r.id, "seq": r.seq, "envelope": b64e(r.envelope)} for r in rows],
             "cursor": rows[-1].id if rows else cursor,
-        }
+        },
+        headers=await releases_serve.hint_headers(request, device.device_id),
     )
 
 
@@ -764,6 +766,10 @@ def create_app(
     app.router.add_post("/v1/results/ack", post_results_ack)
     app.router.add_get("/healthz", get_health)
     app.router.add_get("/metrics", get_metrics)
+    releases_serve.add_routes(app, releases_serve.Hooks(
+        authenticate=_signed_device, read_body=_read_capped, store=lambda r: r.app[STATE].store,
+        catalog=releases_serve.Catalog(section.registry_refresh_seconds,
+                                       section.rollout_canary_seconds, clock)))
     return app
 
 

@@ -45,6 +45,7 @@ from edgekeeper.cloud.reasoners.base import (
     resolve_name,
 )
 from edgekeeper.cloud.store.base import ProviderState, ResultSummary, Store
+from edgekeeper.cloud.training.examples import ExampleRecorder
 from edgekeeper.config import ACTIONS, Config
 from edgekeeper.errors import FatalError, PermanentError, RetryableError
 from edgekeeper.log import get_logger
@@ -159,6 +160,7 @@ class Worker:
         circuit: Circuit | None = None,
         budget_reset_spread_s: float = BUDGET_RESET_SPREAD_S,
         results_retention_s: float = RESULTS_RETENTION_S,
+        examples: ExampleRecorder | None = None,
         clock: Callable[[], float] = time.time,
         metrics: WorkerMetrics | None = None,
     ) -> None:
@@ -185,6 +187,7 @@ class Worker:
         self.circuit = circuit or Circuit()
         self.budget_reset_spread_s = budget_reset_spread_s
         self.results_retention_s = results_retention_s  # 0: keep acknowledged results
+        self.examples = examples  # training examples ([training]); None: none recorded
         # Wall-clock time for budget days, pauses and timestamps (tests cross a UTC midnight
         # with their own; the circuit keeps its own monotonic clock).
         self.clock = clock
@@ -253,6 +256,8 @@ class Worker:
         async with compat.TaskGroup() as tg:
             if self.results_retention_s > 0:
                 tg.create_task(self._prune_results_hourly(leasing_done), name="worker-prune")
+            if self.examples is not None:
+                tg.create_task(self.examples.retention(leasing_done), name="worker-media")
             while not stop.is_set() and self._fatal is None:
                 if self.circuit.is_open or self._paused_until > self.clock():
                     if burst:
@@ -471,6 +476,8 @@ class Worker:
             produced_at=result.produced_at, received_at=ev.received_at)
         await self.store.put_result(device_id=ev.device_id, seq=ev.seq, envelope=sealed,
                                     now=self.clock(), summary=summary)
+        if self.examples is not None:  # never raises: an example is not worth the event
+            await self.examples.record(opened.body, result, opened.model_version)
         if not await self.queue.ack(lease):
             log.warning("worker.lease_lost", **_fields(ev), attempts=lease.attempts, during="ack")
         self.metrics.reasoned(result.reasoner, result.label, path)
@@ -713,6 +720,7 @@ def build_worker(
         fallback_after_s=rs.fallback_after_seconds,
         provisional_max_action=rs.provisional_max_action,
         circuit=Circuit(rs.backoff_initial_seconds, rs.backoff_max_seconds),
+        examples=ExampleRecorder(store, config.training, config.cloud_data_dir),
         metrics=metrics,
     )
 

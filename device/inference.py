@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from edgekeeper.errors import ModelError
-from edgekeeper.log import get_logger
+from edgekeeper.log import get_logger, native_output
 
 log = get_logger(__name__)
 
@@ -71,10 +71,13 @@ def load_interpreter(
             fix="the file is corrupt or not a .tflite; restore it or rebuild the model",
         )
     try:
-        interp = cls(model_content=data, num_threads=num_threads)
-        if input_shape is not None:
-            interp.resize_tensor_input(interp.get_input_details()[0]["index"], list(input_shape))
-        interp.allocate_tensors()
+        # TFLite prints "INFO: Created ... XNNPACK delegate" straight to fd 2: logged instead.
+        with native_output("tflite"):
+            interp = cls(model_content=data, num_threads=num_threads)
+            if input_shape is not None:
+                interp.resize_tensor_input(interp.get_input_details()[0]["index"],
+                                           list(input_shape))
+            interp.allocate_tensors()
     except (ValueError, RuntimeError) as err:
         raise ModelError(
             f"model file {path} cannot be loaded by the TFLite runtime: {err}",

@@ -127,6 +127,7 @@ def _age(seconds: float | None) -> str:
 
 def cmd_status(args: argparse.Namespace, config: Any) -> int:
     from edgekeeper.device import identity
+    from edgekeeper.device.status import enroll_fix, read_status
     from edgekeeper.device.uplink import open_outbox
 
     now = time.time()
@@ -144,15 +145,24 @@ def cmd_status(args: argparse.Namespace, config: Any) -> int:
     else:
         with open_outbox(config) as ob:
             st = ob.stats()
+    configured_quota = int(config.outbox.quota_mb * MIB)
+    service = read_status(config, now)
     doc: dict[str, Any] = {
         "device_id": config.device.id,
+        "mode": config.uplink.mode,
         "enrolled": enrolled,
+        # uplink.mode = "cloud" without an enrollment: `edgekeeper run` refuses to start.
+        "enrollment_missing": enrolled is None and config.uplink.mode == "cloud",
+        "service": service,
         "outbox": str(config.outbox_path),
         "pending": st.pending if st else 0,
         "dead_letters": st.dead if st else 0,
         "in_flight": st.leased if st else 0,
         "bytes": st.bytes if st else 0,
-        "quota_bytes": int(config.outbox.quota_mb * MIB),
+        # The quota the outbox applies: the configured one, lowered to what the disk can hold
+        # when it opened (device/outbox.py bounded_quota).
+        "quota_bytes": st.quota_bytes if st else configured_quota,
+        "configured_quota_bytes": configured_quota,
         "oldest_age_seconds": st.oldest_age(now) if st else None,
         "last_upload_at": st.last_upload_at if st else None,
         "delivered_total": st.delivered_total if st else 0,
@@ -161,17 +171,22 @@ def cmd_status(args: argparse.Namespace, config: Any) -> int:
         "last_seq": st.last_seq if st else 0,
         "disk_free_bytes": _free_bytes(config.outbox_path),
     }
-    # The quota only bounds the outbox: warn when the disk cannot hold what it still allows.
-    room_left = doc["quota_bytes"] - doc["bytes"]
-    doc["disk_short"] = doc["disk_free_bytes"] is not None and doc["disk_free_bytes"] < room_left
+    # The disk cannot hold the configured quota: the outbox lowered it (or will, when it opens).
+    free = doc["disk_free_bytes"]
+    doc["disk_short"] = (doc["quota_bytes"] < configured_quota if st else
+                         free is not None and free < configured_quota)
     if args.json:
         print(json.dumps(doc, sort_keys=True))
         return 0
     print(f"device:        {config.device.id}")
     if enrolled:
         print(f"cloud:         {enrolled['cloud_url']}")
+    elif doc["enrollment_missing"]:
+        print(f"cloud:         NOT ENROLLED: {why}; `edgekeeper run` refuses to start "
+              f"(exit 78)\n  fix: {enroll_fix(config)}")
     else:
-        print(f"cloud:         not enrolled: {why}")
+        print(f"cloud:         none (uplink.mode local-only; events in {config.sink_dir})")
+    _print_service(service, now)
     print(f"outbox:        {doc['outbox']}")
     print(f"pending:       {doc['pending']} events, {doc['bytes'] / MIB:.1f} MiB of "
           f"{doc['quota_bytes'] / MIB:.0f} MiB ({doc['in_flight']} in flight)")
@@ -183,13 +198,51 @@ def cmd_status(args: argparse.Namespace, config: Any) -> int:
     print(f"dropped:       {doc['dropped_total']} events ({doc['dropped_bytes'] / MIB:.1f} MiB) "
           f"to the quota or a full disk")
     print(f"last seq:      {doc['last_seq']}")
-    free = doc["disk_free_bytes"]
     print(f"disk free:     {'-' if free is None else f'{free / MIB:.0f} MiB'}")
     if doc["disk_short"]:
-        print(f"warning: the disk has less free space than the outbox may still use "
-              f"({room_left / MIB:.0f} MiB): events can be lost to a full disk before the "
-              f"quota applies; free space or lower outbox.quota_mb")
+        print(f"warning: the disk has less free space than the outbox may use: its quota is "
+              f"{doc['quota_bytes'] / MIB:.0f} MiB instead of the configured "
+              f"{configured_quota / MIB:.0f} MiB; events can be lost to the lower quota; free "
+              f"space or lower outbox.quota_mb")
     return 0
+
+
+def _print_service(service: dict[str, Any] | None, now: float) -> None:
+    """What the running `edgekeeper run` last published (device/status.py)."""
+    if service is None:
+        print("service:       no status published (`edgekeeper run` has not run here)")
+        return
+    if not service["running"]:
+        print(f"service:       not running (last status {_age(service['age_seconds'])} ago, "
+              f"{service.get('state')})")
+    else:
+        health = ("healthy" if service.get("healthy") else
+                  "UNHEALTHY: " + "; ".join(service.get("problems") or []))
+        print(f"service:       running (pid {service.get('pid')}), {health}")
+    print(f"status:        {service.get('status')}")
+
+    def when(at: Any) -> str:
+        return "never" if at is None else _age(now - float(at)) + " ago"
+
+    for kind in ("camera", "microphone"):
+        src = service.get(kind) or {}
+        extra = ("" if src.get("state") in (None, "off") else
+                 f", last {when(src.get('last_at'))}, dropped {src.get('dropped', 0)}, "
+                 f"reconnects {src.get('reconnects', 0)}")
+        print(f"{kind + ':':<15}{src.get('state', '-')} ({src.get('source', '-')}){extra}")
+    fps = service.get("frames_per_second")
+    print(f"frames/s:      {'-' if fps is None else f'{fps:.1f}'}")
+    print(f"last frame:    {when(service.get('last_frame_at'))}")
+    trig = service.get("last_trigger")
+    print(f"last trigger:  {'none' if not trig else trig['label'] + ', ' + when(trig['at'])}")
+    res = service.get("last_result")
+    if res:
+        what = (f"{res.get('label')} -> {res.get('action')} (seq {res.get('seq')}, "
+                f"{res.get('reasoner')}{', provisional' if res.get('provisional') else ''}), "
+                f"{when(res.get('at'))}")
+    print(f"last result:   {what if res else 'none'}")
+    models = service.get("models") or {}
+    print(f"models:        {', '.join(f'{k} {v}' for k, v in models.items()) or '-'}")
 
 
 def _free_bytes(path: Path) -> int | None:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -119,6 +120,21 @@ class PipelineStats:
         }
 
 
+@dataclass
+class Progress:
+    """When each stage last moved (``time.monotonic()``) and what it last did, for the
+    supervisor's health check and ``device status`` (device/status.py). The loop only writes it;
+    ``started`` is set once every source has delivered its first item."""
+
+    frame_at: float | None = None
+    audio_at: float | None = None
+    inference_at: float | None = None
+    last_trigger: dict[str, Any] | None = None  # label, score, modality, at (epoch seconds)
+    last_event: dict[str, Any] | None = None  # seq, label, bytes, at
+    sink_ok: bool = True  # False from a write the sink could not store until one it could
+    started: asyncio.Event = field(default_factory=asyncio.Event)
+
+
 class _AudioWindow:
     """Accumulates blocks and yields a model window every hop, counted in samples."""
 
@@ -186,6 +202,7 @@ class Pipeline:
         self.record_timeline = record_timeline
         self.on_event, self.on_decision = on_event, on_decision
         self.stats = PipelineStats()
+        self.progress = Progress()
         self._debug = config.log.level == "debug"
         self.trigger = TriggerPolicy(config.trigger)
         self.video_pregate = VideoPregate(config.pregate)
@@ -224,12 +241,14 @@ class Pipeline:
             if fut is not None:
                 g = await fut
                 lat.append(g.latency_ms)
+                self.progress.inference_at = time.monotonic()
                 result.scores, result.features = g.scores, g.features
             await out.put(result)
 
         try:
             async for frame in self.video.stream():
                 self.stats.frames += 1
+                self._moved("frame_at")
                 reason = self.video_pregate.decide(frame.t, frame.motion)
                 result = StageResult("vision", frame.t, frame=frame, reason=reason)
                 fut = None
@@ -259,6 +278,7 @@ class Pipeline:
         try:
             async for block in self.audio.stream():
                 self.stats.audio_blocks += 1
+                self._moved("audio_at")
                 completed = windows.push(block.samples)
                 block_end = block.t + len(block.samples) / a.sample_rate
                 clip_t, clip, clip_rate = block.for_capture(a.sample_rate)
@@ -274,6 +294,7 @@ class Pipeline:
                         continue
                     g = await self.audio_gate.classify(window, end_index)
                     lat.append(g.latency_ms)
+                    self.progress.inference_at = time.monotonic()
                     self.stats.audio_scored += 1
                     scored = StageResult("audio", t, g.scores, g.features, reason=reason)
                     if i < len(completed) - 1:
@@ -374,7 +395,10 @@ class Pipeline:
                 self.on_decision(d)
             if not d.fired:
                 continue
+            self.progress.last_trigger = {"label": d.label, "score": round(d.score, 3),
+                                          "modality": item.modality, "at": time.time()}
             seq = await self.sink.next_seq()
+            self.progress.sink_ok = seq is not None
             if seq is None:  # the sink cannot store anything now (disk full); it said why
                 self.stats.events_lost += 1
                 continue
@@ -387,13 +411,33 @@ class Pipeline:
         while (job := await deliver.get()) is not None:
             pending, snap = job
             event = await asyncio.to_thread(self.capture.build, pending, snap)
+            lost = getattr(self.sink, "lost", 0)  # both sinks count what they could not store
             await self.sink.deliver(event)
+            self.progress.sink_ok = getattr(self.sink, "lost", 0) == lost
+            self.progress.last_event = {"seq": event.seq, "label": event.label,
+                                        "bytes": event.payload_bytes, "at": time.time()}
             self.stats.events += 1
             self.stats.event_bytes += event.payload_bytes
             log.info("loop.event_captured", seq=event.seq, label=event.label,
                      frames=len(event.frames), bytes=event.payload_bytes)
             if self.on_event is not None:
                 self.on_event(event)
+
+    # -- supervision ------------------------------------------------------------------------
+    def _moved(self, what: str) -> None:
+        setattr(self.progress, what, time.monotonic())
+        p = self.progress
+        if not p.started.is_set() and (self.video is None or p.frame_at is not None) and (
+                self.audio is None or p.audio_at is not None):
+            p.started.set()
+
+    def reconfigure(self, config: Config) -> None:
+        """Apply what can change while running (SIGHUP): trigger rules and log detail. The
+        trigger keeps its windows and cooldowns; a new n keeps the newest scores."""
+        self.trigger.reconfigure(config.trigger)
+        self.capture.priorities = {k: r.priority for k, r in config.trigger.labels.items()}
+        self.config = config
+        self._debug = config.log.level == "debug"
 
     # -- lifecycle --------------------------------------------------------------------------
     def stop_sources(self) -> None:

@@ -153,6 +153,8 @@ class ReplayResult:
     gates: dict[str, dict[str, Any]] = field(default_factory=dict)
     # seq -> small JPEGs of the event's key frames, for the report page (not in report.json).
     thumbnails: dict[int, list[bytes]] = field(default_factory=dict)
+    # seq -> (width, height) of each key frame the event carries (for the LLM cost estimate).
+    frame_sizes: dict[int, list[tuple[int, int]]] = field(default_factory=dict)
     # Where the events were written as files (a LocalSink); None when they went to another sink.
     events_dir: Path | None = None
 
@@ -208,17 +210,26 @@ def evaluate(
         triggers = [d["t"] for d in fired if d["label"] == label]
         ev_tp = sum(1 for t in triggers if any(a <= t <= b + post for a, b in ranges))
         hit_ranges = sum(1 for a, b in ranges if any(a <= t <= b + post for t in triggers))
+        hours = duration / 3600.0
         out[label] = {
             "threshold": rule.threshold,
             "windows": len(windows),
+            # The raw counts, so runs over several recordings can be pooled (replay --compare).
+            "window_tp": tp,
+            "window_fp": fp,
+            "window_fn": fn,
+            "true_triggers": ev_tp,
+            "false_triggers": len(triggers) - ev_tp,
+            "hit_ranges": hit_ranges,
             "window_precision": round(tp / (tp + fp), 4) if tp + fp else None,
             "window_recall": round(tp / (tp + fn), 4) if tp + fn else None,
             "labelled_ranges": len(ranges),
             "triggers": len(triggers),
             "event_precision": round(ev_tp / len(triggers), 4) if triggers else None,
             "event_recall": round(hit_ranges / len(ranges), 4) if ranges else None,
-            "triggers_per_hour": (
-                round(len(triggers) / (duration / 3600.0), 2) if duration else None
+            "triggers_per_hour": round(len(triggers) / hours, 2) if duration else None,
+            "false_triggers_per_hour": (
+                round((len(triggers) - ev_tp) / hours, 2) if duration else None
             ),
         }
     return out
@@ -229,22 +240,31 @@ THUMBNAIL_WIDTH = 160
 
 def thumbnails(frames: tuple[bytes, ...], width: int = THUMBNAIL_WIDTH) -> list[bytes]:
     """Each JPEG scaled down to ``width`` pixels (never up), re-encoded small."""
+    return _thumbnails_and_sizes(frames, width)[0]
+
+
+def _thumbnails_and_sizes(
+    frames: tuple[bytes, ...], width: int = THUMBNAIL_WIDTH
+) -> tuple[list[bytes], list[tuple[int, int]]]:
+    """Thumbnails, and each readable frame's (width, height): what an LLM would be sent
+    (device/cost.py prices images by their pixels). One decode serves both."""
     import cv2
     import numpy as np
 
-    out = []
+    out, sizes = [], []
     for jpeg in frames:
         image = cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR)
         if image is None:  # not a JPEG we can read: leave it out rather than fail the report
             continue
         h, w = image.shape[:2]
+        sizes.append((w, h))
         if w > width:
             image = cv2.resize(image, (width, max(1, round(h * width / w))),
                                interpolation=cv2.INTER_AREA)
         ok, buf = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, 75])
         if ok:
             out.append(buf.tobytes())
-    return out
+    return out, sizes
 
 
 class _RecordingSink:
@@ -254,6 +274,7 @@ class _RecordingSink:
         self.inner = inner
         self.metas: list[dict[str, Any]] = []
         self.thumbnails: dict[int, list[bytes]] = {}
+        self.frame_sizes: dict[int, list[tuple[int, int]]] = {}
 
     async def next_seq(self) -> int | None:
         return await self.inner.next_seq()
@@ -262,7 +283,8 @@ class _RecordingSink:
         await self.inner.deliver(event)
         self.metas.append({**event.meta(), "payload_bytes": event.payload_bytes})
         if event.frames:
-            self.thumbnails[event.seq] = await asyncio.to_thread(thumbnails, event.frames)
+            thumbs, sizes = await asyncio.to_thread(_thumbnails_and_sizes, event.frames)
+            self.thumbnails[event.seq], self.frame_sizes[event.seq] = thumbs, sizes
 
     async def aclose(self) -> None:
         await self.inner.aclose()
@@ -321,6 +343,7 @@ async def replay_recording(
             events=recorder.metas,
             gates=await asyncio.to_thread(gates.describe, config),
             thumbnails=recorder.thumbnails,
+            frame_sizes=recorder.frame_sizes,
             events_dir=events_dir if sink is None else None,
         )
         if rec.labels is not None:

@@ -22,10 +22,11 @@ import json
 import os
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import quote
 
 from edgekeeper.config import Config
+from edgekeeper.device.manifest import Manifest
 from edgekeeper.device.replay import ReplayResult
 
 SCHEMA = 2  # 2: "config" is the effective config (was the file name); runs carry "gates"
@@ -623,6 +624,325 @@ def write_report(results: list[ReplayResult], config: Config, out_dir: Path) -> 
         ],
     }
     page = render_html(results, config, out_dir)
+    paths = {"json": out_dir / "report.json", "html": out_dir / "report.html"}
+    for key, content in (("json", json.dumps(data, indent=2, sort_keys=True)), ("html", page)):
+        tmp = paths[key].with_suffix(".tmp")
+        tmp.write_text(content, encoding="utf-8")
+        os.replace(tmp, paths[key])
+    return paths
+
+
+# -- replay --compare ----------------------------------------------------------------------------
+# The two sides keep one colour each everywhere: curves, fire marks and the tables' headings.
+_SIDE_COLOURS = {"A": "tab:blue", "B": "tab:orange"}
+COMPARE_SCHEMA = 1
+
+
+# What the compare report reads of device/compare.py's Candidate and Comparison. Protocols, so
+# this module does not import compare.py (which imports it to write the report: no cycle).
+class CompareSide(Protocol):
+    @property
+    def side(self) -> str: ...
+    @property
+    def arg(self) -> str: ...
+    @property
+    def kind(self) -> str: ...
+    @property
+    def manifest(self) -> Manifest: ...
+    @property
+    def release(self) -> dict[str, Any] | None: ...
+    @property
+    def modality(self) -> str: ...
+    def to_json(self) -> dict[str, Any]: ...
+
+
+class ComparisonView(Protocol):
+    @property
+    def a(self) -> CompareSide: ...
+    @property
+    def b(self) -> CompareSide: ...
+    @property
+    def runs(self) -> dict[str, list[ReplayResult]]: ...
+    @property
+    def disagreements(self) -> list[list[dict[str, Any]]]: ...
+    @property
+    def totals(self) -> dict[str, dict[str, Any]]: ...
+    @property
+    def labels(self) -> set[str]: ...
+
+
+def compare_scores_figure(plt: Any, ra: ReplayResult, rb: ReplayResult, config: Config,
+                          labels: set[str]) -> Any | None:
+    """One row per triggering label of the compared models: A's and B's scores over time, the
+    threshold, the labelled truth and each side's triggers; linear axes from 0, legend above."""
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
+    rows = [lb for lb in sorted(config.trigger.labels) if lb in labels and any(
+        lb in s for r in (ra, rb) for _, _, s in r.stats.timeline)]
+    if not rows:
+        return None
+    duration = max(ra.recording.duration, ra.stats.media_seconds, rb.stats.media_seconds, 1.0)
+    truth = ra.recording.labels or []
+    height = 0.6 + 1.9 * len(rows)
+    fig, axes = plt.subplots(len(rows), 1, figsize=(11, height), sharex=True, squeeze=False)
+    for ax, label in zip(axes[:, 0], rows, strict=True):
+        rule = config.trigger.labels[label]
+        for span in truth:
+            if span["label"] == label:
+                ax.axvspan(span["start"], span["end"], color="tab:green", alpha=0.15, lw=0)
+        for side, run in (("A", ra), ("B", rb)):
+            pts = [(t, s[label]) for t, _, s in run.stats.timeline if label in s]
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], lw=1.2,
+                    color=_SIDE_COLOURS[side], alpha=0.9)
+            for d in run.stats.decisions:
+                if d["label"] == label and d["action"] == "fire":
+                    ax.axvline(d["t"], color=_SIDE_COLOURS[side], lw=2.2,
+                               ls="-" if side == "A" else (0, (3, 2)))
+        ax.axhline(rule.threshold, color="tab:red", ls="--", lw=1)
+        ax.set_xlim(0, duration)
+        ax.set_ylim(0, 1.05)  # linear from 0; headroom so a score of 1 stays visible
+        ax.set_yticks([0, 0.25, 0.5, 0.75, 1.0])
+        ax.grid(axis="y", alpha=0.3)
+        ax.set_ylabel("score")
+        ax.set_title(f"{label}   threshold {rule.threshold:g}", loc="left", fontsize=10)
+    axes[-1, 0].set_xlabel("media time (s)")
+    handles: list[Any] = [
+        Line2D([], [], color=_SIDE_COLOURS["A"], lw=1.2, label="A score"),
+        Line2D([], [], color=_SIDE_COLOURS["B"], lw=1.2, label="B score"),
+        Line2D([], [], color="tab:red", ls="--", lw=1, label="threshold"),
+        Line2D([], [], color=_SIDE_COLOURS["A"], lw=2.2, label="A fired"),
+        Line2D([], [], color=_SIDE_COLOURS["B"], lw=2.2, ls=(0, (3, 2)), label="B fired"),
+    ]
+    if truth:
+        handles.append(Patch(color="tab:green", alpha=0.15, label="labelled truth"))
+    top = 1 - 0.42 / height  # the legend sits above every axis, so it hides no curve
+    fig.legend(handles=handles, loc="upper center", ncol=len(handles), frameon=False,
+               fontsize=9, bbox_to_anchor=(0.5, 1.0))
+    fig.tight_layout(rect=(0, 0, 1, top))
+    return fig
+
+
+def _side(side: str) -> str:
+    return f'<span class="side side{side}">{side}</span>'
+
+
+def _usd(v: float | None) -> str:
+    if v is None:
+        return "–"
+    return f"${v:.4f}" if v < 1 else f"${v:.2f}"
+
+
+def _delta(a: float | None, b: float | None, fmt: Any, *, better: str = "") -> str:
+    """B minus A, signed, in the row's unit; blank when either side is undefined or equal.
+    ``better`` ("higher" / "lower") colours a quality figure; counts, bytes and cost stay
+    uncoloured: fewer events is only better when precision and recall hold."""
+    if a is None or b is None or a == b:
+        return ""
+    d = b - a
+    cls = ""
+    if better:
+        cls = ' class="better"' if (d > 0) == (better == "higher") else ' class="worse"'
+    return f'<span{cls}>{"+" if d > 0 else "−"}{fmt(abs(d))}</span>'
+
+
+def _compare_models(comp: ComparisonView) -> str:
+    cards = []
+    for cand in (comp.a, comp.b):
+        runs = comp.runs[cand.side]
+        gates = runs[0].gates.get(cand.modality, {}) if runs else {}
+        files = "".join(
+            f"<tr><td><code>{_esc(Path(f['path']).name)}</code> <small>{_esc(f['role'])}"
+            f"</small></td><td class=num>{fmt_bytes(f['bytes'])}</td><td><code title="
+            f"\"{_esc(f['sha256'])}\">{_esc(f['sha256'][:12])}…</code></td></tr>"
+            for f in gates.get("files", [])
+        )
+        rel = cand.release
+        release = ""
+        if rel is not None:
+            cls = "ok" if rel["signature_checked"] else "warn"
+            release = (
+                f"<p>Release <b>{_esc(rel['tag'])}</b> (scope {_esc(rel['scope'])}, trained "
+                f"from {_esc(str(rel['parent'] or 'nothing'))}): {rel['files_verified']} files "
+                f"match their sha256; <span class={cls}>{_esc(rel['signature'])}</span>.</p>"
+            )
+        cards.append(
+            f'<div class="model">{_side(cand.side)} <b>{_esc(cand.manifest.tag)}</b> '
+            f"<small>{_esc(cand.modality)} · {_esc(cand.kind)}</small>"
+            f"<div><code>{_esc(cand.arg)}</code></div>{release}"
+            f'<table class="files">{files}</table></div>'
+        )
+    return '<div class="models">' + "".join(cards) + "</div>"
+
+
+def _compare_summary(comp: ComparisonView) -> str:
+    ta, tb = comp.totals["A"], comp.totals["B"]
+    ca, cb = ta["llm_cost"], tb["llm_cost"]
+    rows: list[list[str]] = [
+        ["Events (all labels)", str(ta["events"]), str(tb["events"]),
+         _delta(ta["events"], tb["events"], lambda v: f"{v:g}")],
+        ["Bytes that would leave",
+         f"{fmt_bytes(ta['bytes_sent'])}<br><small>{fmt_share(ta['bytes_ratio'])} of "
+         "streaming</small>",
+         f"{fmt_bytes(tb['bytes_sent'])}<br><small>{fmt_share(tb['bytes_ratio'])} of "
+         "streaming</small>",
+         _delta(ta["bytes_sent"], tb["bytes_sent"], fmt_bytes)],
+        [f"Estimated LLM cost<br><small>{_esc(ca['model'])}, {ca['events']} vs "
+         f"{cb['events']} events</small>",
+         f"{_usd(ca['usd'])}<br><small>{_usd(ca['usd_per_event'])} per event</small>",
+         f"{_usd(cb['usd'])}<br><small>{_usd(cb['usd_per_event'])} per event</small>",
+         _delta(ca["usd"], cb["usd"], _usd)],
+    ]
+    for label in sorted(comp.labels):
+        ma, mb = ta["labels"].get(label), tb["labels"].get(label)
+        if ma is None and mb is None:
+            continue
+        na, nb = ta["events_by_label"].get(label, 0), tb["events_by_label"].get(label, 0)
+        rows.append([f"<b>{_esc(label)}</b> events", str(na), str(nb),
+                     _delta(na, nb, lambda v: f"{v:g}")])
+        for key, name, better in (
+            ("event_precision", "precision (events)", "higher"),
+            ("event_recall", "recall (labelled ranges hit)", "higher"),
+            ("false_triggers_per_hour", "false triggers per hour", "lower"),
+            ("window_precision", "window precision", "higher"),
+            ("window_recall", "window recall", "higher"),
+        ):
+            va = None if ma is None else ma[key]
+            vb = None if mb is None else mb[key]
+            fmt: Any = (lambda v: f"{v:.1f}") if key.endswith("hour") else fmt_share
+            rows.append([f"<b>{_esc(label)}</b> {name}",
+                         "–" if va is None else fmt(va), "–" if vb is None else fmt(vb),
+                         _delta(va, vb, fmt, better=better)])
+    table = _table(["", _side("A"), _side("B"), "B − A"], rows, num=(1, 2, 3), cls="compare")
+    note = ("" if any(t["labels"] for t in (ta, tb)) else
+            "<p class=muted>No ground truth given, so no precision, recall or false triggers: "
+            "pass <code>--labels FILE</code> or put a <code>labels.json</code> in the recording "
+            "folder.</p>")
+    return table + note + (
+        "<p class=muted><small>Precision: the share of triggers inside a labelled range (or its "
+        "post-roll); recall: the share of labelled ranges that got a trigger; false triggers: "
+        "the others, per hour of media. LLM cost: an estimate of the cloud's request per event "
+        "(key frames as images, the event as text, the cached system prompt; "
+        "<code>device/cost.py</code>) priced from <code>[budget.prices]</code>.</small></p>"
+    )
+
+
+def _disagreement_table(comp: ComparisonView, index: int, out_dir: Path) -> str:
+    rows_in = comp.disagreements[index]
+    if not rows_in:
+        return ("<p class=ok>They agree: every event of one has an event of the same label at "
+                "the same moment in the other.</p>")
+    rows = []
+    for d in rows_in:
+        run = comp.runs[d["fired"]][index]
+        folder = run.events_dir / f"{d['seq']:010d}" if run.events_dir is not None else None
+        thumbs = ""
+        for i, jpeg in enumerate(run.thumbnails.get(d["seq"], [])):
+            img = (f'<img class="thumb" alt="{d["fired"]} event {d["seq"]} key frame {i + 1}" '
+                   f'src="data:image/jpeg;base64,{base64.b64encode(jpeg).decode()}">')
+            link = _rel_link(folder / f"frame-{i}.jpg", out_dir) if folder else None
+            thumbs += f'<a href="{link}">{img}</a>' if link else img
+        held = (f"<br><small>held back: {_esc('; '.join(d['silent_held_back']))}</small>"
+                if d["silent_held_back"] else "")
+        peak = "no score" if d["silent_peak"] is None else f"peak {d['silent_peak']:.2f}"
+        if d["truth"] is None:
+            truth = "<small class=muted>not labelled</small>"
+        else:
+            truth = f"{_esc(d['truth'])}<br><small>{_side(d['right'])} is right</small>"
+        score = d["score"]
+        rows.append([
+            f"{d['start']:.1f}–{d['end']:.1f} s<br><small>trigger {d['trigger_t']:.1f} s</small>",
+            _esc(d["label"]),
+            f"{_side(d['fired'])} fires<br><small>score {score:.2f}</small>"
+            if isinstance(score, (int, float)) else f"{_side(d['fired'])} fires",
+            f"{_side(d['silent'])} does not<br><small>{peak}</small>{held}",
+            truth,
+            thumbs or "<small class=muted>no frames</small>",
+        ])
+    return _table(["Moment", "Label", "Fires", "Silent", "Truth", "Key frames"], rows,
+                  cls="events")
+
+
+_COMPARE_CSS = """
+.side{display:inline-block;min-width:1.4em;text-align:center;border-radius:3px;color:#fff;
+  font-weight:700;padding:0 4px}
+.sideA{background:#1f77b4}.sideB{background:#d46a00}
+.models{display:grid;grid-template-columns:1fr 1fr;gap:16px;margin:14px 0}
+.model{border:1px solid #e3e7ec;border-radius:6px;padding:10px 14px}
+.model p{margin:6px 0}
+table.files td{border:none;padding:1px 8px 1px 0}
+table.compare td:first-child{width:38%}
+.better{color:#067647;font-weight:600}.worse{color:#b42318;font-weight:600}
+.ok{color:#067647}.warn{color:#9a6700;font-weight:600}
+"""
+
+
+def _shown_config(comp: ComparisonView, config: Config) -> Config:
+    """The config as both runs used it: the compared modality's model is A's or B's."""
+    which = f"A or B ({comp.a.manifest.tag} / {comp.b.manifest.tag})"
+    if comp.a.modality == "vision":
+        return dataclasses.replace(config, gate=dataclasses.replace(config.gate,
+                                                                    vision_model=which))
+    return dataclasses.replace(config, gate=dataclasses.replace(config.gate, audio_model=which))
+
+
+def render_compare_html(comp: ComparisonView, config: Config, out_dir: Path) -> str:
+    plt = pyplot()
+    sections = []
+    for i, (ra, rb) in enumerate(zip(comp.runs["A"], comp.runs["B"], strict=True)):
+        scores = ""
+        if plt is not None:
+            scores = _img(_png(compare_scores_figure(plt, ra, rb, config, comp.labels), plt),
+                          "A's and B's gate scores over time")
+        n = len(comp.disagreements[i])
+        sections.append(
+            "<section>"
+            f"<h2>{_esc(ra.recording.path.name or str(ra.recording.path))}</h2>"
+            f"<div class=muted><code>{_esc(str(ra.recording.path))}</code> · "
+            f"{fmt_s(max(ra.recording.duration, ra.stats.media_seconds))} · A: {ra.stats.events}"
+            f" events, B: {rb.stats.events} events</div>"
+            + ("<h3>Scores over time</h3>" + scores if scores else "")
+            + f"<h3>Where they disagree ({n})</h3>" + _disagreement_table(comp, i, out_dir)
+            + "</section>"
+        )
+    notice = "" if plt is not None else f'<p class="notice">{PLOTS_MISSING}</p>'
+    results = [*comp.runs["A"], *comp.runs["B"]]
+    n_rec = len(comp.runs["A"])
+    return (
+        "<!doctype html><html lang=en><meta charset=utf-8>"
+        "<meta name=viewport content='width=device-width,initial-scale=1'>"
+        f"<title>edgekeeper replay: A against B</title><style>{_CSS}{_COMPARE_CSS}</style>"
+        f"<h1>edgekeeper replay: {_side('A')} against {_side('B')}</h1>"
+        f"<div class=muted>The same {'recording' if n_rec == 1 else f'{n_rec} recordings'}"
+        " through the "
+        f"same device loop and config (<code>{_esc(config.source)}</code>); only the "
+        f"{_esc(comp.a.modality)} model differs.</div>"
+        + notice + _compare_models(comp)
+        + "<h2>Side by side</h2>" + _compare_summary(comp)
+        + "".join(sections) + _config_section(_shown_config(comp, config), results)
+    )
+
+
+def _run_json(r: ReplayResult) -> dict[str, Any]:
+    return {**r.summary(), "gates": r.gates, "decisions": r.stats.decisions, "events": r.events}
+
+
+def write_compare_report(comp: ComparisonView, config: Config, out_dir: Path) -> dict[str, Path]:
+    """report.json and report.html of ``replay --compare`` (device/compare.py's Comparison)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    data = {
+        "schema": COMPARE_SCHEMA,
+        "kind": "replay-compare",
+        "config": effective_config(_shown_config(comp, config)),
+        "models": {"A": comp.a.to_json(), "B": comp.b.to_json()},
+        "totals": comp.totals,
+        "recordings": [
+            {"recording": str(ra.recording.path), "A": _run_json(ra), "B": _run_json(rb),
+             "disagreements": comp.disagreements[i]}
+            for i, (ra, rb) in enumerate(zip(comp.runs["A"], comp.runs["B"], strict=True))
+        ],
+    }
+    page = render_compare_html(comp, config, out_dir)
     paths = {"json": out_dir / "report.json", "html": out_dir / "report.html"}
     for key, content in (("json", json.dumps(data, indent=2, sort_keys=True)), ("html", page)):
         tmp = paths[key].with_suffix(".tmp")

@@ -86,6 +86,14 @@ class TriggerPolicy:
         self._states: dict[str, _LabelState] = {}
         self._fired_at: collections.deque[float] = collections.deque()
 
+    def reconfigure(self, cfg: TriggerSection) -> None:
+        """New rules for a running policy (a config reload): activations, cooldowns and the
+        hourly count carry over; with a new n each label keeps its newest scores."""
+        self.cfg = cfg
+        for st in self._states.values():
+            if st.window.maxlen != cfg.n:
+                st.window = collections.deque(st.window, maxlen=cfg.n)
+
     def rule(self, label: str) -> LabelRule | None:
         return self.cfg.labels.get(label)
 

@@ -251,6 +251,9 @@ class OutboxSection:
 
 @dataclass(frozen=True)
 class UplinkSection:
+    # cloud: `edgekeeper run` sends events to the cloud and refuses to start unenrolled (exit
+    # 78, with the fix). local-only: events stay on this machine (sink.directory), on purpose.
+    mode: Literal["cloud", "local-only"] = "cloud"
     # The cloud ingest URL; empty means the one pinned by `edgekeeper device enroll`.
     cloud_url: str = ""
     connect_timeout_seconds: float = 10.0
@@ -385,8 +388,17 @@ class CloudSection:
     # TLS-terminating proxy in front (edgekeeper/tls.py).
     tls_cert_file: str = ""
     tls_key_file: str = ""
+    # Model releases (docs/model-updates.md): a canary-stage release is promoted to the rest of
+    # its scope once every canary passed its trial and this long has gone by with no rollback
+    # or refusal; a built release expires (devices refuse it) this many days after it is built.
+    rollout_canary_seconds: float = 3600.0
+    release_expiry_days: float = 30.0
 
     def __post_init__(self) -> None:
+        if not 0 <= self.rollout_canary_seconds <= 30 * 86400 or not (
+                0 < self.release_expiry_days <= 3650):
+            raise ValueError("rollout_canary_seconds must be 0-2592000 and release_expiry_days"
+                             " 0-3650 (more than 0)")
         if not 0 <= self.port <= 65535:
             raise ValueError("port must be 0-65535")
         if not 1024 <= self.max_event_bytes <= 256 * 1024 * 1024:
@@ -540,6 +552,22 @@ class BudgetSection:
 
 
 @dataclass(frozen=True)
+class TrainingSection:
+    # Every reasoned event becomes a training example in the cloud's store: the gate's features,
+    # scores and label, the teacher's judgement, provenance (cloud/training/examples.py,
+    # docs/model-updates.md). No raw media unless keep_media: heads retrain on features.
+    examples: bool = True
+    # Also keep the event's key frames / audio (for full fine-tuning) under
+    # <cloud data_dir>/training-media/, deleted media_retention_days after reasoning.
+    keep_media: bool = False
+    media_retention_days: float = 30.0
+
+    def __post_init__(self) -> None:
+        if not 0 < self.media_retention_days <= 3650:
+            raise ValueError("media_retention_days must be > 0 and at most 3650 (ten years)")
+
+
+@dataclass(frozen=True)
 class MqttSection:
     # Results (and, if asked, triggers) published to an MQTT broker with Home Assistant
     # discovery (device/mqtt.py, docs/mqtt.md). Empty host: MQTT is off.
@@ -602,6 +630,7 @@ class Config:
     cloud: CloudSection = field(default_factory=CloudSection)
     reasoner: ReasonerSection = field(default_factory=ReasonerSection)
     budget: BudgetSection = field(default_factory=BudgetSection)
+    training: TrainingSection = field(default_factory=TrainingSection)
     mqtt: MqttSection = field(default_factory=MqttSection)
     # Where the config came from, for error messages ("defaults" when none was given).
     source: str = field(default="defaults", compare=False)

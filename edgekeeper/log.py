@@ -11,12 +11,24 @@ Secrets never reach a log: ``_redact`` replaces the value of every field whose n
 Libraries log through the standard library (aiohttp, asyncio, the anthropic SDK, httpx); their
 records go through the same processors, so a reader sees one format. Their threshold is WARNING
 unless the level is debug (httpx alone would log every call to the provider at INFO).
+
+Native libraries write to file descriptor 2 behind Python's back: OpenCV and FFmpeg are told
+to keep quiet (OPENCV_LOG_LEVEL, OPENCV_FFMPEG_LOGLEVEL, set before cv2 is imported; at debug
+they speak), and ``native_output`` captures what TFLite prints while a model loads ("INFO:
+Created TensorFlow Lite XNNPACK delegate") and logs it as ``native.output``: at DEBUG, or at
+WARNING for a line that says WARNING or ERROR. So every line on stderr is one JSON object.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
+import os
 import sys
+import tempfile
+import threading
+from collections.abc import Iterator
 from typing import Any
 
 import structlog
@@ -109,8 +121,71 @@ def _route_stdlib(level: str, stream: Any, renderer: Any) -> None:
     root.setLevel(threshold)
 
 
+def quiet_native_libraries(level: str) -> None:
+    """Tell OpenCV, FFmpeg (through OpenCV) and TensorFlow how much to print, before they are
+    imported. A value the operator set in the environment is kept."""
+    debug = level.lower() == "debug"
+    os.environ.setdefault("OPENCV_LOG_LEVEL", "INFO" if debug else "ERROR")
+    # av_log levels: -8 quiet, 16 error, 32 info. A damaged stream's "[h264 @ 0x..] error
+    # while decoding" comes here once per frame: the source's own counters tell it better.
+    os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "32" if debug else "-8")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "0" if debug else "2")
+    if "cv2" in sys.modules:  # imported already (a test, a reload): its own call still works
+        with contextlib.suppress(Exception):
+            sys.modules["cv2"].setLogLevel(4 if debug else 2)  # 4 INFO, 2 ERROR
+
+
+_native_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def native_output(component: str) -> Iterator[None]:
+    """Capture what native code writes to fd 2 during the block (a model load), then log it:
+    JSON lines (ours, from another thread meanwhile) go out unchanged, others as
+    ``native.output``. Keep the block short: the whole process's fd 2 is redirected."""
+    log = get_logger("edgekeeper.native")
+    with _native_lock, tempfile.TemporaryFile() as captured:
+        try:
+            sys.stderr.flush()
+            saved = os.dup(2)
+        except (OSError, ValueError):  # no usable fd 2 (closed, a test's capture): leave it
+            yield
+            return
+        try:
+            os.dup2(captured.fileno(), 2)
+            try:
+                yield
+            finally:
+                with contextlib.suppress(OSError, ValueError):
+                    sys.stderr.flush()
+                os.dup2(saved, 2)
+        finally:
+            os.close(saved)
+        captured.seek(0)
+        for raw in captured.read().decode("utf-8", "replace").splitlines():
+            line = raw.strip()
+            if not line:
+                continue
+            if _is_json_object(line):
+                sys.stderr.write(line + "\n")
+            elif line.upper().startswith(("WARNING", "ERROR", "FATAL", "[ WARN", "[ERROR")):
+                log.warning("native.output", component=component, line=line[:2000])
+            else:
+                log.debug("native.output", component=component, line=line[:2000])
+
+
+def _is_json_object(line: str) -> bool:
+    if not line.startswith("{"):
+        return False
+    try:
+        return isinstance(json.loads(line), dict)
+    except ValueError:
+        return False
+
+
 def configure(level: str = "info", fmt: str = "auto", stream: Any = None) -> None:
     """Configure structlog once, at the CLI. ``fmt``: auto | json | console."""
+    quiet_native_libraries(level)
     stream = stream or _CurrentStderr()
     if fmt == "auto":
         fmt = "console" if getattr(stream, "isatty", lambda: False)() else "json"

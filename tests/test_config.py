@@ -168,6 +168,7 @@ def test_run_and_replay_refuse_a_misspelt_label_in_one_line(
     f = tmp_path / "c.toml"
     f.write_text(f'[device]\nstate_dir = "{tmp_path / "state"}"\n'
                  f'[camera]\nsource = "{sample_recording / "video.avi"}"\n'
+                 '[uplink]\nmode = "local-only"\n'
                  "[trigger.labels.persn]\nthreshold = 0.7\n")
     tail = ([str(sample_recording), "--report", str(tmp_path / "r"), "--no-progress"]
             if command == "replay" else ["--seconds", "5"])

@@ -14,7 +14,6 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 import pytest
@@ -206,25 +205,28 @@ async def test_worker_metrics_count_llm_tokens_and_cost(tmp_path: Path) -> None:
 
 
 async def test_edgekeeper_run_serves_the_device_metrics(
-    tmp_path: Path, sample_recording: Path, make_config: Any
+    tmp_path: Path, sample_recording: Path
 ) -> None:
     from edgekeeper.device import identity
-    from edgekeeper.device.cli import run_device
 
+    state = tmp_path / "state"
+    cfg = tmp_path / "device.toml"
+    cfg.write_text(
+        f'[device]\nid = "cam-metrics"\nstate_dir = "{state}"\n'
+        f'[camera]\nsource = "{sample_recording / "video.avi"}"\n'
+        '[microphone]\nenabled = false\n'
+        '[trigger]\nk = 1\nn = 1\n[trigger.labels.person]\nthreshold = 0.0\nrelease = 0.0\n'
+        '[event]\npost_roll_seconds = 0.5\n[results]\npoll_wait_seconds = 1.0\n')
     async with running_cloud(tmp_path) as cloud:
-        config = make_config(
-            camera={"source": str(sample_recording / "video.avi")},
-            microphone={"enabled": False},
-            trigger={"k": 1, "n": 1, "labels": {"person": {"threshold": 0.0, "release": 0.0}}},
-            event={"post_roll_seconds": 0.5},
-            results={"poll_wait_seconds": 1.0},
-        )
-        await identity.enroll(cloud.url, await cloud.token(), device_id=config.device.id,
-                              state_dir=config.device.state_dir)
+        await identity.enroll(cloud.url, await cloud.token(), device_id="cam-metrics",
+                              state_dir=state)
         port = free_port()
         url = f"http://127.0.0.1:{port}/metrics"
-        stop = asyncio.Event()
-        device = asyncio.create_task(run_device(config, stop, metrics_port=port))
+        env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEKEEPER_")}
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "edgekeeper.cli", "--config", str(cfg), "run",
+            "--metrics-port", str(port), env=env,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         worker_stop = asyncio.Event()
         worker = asyncio.create_task(Worker(
             queue=cloud.queue, store=cloud.store, reasoner=EchoReasoner(), keys=cloud.keys,
@@ -233,10 +235,10 @@ async def test_edgekeeper_run_serves_the_device_metrics(
 
         async def settled() -> bool:
             nonlocal samples
-            assert not device.done(), device.exception()
+            assert proc.returncode is None, (await proc.communicate())[1].decode()[-3000:]
             try:
-                samples = await scrape(cloud.session, url)
-            except aiohttp.ClientError:
+                samples = parse(await asyncio.to_thread(get_text, url))
+            except OSError:
                 return False
             return (value(samples, "edgekeeper_device_uploads_total", outcome="delivered") >= 1
                     # the echo reasoner's answers are provisional, and say so
@@ -244,14 +246,16 @@ async def test_edgekeeper_run_serves_the_device_metrics(
                               provisional="true") >= 1)
 
         try:
-            await until(settled, timeout=60, every=0.2)
+            await until(settled, timeout=90, every=0.2)
         except TimeoutError:
             raise AssertionError(f"no result came back: {samples}") from None
         finally:
-            stop.set()
-            report = await device
+            proc.send_signal(signal.SIGTERM)
+            out, err = await asyncio.wait_for(proc.communicate(), 60)
             worker_stop.set()
             await worker
+    assert proc.returncode == 0, err.decode()[-3000:]
+    report = json.loads(out.decode().strip().splitlines()[-1])
     assert value(samples, "edgekeeper_device_windows_total", modality="video") > 0
     assert value(samples, "edgekeeper_device_inferences_total", modality="video") > 0
     assert value(samples, "edgekeeper_device_gate_seconds_count", modality="video") > 0

@@ -44,6 +44,7 @@ def test_run_with_a_file_as_camera(tmp_path: Path, sample_recording: Path,
     cfg.write_text(
         f'[device]\nid = "cam-test"\nstate_dir = "{tmp_path / "state"}"\n'
         f'[camera]\nsource = "{sample_recording / "video.avi"}"\n'
+        '[uplink]\nmode = "local-only"\n'  # not enrolled, on purpose
     )
     assert main(["--config", str(cfg), "run", "--seconds", "2"]) == 0
     stats = json.loads(capsys.readouterr().out)
@@ -54,7 +55,8 @@ def test_run_with_a_file_as_camera(tmp_path: Path, sample_recording: Path,
 def test_run_with_an_unopenable_camera_fails_clearly(tmp_path: Path,
                                                      capsys: pytest.CaptureFixture[str]) -> None:
     cfg = tmp_path / "c.toml"
-    cfg.write_text(f'[device]\nstate_dir = "{tmp_path}"\n[camera]\nsource = "rtsp://127.0.0.1:9/none"\n')
+    cfg.write_text(f'[device]\nstate_dir = "{tmp_path}"\n[camera]\nsource = "rtsp://127.0.0.1:9/none"\n'
+                   '[uplink]\nmode = "local-only"\n')
     assert main(["--config", str(cfg), "run", "--seconds", "1"]) == 3
     err = capsys.readouterr().err
     assert "cannot be opened" in err and "Traceback" not in err

@@ -14,6 +14,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol, runtime_checkable
 
+from edgekeeper.cloud.store.releases import ReleaseStore
+from edgekeeper.cloud.training.examples import ExampleStore
 from edgekeeper.protocol.errors import DeviceExists, InvalidToken
 from edgekeeper.protocol.keys import DevicePublicKeys
 
@@ -142,8 +144,10 @@ class UsageRow:
 
 
 @runtime_checkable
-class Store(Protocol):
-    """Registry, tokens and results. Coroutines only; none blocks the event loop."""
+class Store(ExampleStore, ReleaseStore, Protocol):
+    """Registry, tokens and results; training examples (ExampleStore,
+    cloud/training/examples.py); releases (cloud/store/releases.py). Coroutines only; none
+    blocks the event loop."""
 
     # registry ---------------------------------------------------------------------------
     async def enroll(

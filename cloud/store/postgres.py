@@ -24,6 +24,7 @@ Why it is built this way:
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import re
 from collections.abc import AsyncIterator, Sequence
@@ -41,8 +42,20 @@ from edgekeeper.cloud.store.base import (
     UsageTotals,
     check_enrollment,
 )
+from edgekeeper.cloud.store.postgres_releases import SCHEMA as RELEASES_SCHEMA
+from edgekeeper.cloud.store.postgres_releases import PostgresReleases
+from edgekeeper.cloud.training.examples import (
+    EXAMPLE_COLUMNS,
+    ExampleCount,
+    TrainingExample,
+    delete_media,
+    example_of_row,
+    example_row,
+    scope_filter,
+)
 from edgekeeper.errors import ConfigError, classified
 from edgekeeper.protocol.errors import DeviceExists, InvalidToken
+from edgekeeper.protocol.release import Scope
 
 # Advisory lock keys (any 64-bit numbers unique to edgekeeper).
 _SCHEMA_LOCK = 0x65646B7301  # "edks" 1
@@ -152,6 +165,40 @@ def _summary(row: Sequence[Any]) -> ResultSummary:
     d, s, label, conf, text, action, reasoner, prov, produced, received = row
     return ResultSummary(str(d), int(s), str(label), float(conf), str(text), str(action),
                          str(reasoner), bool(prov), float(produced), float(received))
+# Training examples (cloud/training/examples.py), as in the SQLite store: one row per (event,
+# model), features as little-endian float32 bytes and their shape, scores as JSON text.
+EXAMPLES_SCHEMA = [
+    """CREATE TABLE IF NOT EXISTS examples (
+        id BIGSERIAL PRIMARY KEY,
+        device_id TEXT NOT NULL,
+        seq BIGINT NOT NULL,
+        model TEXT NOT NULL,
+        model_version TEXT NOT NULL,
+        modality TEXT NOT NULL,
+        features BYTEA NOT NULL,
+        features_shape TEXT NOT NULL,
+        scores TEXT NOT NULL,
+        gate_label TEXT NOT NULL,
+        teacher_label TEXT NOT NULL,
+        target TEXT,
+        teacher_confidence DOUBLE PRECISION NOT NULL,
+        gate_correct BOOLEAN,
+        reasoner TEXT NOT NULL,
+        provisional BOOLEAN NOT NULL,
+        weight DOUBLE PRECISION NOT NULL,
+        captured_at DOUBLE PRECISION NOT NULL,
+        reasoned_at DOUBLE PRECISION NOT NULL,
+        group_name TEXT NOT NULL DEFAULT '',
+        media_path TEXT,
+        UNIQUE (device_id, seq, model)
+    )""",
+    "CREATE INDEX IF NOT EXISTS examples_model_time ON examples (model, reasoned_at)",
+    "CREATE INDEX IF NOT EXISTS examples_device ON examples (device_id, model)",
+    "CREATE INDEX IF NOT EXISTS examples_media ON examples (reasoned_at)"
+    " WHERE media_path IS NOT NULL",
+]
+_EXAMPLE_SELECT = f"SELECT id, {', '.join(EXAMPLE_COLUMNS)} FROM examples"
+MEDIA_BATCH = 500
 
 _USAGE_SUMS = ("input_tokens", "output_tokens", "cache_write_tokens", "cache_read_tokens")
 
@@ -173,7 +220,7 @@ def _device(row: Sequence[Any]) -> DeviceRecord:
     return DeviceRecord(row[0], bytes(row[1]), bytes(row[2]), row[3], row[4])
 
 
-class PostgresStore:
+class PostgresStore(PostgresReleases):  # releases, groups, reports: postgres_releases.py
     """Store on PostgreSQL. Create with ``await PostgresStore.open(dsn=...)``."""
 
     def __init__(self, pool: Any, dsn: str) -> None:
@@ -231,7 +278,7 @@ class PostgresStore:
     async def _create_schema(conn: Any) -> None:
         async with conn.transaction():
             await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
-            for statement in SCHEMA:
+            for statement in (*SCHEMA, *EXAMPLES_SCHEMA, *RELEASES_SCHEMA):
                 await conn.execute(statement)
 
     async def _fetchone(self, sql: str, params: Sequence[Any] = ()) -> Any:
@@ -507,6 +554,63 @@ class PostgresStore:
         return [UsageRow(d, dev, int(calls), int(events), int(i), int(o), int(cw), int(cr),
                          float(cost))
                 for d, dev, calls, events, i, o, cw, cr, cost in rows]
+
+    # training examples ------------------------------------------------------------------
+
+    async def add_example(self, example: TrainingExample) -> int | None:
+        row = await self._fetchone(
+            f"INSERT INTO examples ({', '.join(EXAMPLE_COLUMNS)})"
+            f" VALUES ({', '.join(['%s'] * len(EXAMPLE_COLUMNS))})"
+            " ON CONFLICT (device_id, seq, model) DO NOTHING RETURNING id",
+            example_row(example),
+        )
+        return None if row is None else int(row[0])
+
+    async def examples(self, *, model: str, scope: Scope, since: float | None = None,
+                       until: float | None = None, limit: int = 100_000
+                       ) -> list[TrainingExample]:
+        where, args = scope_filter(scope)
+        sql = f"{_EXAMPLE_SELECT} WHERE model = %s AND {where.replace('?', '%s')}"
+        params: tuple[object, ...] = (model, *args)
+        if since is not None:
+            sql += " AND reasoned_at >= %s"
+            params += (since,)
+        if until is not None:
+            sql += " AND reasoned_at < %s"
+            params += (until,)
+        rows = await self._fetchall(sql + " ORDER BY reasoned_at, id LIMIT %s",
+                                    (*params, limit))
+        return [example_of_row(r) for r in rows]
+
+    async def examples_by_ids(self, ids: Sequence[int]) -> list[TrainingExample]:
+        rows = await self._fetchall(f"{_EXAMPLE_SELECT} WHERE id = ANY(%s::bigint[])"
+                                    " ORDER BY id", (sorted({int(i) for i in ids}),))
+        return [example_of_row(r) for r in rows]
+
+    async def forget_media(self, *, before: float) -> int:
+        total = 0
+        while rows := await self._fetchall(
+                "SELECT id, media_path FROM examples WHERE media_path IS NOT NULL"
+                " AND reasoned_at < %s ORDER BY reasoned_at LIMIT %s", (before, MEDIA_BATCH)):
+            # Files first, then the paths (as the SQLite store: never a file no row names).
+            await asyncio.to_thread(delete_media, [p for _, p in rows])
+            async with self._connection() as conn:
+                await conn.execute("UPDATE examples SET media_path = NULL"
+                                   " WHERE id = ANY(%s::bigint[])", ([int(i) for i, _ in rows],))
+            total += len(rows)
+        return total
+
+    async def example_counts(self, *, model: str | None, scope: Scope) -> list[ExampleCount]:
+        where, args = scope_filter(scope)
+        if model is not None:
+            where += " AND model = ?"
+            args += (model,)
+        rows = await self._fetchall(
+            "SELECT model, device_id, reasoner, target, gate_correct, provisional, COUNT(*),"
+            " COUNT(*) FILTER (WHERE weight > 0) FROM examples WHERE "
+            + where.replace("?", "%s") + " GROUP BY 1, 2, 3, 4, 5, 6 ORDER BY 1, 2, 3", args)
+        return [ExampleCount(m, d, r, t, g, bool(p), int(n), int(w))
+                for m, d, r, t, g, p, n, w in rows]
 
     async def ping(self) -> None:
         await self._fetchone("SELECT 1")

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 import sqlite3
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,7 +22,19 @@ from edgekeeper.cloud.store.base import (
     UsageTotals,
     check_enrollment,
 )
+from edgekeeper.cloud.store.sqlite_releases import SCHEMA as RELEASES_SCHEMA
+from edgekeeper.cloud.store.sqlite_releases import SQLiteReleases
+from edgekeeper.cloud.training.examples import (
+    EXAMPLE_COLUMNS,
+    ExampleCount,
+    TrainingExample,
+    delete_media,
+    example_of_row,
+    example_row,
+    scope_filter,
+)
 from edgekeeper.protocol.errors import InvalidToken
+from edgekeeper.protocol.release import Scope
 from edgekeeper.sqlite import Database, transaction
 
 SCHEMA = """
@@ -119,6 +133,40 @@ def _summary(row: Sequence[Any]) -> ResultSummary:
     d, s, label, conf, text, action, reasoner, prov, produced, received = row
     return ResultSummary(str(d), int(s), str(label), float(conf), str(text), str(action),
                          str(reasoner), bool(prov), float(produced), float(received))
+# Training examples (cloud/training/examples.py): one row per (event, model); features as
+# little-endian float32 bytes and their shape. Indexed for a retrain's read (model, time), the
+# scope "device:ID", and the media retention (only rows that still have media).
+EXAMPLES_SCHEMA = """
+CREATE TABLE IF NOT EXISTS examples (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    device_id TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    model TEXT NOT NULL,
+    model_version TEXT NOT NULL,
+    modality TEXT NOT NULL,
+    features BLOB NOT NULL,
+    features_shape TEXT NOT NULL,
+    scores TEXT NOT NULL,
+    gate_label TEXT NOT NULL,
+    teacher_label TEXT NOT NULL,
+    target TEXT,
+    teacher_confidence REAL NOT NULL,
+    gate_correct INTEGER,
+    reasoner TEXT NOT NULL,
+    provisional INTEGER NOT NULL,
+    weight REAL NOT NULL,
+    captured_at REAL NOT NULL,
+    reasoned_at REAL NOT NULL,
+    group_name TEXT NOT NULL DEFAULT '',
+    media_path TEXT,
+    UNIQUE (device_id, seq, model)
+);
+CREATE INDEX IF NOT EXISTS examples_model_time ON examples (model, reasoned_at);
+CREATE INDEX IF NOT EXISTS examples_device ON examples (device_id, model);
+CREATE INDEX IF NOT EXISTS examples_media ON examples (reasoned_at) WHERE media_path IS NOT NULL;
+"""
+_EXAMPLE_SELECT = f"SELECT id, {', '.join(EXAMPLE_COLUMNS)} FROM examples"
+MEDIA_BATCH = 500
 
 _USAGE_SUMS = ("input_tokens, output_tokens, cache_write_tokens, cache_read_tokens")
 
@@ -141,7 +189,7 @@ def _bump_registry(conn: sqlite3.Connection) -> None:
     conn.execute("UPDATE meta SET value = value + 1 WHERE key = 'registry_version'")
 
 
-class SQLiteStore:
+class SQLiteStore(SQLiteReleases):  # releases, groups, reports: sqlite_releases.py
     """Store on one SQLite file. Create with ``await SQLiteStore.open(path)``."""
 
     def __init__(self, db: Database) -> None:
@@ -149,7 +197,8 @@ class SQLiteStore:
 
     @classmethod
     async def open(cls, path: Path) -> SQLiteStore:
-        return cls(await Database.open(path, name="store", schema=SCHEMA,
+        schema = ";".join((SCHEMA, EXAMPLES_SCHEMA, RELEASES_SCHEMA))
+        return cls(await Database.open(path, name="store", schema=schema,
                                        setting="cloud.data_dir"))
 
     @property
@@ -438,6 +487,84 @@ class SQLiteStore:
                 args += (device_id,)
             rows = conn.execute(sql + " ORDER BY day, device_id", args).fetchall()
             return [UsageRow(*row) for row in rows]
+
+        return await self._db.run(do)
+
+    # training examples ------------------------------------------------------------------
+
+    async def add_example(self, example: TrainingExample) -> int | None:
+        def do(conn: sqlite3.Connection) -> int | None:
+            with transaction(conn):
+                cur = conn.execute(
+                    f"INSERT OR IGNORE INTO examples ({', '.join(EXAMPLE_COLUMNS)})"
+                    f" VALUES ({', '.join('?' * len(EXAMPLE_COLUMNS))})", example_row(example))
+            return cur.lastrowid if cur.rowcount == 1 else None
+
+        return await self._db.run(do)
+
+    async def examples(self, *, model: str, scope: Scope, since: float | None = None,
+                       until: float | None = None, limit: int = 100_000
+                       ) -> list[TrainingExample]:
+        where, args = scope_filter(scope)
+        sql = f"{_EXAMPLE_SELECT} WHERE model = ? AND {where}"
+        params: tuple[object, ...] = (model, *args)
+        if since is not None:
+            sql += " AND reasoned_at >= ?"
+            params += (since,)
+        if until is not None:
+            sql += " AND reasoned_at < ?"
+            params += (until,)
+
+        def do(conn: sqlite3.Connection) -> list[TrainingExample]:
+            rows = conn.execute(sql + " ORDER BY reasoned_at, id LIMIT ?", (*params, limit))
+            return [example_of_row(r) for r in rows]
+
+        return await self._db.run(do)
+
+    async def examples_by_ids(self, ids: Sequence[int]) -> list[TrainingExample]:
+        wanted = json.dumps(sorted({int(i) for i in ids}))
+
+        def do(conn: sqlite3.Connection) -> list[TrainingExample]:
+            rows = conn.execute(f"{_EXAMPLE_SELECT} WHERE id IN (SELECT value FROM"
+                                " json_each(?)) ORDER BY id", (wanted,))
+            return [example_of_row(r) for r in rows]
+
+        return await self._db.run(do)
+
+    async def forget_media(self, *, before: float) -> int:
+        def batch(conn: sqlite3.Connection) -> list[tuple[int, str]]:
+            return conn.execute(
+                "SELECT id, media_path FROM examples WHERE media_path IS NOT NULL"
+                " AND reasoned_at < ? ORDER BY reasoned_at LIMIT ?", (before, MEDIA_BATCH)
+            ).fetchall()
+
+        def clear(conn: sqlite3.Connection, ids: list[int]) -> None:
+            with transaction(conn):
+                conn.execute("UPDATE examples SET media_path = NULL WHERE id IN"
+                             " (SELECT value FROM json_each(?))", (json.dumps(ids),))
+
+        total = 0
+        while rows := await self._db.run(batch):
+            # Files first, then the paths: a crash in between leaves a path to nothing, which
+            # the next run clears, never a file no row names.
+            await asyncio.to_thread(delete_media, [p for _, p in rows])
+            await self._db.run(clear, [i for i, _ in rows])
+            total += len(rows)
+        return total
+
+    async def example_counts(self, *, model: str | None, scope: Scope) -> list[ExampleCount]:
+        where, args = scope_filter(scope)
+        if model is not None:
+            where += " AND model = ?"
+            args += (model,)
+
+        def do(conn: sqlite3.Connection) -> list[ExampleCount]:
+            rows = conn.execute(
+                "SELECT model, device_id, reasoner, target, gate_correct, provisional,"
+                " COUNT(*), SUM(weight > 0) FROM examples WHERE " + where
+                + " GROUP BY 1, 2, 3, 4, 5, 6 ORDER BY 1, 2, 3", args).fetchall()
+            return [ExampleCount(m, d, r, t, None if g is None else bool(g), bool(p), n, w)
+                    for m, d, r, t, g, p, n, w in rows]
 
         return await self._db.run(do)
 

@@ -1,0 +1,390 @@
+"""systemd supervision of `edgekeeper run`, as systemd meets it: a real device process started
+with NOTIFY_SOCKET pointing at a datagram socket this test owns (in the abstract namespace, as
+systemd's own is) and WATCHDOG_USEC set. The camera is an MJPEG server on 127.0.0.1 (the
+bundled street recording, with people in it) that the test can make stall, as a network camera
+does. Nothing of ours is patched: the process reads its environment as under systemd.
+
+READY=1 comes once frames flow; WATCHDOG=1 comes every half period while they do and stops when
+the camera stalls (the service says why in STATUS=), then comes back; SIGTERM gives STOPPING=1
+and exit 0. SIGHUP re-reads the config file: a valid one changes the trigger at once, a bad one
+is refused in one log line naming the file and key, and the service keeps running."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import resource
+import signal
+import socket
+import sys
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import pytest
+from aiohttp import web
+
+from edgekeeper import compat
+from edgekeeper.notify import Notifier
+
+from cloudkit import until
+
+WATCHDOG_USEC = 2_000_000  # WatchdogSec=2: a ping every second, "stalled" after 2 s
+WAIT = 60.0
+
+
+# --- the supervisor's socket ----------------------------------------------------------------
+
+
+@dataclass
+class NotifySocket:
+    """A datagram socket where a service's sd_notify messages arrive, as systemd's does."""
+
+    sock: socket.socket
+    address: str
+    messages: list[list[str]] = field(default_factory=list)
+
+    def lines(self) -> list[str]:
+        return [line for m in self.messages for line in m]
+
+    def count(self, line: str) -> int:
+        return sum(line in m for m in self.messages)
+
+    def statuses(self) -> list[str]:
+        return [line[len("STATUS="):] for line in self.lines() if line.startswith("STATUS=")]
+
+    async def until(self, what: Callable[[], bool], label: str, proc: DeviceProc | None = None
+                    ) -> None:
+        async def check() -> bool:
+            if proc is not None:
+                assert proc.proc.returncode is None, f"{label}: exited\n" + proc.text()
+            return what()
+
+        try:
+            await until(check, WAIT)
+        except AssertionError:
+            raise
+        except Exception as err:  # until's timeout: say what was seen
+            raise AssertionError(f"{label}: not seen; got {self.messages[-10:]}") from err
+
+
+@contextlib.asynccontextmanager
+async def notify_socket() -> AsyncIterator[NotifySocket]:
+    name = f"edgekeeper-test-{uuid.uuid4().hex}"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(b"\0" + name.encode())
+    sock.setblocking(False)
+    ns = NotifySocket(sock, "@" + name)
+    loop = asyncio.get_running_loop()
+
+    async def read() -> None:
+        while True:
+            data = await loop.sock_recv(sock, 65536)
+            ns.messages.append(data.decode().split("\n"))
+
+    reader = asyncio.create_task(read())
+    try:
+        yield ns
+    finally:
+        reader.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await reader
+        sock.close()
+
+
+# --- a network camera that can stall --------------------------------------------------------
+
+
+@dataclass
+class Camera:
+    url: str
+    flowing: asyncio.Event
+    served: int = 0
+
+
+@contextlib.asynccontextmanager
+async def mjpeg_camera(recording: Path, fps: float = 10.0) -> AsyncIterator[Camera]:
+    def encode() -> list[bytes]:
+        cap = cv2.VideoCapture(str(recording / "video.avi"))
+        out = []
+        for _ in range(40):
+            ok, img = cap.read()
+            assert ok
+            img = cv2.resize(img, (384, 288))
+            out.append(cv2.imencode(".jpg", img)[1].tobytes())
+        cap.release()
+        return out
+
+    jpegs = await asyncio.to_thread(encode)
+    flowing = asyncio.Event()
+    flowing.set()
+    camera = Camera("", flowing)
+
+    async def stream(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(
+            headers={"Content-Type": "multipart/x-mixed-replace; boundary=frame"})
+        await resp.prepare(request)
+        i = 0
+        with contextlib.suppress(ConnectionError):  # the device hung up (it stopped)
+            while True:
+                await flowing.wait()  # a stalled camera: the connection stays open, silent
+                jpg = jpegs[i % len(jpegs)]
+                i += 1
+                await resp.write(b"--frame\r\nContent-Type: image/jpeg\r\n"
+                                 b"Content-Length: %d\r\n\r\n" % len(jpg) + jpg + b"\r\n")
+                camera.served += 1
+                await asyncio.sleep(1 / fps)
+        return resp
+
+    app = web.Application()
+    app.router.add_get("/cam.mjpg", stream)
+    runner = web.AppRunner(app, shutdown_timeout=0.5)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    camera.url = f"http://127.0.0.1:{runner.addresses[0][1]}/cam.mjpg"
+    try:
+        yield camera
+    finally:
+        flowing.set()
+        await runner.cleanup()
+
+
+# --- the device process ---------------------------------------------------------------------
+
+
+@dataclass
+class DeviceProc:
+    proc: asyncio.subprocess.Process
+    lines: list[str] = field(default_factory=list)
+    reader: asyncio.Task[None] | None = None
+
+    def text(self) -> str:
+        return "\n".join(self.lines[-40:])
+
+    def events(self, name: str) -> list[dict[str, object]]:
+        out = []
+        for line in self.lines:
+            with contextlib.suppress(ValueError):
+                doc = json.loads(line)
+                if isinstance(doc, dict) and doc.get("event") == name:
+                    out.append(doc)
+        return out
+
+    async def logged(self, name: str, n: int = 1) -> dict[str, object]:
+        async def seen() -> bool:
+            assert self.proc.returncode is None, f"exited waiting for {name}\n" + self.text()
+            return len(self.events(name)) >= n
+
+        try:
+            await until(seen, WAIT)
+        except TimeoutError:
+            raise AssertionError(f"{name} not logged:\n{self.text()}") from None
+        return self.events(name)[n - 1]
+
+    async def exited(self) -> int:
+        async with compat.timeout(WAIT):
+            code = await self.proc.wait()
+        assert self.reader is not None
+        await self.reader
+        return code
+
+
+def device_toml(tmp_path: Path, camera_url: str, extra: str = "") -> Path:
+    cfg = tmp_path / "device.toml"
+    cfg.write_text(
+        f'[device]\nid = "porch"\nstate_dir = "{tmp_path / "state"}"\n'
+        f'[camera]\nsource = "{camera_url}"\nfps = 10\nreconnect_seconds = 1\n'
+        "[pregate]\nmax_skip_seconds = 0.5\n"
+        '[uplink]\nmode = "local-only"\n' + extra)
+    return cfg
+
+
+@contextlib.asynccontextmanager
+async def device(config: Path, *args: str, env: dict[str, str] | None = None,
+                 preexec_fn: Callable[[], None] | None = None) -> AsyncIterator[DeviceProc]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "edgekeeper.cli", "--config", str(config), *args, "run",
+        env={**os.environ, "EDGEKEEPER_LOG_FORMAT": "json", **(env or {})},
+        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE, preexec_fn=preexec_fn)
+    p = DeviceProc(proc)
+
+    async def read() -> None:
+        assert proc.stderr is not None
+        async for raw in proc.stderr:
+            p.lines.append(raw.decode(errors="replace").rstrip("\n"))
+
+    p.reader = asyncio.create_task(read())
+    try:
+        yield p
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        await p.reader
+
+
+def assert_one_json_object_per_line(lines: list[str]) -> None:
+    for line in lines:
+        assert "XNNPACK" not in line or line.startswith("{"), line
+        doc = json.loads(line)  # raises on a raw native line
+        assert isinstance(doc, dict) and "event" in doc, line
+    assert not any("Created TensorFlow Lite XNNPACK" in line for line in lines)
+
+
+# --- the tests ------------------------------------------------------------------------------
+
+
+async def test_watchdog_pings_only_while_frames_flow_and_sigterm_says_stopping(
+    tmp_path: Path, sample_recording: Path
+) -> None:
+    async with notify_socket() as ns, mjpeg_camera(sample_recording) as cam:
+        env = {"NOTIFY_SOCKET": ns.address, "WATCHDOG_USEC": str(WATCHDOG_USEC)}
+        async with device(device_toml(tmp_path, cam.url), env=env) as p:
+            await ns.until(lambda: ns.count("READY=1") >= 1, "READY=1", p)
+            # Ready means frames flow: the first READY=1 comes after the camera opened.
+            ready = next(i for i, m in enumerate(ns.messages) if "READY=1" in m)
+            assert not any("WATCHDOG=1" in m for m in ns.messages[:ready])
+            await ns.until(lambda: ns.count("WATCHDOG=1") >= 3, "three WATCHDOG=1", p)
+            assert any("frames/s" in s for s in ns.statuses()), ns.statuses()
+
+            cam.flowing.clear()  # the camera stalls: no frame, connection open
+            await ns.until(lambda: any("no camera frame" in s for s in ns.statuses()),
+                           "STATUS saying the camera stalled", p)
+            pings, beats = ns.count("WATCHDOG=1"), len(ns.messages)
+            # Three more rounds of the runtime's pinger (each sends STATUS=), no ping in them.
+            await ns.until(lambda: len(ns.messages) >= beats + 3, "three more rounds", p)
+            assert ns.count("WATCHDOG=1") == pings, ns.messages[beats - 1:]
+            unhealthy = p.events("runtime.unhealthy")
+            assert unhealthy and "no camera frame" in str(unhealthy[0]["why"])
+
+            cam.flowing.set()  # frames again: pings again
+            await ns.until(lambda: ns.count("WATCHDOG=1") > pings, "WATCHDOG=1 again", p)
+            await p.logged("runtime.healthy")
+
+            p.proc.send_signal(signal.SIGTERM)
+            assert await p.exited() == 0, p.text()
+    assert any("STOPPING=1" in m for m in ns.messages), ns.messages[-5:]
+    assert not p.events("runtime.drain_timeout")
+    # Every stderr line is one JSON object; TFLite's XNNPACK notice is not among them raw.
+    assert_one_json_object_per_line(p.lines)
+    (stopped,) = p.events("device.stopped")
+    assert int(str(stopped["frames"])) > 0
+
+
+def _small_files_only() -> None:
+    """In the child, before exec: no file may grow past 16 KB (a disk with room for the status
+    file and sequence numbers, not for an event's JPEGs). SIGXFSZ ignored (survives exec), so an
+    oversized write fails with EFBIG as a full disk's fails with ENOSPC, instead of killing."""
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (16 * 1024, resource.RLIM_INFINITY))
+
+
+async def test_watchdog_stops_when_events_cannot_be_stored(
+    tmp_path: Path, sample_recording: Path
+) -> None:
+    async with notify_socket() as ns, mjpeg_camera(sample_recording) as cam:
+        env = {"NOTIFY_SOCKET": ns.address, "WATCHDOG_USEC": str(WATCHDOG_USEC)}
+        async with device(device_toml(tmp_path, cam.url), env=env,
+                          preexec_fn=_small_files_only) as p:
+            await ns.until(lambda: ns.count("READY=1") >= 1, "READY=1", p)
+            await p.logged("sink.event_not_stored")  # the person event's JPEGs did not fit
+            await ns.until(lambda: any("could not be stored" in s for s in ns.statuses()),
+                           "STATUS saying events cannot be stored", p)
+            pings, beats = ns.count("WATCHDOG=1"), len(ns.messages)
+            await ns.until(lambda: len(ns.messages) >= beats + 3, "three more rounds", p)
+            # Frames still flow (the camera is fine): only the sink keeps the pings off.
+            assert ns.count("WATCHDOG=1") == pings, ns.messages[beats - 1:]
+            assert not any("no camera frame" in s for s in ns.statuses())
+            p.proc.send_signal(signal.SIGTERM)
+            assert await p.exited() == 0, p.text()
+    assert not list((tmp_path / "state" / "events").glob("0*"))  # nothing half-written kept
+
+
+async def test_sighup_applies_trigger_rules_and_refuses_a_bad_file(
+    tmp_path: Path, sample_recording: Path
+) -> None:
+    async with notify_socket() as ns, mjpeg_camera(sample_recording) as cam:
+        # The street recording shows people, but the person rule is switched off: no trigger.
+        off = "[trigger.labels.person]\nenabled = false\n"
+        cfg = device_toml(tmp_path, cam.url, off)
+        async with device(cfg, env={"NOTIFY_SOCKET": ns.address}) as p:
+            await ns.until(lambda: ns.count("READY=1") >= 1, "READY=1", p)
+            await p.logged("device.running")
+
+            # A bad value: refused in one line naming the file and the key; still running.
+            cfg.write_text(cfg.read_text().replace(
+                "enabled = false", "enabled = true\nthreshold = 2.0"))
+            p.proc.send_signal(signal.SIGHUP)
+            failed = await p.logged("runtime.reload_failed")
+            assert str(cfg) in str(failed["error"]), failed
+            assert "trigger.labels.person" in str(failed["error"]), failed
+            assert failed["fix"], failed
+            assert not p.events("trigger.fired")
+            assert any("RELOADING=1" in m for m in ns.messages)
+
+            # A good file: the rule applies at once, and the camera change waits for a restart.
+            cfg.write_text(cfg.read_text().replace("threshold = 2.0", "threshold = 0.5")
+                           .replace("fps = 10", "fps = 5"))
+            p.proc.send_signal(signal.SIGHUP)
+            reloaded = await p.logged("device.config_reloaded")
+            assert reloaded["applied"] == ["trigger"], reloaded
+            assert reloaded["needs_restart"] == ["camera"], reloaded
+            fired = await p.logged("trigger.fired")
+            assert fired["label"] == "person"
+            p.proc.send_signal(signal.SIGTERM)
+            assert await p.exited() == 0, p.text()
+    assert len(p.events("runtime.reload_failed")) == 1
+
+
+def test_notifier_speaks_the_protocol_to_a_path_and_is_silent_without_a_socket(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "notify"
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    server.bind(str(path))
+    env = {"NOTIFY_SOCKET": str(path), "WATCHDOG_USEC": "30000000", "WATCHDOG_PID": "1"}
+    try:
+        n = Notifier.from_env(env)
+        assert env == {}  # taken out: a child process never reports in our name
+        # WATCHDOG_PID names another process: no watchdog for us.
+        assert n.enabled and n.watchdog_interval is None
+        assert n.ready("up") and n.stopping()
+        assert server.recv(100) == b"READY=1\nSTATUS=up"
+        assert server.recv(100) == b"STOPPING=1"
+        n.close()
+        n = Notifier.from_env({"NOTIFY_SOCKET": str(path), "WATCHDOG_USEC": "30000000"})
+        assert n.watchdog_interval == pytest.approx(15.0)
+        path.unlink()  # the supervisor went away: a lost message, no exception
+        assert not n.watchdog("x") and n.failed == 1
+        n.close()
+    finally:
+        server.close()
+    silent = Notifier.from_env({})
+    assert not silent.enabled and not silent.ready() and silent.watchdog_interval is None
+
+
+def test_native_writes_to_fd_2_become_json_log_lines(capfd: pytest.CaptureFixture[str]) -> None:
+    """What C code prints to fd 2 during a model load is logged, one JSON object per line;
+    a JSON line (ours, from another thread meanwhile) goes through unchanged."""
+    from edgekeeper import log
+
+    log.configure("debug", "json")
+    try:
+        with log.native_output("tflite"):
+            os.write(2, b"INFO: Created TensorFlow Lite XNNPACK delegate for CPU.\n")
+            os.write(2, b'{"event": "gate.loaded", "level": "info"}\n')
+            os.write(2, b"ERROR: something the runtime refused\n")
+    finally:
+        log.configure("warning", "json")
+    lines = capfd.readouterr().err.splitlines()
+    docs = [json.loads(line) for line in lines]  # every line parses
+    assert {"event": "gate.loaded", "level": "info"} in docs
+    native = {d["line"]: d["level"] for d in docs if d["event"] == "native.output"}
+    assert native == {"INFO: Created TensorFlow Lite XNNPACK delegate for CPU.": "debug",
+                      "ERROR: something the runtime refused": "warning"}

@@ -474,10 +474,13 @@ class Worker:
             confidence=result.confidence, summary=result.summary, action=result.action,
             reasoner=result.reasoner, provisional=result.provisional,
             produced_at=result.produced_at, received_at=ev.received_at)
-        await self.store.put_result(device_id=ev.device_id, seq=ev.seq, envelope=sealed,
-                                    now=self.clock(), summary=summary)
+        # The example goes in before the result: a worker killed between the two reasons the
+        # redelivered event again (its example is kept once, by (device, seq, model)); the other
+        # order would skip a redelivered event's example for good (it already has its result).
         if self.examples is not None:  # never raises: an example is not worth the event
             await self.examples.record(opened.body, result, opened.model_version)
+        await self.store.put_result(device_id=ev.device_id, seq=ev.seq, envelope=sealed,
+                                    now=self.clock(), summary=summary)
         if not await self.queue.ack(lease):
             log.warning("worker.lease_lost", **_fields(ev), attempts=lease.attempts, during="ack")
         self.metrics.reasoned(result.reasoner, result.label, path)

@@ -182,6 +182,11 @@ async def run_device(config: Config, stop: asyncio.Event, *, metrics_port: int |
                                metrics_host=metrics_host).run(stop)
 
 
+# Decisions and gate latencies a live run keeps for status and percentiles (a replay keeps all):
+# at 10 frames/s a list of every latency would grow by ~800 MB a month.
+LIVE_HISTORY = 10_000
+
+
 class DeviceService:
     """`edgekeeper run`: the live loop, its link and MQTT, supervised (device/status.py) and
     reloadable (SIGHUP: trigger rules and log level apply live; other changes are logged as
@@ -243,6 +248,7 @@ class DeviceService:
             pipeline = self.pipeline = Pipeline(
                 config, sink, video=video, audio=audio, vision_gate=gates.vision,
                 audio_gate=gates.audio, clock_base=time.time(), ordered=False,
+                history=LIVE_HISTORY,
                 on_decision=mqtt.note_decision if mqtt else None,
                 on_event=_each(mqtt and mqtt.event_nowait, updates and updates.on_event))
             if updates is not None:

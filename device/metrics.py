@@ -41,8 +41,6 @@ class DeviceMetrics:
         self.pipeline = pipeline
         self.link = link
         self.registry = registry or new_registry()
-        # Gate latencies arrive as lists that only grow: fold in what is new at each scrape.
-        self._seen: dict[str, tuple[int, float]] = {}
         self.results = Counter("results", "Results handed to the result actions, by label and "
                                "whether they are provisional", ["label", "provisional"],
                                namespace=NAMESPACE, subsystem="device",
@@ -62,14 +60,12 @@ class DeviceMetrics:
     def _latency(self) -> SummaryMetricFamily:
         fam = SummaryMetricFamily(f"{_P}_gate_seconds", "Gate inference time per window",
                                   labels=["modality"])
-        for gate, values in list(self.pipeline.stats.latencies_ms.items()):
-            count, total_ms = self._seen.get(gate, (0, 0.0))
-            end = len(values)
-            total_ms += sum(values[count:end])
-            self._seen[gate] = (end, total_ms)
+        s = self.pipeline.stats
+        for gate, count in list(s.inferences.items()):
             # The loop names its gates vision/audio; the other series say video/audio.
             modality = "video" if gate == "vision" else gate
-            fam.add_metric([modality], count_value=end, sum_value=total_ms / 1000.0)
+            fam.add_metric([modality], count_value=count,
+                           sum_value=s.latency_total_ms.get(gate, 0.0) / 1000.0)
         return fam
 
     def collect(self) -> Iterator[Metric]:

@@ -17,7 +17,10 @@ the retrained model. Recall is measured on held-out material that has events: fo
 (Asterisk French prompts, held-out espeak-ng voices) and repeated alerts (held-out
 freedesktop files) over held-out beds; for vision, held-out vtest walkers pasted into the same
 scenes. Teachers: ``truth`` (a stand-in for Claude answering from ground truth with a declared
-share of wrong labels, ``--wrong``) and ``offline`` (cloud/reasoners/offline.py as on main).
+share of wrong labels, ``--wrong``) and ``offline`` (cloud/reasoners/offline.py); weights by
+the documented rule (cloud/reasoners/weighting.training_weight). Audio events also give one
+example per ``--clip-hop`` seconds of their clip (head-input windows computed here with the
+same front ends, same label and weight): in this bench only, the worker does not do it yet.
 
 Target: >= 50 % fewer false triggers per hour, recall at most 0.02 lower.
 """

@@ -311,7 +311,7 @@ def current_heads(cur: Current, reh: rh.Rehearsal) -> tuple[Any, _Head, dict[str
 # Few passes from the current weights: a refinement, not a new training (and a round on
 # 10,000 examples stays within minutes on 2 shared cores; bench/bench_retrain.py).
 DEFAULTS = {"vision": {"epochs": 20, "learning_rate": 5e-3, "batch": 256},
-            "audio": {"epochs": 15, "learning_rate": 1e-4, "batch": 128}}
+            "audio": {"epochs": 25, "learning_rate": 1e-4, "batch": 128}}
 
 
 def forgetting(start: float | None, now: float | None) -> float:
@@ -428,7 +428,7 @@ def retrain(examples: Sequence[TrainingExample], settings: RetrainSettings, out:
     history = train_head(model, x, y, w, epochs=s.epochs or int(d["epochs"]),
                          learning_rate=s.learning_rate or float(d["learning_rate"]),
                          batch=int(d["batch"]), seed=s.seed, guard=guard,
-                         tolerance=s.recall_tolerance)
+                         tolerance=s.recall_tolerance / 2)
     train_s = time.perf_counter() - t0
     log.info("retrain.trained", model=s.model, rows=len(y), seconds=round(train_s, 1),
              loss=history["loss"][-1])

@@ -369,7 +369,7 @@ def run_modality(modality: str, work: Path, out: Path, args: argparse.Namespace)
     for name, teach in teachers.items():
         try:
             row["teachers"][name] = one_teacher(name, teach, row, rec, modality, out, current,
-                                                events, args.clip_hop)
+                                                events, args.clip_hop, args.rehearsal_share)
         except Exception as err:  # one teacher's failure must not lose the other's figures
             traceback.print_exc()
             row["teachers"][name] = {"error": repr(err)}
@@ -378,7 +378,7 @@ def run_modality(modality: str, work: Path, out: Path, args: argparse.Namespace)
 
 def one_teacher(name: str, teach: Any, row: dict[str, Any], rec: dict[str, Path],
                 modality: str, out: Path, current: Path, events: list[Event],
-                hop: float) -> dict[str, Any]:
+                hop: float, share: float | None) -> dict[str, Any]:
     from edgekeeper.cloud.training.retrain import RetrainSettings, retrain
 
     family, positives, _ = FAMILIES[modality]
@@ -397,7 +397,10 @@ def one_teacher(name: str, teach: Any, row: dict[str, Any], rec: dict[str, Path]
         entry["result"] = "no example teaches anything: nothing to retrain"
         return entry
     cand = out / f"{modality}-{name}-candidate"
-    res = retrain(examples, RetrainSettings(model=family, current=current), cand)
+    settings = RetrainSettings(model=family, current=current)
+    if share is not None:
+        settings = dataclasses.replace(settings, rehearsal_share=share)
+    res = retrain(examples, settings, cand)
     entry["decision"] = {"accepted": res.accepted, "reason": res.reason}
     entry["retrain_seconds"] = res.report["seconds"]
     entry["training"] = res.report["training"]
@@ -467,6 +470,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--clip-hop", type=float, default=0.5,
                     help="audio: also one example per this many seconds of each event's clip "
                     "(0: the trigger window only)")
+    ap.add_argument("--rehearsal-share", type=float, default=None,
+                    help="the round's rehearsal_share (default: RetrainSettings')")
     args = ap.parse_args(argv)
     if args.wrong < 0.10:
         ap.error("--wrong must be at least 0.10")

@@ -17,7 +17,10 @@ the retrained model. Recall is measured on held-out material that has events: fo
 (Asterisk French prompts, held-out espeak-ng voices) and repeated alerts (held-out
 freedesktop files) over held-out beds; for vision, held-out vtest walkers pasted into the same
 scenes. Teachers: ``truth`` (a stand-in for Claude answering from ground truth with a declared
-share of wrong labels, ``--wrong``) and ``offline`` (cloud/reasoners/offline.py as on main).
+share of wrong labels, ``--wrong``) and ``offline`` (cloud/reasoners/offline.py); weights by
+the documented rule (cloud/reasoners/weighting.training_weight). Audio events also give one
+example per ``--clip-hop`` seconds of their clip (head-input windows computed here with the
+same front ends, same label and weight): in this bench only, the worker does not do it yet.
 
 Target: >= 50 % fewer false triggers per hour, recall at most 0.02 lower.
 """
@@ -226,27 +229,60 @@ def recall(metrics: dict[str, Any], labels: tuple[str, ...]) -> float:
     return round(caught / total, 4) if total else float("nan")
 
 
-def weight_of(target: str | None, provisional: bool, confidence: float) -> float:
-    """The documented rule (docs/model-updates.md; examples branch ``_weight``): an LLM's label
-    1.0, a provisional one 0.5, below 0.6 confidence or teaching nothing 0."""
-    if target is None or confidence < 0.6:
-        return 0.0
-    return 0.5 if provisional else 1.0
-
-
 def to_example(ev: Event, family: str, target: str | None, teacher_label: str,
                confidence: float, gate_correct: bool | None, provisional: bool,
                reasoner: str) -> TrainingExample:
+    from edgekeeper.cloud.reasoners.weighting import training_weight
+
     assert ev.features is not None
+    weight = training_weight({"label": teacher_label, "confidence": confidence,
+                              "gate_correct": gate_correct, "provisional": provisional,
+                              "reasoner": reasoner}) if target is not None else 0.0
     return TrainingExample(
         device_id=ev.device_id, seq=ev.seq, model=family,
         model_version=ev.models.get(ev.modality, "").partition("@")[2],
         modality=ev.modality, features=ev.features, scores=ev.scores, gate_label=ev.label,
         teacher_label=teacher_label, target=target, teacher_confidence=confidence,
         gate_correct=gate_correct, reasoner=reasoner, provisional=provisional,
-        weight=weight_of(target, provisional, confidence), captured_at=ev.captured_at,
-        reasoned_at=ev.captured_at + 5, id=ev.seq,
+        weight=weight, captured_at=ev.captured_at, reasoned_at=ev.captured_at + 5, id=ev.seq,
     )
+
+
+_FRONTEND: list[Any] = []
+
+
+def clip_windows(ev: Event, hop: float) -> list[np.ndarray]:
+    """Head-input windows of every ``hop`` seconds of the event's audio clip, computed in the
+    cloud with the same front ends (models/frontends) -- more rows per reasoned event, the
+    same teacher label; the media itself is not kept."""
+    from edgekeeper.cloud.reasoners.media import read_wav
+    from edgekeeper.cloud.training import features as F
+
+    if ev.audio_wav is None:
+        return []
+    if not _FRONTEND:
+        _FRONTEND.append(F.AudioFrontend(MODELS / "frontends", num_threads=1))
+    pcm, rate = read_wav(ev.audio_wav)
+    if rate != F.SAMPLE_RATE:
+        return []
+    return [w.features for w in _FRONTEND[0].stream(pcm, hop_seconds=hop)]
+
+
+def expand(examples: list[TrainingExample], events: list[Event], hop: float) -> (
+        list[TrainingExample]):
+    """Each audio example and, with the same target and weight, one per window of its clip."""
+    if hop <= 0:
+        return examples
+    out: list[TrainingExample] = []
+    for ex, ev in zip(examples, events, strict=True):
+        out.append(ex)
+        if ex.target is None or ex.weight <= 0:
+            continue
+        for k, feats in enumerate(clip_windows(ev, hop)):
+            out.append(dataclasses.replace(ex, features=feats.astype(np.float32),
+                                           id=ex.id * 1000 + k + 1,
+                                           captured_at=ex.captured_at + 0.001 * (k + 1)))
+    return out
 
 
 def truth_teacher(events: list[Event], family: str, negative: str, labels: tuple[str, ...],
@@ -277,14 +313,18 @@ def offline_teacher(events: list[Event], family: str) -> list[TrainingExample]:
         finally:
             await r.close()
 
+    from edgekeeper.cloud.reasoners.offline import GATE_VIEW
+
     out = []
     for ev, v in zip(events, asyncio.run(judge()), strict=True):
         if v.gate_correct is None:
             target = None
         elif v.gate_correct:
             target = ev.label
+        elif ev.modality == "audio":  # what the teacher heard, in the sound model's labels
+            target = GATE_VIEW.get(v.label, "background")
         else:
-            target = {"person": "no_person"}.get(ev.label, "background")
+            target = "no_person"
         out.append(to_example(ev, family, target, v.label, v.confidence, v.gate_correct,
                               v.provisional, "offline"))
     return out
@@ -328,7 +368,8 @@ def run_modality(modality: str, work: Path, out: Path, args: argparse.Namespace)
     teachers["offline"] = lambda: (offline_teacher(events, family), 0)
     for name, teach in teachers.items():
         try:
-            row["teachers"][name] = one_teacher(name, teach, row, rec, modality, out, current)
+            row["teachers"][name] = one_teacher(name, teach, row, rec, modality, out, current,
+                                                events, args.clip_hop, args.rehearsal_share)
         except Exception as err:  # one teacher's failure must not lose the other's figures
             traceback.print_exc()
             row["teachers"][name] = {"error": repr(err)}
@@ -336,23 +377,37 @@ def run_modality(modality: str, work: Path, out: Path, args: argparse.Namespace)
 
 
 def one_teacher(name: str, teach: Any, row: dict[str, Any], rec: dict[str, Path],
-                modality: str, out: Path, current: Path) -> dict[str, Any]:
+                modality: str, out: Path, current: Path, events: list[Event],
+                hop: float, share: float | None) -> dict[str, Any]:
     from edgekeeper.cloud.training.retrain import RetrainSettings, retrain
 
     family, positives, _ = FAMILIES[modality]
     examples, n_wrong = teach()
     usable = [e for e in examples if e.target is not None and e.weight > 0]
+    events_usable = len(usable)
+    if modality == "audio":
+        examples = expand(examples, events, hop)
+        usable = [e for e in examples if e.target is not None and e.weight > 0]
     entry: dict[str, Any] = {"examples": len(examples), "usable": len(usable),
-                             "wrong_labels": n_wrong,
+                             "events_usable": events_usable, "wrong_labels": n_wrong,
+                             "clip_hop_seconds": hop if modality == "audio" else None,
                              "targets": {t: sum(e.target == t for e in usable)
                                          for t in sorted({str(e.target) for e in usable})}}
     if not usable:
         entry["result"] = "no example teaches anything: nothing to retrain"
         return entry
     cand = out / f"{modality}-{name}-candidate"
-    res = retrain(examples, RetrainSettings(model=family, current=current), cand)
+    settings = RetrainSettings(model=family, current=current)
+    if share is not None:
+        settings = dataclasses.replace(settings, rehearsal_share=share)
+    res = retrain(examples, settings, cand)
     entry["decision"] = {"accepted": res.accepted, "reason": res.reason}
     entry["retrain_seconds"] = res.report["seconds"]
+    entry["training"] = res.report["training"]
+    entry["scope_heldout"] = {k: res.report["metrics"][k]["scope_heldout"].get("false_triggers")
+                              for k in ("before", "after")}
+    entry["recipe_heldout_recall"] = {k: res.report["metrics"][k]["recipe_heldout"]["recall"]
+                                      for k in ("before", "after")}
     _, later_after, _ = replay(rec["later"], modality, cand / "manifest-int8.json")
     _, recall_after, _ = replay(rec["recall"], modality, cand / "manifest-int8.json")
     entry["after"] = {"false_triggers_per_hour": fires_per_hour(later_after, positives),
@@ -412,6 +467,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--wrong", type=float, default=0.15,
                     help="share of wrong labels of the ground-truth teacher (>= 0.10)")
     ap.add_argument("--quick", action="store_true", help="short material (a smoke run)")
+    ap.add_argument("--clip-hop", type=float, default=0.5,
+                    help="audio: also one example per this many seconds of each event's clip "
+                    "(0: the trigger window only)")
+    ap.add_argument("--rehearsal-share", type=float, default=None,
+                    help="the round's rehearsal_share (default: RetrainSettings')")
     args = ap.parse_args(argv)
     if args.wrong < 0.10:
         ap.error("--wrong must be at least 0.10")

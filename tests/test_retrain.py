@@ -20,6 +20,7 @@ from edgekeeper.cloud.training.examples import TrainingExample
 from edgekeeper.cloud.training.retrain import (
     RetrainSettings,
     decide,
+    forgetting,
     score_set,
     split_by_time,
     usable,
@@ -190,6 +191,12 @@ def test_decide_publishes_only_a_better_candidate() -> None:
         replace(s, recall_tolerance=2.0)
 
 
+def test_forgetting_counts_only_recall_lost() -> None:
+    assert forgetting(0.9, 0.95) == 0.0  # a gain is not a loss
+    assert forgetting(0.9, 0.8) == pytest.approx(0.1)
+    assert forgetting(None, 0.8) == 0.0 and forgetting(0.9, None) == 0.0  # nothing to recall
+
+
 # ------------------------------------------------------------------ with TensorFlow
 
 
@@ -234,6 +241,47 @@ def test_retrain_person_writes_a_loadable_candidate(tmp_path: Path) -> None:
     assert "<img" in (out / "report.html").read_text()
     runner = ModelRunner.load(out / "manifest-int8.json")
     assert runner.manifest.tag == "person@1.2.0"
+
+
+def test_guard_keeps_the_last_epoch_that_has_not_forgotten() -> None:
+    """Examples that all say "no person", pushed hard: unguarded the head forgets people on
+    the recipe's own rows; guarded it keeps the last epoch within the tolerance."""
+    pytest.importorskip("tensorflow", reason="retraining needs the train extra")
+    from edgekeeper.cloud.training import rehearsal
+    from edgekeeper.cloud.training.retrain import (
+        Current,
+        current_heads,
+        guard_recall,
+        thresholds_for,
+        train_head,
+    )
+
+    cur = Current.load(MODELS / "person")
+    reh = rehearsal.load(MODELS / "person")
+    labels, thr = cur.labels, thresholds_for(cur.labels)
+    x = reh.train_x[reh.train_y == labels.index("person")][:300]
+    y = np.full(len(x), labels.index("no_person"))
+    w = np.ones(len(x), np.float32)
+    guard = (reh.train_x, reh.train_y, labels, thr)
+
+    def lost(model: object) -> float:
+        return forgetting(start, guard_recall(model.predict(reh.train_x, verbose=0),  # type: ignore[attr-defined]
+                                              reh.train_y, labels, thr))
+
+    start = guard_recall(current_heads(cur, reh)[0].predict(reh.train_x, verbose=0),
+                         reh.train_y, labels, thr)
+    free, _, _ = current_heads(cur, reh)
+    train_head(free, x, y, w, epochs=6, learning_rate=0.05, batch=64, seed=0)
+    assert lost(free) > 0.05  # the push really makes it forget, so the guard has work to do
+
+    kept, _, _ = current_heads(cur, reh)
+    hist = train_head(kept, x, y, w, epochs=6, learning_rate=0.05, batch=64, seed=0,
+                      guard=guard, tolerance=0.01)
+    assert len(hist["guard_recall_lost"]) == 6  # every epoch ran and was measured
+    assert lost(kept) <= 0.01
+    within = [e + 1 for e, v in enumerate(hist["guard_recall_lost"]) if v <= 0.01]
+    assert hist["kept_epoch"] == (within[-1] if within else 0)
+    assert hist["guard_recall_lost"][-1] > 0.01  # the last epoch went too far: not kept
 
 
 # ------------------------------------------------------------------ the CLI

@@ -8,7 +8,9 @@ One round, for one model family and one scope (fleet, a group, a device):
 2. rebuild the CURRENT head in Keras from its float .tflite and prove it reproduces the current
    scores (``heads.TOLERANCE``) -- a retrain refines what devices run, it never starts over;
 3. train it on the examples (``example.weight``) mixed with the recipe's own training features
-   (``rehearsal.npz``: ``rehearsal_share`` of the total weight) so it keeps what it knew;
+   (``rehearsal.npz``: ``rehearsal_share`` of the total weight) so it keeps what it knew, and
+   keep the last epoch whose recall of those training rows stays within ``recall_tolerance``
+   of the current head's (``guard``; ``train_head``);
 4. convert to float and int8 TFLite (representative data: the features it trained on);
 5. evaluate candidate and current, both as .tflite, on the scope's held-out examples and on the
    recipe's held-out set; the candidate is *accepted* only when it makes at least ``margin``
@@ -77,11 +79,18 @@ class RetrainSettings:
     recall_tolerance: float = 0.02
     heldout_fraction: float = 0.25
     gap_seconds: float = 60.0
-    rehearsal_share: float = 0.5  # share of the total training weight the recipe's data gets
+    # Share of the total training weight the recipe's data gets: 0.8, measured on the audio
+    # deployment (docs/benchmarks.md, Retraining); at 0.5 a dozen events pulled the head off
+    # its alarm rows in one epoch.
+    rehearsal_share: float = 0.8
     epochs: int = 0  # 0: the family's default
     learning_rate: float = 0.0  # 0: the family's default
     seed: int = 0
     version: str | None = None  # None: the parent's next minor version
+    # Keep the last epoch whose recall of the recipe's training rows is within
+    # recall_tolerance of the current head's (train_head): the examples move the head only as
+    # far as it does not forget.
+    guard: bool = True
 
     def __post_init__(self) -> None:
         for name, lo, hi in (("margin", 0.0, 1.0), ("recall_tolerance", 0.0, 1.0),
@@ -302,19 +311,60 @@ def current_heads(cur: Current, reh: rh.Rehearsal) -> tuple[Any, _Head, dict[str
 # Few passes from the current weights: a refinement, not a new training (and a round on
 # 10,000 examples stays within minutes on 2 shared cores; bench/bench_retrain.py).
 DEFAULTS = {"vision": {"epochs": 20, "learning_rate": 5e-3, "batch": 256},
-            "audio": {"epochs": 10, "learning_rate": 4e-4, "batch": 128}}
+            "audio": {"epochs": 25, "learning_rate": 1e-4, "batch": 128}}
+
+
+def forgetting(start: float | None, now: float | None) -> float:
+    """The recall lost from ``start`` to ``now`` (0 when none lost or nothing to recall)."""
+    if start is None or now is None:
+        return 0.0
+    return max(0.0, start - now)
+
+
+def guard_recall(scores: np.ndarray, y: np.ndarray, labels: Sequence[str],
+                 thresholds: dict[str, float]) -> float | None:
+    recall: float | None = score_set(scores, y, labels, thresholds)["recall"]
+    return recall
 
 
 def train_head(model: Any, x: np.ndarray, y: np.ndarray, w: np.ndarray, *, epochs: int,
-               learning_rate: float, batch: int, seed: int) -> dict[str, list[float]]:
+               learning_rate: float, batch: int, seed: int,
+               guard: tuple[np.ndarray, np.ndarray, Sequence[str], dict[str, float]] | None = None,
+               tolerance: float = 0.0) -> dict[str, Any]:
+    """Fit from the current weights; with ``guard`` (rows, targets, labels, thresholds), keep
+    only weights that have not forgotten.
+
+    After every epoch the float head scores the guard rows (the recipe's own training rows:
+    what the model knew); the round keeps the weights of the *last* epoch whose recall of
+    them, at the device's thresholds, is at most ``tolerance`` below the starting head's --
+    epoch 0, the current head, when none is. Training runs all epochs: recall on a few dozen
+    rows goes down and back up as the head settles. Without it the first retrains traded
+    alarm recall for fewer false triggers (docs/benchmarks.md, Retraining)."""
     import keras
 
     keras.utils.set_random_seed(seed)
     model.compile(optimizer=keras.optimizers.Adam(learning_rate),
                   loss="sparse_categorical_crossentropy")
-    hist = model.fit(x, y, sample_weight=w, epochs=epochs, batch_size=batch, shuffle=True,
-                     verbose=0)
-    return {k: [round(float(v), 5) for v in vals] for k, vals in hist.history.items()}
+    if guard is None:
+        hist = model.fit(x, y, sample_weight=w, epochs=epochs, batch_size=batch, shuffle=True,
+                         verbose=0)
+        return {k: [round(float(v), 5) for v in vals] for k, vals in hist.history.items()}
+    gx, gy, labels, thr = guard
+    start = guard_recall(model.predict(gx, verbose=0), gy, labels, thr)
+    kept, kept_epoch = model.get_weights(), 0
+    losses: list[float] = []
+    lost: list[float] = []
+    for epoch in range(1, epochs + 1):
+        hist = model.fit(x, y, sample_weight=w, epochs=1, batch_size=batch, shuffle=True,
+                         verbose=0)
+        losses.append(round(float(hist.history["loss"][-1]), 5))
+        lost.append(round(forgetting(start, guard_recall(
+            model.predict(gx, verbose=0), gy, labels, thr)), 4))
+        if lost[-1] <= tolerance:
+            kept, kept_epoch = model.get_weights(), epoch
+    model.set_weights(kept)
+    return {"loss": losses or [float("nan")], "guard_recall_lost": lost,
+            "kept_epoch": kept_epoch, "guard_start_recall": start}
 
 
 # ------------------------------------------------------------------------------- the round
@@ -374,9 +424,11 @@ def retrain(examples: Sequence[TrainingExample], settings: RetrainSettings, out:
     w = np.concatenate([ex_w, r_w])
     d = DEFAULTS[cur.modality]
     t0 = time.perf_counter()
+    guard = (reh.train_x, reh.train_y, labels, thresholds_for(labels)) if s.guard else None
     history = train_head(model, x, y, w, epochs=s.epochs or int(d["epochs"]),
                          learning_rate=s.learning_rate or float(d["learning_rate"]),
-                         batch=int(d["batch"]), seed=s.seed)
+                         batch=int(d["batch"]), seed=s.seed, guard=guard,
+                         tolerance=s.recall_tolerance / 2)
     train_s = time.perf_counter() - t0
     log.info("retrain.trained", model=s.model, rows=len(y), seconds=round(train_s, 1),
              loss=history["loss"][-1])
@@ -443,7 +495,10 @@ def retrain(examples: Sequence[TrainingExample], settings: RetrainSettings, out:
                 "after": f"candidate {head_names['int8']}"},
             "metrics": metrics,
             "training": {"epochs": s.epochs or d["epochs"], "rows": len(y),
-                         "seconds": round(train_s, 2), "final_loss": history["loss"][-1]},
+                         "seconds": round(train_s, 2), "final_loss": history["loss"][-1],
+                         "guard": {k: history[k] for k in ("kept_epoch", "guard_recall_lost",
+                                                           "guard_start_recall")
+                                   if k in history}},
             "seconds": round(time.perf_counter() - t_start, 2),
         }
         _json(tmp / "retrain.json", report)

@@ -14,7 +14,7 @@ import sys
 import time
 from typing import Any
 
-from edgekeeper import runtime
+from edgekeeper import install, runtime
 from edgekeeper.config import Config
 from edgekeeper.errors import InputError
 
@@ -39,6 +39,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
              "the device registry)", _serve)
     p.add_argument("--host", help="address to listen on (default: cloud.host)")
     p.add_argument("--port", type=int, help="port to listen on (default: cloud.port)")
+
+    install.add_commands(csub, install.CLOUD, lambda a, c: install.run(a, install.CLOUD))
 
     p = _add(csub, "worker", "reason about queued events and store results", _worker)
     p.add_argument("--burst", action="store_true", help="drain what is queued, then exit")

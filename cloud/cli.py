@@ -1,6 +1,7 @@
 """Cloud subcommands: ``edgekeeper cloud serve | worker | status | token | revoke | devices |
-results | keys | dlq | usage | release | releases | retrain | examples``. ``serve`` and
-``worker`` run under edgekeeper.runtime; docs/operations.md tells what an operator reads in them."""
+results | keys | dlq | usage | release | releases | retrain | examples | install | uninstall``.
+``serve`` and ``worker`` run under edgekeeper.runtime; docs/operations.md tells what an operator
+reads in them."""
 
 from __future__ import annotations
 

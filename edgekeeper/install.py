@@ -275,6 +275,9 @@ def install(role: Role, opts: Options, enroller: Enroller | None = None,
             out: Callable[[str], None] = print) -> int:
     plan = Plan(opts, out)
     _check(opts)
+    if (opts.cloud or opts.token) and not (opts.cloud and opts.token and enroller):
+        raise InstallError("enrollment needs both --cloud URL and --token=TOKEN",
+                           fix="pass both, or neither and enroll later")
     plan.user(role)
     plan.directory(ETC, 0o755)
     plan.directory(role.state_dir, 0o700, USER if plan.real else "root")
@@ -284,11 +287,14 @@ def install(role: Role, opts: Options, enroller: Enroller | None = None,
     exe = _venv_exe(plan, role)
     cfg = _load_config(plan, role, _config(plan, role))
     _units(plan, role, exe)
-    if opts.cloud or opts.token:
-        if not (opts.cloud and opts.token) or enroller is None:
-            raise InstallError("enrollment needs both --cloud URL and --token=TOKEN",
-                               fix="pass both, or neither and enroll later")
+    if enroller is not None and opts.cloud:
         _enroll(plan, role, cfg, enroller)
+    elif role is DEVICE and cfg is not None and cfg.uplink.mode == "cloud" \
+            and not (plan.path(str(cfg.device.state_dir)) / "enrollment.json").exists():
+        # The unit would refuse to start (device.not_enrolled, exit 78): say so now.
+        plan.report("note", "not enrolled: the service will not start until it is; run this "
+                    "again with --cloud URL --token=TOKEN (token from `edgekeeper cloud "
+                    "token`), or set [uplink] mode = \"local-only\"")
     plan.systemctl("daemon-reload")
     plan.systemctl("enable", *role.enable)
     out(f"{role.name} installed ({plan.changed} changes); start it: systemctl start "

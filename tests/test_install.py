@@ -72,6 +72,7 @@ def test_device_install_lays_out_the_units_files_and_a_second_run_changes_nothin
     assert "skip    system user edgekeeper" in out and "useradd --system" in out
     assert "systemctl enable edgekeeper-device.service" in out
     assert not (root / "opt").exists()  # --venv-from CURRENT creates no venv
+    assert "note    not enrolled: the service will not start" in out
 
     before = snapshot(root)
     rc, out, _ = run_cli(capsys, "device", "install", "--root", str(root),
@@ -159,6 +160,16 @@ def test_uninstalling_one_half_keeps_the_venv_the_other_still_uses(
     assert not venv.exists() and (root / "var/lib/edgekeeper").is_dir()
 
 
+def test_half_an_enrollment_is_refused_before_any_step(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = tmp_path / "root"
+    rc, _, err = run_cli(capsys, "device", "install", "--root", str(root), "--no-venv",
+                         "--cloud", "http://127.0.0.1:9")
+    assert rc != 0 and "--token=TOKEN" in err and "Traceback" not in err
+    assert not root.exists()
+
+
 def test_a_real_install_needs_root(monkeypatch: pytest.MonkeyPatch) -> None:
     # Only the check is run (never the install itself against /), as a non-root user.
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
@@ -196,6 +207,7 @@ async def test_device_install_enrolls_into_the_services_state_dir(
     rc, out, err = await _cli("device", "install", "--root", str(root), "--no-venv",
                               "--cloud", cloud.url, f"--token={token}")
     assert rc == 0, err
+    assert "not enrolled" not in out
     state = root / "var/lib/edgekeeper"
     enrollment = state / "enrollment.json"
     assert await asyncio.to_thread(mode, enrollment) == 0o600

@@ -218,7 +218,7 @@ def _venv_exe(plan: Plan, role: Role) -> str:
     """Set up the virtualenv (or not) and return the edgekeeper the units should start."""
     opts = plan.opts
     if opts.venv_from is not None:
-        prefix = Path(sys.prefix) if opts.venv_from == "CURRENT" else Path(opts.venv_from)
+        prefix = Path(sys.prefix if opts.venv_from == "CURRENT" else opts.venv_from).absolute()
         exe = prefix / "bin" / "edgekeeper"
         if not exe.is_file():
             raise InstallError(f"{exe} does not exist: --venv-from needs an environment with "

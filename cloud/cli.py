@@ -1,6 +1,7 @@
 """Cloud subcommands: ``edgekeeper cloud serve | worker | status | token | revoke | devices |
-results | keys | dlq | usage | release | releases | retrain | examples``. ``serve`` and
-``worker`` run under edgekeeper.runtime; docs/operations.md tells what an operator reads in them."""
+results | keys | dlq | usage | release | releases | retrain | examples | install | uninstall``.
+``serve`` and ``worker`` run under edgekeeper.runtime; docs/operations.md tells what an operator
+reads in them."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import sys
 import time
 from typing import Any
 
-from edgekeeper import runtime
+from edgekeeper import install, runtime
 from edgekeeper.config import Config
 from edgekeeper.errors import InputError
 
@@ -39,6 +40,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
              "the device registry)", _serve)
     p.add_argument("--host", help="address to listen on (default: cloud.host)")
     p.add_argument("--port", type=int, help="port to listen on (default: cloud.port)")
+
+    install.add_commands(csub, install.CLOUD, lambda a, c: install.run(a, install.CLOUD))
 
     p = _add(csub, "worker", "reason about queued events and store results", _worker)
     p.add_argument("--burst", action="store_true", help="drain what is queued, then exit")

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
-from edgekeeper import runtime
+from edgekeeper import install, runtime
 from edgekeeper.errors import ConfigError
 
 MIB = 1024 * 1024
@@ -48,6 +48,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.error = _token_hint(p.error)  # type: ignore[assignment]
     p.add_argument("--timeout", type=float, default=30.0, metavar="S")
     p.set_defaults(handler=cmd_enroll)
+
+    # install / uninstall as a systemd service (edgekeeper/install.py, systemd/README.md).
+    p = install.add_commands(cmds, install.DEVICE, cmd_install)
+    p.add_argument("--cloud", metavar="URL", help="enroll with this cloud after installing")
+    p.add_argument("--token", metavar="TOKEN", help="with --cloud: --token=TOKEN ('-': stdin)")
 
     p = cmds.add_parser("status", help="outbox depth, oldest event age, last upload")
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -122,6 +127,16 @@ def cmd_enroll(args: argparse.Namespace, config: Any) -> int:
     print(f"pinned cloud box key:     {b64e(enrollment.cloud.box_pk)}")
     print(f"pinned release key:       {b64e(enrollment.cloud.release_pk)}")
     return 0
+
+
+def cmd_install(args: argparse.Namespace, config: Any) -> int:
+    from edgekeeper.device import identity
+
+    def enroller(cloud: str, token: str, state_dir: Path, device_id: str, ca_file: str) -> None:
+        asyncio.run(identity.enroll(cloud, token, device_id=device_id, state_dir=state_dir,
+                                    ca_file=ca_file))
+
+    return install.run(args, install.DEVICE, enroller)
 
 
 def _age(seconds: float | None) -> str:

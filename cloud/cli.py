@@ -267,12 +267,20 @@ def _devices(args: argparse.Namespace, config: Config) -> int:
     def opened(a: Any) -> Any:
         return None if a.last_result is None or sk is None else open_summary(a.last_result, sk)
 
+    def seen(a: Any) -> float | None:  # the latest event or heartbeat
+        return max((t for t in (a.last_seen, a.heartbeat_at) if t is not None), default=None)
+
+    def beat(a: Any) -> dict[str, Any]:
+        doc = json.loads(a.heartbeat) if a.heartbeat else {}
+        return doc if isinstance(doc, dict) else {}
+
     if args.json:
         for a in rows:
             last = opened(a)
             print(json.dumps({
                 "device_id": a.device.device_id, "enrolled_at": a.device.enrolled_at,
-                "revoked_at": a.device.revoked_at, "last_seen": a.last_seen, "events": a.events,
+                "revoked_at": a.device.revoked_at, "last_seen": seen(a), "events": a.events,
+                "heartbeat_at": a.heartbeat_at, "heartbeat": beat(a) or None,
                 "last_result": None if last is None else _result_doc(last),
                 "last_result_sealed": last is None and a.last_result is not None}))
         return 0
@@ -280,14 +288,21 @@ def _devices(args: argparse.Namespace, config: Config) -> int:
         print("no devices enrolled")
         return 0
     print(f"{'DEVICE':<24} {'ENROLLED':<25} {'LAST SEEN':<25} {'EVENTS':>6}  "
-          f"{'LAST RESULT':<24} {'REVOKED':<25}")
+          f"{'LAST RESULT':<24} {'REVOKED':<25} {'BACKLOG':>7} {'CAMERA':<7} {'MODELS':<28} "
+          "LAST ERROR")
     for a in rows:
         last = opened(a)
         what = ("-" if a.last_result is None else "(sealed)" if last is None
                 else f"{last.label} ({last.confidence:.2f})")
+        hb = beat(a)
+        backlog, camera, models = (hb[k] if isinstance(hb.get(k), dict) else {}
+                                   for k in ("backlog", "camera", "models"))
         print(f"{a.device.device_id:<24} {_when(a.device.enrolled_at):<25} "
-              f"{_when(a.last_seen):<25} {a.events:>6}  {what:<24} "
-              f"{_when(a.device.revoked_at):<25}")
+              f"{_when(seen(a)):<25} {a.events:>6}  {what:<24} "
+              f"{_when(a.device.revoked_at):<25} {backlog.get('pending', '-')!s:>7} "
+              f"{camera.get('state', '-')!s:<7} "
+              f"{','.join(f'{k}={v}' for k, v in sorted(models.items())) or '-':<28} "
+              f"{' '.join(str(hb.get('last_error') or '-').split())}")
     return 0
 
 

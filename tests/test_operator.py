@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -159,3 +160,69 @@ async def test_without_an_operator_key_the_worker_stores_no_summary_and_says_so_
         assert (cloud.data_dir / "keys" / "operator.key").exists()
         loaded = await asyncio.to_thread(CloudKeys.load, cloud.data_dir)
         assert loaded.operator_pk is not None
+
+
+async def test_a_device_heartbeat_reaches_cloud_devices(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from test_uplink import device_config, enrolled, start_cloud
+
+    from edgekeeper.device.uplink import DeviceLink
+    from edgekeeper.protocol.envelope import sign_request
+
+    cloud = await start_cloud(tmp_path / "cloud")
+    try:
+        config = device_config(tmp_path, uplink={"heartbeat_seconds": 5},
+                               results={"poll_wait_seconds": 2})
+        await enrolled(cloud, config)
+        beat = {"models": {"person": "1.2.0"}, "backlog": {"pending": 3, "bytes": 6144},
+                "last_error": "camera: no frame for 12 s",
+                "camera": {"state": "down", "age_s": 12.0},
+                "microphone": {"state": "off", "age_s": None}}
+        async with await DeviceLink.open(config) as link:
+            assert link.results is not None and link.results.heartbeat_s == 5
+            link.results.heartbeat = lambda: beat
+            stop = asyncio.Event()
+            running = asyncio.create_task(link.run(stop))
+
+            async def arrived() -> bool:
+                (a,) = await cloud.store.device_activity()
+                return a.heartbeat is not None
+
+            from cloudkit import until
+            await until(arrived)
+            stop.set()
+            await running
+        (activity,) = await cloud.store.device_activity()
+        assert json.loads(activity.heartbeat or "") == beat
+        assert activity.heartbeat_at is not None and activity.last_seen is None  # no events
+
+        monkeypatch.setenv("EDGEKEEPER_CLOUD_DATA_DIR", str(cloud.data_dir))
+        monkeypatch.delenv("EDGEKEEPER_CONFIG", raising=False)
+        code, out, err = await asyncio.to_thread(cli, ["cloud", "devices", "--json"], capsys)
+        assert code == 0, err
+        (doc,) = map(json.loads, out.splitlines())
+        assert doc["heartbeat"] == beat and doc["last_seen"] == activity.heartbeat_at
+        code, out, _ = await asyncio.to_thread(cli, ["cloud", "devices"], capsys)
+        header, row = out.splitlines()
+        assert "BACKLOG" in header and "CAMERA" in header
+        assert "person=1.2.0" in row and " down " in row and row.endswith(
+            "camera: no frame for 12 s")
+
+        # The same signature as the results requests: an unsigned or oversized one is refused.
+        import aiohttp
+
+        from edgekeeper.device import identity
+        keys = await asyncio.to_thread(identity.load_keys, config.device.state_dir)
+        async with aiohttp.ClientSession() as session:
+            resp = await session.post(f"{cloud.url}/v1/heartbeat", json=beat)
+            assert resp.status == 401
+            big = json.dumps({"models": {}, "pad": "x" * 9000}).encode()
+            headers = sign_request(keys, device_id=config.device.id, method="POST",
+                                   path="/v1/heartbeat", query="", body=big,
+                                   timestamp=time.time())
+            headers["Content-Type"] = "application/json"
+            resp = await session.post(f"{cloud.url}/v1/heartbeat", data=big, headers=headers)
+            assert resp.status == 413
+    finally:
+        await cloud.close()

@@ -90,6 +90,10 @@ class DeviceActivity:
     events: int
     last_seen: float | None
     last_result: SealedSummary | None
+    # The device's latest heartbeat (POST /v1/heartbeat): when the ingest took it, and its
+    # JSON body (metadata only: models, backlog, last error, camera and microphone state).
+    heartbeat_at: float | None = None
+    heartbeat: str | None = None
 
 
 ProviderStateName = Literal["ok", "refused"]
@@ -225,6 +229,10 @@ class Store(ExampleStore, ReleaseStore, Protocol):
 
     async def device_activity(self) -> list[DeviceActivity]:
         """Every enrolled device with its activity, ordered by device id."""
+        ...
+
+    async def put_heartbeat(self, device_id: str, *, received_at: float, body: str) -> None:
+        """Keep ``body`` (JSON) as the device's latest heartbeat, replacing the previous one."""
         ...
 
     async def put_provider_state(self, state: ProviderState) -> None:

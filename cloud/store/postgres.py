@@ -144,6 +144,12 @@ SCHEMA = [
         PRIMARY KEY (device_id, seq)
     )""",
     "CREATE INDEX IF NOT EXISTS sealed_summaries_produced ON sealed_summaries (produced_at)",
+    # Each device's latest heartbeat (metadata only; docs/protocol.md), replaced on each one.
+    """CREATE TABLE IF NOT EXISTS device_heartbeats (
+        device_id TEXT PRIMARY KEY,
+        received_at DOUBLE PRECISION NOT NULL,
+        body TEXT NOT NULL
+    )""",
     """CREATE TABLE IF NOT EXISTS provider_state (
         id INTEGER PRIMARY KEY CHECK (id = 1),
         state TEXT NOT NULL,
@@ -465,9 +471,19 @@ class PostgresStore(PostgresReleases):  # releases, groups, reports: postgres_re
         latest = {r[0]: _summary(r) for r in await self._fetchall(
             f"SELECT DISTINCT ON (device_id) {_SUMMARY_COLS} FROM sealed_summaries"
             " ORDER BY device_id, produced_at DESC")}
+        beats = {d: (at, body) for d, at, body in await self._fetchall(
+            "SELECT device_id, received_at, body FROM device_heartbeats")}
         return [DeviceActivity(d, counts.get(d.device_id, (0, None))[0],
                                counts.get(d.device_id, (0, None))[1],
-                               latest.get(d.device_id)) for d in devices]
+                               latest.get(d.device_id),
+                               *beats.get(d.device_id, (None, None))) for d in devices]
+
+    async def put_heartbeat(self, device_id: str, *, received_at: float, body: str) -> None:
+        async with self._connection() as conn:
+            await conn.execute(
+                "INSERT INTO device_heartbeats (device_id, received_at, body) VALUES (%s, %s, %s)"
+                " ON CONFLICT (device_id) DO UPDATE SET received_at = excluded.received_at,"
+                " body = excluded.body", (device_id, received_at, body))
 
     async def put_provider_state(self, state: ProviderState) -> None:
         async with self._connection() as conn:

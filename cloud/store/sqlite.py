@@ -112,6 +112,12 @@ CREATE TABLE IF NOT EXISTS sealed_summaries (
     PRIMARY KEY (device_id, seq)
 );
 CREATE INDEX IF NOT EXISTS sealed_summaries_produced ON sealed_summaries (produced_at);
+-- Each device's latest heartbeat (metadata only; docs/protocol.md), replaced on each one.
+CREATE TABLE IF NOT EXISTS device_heartbeats (
+    device_id TEXT PRIMARY KEY,
+    received_at REAL NOT NULL,
+    body TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS provider_state (
     id INTEGER PRIMARY KEY CHECK (id = 1),
     state TEXT NOT NULL,
@@ -393,11 +399,22 @@ class SQLiteStore(SQLiteReleases):  # releases, groups, reports: sqlite_releases
             latest = {r[0]: _summary(r[:5]) for r in conn.execute(
                 f"SELECT {_SUMMARY_COLS}, MAX(produced_at) FROM sealed_summaries"
                 " GROUP BY device_id")}
+            beats = {d: (at, body) for d, at, body in conn.execute(
+                "SELECT device_id, received_at, body FROM device_heartbeats")}
             return [DeviceActivity(d, counts.get(d.device_id, (0, None))[0],
                                    counts.get(d.device_id, (0, None))[1],
-                                   latest.get(d.device_id)) for d in devices]
+                                   latest.get(d.device_id),
+                                   *beats.get(d.device_id, (None, None))) for d in devices]
 
         return await self._db.run(do)
+
+    async def put_heartbeat(self, device_id: str, *, received_at: float, body: str) -> None:
+        def do(conn: sqlite3.Connection) -> None:
+            with transaction(conn):
+                conn.execute("INSERT OR REPLACE INTO device_heartbeats VALUES (?,?,?)",
+                             (device_id, received_at, body))
+
+        await self._db.run(do)
 
     async def put_provider_state(self, state: ProviderState) -> None:
         def do(conn: sqlite3.Connection) -> None:

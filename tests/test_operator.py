@@ -226,3 +226,46 @@ async def test_a_device_heartbeat_reaches_cloud_devices(
             assert resp.status == 413
     finally:
         await cloud.close()
+
+
+async def test_a_running_device_sends_its_state_as_a_heartbeat(
+    tmp_path: Path, sample_recording: Path,
+) -> None:
+    """A real `edgekeeper run` process (camera: an MJPEG server on 127.0.0.1) enrolled with a
+    real ingest: its heartbeat carries its models, backlog and camera state."""
+    from test_notify import device, device_toml, mjpeg_camera
+    from test_uplink import start_cloud
+
+    from edgekeeper import compat
+    from edgekeeper import config as config_mod
+    from edgekeeper.device import identity
+
+    cloud = await start_cloud(tmp_path / "cloud")
+    try:
+        cfg = device_toml(tmp_path, "CAMERA", "heartbeat_seconds = 5\n")
+        cfg.write_text(cfg.read_text().replace('mode = "local-only"', 'mode = "cloud"'))
+        config = await asyncio.to_thread(config_mod.load, cfg)
+        await identity.enroll(cloud.url, await cloud.token(), device_id=config.device.id,
+                              state_dir=config.device.state_dir)
+        async with mjpeg_camera(sample_recording) as cam:
+            cfg.write_text(cfg.read_text().replace("CAMERA", cam.url))
+            async with device(cfg) as p:
+
+                async def camera_up() -> dict[str, Any]:
+                    while True:  # the first heartbeat may go before the first frame
+                        (a,) = await cloud.store.device_activity()
+                        doc = json.loads(a.heartbeat) if a.heartbeat else {}
+                        if doc.get("camera", {}).get("state") == "up":
+                            return doc
+                        assert p.proc.returncode is None, p.text()
+                        await asyncio.sleep(0.2)
+
+                async with compat.timeout(60):
+                    beat = await camera_up()
+        assert beat["models"]["vision"].startswith("person@")
+        assert beat["camera"]["age_s"] < 30 and beat["microphone"]["state"] == "off"
+        assert set(beat["backlog"]) == {"pending", "bytes"}
+        assert set(beat) == {"sent_at", "models", "backlog", "last_error", "camera",
+                             "microphone"}  # metadata only
+    finally:
+        await cloud.close()

@@ -19,6 +19,29 @@ from edgekeeper import install, runtime
 from edgekeeper.config import Config
 from edgekeeper.errors import InputError
 
+_OPERATOR_KEY_HELP = ("the operator's secret key that opens result summaries (default: "
+                      "<cloud data_dir>/keys/operator.key)")
+
+
+def _operator_key(args: argparse.Namespace, config: Config, *, required: bool) -> Any:
+    """The operator's secret key (--operator-key, default in the keys directory); created on
+    first use when this cloud has no operator key at all (nothing was sealed to one yet).
+    None when not ``required`` and the file is absent."""
+    from pathlib import Path
+
+    from edgekeeper.cloud import keys
+
+    data_dir = config.cloud_data_dir
+    default = keys.CloudKeys.directory(data_dir) / keys.OPERATOR_FILE
+    path = Path(args.operator_key) if args.operator_key else default
+    if keys.operator_public_key(data_dir) is None:
+        keys.create_operator_key(data_dir, path)
+        print(f"created the operator key {path}; restart the workers so they seal result "
+              "summaries to it", file=sys.stderr)
+    if not required and not path.exists():
+        return None
+    return keys.load_operator_key(path, data_dir)
+
 
 def _add(sub: Any, name: str, help_: str, handler: Any) -> argparse.ArgumentParser:
     parser: argparse.ArgumentParser = sub.add_parser(name, help=help_, description=help_)
@@ -64,6 +87,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     devices = _add(csub, "devices", "list enrolled devices: enrolled, last seen, events, "
                    "last result", _devices)
     devices.add_argument("--json", action="store_true", help="one JSON object per line")
+    devices.add_argument("--operator-key", metavar="PATH", help=_OPERATOR_KEY_HELP)
 
     p = _add(csub, "results", "what the workers concluded (time, device, seq, label, "
              "confidence, summary, action, reasoner)", _results)
@@ -74,7 +98,14 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--limit", type=int, default=100, metavar="N",
                    help="at most the latest N results (default: 100)")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
-    _add(csub, "keys", "print the cloud's public keys (generating them on first use)", _keys)
+    p.add_argument("--operator-key", metavar="PATH", help=_OPERATOR_KEY_HELP)
+    p = _add(csub, "keys", "print the cloud's public keys (generating them on first use); "
+             "'keys operator' creates the operator key that opens result summaries", _keys)
+    p.add_argument("which", nargs="?", choices=["operator"],
+                   help="operator: create the operator key pair")
+    p.add_argument("--out", metavar="PATH",
+                   help="with 'operator': where to write operator.key (default: "
+                        "<data_dir>/keys/operator.key; keep it off the cloud host)")
 
     p = _add(csub, "examples", "summarise training examples: per target label, device and "
              "reasoner, and the gate's precision as the teacher sees it", _examples)
@@ -231,26 +262,50 @@ def _when(ts: float | None) -> str:
 
 
 def _devices(args: argparse.Namespace, config: Config) -> int:
+    from edgekeeper.cloud.keys import open_summary
+
+    sk = _operator_key(args, config, required=False)  # without it: last results stay sealed
     rows = asyncio.run(_with_store(config, lambda store: store.device_activity()))
+
+    def opened(a: Any) -> Any:
+        return None if a.last_result is None or sk is None else open_summary(a.last_result, sk)
+
+    def seen(a: Any) -> float | None:  # the latest event or heartbeat
+        return max((t for t in (a.last_seen, a.heartbeat_at) if t is not None), default=None)
+
+    def beat(a: Any) -> dict[str, Any]:
+        doc = json.loads(a.heartbeat) if a.heartbeat else {}
+        return doc if isinstance(doc, dict) else {}
+
     if args.json:
         for a in rows:
-            last = a.last_result
+            last = opened(a)
             print(json.dumps({
                 "device_id": a.device.device_id, "enrolled_at": a.device.enrolled_at,
-                "revoked_at": a.device.revoked_at, "last_seen": a.last_seen, "events": a.events,
-                "last_result": None if last is None else _result_doc(last)}))
+                "revoked_at": a.device.revoked_at, "last_seen": seen(a), "events": a.events,
+                "heartbeat_at": a.heartbeat_at, "heartbeat": beat(a) or None,
+                "last_result": None if last is None else _result_doc(last),
+                "last_result_sealed": last is None and a.last_result is not None}))
         return 0
     if not rows:
         print("no devices enrolled")
         return 0
     print(f"{'DEVICE':<24} {'ENROLLED':<25} {'LAST SEEN':<25} {'EVENTS':>6}  "
-          f"{'LAST RESULT':<24} {'REVOKED':<25}")
+          f"{'LAST RESULT':<24} {'REVOKED':<25} {'BACKLOG':>7} {'CAMERA':<7} {'MODELS':<28} "
+          "LAST ERROR")
     for a in rows:
-        last = a.last_result
-        what = "-" if last is None else f"{last.label} ({last.confidence:.2f})"
+        last = opened(a)
+        what = ("-" if a.last_result is None else "(sealed)" if last is None
+                else f"{last.label} ({last.confidence:.2f})")
+        hb = beat(a)
+        backlog, camera, models = (hb[k] if isinstance(hb.get(k), dict) else {}
+                                   for k in ("backlog", "camera", "models"))
         print(f"{a.device.device_id:<24} {_when(a.device.enrolled_at):<25} "
-              f"{_when(a.last_seen):<25} {a.events:>6}  {what:<24} "
-              f"{_when(a.device.revoked_at):<25}")
+              f"{_when(seen(a)):<25} {a.events:>6}  {what:<24} "
+              f"{_when(a.device.revoked_at):<25} {backlog.get('pending', '-')!s:>7} "
+              f"{camera.get('state', '-')!s:<7} "
+              f"{','.join(f'{k}={v}' for k, v in sorted(models.items())) or '-':<28} "
+              f"{' '.join(str(hb.get('last_error') or '-').split())}")
     return 0
 
 
@@ -289,9 +344,13 @@ def _results(args: argparse.Namespace, config: Config) -> int:
         raise InputError(problem, fix="see 'edgekeeper cloud devices' for the ids")
     if not 1 <= args.limit <= 100_000:
         raise InputError(f"--limit {args.limit} is out of range", fix="use 1 to 100000")
+    from edgekeeper.cloud.keys import open_summary
+
     since = 0.0 if args.since is None else parse_since(args.since, time.time())
-    rows = asyncio.run(_with_store(config, lambda store: store.result_summaries(
+    sk = _operator_key(args, config, required=True)
+    sealed = asyncio.run(_with_store(config, lambda store: store.result_summaries(
         device_id=args.device, since=since, limit=args.limit)))
+    rows = [open_summary(r, sk) for r in sealed]
     if args.json:
         for r in rows:
             print(json.dumps(_result_doc(r)))
@@ -311,11 +370,23 @@ def _results(args: argparse.Namespace, config: Config) -> int:
 
 
 def _keys(args: argparse.Namespace, config: Config) -> int:
-    from edgekeeper.cloud.keys import CloudKeys
+    from pathlib import Path
 
+    from edgekeeper.cloud.keys import CloudKeys, create_operator_key
+
+    if args.which == "operator":
+        out = Path(args.out) if args.out else None
+        pk = create_operator_key(config.cloud_data_dir, out)
+        where = out or CloudKeys.directory(config.cloud_data_dir) / "operator.key"
+        print(f"operator_pk {pk.hex()}")
+        print(f"operator.key written to {where}: keep it with the operator, off the cloud host; "
+              "restart the workers so they seal result summaries to it")
+        return 0
     keys = CloudKeys.ensure(config.cloud_data_dir)
     pub = keys.public().to_json()
     print(f"box_pk     {pub['box_pk']}")
     print(f"release_pk {pub['release_pk']}")
     print(f"release signing key: {'offline' if keys.release_signing_key is None else 'present'}")
+    print("operator_pk " + (keys.operator_pk.hex() if keys.operator_pk else
+                            "none (edgekeeper cloud keys operator)"))
     return 0

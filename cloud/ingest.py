@@ -598,6 +598,24 @@ async def post_results_ack(request: web.Request) -> web.Response:
     return web.json_response({"acked": acked})
 
 
+# A heartbeat is a few hundred bytes of metadata; the cap keeps it from carrying anything else.
+MAX_HEARTBEAT_BYTES = 8 * 1024
+
+
+async def post_heartbeat(request: web.Request) -> web.Response:
+    """A device's signed heartbeat (docs/protocol.md): kept as its latest, for `cloud devices`."""
+    st = request.app[STATE]
+    _require_type(request, JSON_TYPE)
+    raw = await _read_capped(request, MAX_HEARTBEAT_BYTES)
+    device = await _signed_device(request, raw)
+    data = _parse_json(raw)
+    if not isinstance(data, dict):
+        raise InvalidRequest("a heartbeat must be a JSON object")
+    await st.store.put_heartbeat(device.device_id, received_at=st.clock(),
+                                 body=json.dumps(data, sort_keys=True))
+    return web.json_response({"ok": True})
+
+
 async def get_health(request: web.Request) -> web.Response:
     st = request.app[STATE]
     checks: dict[str, str] = {}
@@ -764,6 +782,7 @@ def create_app(
     app.router.add_post("/v1/enroll", post_enroll)
     app.router.add_get("/v1/results", get_results)
     app.router.add_post("/v1/results/ack", post_results_ack)
+    app.router.add_post("/v1/heartbeat", post_heartbeat)
     app.router.add_get("/healthz", get_health)
     app.router.add_get("/metrics", get_metrics)
     releases_serve.add_routes(app, releases_serve.Hooks(

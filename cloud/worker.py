@@ -32,7 +32,7 @@ from edgekeeper import metrics as metrics_mod
 from edgekeeper.backoff import Backoff, Circuit
 from edgekeeper.cloud.backends import open_queue, open_store
 from edgekeeper.cloud.budget import Budget, Decision
-from edgekeeper.cloud.keys import CloudKeys
+from edgekeeper.cloud.keys import CloudKeys, seal_summary
 from edgekeeper.cloud.queue.base import EventQueue, Lease, QueuedEvent
 from edgekeeper.cloud.reasoners.base import (
     ProviderRefused,
@@ -198,6 +198,7 @@ class Worker:
         # Set by the first FatalError (a refused key): leasing stops, the events in hand
         # finish, then run() raises it.
         self._fatal: FatalError | None = None
+        self._told_no_operator_key = False  # logged once: no operator.pub, no summaries
 
     @property
     def stats(self) -> WorkerStats:
@@ -468,12 +469,20 @@ class Worker:
             extra=extra,
         )
         sealed = seal_result(result, cloud_box_sk=self.keys.box_key, device_box_pk=record.box_pk)
-        # The operator's plaintext view goes in with the sealed result (docs/security.md).
-        summary = ResultSummary(
-            device_id=ev.device_id, seq=ev.seq, label=result.label,
-            confidence=result.confidence, summary=result.summary, action=result.action,
-            reasoner=result.reasoner, provisional=result.provisional,
-            produced_at=result.produced_at, received_at=ev.received_at)
+        # The operator's view goes in with the sealed result, sealed to the operator key so
+        # the store alone reveals nothing (cloud/keys.py, docs/security.md); none without one.
+        summary = None
+        if self.keys.operator_pk is not None:
+            summary = seal_summary(ResultSummary(
+                device_id=ev.device_id, seq=ev.seq, label=result.label,
+                confidence=result.confidence, summary=result.summary, action=result.action,
+                reasoner=result.reasoner, provisional=result.provisional,
+                produced_at=result.produced_at, received_at=ev.received_at),
+                self.keys.operator_pk)
+        elif not self._told_no_operator_key:
+            self._told_no_operator_key = True
+            log.warning("worker.no_operator_key", fix="run 'edgekeeper cloud keys operator' "
+                        "and restart the worker: until then no result summaries are stored")
         # The example goes in before the result: a worker killed between the two reasons the
         # redelivered event again (its example is kept once, by (device, seq, model)); the other
         # order would skip a redelivered event's example for good (it already has its result).

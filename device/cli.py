@@ -259,6 +259,8 @@ class DeviceService:
                                     stall_seconds=2 * interval if interval else None)
             if link is not None:
                 link.actions.actions.insert(0, ("status", monitor.note_result))
+                if link.results is not None:
+                    link.results.heartbeat = monitor.heartbeat  # [uplink] heartbeat_seconds
             runtime.supervisor().watch(monitor.health)
             from edgekeeper import metrics as metrics_mod
             from edgekeeper.device.metrics import DeviceMetrics

@@ -395,6 +395,10 @@ class ResultsClient:
         # Called with the Edgekeeper-Releases header ("person=1.2.0,sound=1.1.0") of a poll's
         # answer: the updater looks for a new model now instead of at its next check.
         self.on_releases: Callable[[str], None] | None = None
+        # What a heartbeat says (DeviceMonitor.heartbeat), sent every heartbeat_s by
+        # run_heartbeats; None or 0: no heartbeats (DeviceLink.run starts none).
+        self.heartbeat: Callable[[], dict[str, Any]] | None = None
+        self.heartbeat_s = 0.0
 
     async def __aenter__(self) -> ResultsClient:
         # The read timeout must outlast the long-poll the cloud may hold open.
@@ -534,6 +538,30 @@ class ResultsClient:
                                       f"listed as seq {seq}, sealed as seq {opened.seq}")
             return "rejected"
         return await self.actions.handle(key, opened.body, result_id=rid)
+
+    async def send_heartbeat(self, doc: dict[str, Any]) -> None:
+        """POST one heartbeat, signed as the results requests are. Raises on failure."""
+        assert self._session is not None
+        path = self.base.path.rstrip("/") + "/v1/heartbeat"
+        body = json.dumps(doc).encode()
+        headers = self._signed("POST", path, "", body)
+        headers["Content-Type"] = "application/json"
+        url = self.base.with_path(path, encoded=True)
+        with classified("POST /v1/heartbeat"):
+            async with self._session.post(url, data=body, headers=headers) as resp:
+                text = (await resp.content.read(_MAX_ANSWER)).decode("utf-8", "replace")
+                self._check(resp.status, text, resp.headers)
+
+    async def run_heartbeats(self, stop: asyncio.Event) -> None:
+        """Send a heartbeat every ``heartbeat_s`` until ``stop``. A failed one is logged and
+        dropped: the next one says the same, newer (nothing to retry or queue)."""
+        while self.heartbeat is not None and self.heartbeat_s > 0:
+            try:
+                await self.send_heartbeat(self.heartbeat())
+            except EdgekeeperError as err:
+                log.warning("results.heartbeat_failed", error=err.message[:300])
+            if await runtime.sleep(stop, self.heartbeat_s):
+                return
 
     async def _ack(self, ids: list[int]) -> int:
         assert self._session is not None

@@ -217,6 +217,31 @@ class DeviceMonitor:
             "disk": disk,
         }
 
+    def heartbeat(self) -> dict[str, Any]:
+        """What the device tells the cloud every [uplink] heartbeat_seconds: metadata only
+        (model versions, outbox backlog, last error, camera and microphone state), no media;
+        the cloud operator reads it (`edgekeeper cloud devices`, docs/security.md)."""
+        snap = self.snapshot()
+        now = snap["updated_at"]
+
+        def source(doc: dict[str, Any]) -> dict[str, Any]:
+            at = doc.get("last_at")
+            return {"state": "up" if doc["state"] == "ok" else
+                    "off" if doc["state"] == "off" else "down",
+                    "age_s": None if at is None else round(now - at, 1)}  # last frame/block
+
+        outbox = snap["outbox"]
+        problems = snap["problems"]
+        return {
+            "sent_at": now,
+            "models": snap["models"],
+            "backlog": None if outbox is None else {"pending": outbox["pending"],
+                                                    "bytes": outbox["bytes"]},
+            "last_error": "; ".join(str(p) for p in problems)[:500] or None,
+            "camera": source(snap["camera"]),
+            "microphone": source(snap["microphone"]),
+        }
+
     def _write(self, doc: dict[str, Any]) -> None:
         path = status_path(self.config)
         tmp = path.with_name(f".{path.name}.tmp")

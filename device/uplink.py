@@ -539,6 +539,7 @@ class DeviceLink:
                 connect_timeout=config.uplink.connect_timeout_seconds,
                 ssl_context=client_context(config.uplink.ca_file),
             )
+            results.heartbeat_s = config.uplink.heartbeat_seconds  # sent once heartbeat is set
         return cls(outbox, uplink, actions, results)
 
     @classmethod
@@ -566,6 +567,8 @@ class DeviceLink:
             tg.create_task(self.uplink.run(stop), name="device-uplink")
             if self.results is not None:
                 tg.create_task(self.results.run(stop), name="device-results")
+                if self.results.heartbeat is not None and self.results.heartbeat_s > 0:
+                    tg.create_task(self.results.run_heartbeats(stop), name="device-heartbeat")
 
 
 def open_outbox(config: Config) -> Outbox:

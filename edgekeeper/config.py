@@ -272,8 +272,13 @@ class UplinkSection:
     # PEM file of a CA trusted for an https:// cloud, in addition to the system's (a cloud
     # behind a private CA). Used for enrollment, uploads and results (edgekeeper/tls.py).
     ca_file: str = ""
+    # A signed metadata-only heartbeat to the cloud (POST /v1/heartbeat) every N seconds, for
+    # `edgekeeper cloud devices`; 0: none.
+    heartbeat_seconds: float = 60.0
 
     def __post_init__(self) -> None:
+        if not (self.heartbeat_seconds == 0 or 5 <= self.heartbeat_seconds <= 86400):
+            raise ValueError("heartbeat_seconds must be 0 (off) or 5 to 86400")
         if self.cloud_url and not self.cloud_url.startswith(("http://", "https://")):
             raise ValueError("cloud_url must start with http:// or https://")
         if self.connect_timeout_seconds <= 0 or self.read_timeout_seconds <= 0:

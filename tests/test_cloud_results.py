@@ -1,4 +1,5 @@
-"""What the cloud operator reads: the plaintext summary stored with each sealed result, the
+"""What the cloud operator reads: the summary stored with each sealed result (sealed to the
+operator key, opened here with it; tests/test_operator.py steals the database), the
 devices' activity and the provider's state, on both store backends (SQLite, and a real
 PostgreSQL from tests/servers.py), then `edgekeeper cloud results` and `cloud devices` after
 real uploads through a real ingest and a real worker."""
@@ -13,12 +14,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from nacl.public import PrivateKey
 
 from edgekeeper.cli import main
 from edgekeeper.cloud.backends import open_store
 from edgekeeper.cloud.enroll import revoke
+from edgekeeper.cloud.keys import CloudKeys, create_operator_key, open_summary, seal_summary
 from edgekeeper.cloud.reasoners.echo import EchoReasoner
-from edgekeeper.cloud.store.base import ProviderState, ResultSummary, Store
+from edgekeeper.cloud.store.base import ProviderState, ResultSummary, SealedSummary, Store
 from edgekeeper.cloud.worker import Worker
 from edgekeeper.errors import InputError
 
@@ -27,6 +30,7 @@ from servers import store_overrides
 
 BACKENDS = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
 T0 = 1_780_000_000.0  # a fixed time: 2026-05-28
+OPERATOR = PrivateKey.generate()
 
 
 @pytest.fixture(params=BACKENDS)
@@ -44,6 +48,15 @@ def summary(device: str, seq: int, *, label: str = "person", at: float = T0,
                          produced_at=at, received_at=at - 2.0)
 
 
+def sealed(device: str, seq: int, **kw: Any) -> SealedSummary:
+    return seal_summary(summary(device, seq, **kw), bytes(OPERATOR.public_key))
+
+
+def opened(row: SealedSummary | None) -> ResultSummary:
+    assert row is not None
+    return open_summary(row, OPERATOR)
+
+
 async def test_summaries_are_stored_with_their_result_and_outlive_its_pruning(
     store: Store,
 ) -> None:
@@ -52,21 +65,21 @@ async def test_summaries_are_stored_with_their_result_and_outlive_its_pruning(
     await enroll_device(store, "pi-idle")
     for seq, at in ((1, T0), (2, T0 + 60), (3, T0 + 120)):
         await store.put_result(device_id="pi-a", seq=seq, envelope=b"sealed", now=at,
-                               summary=summary("pi-a", seq, at=at))
+                               summary=sealed("pi-a", seq, at=at))
     await store.put_result(device_id="pi-b", seq=7, envelope=b"sealed", now=T0 + 30,
-                           summary=summary("pi-b", 7, label="alarm", at=T0 + 30,
+                           summary=sealed("pi-b", 7, label="alarm", at=T0 + 30,
                                            reasoner="offline:hog+haar"))
     # A redelivered event's second result is not stored, and neither is its summary.
     await store.put_result(device_id="pi-a", seq=3, envelope=b"other", now=T0 + 500,
-                           summary=summary("pi-a", 3, label="cat", at=T0 + 500))
+                           summary=sealed("pi-a", 3, label="cat", at=T0 + 500))
     # A result stored without a summary (a caller that has none) is still a result.
     await store.put_result(device_id="pi-b", seq=8, envelope=b"sealed", now=T0 + 40)
 
     every = await store.result_summaries()
     assert [(r.device_id, r.seq) for r in every] == [("pi-a", 1), ("pi-b", 7), ("pi-a", 2),
                                                      ("pi-a", 3)]
-    assert every[-1] == summary("pi-a", 3, at=T0 + 120)  # the first one kept, every field
-    assert every[1].provisional and every[1].label == "alarm"
+    assert opened(every[-1]) == summary("pi-a", 3, at=T0 + 120)  # the first one kept, every field
+    assert opened(every[1]).provisional and opened(every[1]).label == "alarm"
     assert [r.seq for r in await store.result_summaries(device_id="pi-a")] == [1, 2, 3]
     assert [r.seq for r in await store.result_summaries(since=T0 + 30)] == [7, 2, 3]
     assert [r.seq for r in await store.result_summaries(limit=2)] == [2, 3]  # the latest two
@@ -77,9 +90,9 @@ async def test_summaries_are_stored_with_their_result_and_outlive_its_pruning(
     assert list(activity) == ["pi-a", "pi-b", "pi-idle"]
     a, b, idle = activity["pi-a"], activity["pi-b"], activity["pi-idle"]
     assert (a.events, a.last_seen, a.device.revoked) == (3, T0 + 118, False)
-    assert a.last_result == summary("pi-a", 3, at=T0 + 120)
+    assert opened(a.last_result) == summary("pi-a", 3, at=T0 + 120)
     assert (b.events, b.last_seen, b.device.revoked_at) == (1, T0 + 28, T0 + 1000)
-    assert b.last_result is not None and b.last_result.label == "alarm"
+    assert opened(b.last_result).label == "alarm"
     assert (idle.events, idle.last_seen, idle.last_result) == (0, None, None)
 
     # Acked results are pruned after their retention; what was concluded stays readable.
@@ -118,6 +131,9 @@ async def test_results_and_devices_commands_after_real_uploads(
         monkeypatch.setenv("EDGEKEEPER_STORE_BACKEND", "postgres")
         monkeypatch.setenv("EDGEKEEPER_POSTGRES_DSN", section["postgres_dsn"])
     async with running_cloud(tmp_path, **section) as cloud:
+        op_key = tmp_path / "operator.key"  # kept off the cloud's data_dir
+        await asyncio.to_thread(create_operator_key, cloud.data_dir, op_key)
+        keys = await asyncio.to_thread(CloudKeys.load, cloud.data_dir)
         a = await cloud.enroll("pi-door")
         await cloud.enroll("pi-shed")  # enrolled, never uploads
         for seq in (1, 2):
@@ -125,13 +141,13 @@ async def test_results_and_devices_commands_after_real_uploads(
             assert status == 202
         # One at a time: results are listed in the order they were produced.
         stats = await Worker(queue=cloud.queue, store=cloud.store, reasoner=EchoReasoner(),
-                             keys=cloud.keys, concurrency=1).run(burst=True)
+                             keys=keys, concurrency=1).run(burst=True)
         assert stats.done == 2
         monkeypatch.setenv("EDGEKEEPER_CLOUD_DATA_DIR", str(cloud.data_dir))
         monkeypatch.delenv("EDGEKEEPER_CONFIG", raising=False)
 
         def run(args: list[str]) -> tuple[int, str, str]:
-            return cli(args, capsys)
+            return cli([*args, "--operator-key", str(op_key)], capsys)
 
         code, out, err = await asyncio.to_thread(run, ["cloud", "results", "--json"])
         assert code == 0, err

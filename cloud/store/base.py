@@ -52,10 +52,9 @@ class StoredResult:
 
 @dataclass(frozen=True)
 class ResultSummary:
-    """What the cloud operator may read of one result (``edgekeeper cloud results``); the
-    result itself stays sealed for its device. Stored with the result, in the same
-    transaction, in a table of its own that the results' retention does not prune.
-    ``received_at`` is when the ingest took the event (a device's "last seen")."""
+    """What the cloud operator may read of one result (``edgekeeper cloud results``), once
+    opened with the operator key (cloud/keys.py); the result itself stays sealed for its
+    device. ``received_at`` is when the ingest took the event (a device's "last seen")."""
 
     device_id: str
     seq: int
@@ -70,6 +69,19 @@ class ResultSummary:
 
 
 @dataclass(frozen=True)
+class SealedSummary:
+    """A ResultSummary as stored: ``sealed`` to the operator's public key (cloud/keys.py),
+    beside only the columns needed to order and filter it. Stored with the result, in the same
+    transaction, in a table of its own that the results' retention does not prune."""
+
+    device_id: str
+    seq: int
+    produced_at: float
+    received_at: float
+    sealed: bytes
+
+
+@dataclass(frozen=True)
 class DeviceActivity:
     """One device as ``edgekeeper cloud devices`` shows it: its record, how many of its events
     were concluded, when the latest of them reached the ingest, and its latest result."""
@@ -77,7 +89,11 @@ class DeviceActivity:
     device: DeviceRecord
     events: int
     last_seen: float | None
-    last_result: ResultSummary | None
+    last_result: SealedSummary | None
+    # The device's latest heartbeat (POST /v1/heartbeat): when the ingest took it, and its
+    # JSON body (metadata only: models, backlog, last error, camera and microphone state).
+    heartbeat_at: float | None = None
+    heartbeat: str | None = None
 
 
 ProviderStateName = Literal["ok", "refused"]
@@ -173,9 +189,9 @@ class Store(ExampleStore, ReleaseStore, Protocol):
 
     # results ----------------------------------------------------------------------------
     async def put_result(self, *, device_id: str, seq: int, envelope: bytes, now: float,
-                         summary: ResultSummary | None = None) -> int:
+                         summary: SealedSummary | None = None) -> int:
         """Store a sealed result; idempotent on (device_id, seq) (a re-run worker keeps the
-        first). Returns its id. Durable on return. ``summary``, the operator's plaintext view,
+        first). Returns its id. Durable on return. ``summary``, the operator's sealed view,
         goes in with the result in the same transaction (kept only with the first result)."""
         ...
 
@@ -206,13 +222,17 @@ class Store(ExampleStore, ReleaseStore, Protocol):
 
     # the operator's view (edgekeeper cloud results / devices, /healthz) ------------------
     async def result_summaries(self, *, device_id: str | None = None, since: float = 0.0,
-                               limit: int = 100) -> list[ResultSummary]:
+                               limit: int = 100) -> list[SealedSummary]:
         """The latest ``limit`` summaries produced at or after ``since`` (one device, or all),
         oldest first."""
         ...
 
     async def device_activity(self) -> list[DeviceActivity]:
         """Every enrolled device with its activity, ordered by device id."""
+        ...
+
+    async def put_heartbeat(self, device_id: str, *, received_at: float, body: str) -> None:
+        """Keep ``body`` (JSON) as the device's latest heartbeat, replacing the previous one."""
         ...
 
     async def put_provider_state(self, state: ProviderState) -> None:

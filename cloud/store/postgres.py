@@ -35,7 +35,7 @@ from edgekeeper.cloud.store.base import (
     DeviceRecord,
     EnrollOutcome,
     ProviderState,
-    ResultSummary,
+    SealedSummary,
     StoredResult,
     UsageRecord,
     UsageRow,
@@ -131,22 +131,25 @@ SCHEMA = [
         cost_usd DOUBLE PRECISION NOT NULL,
         PRIMARY KEY (day, device_id)
     )""",
-    # What the operator may read of each result (the result itself is sealed for the device);
-    # not pruned with the results: the cloud's history of what was concluded.
-    """CREATE TABLE IF NOT EXISTS result_summaries (
+    # What the operator may read of each result, sealed to the operator key (cloud/keys.py);
+    # not pruned with the results. result_summaries held it in plaintext in development
+    # databases before 2026-12-03: dropped, never migrated.
+    "DROP TABLE IF EXISTS result_summaries",
+    """CREATE TABLE IF NOT EXISTS sealed_summaries (
         device_id TEXT NOT NULL,
         seq BIGINT NOT NULL,
-        label TEXT NOT NULL,
-        confidence DOUBLE PRECISION NOT NULL,
-        summary TEXT NOT NULL,
-        action TEXT NOT NULL,
-        reasoner TEXT NOT NULL,
-        provisional BOOLEAN NOT NULL,
         produced_at DOUBLE PRECISION NOT NULL,
         received_at DOUBLE PRECISION NOT NULL,
+        sealed BYTEA NOT NULL,
         PRIMARY KEY (device_id, seq)
     )""",
-    "CREATE INDEX IF NOT EXISTS result_summaries_produced ON result_summaries (produced_at)",
+    "CREATE INDEX IF NOT EXISTS sealed_summaries_produced ON sealed_summaries (produced_at)",
+    # Each device's latest heartbeat (metadata only; docs/protocol.md), replaced on each one.
+    """CREATE TABLE IF NOT EXISTS device_heartbeats (
+        device_id TEXT PRIMARY KEY,
+        received_at DOUBLE PRECISION NOT NULL,
+        body TEXT NOT NULL
+    )""",
     """CREATE TABLE IF NOT EXISTS provider_state (
         id INTEGER PRIMARY KEY CHECK (id = 1),
         state TEXT NOT NULL,
@@ -157,14 +160,12 @@ SCHEMA = [
     )""",
 ]
 
-_SUMMARY_COLS = ("device_id, seq, label, confidence, summary, action, reasoner, provisional,"
-                 " produced_at, received_at")
+_SUMMARY_COLS = "device_id, seq, produced_at, received_at, sealed"
 
 
-def _summary(row: Sequence[Any]) -> ResultSummary:
-    d, s, label, conf, text, action, reasoner, prov, produced, received = row
-    return ResultSummary(str(d), int(s), str(label), float(conf), str(text), str(action),
-                         str(reasoner), bool(prov), float(produced), float(received))
+def _summary(row: Sequence[Any]) -> SealedSummary:
+    d, s, produced, received, sealed = row
+    return SealedSummary(str(d), int(s), float(produced), float(received), bytes(sealed))
 # Training examples (cloud/training/examples.py), as in the SQLite store: one row per (event,
 # model), features as little-endian float32 bytes and their shape, scores as JSON text.
 EXAMPLES_SCHEMA = [
@@ -376,7 +377,7 @@ class PostgresStore(PostgresReleases):  # releases, groups, reports: postgres_re
     # results ----------------------------------------------------------------------------
 
     async def put_result(self, *, device_id: str, seq: int, envelope: bytes, now: float,
-                         summary: ResultSummary | None = None) -> int:
+                         summary: SealedSummary | None = None) -> int:
         async with self._connection() as conn:
             # Ids in commit order (module docstring), in one round trip: a single statement in
             # autocommit is its own transaction; its CTE takes the lock before nextval() is
@@ -392,12 +393,11 @@ class PostgresStore(PostgresReleases):  # releases, groups, reports: postgres_re
             else:
                 s = summary
                 sql = (f"WITH ordered AS (SELECT pg_advisory_xact_lock(%s)), stored AS ({insert}),"
-                       f" noted AS (INSERT INTO result_summaries ({_SUMMARY_COLS})"
-                       " SELECT %s, %s, %s, %s, %s, %s, %s, %s, %s, %s FROM stored"
+                       f" noted AS (INSERT INTO sealed_summaries ({_SUMMARY_COLS})"
+                       " SELECT %s, %s, %s, %s, %s FROM stored"
                        " ON CONFLICT (device_id, seq) DO NOTHING)"
                        " SELECT id FROM stored")
-                params += (s.device_id, s.seq, s.label, s.confidence, s.summary, s.action,
-                           s.reasoner, s.provisional, s.produced_at, s.received_at)
+                params += (s.device_id, s.seq, s.produced_at, s.received_at, s.sealed)
             cur = await conn.execute(sql, params)
             row = await cur.fetchone()
             if row is None:  # stored before (a redelivered event): keep the first
@@ -450,14 +450,14 @@ class PostgresStore(PostgresReleases):  # releases, groups, reports: postgres_re
     # the operator's view ------------------------------------------------------------------
 
     async def result_summaries(self, *, device_id: str | None = None, since: float = 0.0,
-                               limit: int = 100) -> list[ResultSummary]:
+                               limit: int = 100) -> list[SealedSummary]:
         where = "produced_at >= %s"
         args: list[Any] = [since]
         if device_id is not None:
             where += " AND device_id = %s"
             args.append(device_id)
         rows = await self._fetchall(
-            f"SELECT {_SUMMARY_COLS} FROM result_summaries WHERE {where}"
+            f"SELECT {_SUMMARY_COLS} FROM sealed_summaries WHERE {where}"
             " ORDER BY produced_at DESC, device_id, seq DESC LIMIT %s",
             (*args, max(0, limit)),
         )
@@ -466,14 +466,24 @@ class PostgresStore(PostgresReleases):  # releases, groups, reports: postgres_re
     async def device_activity(self) -> list[DeviceActivity]:
         devices = await self.list_devices()
         counts = {d: (int(n), seen) for d, n, seen in await self._fetchall(
-            "SELECT device_id, COUNT(*), MAX(received_at) FROM result_summaries"
+            "SELECT device_id, COUNT(*), MAX(received_at) FROM sealed_summaries"
             " GROUP BY device_id")}
         latest = {r[0]: _summary(r) for r in await self._fetchall(
-            f"SELECT DISTINCT ON (device_id) {_SUMMARY_COLS} FROM result_summaries"
+            f"SELECT DISTINCT ON (device_id) {_SUMMARY_COLS} FROM sealed_summaries"
             " ORDER BY device_id, produced_at DESC")}
+        beats = {d: (at, body) for d, at, body in await self._fetchall(
+            "SELECT device_id, received_at, body FROM device_heartbeats")}
         return [DeviceActivity(d, counts.get(d.device_id, (0, None))[0],
                                counts.get(d.device_id, (0, None))[1],
-                               latest.get(d.device_id)) for d in devices]
+                               latest.get(d.device_id),
+                               *beats.get(d.device_id, (None, None))) for d in devices]
+
+    async def put_heartbeat(self, device_id: str, *, received_at: float, body: str) -> None:
+        async with self._connection() as conn:
+            await conn.execute(
+                "INSERT INTO device_heartbeats (device_id, received_at, body) VALUES (%s, %s, %s)"
+                " ON CONFLICT (device_id) DO UPDATE SET received_at = excluded.received_at,"
+                " body = excluded.body", (device_id, received_at, body))
 
     async def put_provider_state(self, state: ProviderState) -> None:
         async with self._connection() as conn:

@@ -15,7 +15,7 @@ from edgekeeper.cloud.store.base import (
     DeviceRecord,
     EnrollOutcome,
     ProviderState,
-    ResultSummary,
+    SealedSummary,
     StoredResult,
     UsageRecord,
     UsageRow,
@@ -99,22 +99,25 @@ CREATE TABLE IF NOT EXISTS usage_daily (
     cost_usd REAL NOT NULL,
     PRIMARY KEY (day, device_id)
 ) WITHOUT ROWID;
--- What the operator may read of each result (the result itself is sealed for the device);
--- not pruned with the results: it is the cloud's history of what was concluded.
-CREATE TABLE IF NOT EXISTS result_summaries (
+-- What the operator may read of each result, sealed to the operator key (cloud/keys.py); not
+-- pruned with the results: it is the cloud's history of what was concluded. result_summaries
+-- held it in plaintext in development databases before 2026-12-03: dropped, never migrated.
+DROP TABLE IF EXISTS result_summaries;
+CREATE TABLE IF NOT EXISTS sealed_summaries (
     device_id TEXT NOT NULL,
     seq INTEGER NOT NULL,
-    label TEXT NOT NULL,
-    confidence REAL NOT NULL,
-    summary TEXT NOT NULL,
-    action TEXT NOT NULL,
-    reasoner TEXT NOT NULL,
-    provisional INTEGER NOT NULL,
     produced_at REAL NOT NULL,
     received_at REAL NOT NULL,
+    sealed BLOB NOT NULL,
     PRIMARY KEY (device_id, seq)
 );
-CREATE INDEX IF NOT EXISTS result_summaries_produced ON result_summaries (produced_at);
+CREATE INDEX IF NOT EXISTS sealed_summaries_produced ON sealed_summaries (produced_at);
+-- Each device's latest heartbeat (metadata only; docs/protocol.md), replaced on each one.
+CREATE TABLE IF NOT EXISTS device_heartbeats (
+    device_id TEXT PRIMARY KEY,
+    received_at REAL NOT NULL,
+    body TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS provider_state (
     id INTEGER PRIMARY KEY CHECK (id = 1),
     state TEXT NOT NULL,
@@ -125,14 +128,12 @@ CREATE TABLE IF NOT EXISTS provider_state (
 )
 """
 
-_SUMMARY_COLS = ("device_id, seq, label, confidence, summary, action, reasoner, provisional,"
-                 " produced_at, received_at")
+_SUMMARY_COLS = "device_id, seq, produced_at, received_at, sealed"
 
 
-def _summary(row: Sequence[Any]) -> ResultSummary:
-    d, s, label, conf, text, action, reasoner, prov, produced, received = row
-    return ResultSummary(str(d), int(s), str(label), float(conf), str(text), str(action),
-                         str(reasoner), bool(prov), float(produced), float(received))
+def _summary(row: Sequence[Any]) -> SealedSummary:
+    d, s, produced, received, sealed = row
+    return SealedSummary(str(d), int(s), float(produced), float(received), bytes(sealed))
 # Training examples (cloud/training/examples.py): one row per (event, model); features as
 # little-endian float32 bytes and their shape. Indexed for a retrain's read (model, time), the
 # scope "device:ID", and the media retention (only rows that still have media).
@@ -177,11 +178,10 @@ def _device(row: tuple[str, bytes, bytes, float, float | None]) -> DeviceRecord:
     return DeviceRecord(row[0], bytes(row[1]), bytes(row[2]), row[3], row[4])
 
 
-def _insert_summary(conn: sqlite3.Connection, s: ResultSummary) -> None:
+def _insert_summary(conn: sqlite3.Connection, s: SealedSummary) -> None:
     conn.execute(
-        f"INSERT OR IGNORE INTO result_summaries ({_SUMMARY_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?)",
-        (s.device_id, s.seq, s.label, s.confidence, s.summary, s.action, s.reasoner,
-         int(s.provisional), s.produced_at, s.received_at),
+        f"INSERT OR IGNORE INTO sealed_summaries ({_SUMMARY_COLS}) VALUES (?,?,?,?,?)",
+        (s.device_id, s.seq, s.produced_at, s.received_at, s.sealed),
     )
 
 
@@ -297,7 +297,7 @@ class SQLiteStore(SQLiteReleases):  # releases, groups, reports: sqlite_releases
     # results ----------------------------------------------------------------------------
 
     async def put_result(self, *, device_id: str, seq: int, envelope: bytes, now: float,
-                         summary: ResultSummary | None = None) -> int:
+                         summary: SealedSummary | None = None) -> int:
         def do(conn: sqlite3.Connection) -> int:
             with transaction(conn):
                 cur = conn.execute(
@@ -372,15 +372,15 @@ class SQLiteStore(SQLiteReleases):  # releases, groups, reports: sqlite_releases
     # the operator's view ------------------------------------------------------------------
 
     async def result_summaries(self, *, device_id: str | None = None, since: float = 0.0,
-                               limit: int = 100) -> list[ResultSummary]:
-        def do(conn: sqlite3.Connection) -> list[ResultSummary]:
+                               limit: int = 100) -> list[SealedSummary]:
+        def do(conn: sqlite3.Connection) -> list[SealedSummary]:
             where = "produced_at >= ?"
             args: list[Any] = [since]
             if device_id is not None:
                 where += " AND device_id = ?"
                 args.append(device_id)
             rows = conn.execute(
-                f"SELECT {_SUMMARY_COLS} FROM result_summaries WHERE {where}"
+                f"SELECT {_SUMMARY_COLS} FROM sealed_summaries WHERE {where}"
                 " ORDER BY produced_at DESC, device_id, seq DESC LIMIT ?",
                 (*args, max(0, limit)),
             ).fetchall()
@@ -393,17 +393,28 @@ class SQLiteStore(SQLiteReleases):  # releases, groups, reports: sqlite_releases
             devices = [_device(r) for r in conn.execute(
                 f"SELECT {_DEVICE_COLS} FROM devices ORDER BY device_id")]
             counts = {d: (n, seen) for d, n, seen in conn.execute(
-                "SELECT device_id, COUNT(*), MAX(received_at) FROM result_summaries"
+                "SELECT device_id, COUNT(*), MAX(received_at) FROM sealed_summaries"
                 " GROUP BY device_id")}
             # The latest summary per device (SQLite's bare column with MAX picks its row).
-            latest = {r[0]: _summary(r[:10]) for r in conn.execute(
-                f"SELECT {_SUMMARY_COLS}, MAX(produced_at) FROM result_summaries"
+            latest = {r[0]: _summary(r[:5]) for r in conn.execute(
+                f"SELECT {_SUMMARY_COLS}, MAX(produced_at) FROM sealed_summaries"
                 " GROUP BY device_id")}
+            beats = {d: (at, body) for d, at, body in conn.execute(
+                "SELECT device_id, received_at, body FROM device_heartbeats")}
             return [DeviceActivity(d, counts.get(d.device_id, (0, None))[0],
                                    counts.get(d.device_id, (0, None))[1],
-                                   latest.get(d.device_id)) for d in devices]
+                                   latest.get(d.device_id),
+                                   *beats.get(d.device_id, (None, None))) for d in devices]
 
         return await self._db.run(do)
+
+    async def put_heartbeat(self, device_id: str, *, received_at: float, body: str) -> None:
+        def do(conn: sqlite3.Connection) -> None:
+            with transaction(conn):
+                conn.execute("INSERT OR REPLACE INTO device_heartbeats VALUES (?,?,?)",
+                             (device_id, received_at, body))
+
+        await self._db.run(do)
 
     async def put_provider_state(self, state: ProviderState) -> None:
         def do(conn: sqlite3.Connection) -> None:

@@ -10,6 +10,7 @@ more result action, which the ledger runs once per result.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +32,9 @@ if TYPE_CHECKING:
 log = get_logger(__name__)
 
 _P = f"{NAMESPACE}_device"
+# A camera or microphone silent for longer than this counts as down (a live camera delivers
+# several frames a second; a reconnect takes a few seconds).
+SOURCE_UP_SECONDS = 10.0
 
 
 class DeviceMetrics:
@@ -97,8 +101,34 @@ class DeviceMetrics:
                                   value=s.event_bytes)
         yield CounterMetricFamily(f"{_P}_events_lost", "Events acted on but not stored "
                                   "(the sink had no room)", value=s.events_lost)
+        yield from self._sources_and_models()
         if self.link is not None:
             yield from self._link()
+
+    def _sources_and_models(self) -> Iterator[Metric]:
+        pl, p = self.pipeline, self.pipeline.progress
+        now = time.monotonic()
+        up = GaugeMetricFamily(f"{_P}_source_up", "1 while the camera or microphone delivered "
+                               f"within the last {SOURCE_UP_SECONDS:g} s", labels=["source"])
+        ages = GaugeMetricFamily(f"{_P}_source_last_seconds", "Seconds since the camera's last "
+                                 "frame or the microphone's last block", labels=["source"])
+        for name, src, at in (("camera", pl.video, p.frame_at), ("microphone", pl.audio,
+                                                                  p.audio_at)):
+            if src is None:
+                continue  # not configured: no series (absent, not down)
+            fresh = at is not None and now - at <= SOURCE_UP_SECONDS
+            up.add_metric([name], 1.0 if fresh else 0.0)
+            if at is not None:
+                ages.add_metric([name], now - at)
+        yield up
+        yield ages
+        # The model each gate runs now (a signed update swaps it): one series per modality.
+        info = GaugeMetricFamily(f"{_P}_model_info", "The gate model running, as labels "
+                                 "(value 1)", labels=["modality", "model", "version"])
+        for modality, tag in sorted(dict(pl.capture.models).items()):
+            name, _, version = str(tag).partition("@")
+            info.add_metric([modality, name, version], 1.0)
+        yield info
 
     def _link(self) -> Iterator[Metric]:
         assert self.link is not None

@@ -265,6 +265,14 @@ async def test_edgekeeper_run_serves_the_device_metrics(
     assert value(samples, "edgekeeper_device_event_bytes_total") > 0
     assert value(samples, "edgekeeper_device_outbox_quota_bytes") > 0
     assert ("edgekeeper_device_outbox_events", frozenset({("state", "pending")})) in samples
+    # The camera's state and the model each gate runs; a disabled microphone has no series.
+    assert ("edgekeeper_device_source_up", frozenset({("source", "camera")})) in samples
+    assert not any(name == "edgekeeper_device_source_up" and ("source", "microphone") in labels
+                   for name, labels in samples)
+    shipped = json.loads((Path(__file__).parent.parent / "models" / "person"
+                          / "manifest-int8.json").read_text())
+    assert value(samples, "edgekeeper_device_model_info", modality="vision", model="person",
+                 version=shipped["version"]) == 1.0
     # The same numbers the run's own report gives (counted once, read twice).
     assert value(samples, "edgekeeper_device_windows_total", modality="video") <= report["frames"]
     assert report["frames_scored"] >= value(samples, "edgekeeper_device_inferences_total",

@@ -615,11 +615,14 @@ class Worker:
                         ("cache_read", usage.cache_read_tokens)):
             if n:
                 self.metrics.tokens.labels(reasoner=reasoner, kind=kind).inc(n)
+        device = self.metrics.device(device_id)
+        self.metrics.device_tokens.labels(device=device).inc(usage.tokens)
         if self.budget is None:
             return
         cost = await self.budget.record(usage, device_id=device_id, seq=seq, reasoner=reasoner,
                                         now=self.clock())
         self.metrics.cost.labels(reasoner=reasoner).inc(cost)
+        self.metrics.device_cost.labels(device=device).inc(cost)
 
     async def _wait_for_budget(self, lease: Lease, decision: Decision) -> None:
         now = self.clock()

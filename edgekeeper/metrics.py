@@ -79,6 +79,10 @@ def by_label(registry: CollectorRegistry, name: str, label: str) -> dict[str, fl
 
 # Distinct label values one worker's metrics keep (WorkerMetrics.reasoned).
 MAX_LABELS = 50
+# Per-device series for what the provider costs: one series per device up to this many, then
+# "other" (a 100,000-device fleet must not grow the worker's scrape without bound; the store's
+# `cloud usage --device` keeps every device's exact figures).
+MAX_DEVICES = 1000
 
 
 class IngestMetrics:
@@ -132,6 +136,13 @@ class WorkerMetrics:
                               registry=r)
         self.cost = Counter("llm_cost_usd", "What the provider calls cost, in USD",
                             ["reasoner"], namespace=ns, registry=r)
+        self.device_tokens = Counter("llm_device_tokens", "Provider tokens used, by device "
+                                     f"(the first {MAX_DEVICES} seen; the rest as 'other')",
+                                     ["device"], namespace=ns, registry=r)
+        self.device_cost = Counter("llm_device_cost_usd", "What the provider calls cost, in "
+                                   f"USD, by device (the first {MAX_DEVICES}; then 'other')",
+                                   ["device"], namespace=ns, registry=r)
+        self._devices: set[str] = set()
         self.probes = Counter("provider_probes", "Probes of a provider that was down",
                               namespace=ns, registry=r)
         self.pruned = Counter("results_pruned", "Acknowledged results deleted after the "
@@ -139,6 +150,14 @@ class WorkerMetrics:
         self.provider = Enum("provider", "The provider as this worker last found it",
                              states=["ok", "down", "refused"], namespace=ns, registry=r)
         self._labels: set[str] = set()
+
+    def device(self, device_id: str) -> str:
+        """The ``device`` label for ``device_id``: itself, or "other" past MAX_DEVICES."""
+        if device_id not in self._devices:
+            if len(self._devices) >= MAX_DEVICES:
+                return "other"
+            self._devices.add(device_id)
+        return device_id
 
     def reasoned(self, reasoner: str, label: str, path: str) -> None:
         """Count one concluded event. An LLM names its labels freely: past MAX_LABELS

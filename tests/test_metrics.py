@@ -202,6 +202,15 @@ async def test_worker_metrics_count_llm_tokens_and_cost(tmp_path: Path) -> None:
     cost = value(samples, "edgekeeper_worker_llm_cost_usd_total", reasoner=name)
     assert cost > 0 and cost == stats.cost_usd
     assert cost == pytest.approx(billed.cost_usd)
+    # The same, by device (capped at MAX_DEVICES series; the store keeps every device).
+    assert value(samples, "edgekeeper_worker_llm_device_tokens_total", device="pi-t") == \
+        billed.tokens
+    assert value(samples, "edgekeeper_worker_llm_device_cost_usd_total", device="pi-t") == \
+        pytest.approx(billed.cost_usd)
+    capped = WorkerMetrics()
+    assert [capped.device(f"d{i}") for i in range(metrics_mod.MAX_DEVICES + 2)][-2:] == \
+        ["other", "other"]
+    assert capped.device("d0") == "d0"
 
 
 async def test_edgekeeper_run_serves_the_device_metrics(

@@ -658,6 +658,24 @@ async def get_metrics(request: web.Request) -> web.Response:
         for state, n in (("ready", depth.ready), ("leased", depth.leased),
                          ("dead", depth.dead)):
             st.metrics.queue_depth.labels(state=state).set(n)
+    try:
+        async with compat.timeout(HEALTH_TIMEOUT_S):
+            releases = await st.store.releases()
+    except Exception as err:  # as above: the rest of the metrics still answer
+        log.warning("ingest.release_stats_failed", error=str(err)[:300])
+    else:
+        now = time.time()
+        counts: dict[tuple[str, str], int] = {}
+        latest: dict[str, float] = {}
+        for r in releases:
+            if r.expires_at > now:
+                counts[(r.model, r.stage)] = counts.get((r.model, r.stage), 0) + 1
+                latest[r.model] = max(latest.get(r.model, 0.0), r.published_at)
+        st.metrics.releases.clear()  # a stage no release is in any more reads as absent
+        for (model, stage), n in counts.items():
+            st.metrics.releases.labels(model=model, stage=stage).set(n)
+        for model, at in latest.items():
+            st.metrics.release_latest.labels(model=model).set(at)
     return web.Response(body=render(st.metrics.registry),
                         headers={"Content-Type": METRICS_TYPE})
 

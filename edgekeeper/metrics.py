@@ -107,6 +107,12 @@ class IngestMetrics:
                                  ["route"], namespace=ns, registry=r, buckets=LATENCY_BUCKETS)
         self.queue_depth = Gauge("queue_events", "Events in the queue, by state (read when "
                                  "scraped)", ["state"], namespace=ns, registry=r)
+        self.releases = Gauge("releases", "Unexpired model releases, by model and rollout "
+                              "stage (read when scraped)", ["model", "stage"], namespace=ns,
+                              registry=r)
+        self.release_latest = Gauge("release_latest_published", "When the newest release of "
+                                    "each model was published (epoch seconds)", ["model"],
+                                    namespace=ns, registry=r)
         self.registry_lookups = Counter(
             "registry_lookups", "Device registry look-ups: hit (cached), miss (read from the "
             "store), absent (a remembered unknown id)", ["result"], namespace=ns, registry=r)

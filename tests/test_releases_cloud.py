@@ -245,6 +245,17 @@ async def test_scope_device_beats_group_beats_fleet(cloud: Cloud, tmp_path: Path
     assert await served_version(cloud, devs["pi-3"]) == "1.5.0"
 
 
+async def release_gauges(cloud: Cloud) -> dict[tuple[str, str], float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    async with cloud.session.get(f"{cloud.url}/metrics") as resp:
+        assert resp.status == 200
+        text = await resp.text()
+    return {(s.labels["model"], s.labels["stage"]): s.value
+            for fam in text_string_to_metric_families(text)
+            if fam.name == "edgekeeper_ingest_releases" for s in fam.samples}
+
+
 async def test_canary_first_then_promoted_when_canaries_pass(
         cloud: Cloud, tmp_path: Path) -> None:
     canary, other = await cloud.enroll("pi-canary"), await cloud.enroll("pi-other")
@@ -256,9 +267,12 @@ async def test_canary_first_then_promoted_when_canaries_pass(
     for outcome in ("downloaded", "active"):
         assert (await report(cloud, canary, "person", "1.2.0", outcome))[0] == 200
     assert [r.stage for r in await cloud.store.releases("person")] == ["canary"]
+    assert await release_gauges(cloud) == {("person", "canary"): 1.0}
     assert await served_version(cloud, other) is None
     assert (await report(cloud, canary, "person", "1.2.0", "trial_passed"))[0] == 200
     assert [r.stage for r in await cloud.store.releases("person")] == ["promoted"]
+    # /metrics shows the rollout's state as it is now (the canary series is gone).
+    assert await release_gauges(cloud) == {("person", "promoted"): 1.0}
     assert await served_version(cloud, other) == "1.2.0"
     states = {d.device_id: d for d in await cloud.store.device_releases("person")}
     assert states["pi-canary"].running == "1.2.0" and states["pi-canary"].outcome == (

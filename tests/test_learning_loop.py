@@ -9,9 +9,11 @@ publishing and the device side run on a copy of a shipped model folder in every 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -108,3 +110,148 @@ def test_publish_candidate_with_the_key_offline_writes_the_unsigned_release(
             await store.close()
 
     assert asyncio.run(stages()) == ["canary"]
+
+
+# ------------------------------------------------------------ the worker's scheduled retrain
+
+
+def _person_examples(n: int) -> list[Any]:
+    """Examples near the recipe's own training embeddings (real features, real labels)."""
+    import numpy as np
+
+    from edgekeeper.cloud.training import rehearsal
+    from edgekeeper.cloud.training.examples import TrainingExample
+
+    reh = rehearsal.load(MODELS / "person")
+    pick = np.random.default_rng(0).choice(len(reh.train_y), n)
+    out = []
+    for i, j in enumerate(pick):
+        target = "person" if reh.train_y[j] == 1 else "no_person"
+        t = 1_800_000_000.0 + 30.0 * i
+        out.append(TrainingExample(
+            device_id="cam-1", seq=i + 1, model="person", model_version="1.1.0",
+            modality="vision", features=reh.train_x[j].astype(np.float32),
+            scores={"no_person": 0.2, "person": 0.8}, gate_label="person",
+            teacher_label=target, target=target, teacher_confidence=0.9,
+            gate_correct=target == "person", reasoner="offline", provisional=False,
+            weight=1.0, captured_at=t, reasoned_at=t + 5))
+    return out
+
+
+async def test_only_one_holder_of_the_retrain_lease_sqlite(tmp_path: Path) -> None:
+    from edgekeeper.cloud.retrain_schedule import retrain_lease
+
+    store = await open_store("sqlite", tmp_path)
+    try:
+        async with retrain_lease(store, tmp_path) as first, \
+                retrain_lease(store, tmp_path) as second:
+            assert (first, second) == (True, False)
+        async with retrain_lease(store, tmp_path) as again:  # released on the way out
+            assert again
+    finally:
+        await store.close()
+
+
+@pytest.mark.postgres
+async def test_only_one_holder_of_the_retrain_lease_postgres(
+    postgres_dsn: str, tmp_path: Path
+) -> None:
+    from edgekeeper.cloud.backends import open_store as open_
+    from edgekeeper.cloud.retrain_schedule import retrain_lease
+
+    cfg = config_mod.load(None)
+    section = dataclasses.replace(cfg.cloud, store_backend="postgres", postgres_dsn=postgres_dsn)
+    a = await open_("postgres", tmp_path / "a", section=section)
+    b = await open_("postgres", tmp_path / "b", section=section)  # another host, another pool
+    try:
+        async with retrain_lease(a, tmp_path / "a") as first, \
+                retrain_lease(b, tmp_path / "b") as second:
+            assert (first, second) == (True, False)
+        async with retrain_lease(b, tmp_path / "b") as again:
+            assert again
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_the_worker_promotes_canaries_without_any_device_polling(
+    cloud_config: config_mod.Config, tmp_path: Path
+) -> None:
+    from edgekeeper.cloud import retrain_schedule
+
+    cfg = dataclasses.replace(cloud_config, cloud=dataclasses.replace(
+        cloud_config.cloud, rollout_canary_seconds=0))
+    store = await open_store("sqlite", cfg.cloud_data_dir)
+    stop = asyncio.Event()
+    try:
+        cand = await asyncio.to_thread(candidate_like, tmp_path)
+        done = await publish_candidate(store, cfg, cand)
+        assert done.stage == "canary"
+        task = asyncio.create_task(retrain_schedule.rollouts(cfg, store, stop))
+        for _ in range(200):
+            if [r.stage for r in await store.releases("person")] == ["promoted"]:
+                break
+            await asyncio.sleep(0.05)
+        stop.set()
+        await task
+        # No canary devices in the fleet and the canary time passed: promoted by the worker.
+        assert [r.stage for r in await store.releases("person")] == ["promoted"]
+    finally:
+        stop.set()
+        await store.close()
+
+
+def test_scheduled_retrain_without_tensorflow_says_so_once(
+    cloud_config: config_mod.Config, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("tensorflow") is not None:
+        pytest.skip("TensorFlow is installed: the message for its absence cannot show")
+    from edgekeeper.cloud.retrain_schedule import RetrainScheduler
+
+    cfg = dataclasses.replace(cloud_config, training=dataclasses.replace(
+        cloud_config.training, retrain_every_hours=1.0))
+    sched = RetrainScheduler(cfg, store=None)
+    asyncio.run(sched.run(asyncio.Event()))  # returns at once: it stays off
+    assert sched.rounds == []
+
+
+def test_scheduled_retrain_runs_a_round_and_publishes_when_accepted(
+    cloud_config: config_mod.Config, tmp_path: Path
+) -> None:
+    pytest.importorskip("tensorflow", reason="retraining needs the train extra")
+    from edgekeeper.cloud.retrain_schedule import STATE_FILE, RetrainScheduler
+
+    cfg = dataclasses.replace(cloud_config, training=dataclasses.replace(
+        cloud_config.training, retrain_every_hours=1.0, retrain_min_new_examples=250,
+        retrain_models=("person",)))
+
+    async def go() -> tuple[list[dict[str, Any]], list[Any]]:
+        store = await open_store("sqlite", cfg.cloud_data_dir)
+        try:
+            made = await asyncio.to_thread(_person_examples, 300)
+            for e in made[:200]:
+                await store.add_example(e)
+            sched = RetrainScheduler(cfg, store)
+            await sched.round(asyncio.Event())
+            assert sched.rounds == []  # 200 new usable examples: under the 250 asked for
+            for e in made[200:]:
+                await store.add_example(e)
+            await sched.round(asyncio.Event())  # 300: one round, in a child process
+            await sched.round(asyncio.Event())  # nothing new since: no second round
+            return sched.rounds, list(await store.releases("person"))
+        finally:
+            await store.close()
+
+    rounds, releases = asyncio.run(go())
+    [done] = rounds
+    report = json.loads((Path(done["candidate"]) / "retrain.json").read_text())
+    assert done["accepted"] == report["decision"]["accepted"]
+    assert report["examples"]["read"] == 300
+    assert (cfg.cloud_data_dir / STATE_FILE).is_file()
+    if done["accepted"]:  # published to the canary stage, as `cloud retrain --publish` would
+        assert [(r.version, r.stage) for r in releases] == [("1.2.0", "canary")]
+        assert done["published"] == "person@1.2.0 canary"
+    else:  # never published: the round said why
+        assert releases == [] and done["published"] is None and done["reason"]

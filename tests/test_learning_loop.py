@@ -335,3 +335,34 @@ async def test_examples_to_retrain_to_release_to_the_device_running_it(
     [dev] = doc["devices"]
     assert (dev["device_id"], dev["running"], dev["last_outcome"]) == (
         config.device.id, "1.2.0", "trial_passed")
+
+
+# ------------------------------------------------------------------- edgekeeper demo --learn
+
+
+# cloud/training/retrain_report.py calls legend() on a plot with no labelled series when the
+# round has a single example; a cosmetic matplotlib warning, not this test's subject.
+@pytest.mark.filterwarnings("ignore:No artists with labels found:UserWarning")
+def test_demo_learn_runs_one_round_and_the_device_swaps_when_forced(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The demo's round on the bundled sample: too few examples for the round to accept a
+    candidate (it says so and why); --force-publish (demo only) shows the device side."""
+    pytest.importorskip("tensorflow", reason="the learning round needs the train extra")
+    from edgekeeper.demo import SAMPLE, run_learn
+
+    monkeypatch.delenv("ANTHROPIC_API_KEY", raising=False)  # the offline teacher labels
+    config = config_mod.build_from_dict({}, source="defaults")
+    refused = asyncio.run(run_learn(config, tmp_path / "a", SAMPLE, timeout=60))
+    assert refused["events"] >= 1 and refused["examples"] >= 1
+    assert refused["accepted"] is False and refused["reason"]
+    assert "release" not in refused  # never published without --force-publish
+    assert "nothing is published" in capsys.readouterr().out
+    forced = asyncio.run(run_learn(config, tmp_path / "b", SAMPLE, timeout=60,
+                                   force_publish=True))
+    assert forced["release"] == "person@1.2.0 (canary)"
+    assert forced["device_outcome"] == "trial_passed"
+    assert (forced["model_before"], forced["model_after"]) == ("person@1.1.0", "person@1.2.0")
+    assert Path(forced["compare_report"]).is_file()
+    assert Path(forced["retrain_report"]).is_file()
+    assert "REFUSED (demo only" in capsys.readouterr().out

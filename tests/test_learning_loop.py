@@ -119,6 +119,27 @@ def test_publish_candidate_with_the_key_offline_writes_the_unsigned_release(
     assert asyncio.run(stages()) == ["canary"]
 
 
+def test_cli_publish_refuses_a_candidate_the_round_did_not_accept(
+    cloud_config: config_mod.Config, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pytest.importorskip("tensorflow", reason="retraining needs the train extra")
+
+    async def fill() -> None:
+        store = await open_store("sqlite", cloud_config.cloud_data_dir)
+        try:
+            for e in await asyncio.to_thread(_person_examples, 200):
+                await store.add_example(e)
+        finally:
+            await store.close()
+
+    asyncio.run(fill())
+    # Every example agrees with the current gate: no false trigger to fix, nothing accepted.
+    code = main(["cloud", "retrain", "--model", "person", "--publish"])
+    out = capsys.readouterr().out
+    assert code == 1 and "not accepted" in out and "not published" in out
+    assert not (cloud_config.cloud_data_dir / "releases").exists()
+
+
 # ------------------------------------------------------------ the worker's scheduled retrain
 
 

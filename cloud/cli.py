@@ -1,13 +1,15 @@
 """Cloud subcommands: ``edgekeeper cloud serve | worker | status | token | revoke | devices |
-keys | dlq | usage | release | releases | retrain``. ``serve`` and ``worker`` run under
-edgekeeper.runtime."""
+results | keys | dlq | usage | release | releases | retrain | examples``. ``serve`` and
+``worker`` run under edgekeeper.runtime; docs/operations.md tells what an operator reads in them."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import datetime as dt
 import json
+import re
 import sys
 import time
 from typing import Any
@@ -40,6 +42,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
     p = _add(csub, "worker", "reason about queued events and store results", _worker)
     p.add_argument("--burst", action="store_true", help="drain what is queued, then exit")
+    p.add_argument("--metrics-port", type=int, metavar="PORT",
+                   help="serve Prometheus metrics on http://HOST:PORT/metrics (default: off)")
+    p.add_argument("--metrics-host", default="127.0.0.1", metavar="HOST",
+                   help="address for --metrics-port (default: 127.0.0.1)")
 
     p = _add(csub, "status", "show the queue's backlog (and, embedded, its files on disk)",
              _status)
@@ -52,7 +58,19 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = _add(csub, "revoke", "revoke a device: it gets 401 from then on", _revoke)
     p.add_argument("device", metavar="DEVICE")
 
-    devices = _add(csub, "devices", "list enrolled devices", _devices)
+    devices = _add(csub, "devices", "list enrolled devices: enrolled, last seen, events, "
+                   "last result", _devices)
+    devices.add_argument("--json", action="store_true", help="one JSON object per line")
+
+    p = _add(csub, "results", "what the workers concluded (time, device, seq, label, "
+             "confidence, summary, action, reasoner)", _results)
+    p.add_argument("--device", metavar="ID", help="only this device")
+    p.add_argument("--since", metavar="WHEN",
+                   help="only results produced since WHEN: an ISO 8601 time "
+                        "(2026-12-03T08:00Z) or an age (90s, 30m, 12h, 7d); default: all")
+    p.add_argument("--limit", type=int, default=100, metavar="N",
+                   help="at most the latest N results (default: 100)")
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
     _add(csub, "keys", "print the cloud's public keys (generating them on first use)", _keys)
 
     p = _add(csub, "examples", "summarise training examples: per target label, device and "
@@ -92,8 +110,13 @@ def _serve(args: argparse.Namespace, config: Config) -> int:
 def _worker(args: argparse.Namespace, config: Config) -> int:
     from edgekeeper.cloud.worker import run_worker
 
-    stats = runtime.run(lambda stop: run_worker(config, burst=args.burst, stop=stop),
-                        name="worker", drain_seconds=args.drain_seconds)
+    if args.metrics_port is not None and not 0 <= args.metrics_port <= 65535:
+        raise InputError(f"--metrics-port {args.metrics_port} is not a port",
+                         fix="use 1-65535 (0: any free port, shown in the log)")
+    stats = runtime.run(
+        lambda stop: run_worker(config, burst=args.burst, stop=stop,
+                                metrics_port=args.metrics_port, metrics_host=args.metrics_host),
+        name="worker", drain_seconds=args.drain_seconds)
     print(f"done {stats.done}, retried {stats.retried}, dead-lettered {stats.dead}, "
           f"already done {stats.skipped}, waiting for budget {stats.waiting}, "
           f"cost {stats.cost_usd:.4f} USD")
@@ -117,12 +140,23 @@ def _status(args: argparse.Namespace, config: Config) -> int:
             doc["disk"] = await disk_usage()
         return doc
 
+    async def provider(store: Any) -> dict[str, Any] | None:
+        state = await store.provider_state()
+        return None if state is None else dataclasses.asdict(state)
+
     doc = asyncio.run(_with_queue(config, read))
+    doc["provider"] = asyncio.run(_with_store(config, provider))
     if args.json:
         print(json.dumps(doc))
         return 0
     print(f"queue ({doc['backend']}): {doc['ready']} ready, {doc['leased']} leased, "
           f"{doc['dead']} dead, {doc['dedupe_keys']} dedupe keys")
+    prov = doc["provider"]
+    if prov is None or prov["state"] == "ok":
+        print("provider: ok" if prov else "provider: no worker has reported yet")
+    else:
+        print(f"provider: REFUSED since {_when(prov['updated_at'])} (worker {prov['worker']}): "
+              f"{prov['reason']}; fix: {prov['fix']}")
     if "disk" in doc:
         disk = doc["disk"]
         print(f"on disk: index {disk['index_bytes'] / 1e6:.1f} MB, {disk['segments']} "
@@ -187,20 +221,89 @@ def _revoke(args: argparse.Namespace, config: Config) -> int:
     return 0
 
 
+def _when(ts: float | None) -> str:
+    if ts is None:
+        return "-"
+    return dt.datetime.fromtimestamp(ts, dt.timezone.utc).isoformat(timespec="seconds")
+
+
 def _devices(args: argparse.Namespace, config: Config) -> int:
-    devices = asyncio.run(_with_store(config, lambda store: store.list_devices()))
-    if not devices:
+    rows = asyncio.run(_with_store(config, lambda store: store.device_activity()))
+    if args.json:
+        for a in rows:
+            last = a.last_result
+            print(json.dumps({
+                "device_id": a.device.device_id, "enrolled_at": a.device.enrolled_at,
+                "revoked_at": a.device.revoked_at, "last_seen": a.last_seen, "events": a.events,
+                "last_result": None if last is None else _result_doc(last)}))
+        return 0
+    if not rows:
         print("no devices enrolled")
         return 0
+    print(f"{'DEVICE':<24} {'ENROLLED':<25} {'LAST SEEN':<25} {'EVENTS':>6}  "
+          f"{'LAST RESULT':<24} {'REVOKED':<25}")
+    for a in rows:
+        last = a.last_result
+        what = "-" if last is None else f"{last.label} ({last.confidence:.2f})"
+        print(f"{a.device.device_id:<24} {_when(a.device.enrolled_at):<25} "
+              f"{_when(a.last_seen):<25} {a.events:>6}  {what:<24} "
+              f"{_when(a.device.revoked_at):<25}")
+    return 0
 
-    def when(ts: float | None) -> str:
-        if ts is None:
-            return "-"
-        return dt.datetime.fromtimestamp(ts, dt.timezone.utc).isoformat(timespec="seconds")
 
-    print(f"{'DEVICE':<32} {'ENROLLED':<26} {'REVOKED':<26}")
-    for d in devices:
-        print(f"{d.device_id:<32} {when(d.enrolled_at):<26} {when(d.revoked_at):<26}")
+_AGE = re.compile(r"(\d+(?:\.\d+)?)\s*([smhd])")
+_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_since(text: str, now: float) -> float:
+    """``--since``: an age (``90s``, ``30m``, ``12h``, ``7d``) or an ISO 8601 time (UTC when
+    it names no zone); the epoch seconds it means."""
+    age = _AGE.fullmatch(text.strip())
+    if age:
+        return now - float(age.group(1)) * _UNITS[age.group(2)]
+    try:
+        when = dt.datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise InputError(
+            f"--since {text!r} is neither an age nor an ISO 8601 time",
+            fix="use an age such as 90s, 30m, 12h or 7d, or a time such as 2026-12-03T08:00Z",
+        ) from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=dt.timezone.utc)
+    return when.timestamp()
+
+
+def _result_doc(r: Any) -> dict[str, Any]:
+    return {"produced_at": r.produced_at, "device_id": r.device_id, "seq": r.seq,
+            "label": r.label, "confidence": r.confidence, "summary": r.summary,
+            "action": r.action, "reasoner": r.reasoner, "provisional": r.provisional}
+
+
+def _results(args: argparse.Namespace, config: Config) -> int:
+    from edgekeeper.protocol.device_id import device_id_problem
+
+    if args.device is not None and (problem := device_id_problem(args.device, "--device")):
+        raise InputError(problem, fix="see 'edgekeeper cloud devices' for the ids")
+    if not 1 <= args.limit <= 100_000:
+        raise InputError(f"--limit {args.limit} is out of range", fix="use 1 to 100000")
+    since = 0.0 if args.since is None else parse_since(args.since, time.time())
+    rows = asyncio.run(_with_store(config, lambda store: store.result_summaries(
+        device_id=args.device, since=since, limit=args.limit)))
+    if args.json:
+        for r in rows:
+            print(json.dumps(_result_doc(r)))
+        return 0
+    if not rows:
+        print("no results" + (f" for {args.device}" if args.device else "")
+              + (f" since {_when(since)}" if args.since else ""))
+        return 0
+    print(f"{'PRODUCED':<25} {'DEVICE':<20} {'SEQ':>6} {'LABEL':<16} {'CONF':>5} "
+          f"{'ACTION':<8} {'REASONER':<24} SUMMARY")
+    for r in rows:
+        reasoner = r.reasoner + (" (provisional)" if r.provisional else "")
+        text = " ".join(r.summary.split())  # one line per result
+        print(f"{_when(r.produced_at):<25} {r.device_id:<20} {r.seq:>6} {r.label:<16} "
+              f"{r.confidence:>5.2f} {r.action:<8} {reasoner:<24} {text}")
     return 0
 
 

@@ -47,6 +47,8 @@ from edgekeeper.cloud.store.base import DeviceRecord, EnrollOutcome, Store
 from edgekeeper.config import CloudSection, Config
 from edgekeeper.errors import ConfigError, RetryableError
 from edgekeeper.log import get_logger
+from edgekeeper.metrics import CONTENT_TYPE as METRICS_TYPE
+from edgekeeper.metrics import IngestMetrics, render, total
 from edgekeeper.protocol.envelope import (
     CONTENT_TYPE,
     PROTOCOL_VERSION,
@@ -129,7 +131,8 @@ class Registry:
     def __init__(self, store: Store, refresh_s: float, *,
                  clock: Callable[[], float] = time.monotonic,
                  negative_ttl_s: float = NEGATIVE_TTL_S,
-                 negative_max: int = NEGATIVE_MAX) -> None:
+                 negative_max: int = NEGATIVE_MAX,
+                 metrics: IngestMetrics | None = None) -> None:
         self._store = store
         self._refresh_s = refresh_s
         self._clock = clock
@@ -141,7 +144,13 @@ class Registry:
         self._negative_max = negative_max
         self._absent: dict[str, float] = {}  # unknown id -> when to ask the store again
         self._reads: dict[str, asyncio.Future[DevicePublicKeys | None]] = {}  # in flight
-        self.store_reads = 0  # get_device calls made for ids not in the cache
+        self.metrics = metrics or IngestMetrics()
+
+    @property
+    def store_reads(self) -> int:
+        """get_device calls made for ids not in the cache (counted once, in the metrics)."""
+        return int(total(self.metrics.registry, "edgekeeper_ingest_registry_lookups_total",
+                         {"result": "miss"}))
 
     async def load(self) -> None:
         version = await self._store.registry_version()  # before the list: never miss a change
@@ -174,10 +183,12 @@ class Registry:
         await self._refresh_if_due()
         found = self._devices.get(device_id)
         if found is not None:
+            self.metrics.registry_lookups.labels(result="hit").inc()
             return found
         retry_at = self._absent.get(device_id)
         if retry_at is not None:
             if self._clock() < retry_at:
+                self.metrics.registry_lookups.labels(result="absent").inc()
                 return None
             del self._absent[device_id]
         while (pending := self._reads.get(device_id)) is not None:
@@ -207,7 +218,7 @@ class Registry:
         return found
 
     async def _read(self, device_id: str) -> DevicePublicKeys | None:
-        self.store_reads += 1
+        self.metrics.registry_lookups.labels(result="miss").inc()
         record = await self._store.get_device(device_id)
         if record is None:
             while len(self._absent) >= self._negative_max:
@@ -327,14 +338,11 @@ class IngestState:
     registry: Registry
     limiter: TokenBuckets
     watch: ResultsWatch
+    metrics: IngestMetrics
     inflight: int = 0
     # Open results long-polls per device: their deadlines (loop time), for the per-device cap.
     polls: dict[str, list[float]] = field(default_factory=dict)
-    counters: dict[str, int] = field(default_factory=dict)
     crypto_pool: ThreadPoolExecutor | None = None
-
-    def count(self, name: str) -> None:
-        self.counters[name] = self.counters.get(name, 0) + 1
 
 
 STATE: web.AppKey[IngestState] = web.AppKey("edgekeeper_ingest", IngestState)
@@ -448,6 +456,7 @@ async def post_event(request: web.Request) -> web.Response:
             "too many uploads in flight", code="unavailable", status=503, retry_after=1.0
         )
     st.inflight += 1
+    st.metrics.uploads_inflight.inc()
     try:
         data = await _read_capped(request, section.max_event_bytes)
         header = peek_header(data, max_bytes=section.max_event_bytes)
@@ -494,12 +503,14 @@ async def post_event(request: web.Request) -> web.Response:
             ) from err
     finally:
         st.inflight -= 1
+        st.metrics.uploads_inflight.dec()
     body = {"device_id": opened.device_id, "seq": opened.seq}
     if status is EnqueueStatus.QUEUED:
-        st.count("events_queued")
+        st.metrics.events.labels(status="queued").inc()
+        st.metrics.event_bytes.inc(len(data))
         return web.json_response({"status": "queued", **body}, status=202)
     if status is EnqueueStatus.DUPLICATE:
-        st.count("events_duplicate")
+        st.metrics.events.labels(status="duplicate").inc()
         return web.json_response({"status": "duplicate", **body}, status=200)
     raise SeqConflict(
         f"device {opened.device_id!r} seq {opened.seq} was already queued with another payload"
@@ -513,6 +524,7 @@ async def post_enroll(request: web.Request) -> web.Response:
     record = await st.store.get_device(req.device_id)
     if record is not None:
         st.registry.update(record)
+    st.metrics.enrollments.labels(outcome=outcome.value).inc()
     log.info("ingest.device_enrolled", device_id=req.device_id, outcome=outcome.value)
     return web.json_response(
         {
@@ -545,6 +557,7 @@ async def get_results(request: web.Request) -> web.Response:
         )
     if wait_s > 0:
         polls.append(deadline)
+        st.metrics.polls_open.inc()
     try:
         while True:
             version = await st.store.results_version()
@@ -556,6 +569,7 @@ async def get_results(request: web.Request) -> web.Response:
     finally:
         if wait_s > 0:
             polls.remove(deadline)
+            st.metrics.polls_open.dec()
         if not polls:
             st.polls.pop(device.device_id, None)
     return web.json_response(
@@ -598,13 +612,55 @@ async def get_health(request: web.Request) -> web.Response:
             checks[name] = "ok"
         except Exception as err:
             checks[name] = f"error: {err or type(err).__name__}"
+    if checks["store"] == "ok":
+        # A provider refusing the workers' key stops every worker: nothing gets reasoned
+        # about, so the cloud is not healthy even though this process is (docs/operations.md).
+        try:
+            provider = await st.store.provider_state()
+        except Exception as err:
+            checks["provider"] = f"error: {err or type(err).__name__}"
+        else:
+            checks["provider"] = ("ok" if provider is None or provider.state != "refused"
+                                  else f"refused: {provider.reason}; fix: {provider.fix}")
     ok = all(v == "ok" for v in checks.values())
     return web.json_response(
         {"status": "ok" if ok else "unavailable", "checks": checks}, status=200 if ok else 503
     )
 
 
+async def get_metrics(request: web.Request) -> web.Response:
+    """The Prometheus text format; the queue's depth is read now, the rest was counted."""
+    st = request.app[STATE]
+    try:
+        async with compat.timeout(HEALTH_TIMEOUT_S):
+            depth = await st.queue.stats()
+    except Exception as err:  # the metrics still answer; the depth is left as it was
+        log.warning("ingest.queue_stats_failed", error=str(err)[:300])
+    else:
+        for state, n in (("ready", depth.ready), ("leased", depth.leased),
+                         ("dead", depth.dead)):
+            st.metrics.queue_depth.labels(state=state).set(n)
+    return web.Response(body=render(st.metrics.registry),
+                        headers={"Content-Type": METRICS_TYPE})
+
+
 # --- middleware ---------------------------------------------------------------------------
+
+
+@web.middleware
+async def timing_middleware(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Time every request, by route (its pattern: unmatched paths share one label)."""
+    started = time.perf_counter()
+    try:
+        return await handler(request)
+    finally:
+        resource = request.match_info.route.resource
+        route = resource.canonical if resource is not None else "unmatched"
+        if STATE in request.app:
+            request.app[STATE].metrics.latency.labels(route=route).observe(
+                time.perf_counter() - started)
 
 _HTTP_CODES = {
     404: "not_found",
@@ -621,12 +677,12 @@ async def errors_middleware(
     try:
         return await handler(request)
     except ProtocolError as err:
-        request.app[STATE].count(f"refused_{err.code}")
+        request.app[STATE].metrics.refused.labels(reason=err.code).inc()
         log.info("ingest.request_refused", path=request.path, code=err.code, reason=err.message,
                  remote=request.remote)
         return error_response(err.status, err.code, err.message, err.fix or "")
     except ServiceError as err:
-        request.app[STATE].count(f"refused_{err.code}")
+        request.app[STATE].metrics.refused.labels(reason=err.code).inc()
         retry = str(max(1, math.ceil(err.retry_after)))
         return error_response(err.status, err.code, err.message, err.fix or "",
                               headers={"Retry-After": retry})
@@ -641,7 +697,7 @@ async def errors_middleware(
     except ConnectionResetError:
         # The client went away mid-request (a device losing its link mid-upload): nothing was
         # enqueued, it will send again, and there is nobody to answer. Not a server error.
-        request.app[STATE].count("client_gone")
+        request.app[STATE].metrics.refused.labels(reason="client_gone").inc()
         log.info("ingest.client_gone", path=request.path, remote=request.remote)
         return error_response(400, "client_gone", "the connection closed mid-request",
                               "send the request again")
@@ -664,8 +720,10 @@ def create_app(
 ) -> web.Application:
     # client_max_size is only the backstop; handlers refuse by Content-Length first.
     app = web.Application(
-        middlewares=[errors_middleware], client_max_size=section.max_event_bytes + 1024
+        middlewares=[timing_middleware, errors_middleware],
+        client_max_size=section.max_event_bytes + 1024,
     )
+    metrics = IngestMetrics()  # this app's own registry (tests run several in one process)
 
     async def resources(app: web.Application) -> AsyncIterator[None]:
         async with contextlib.AsyncExitStack() as stack:
@@ -681,7 +739,7 @@ def create_app(
                 stack.push_async_callback(own_queue.close)
             own_keys = (keys if keys is not None
                         else await asyncio.to_thread(CloudKeys.ensure, data_dir))
-            registry = Registry(own_store, section.registry_refresh_seconds)
+            registry = Registry(own_store, section.registry_refresh_seconds, metrics=metrics)
             await registry.load()
             watch = ResultsWatch(own_store, section.results_poll_seconds)
             app[STATE] = IngestState(
@@ -693,6 +751,7 @@ def create_app(
                 registry=registry,
                 limiter=TokenBuckets(section.rate_per_second, section.rate_burst),
                 watch=watch,
+                metrics=metrics,
             )
             pool = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1),
                                       thread_name_prefix="ingest-crypto")
@@ -706,6 +765,7 @@ def create_app(
     app.router.add_get("/v1/results", get_results)
     app.router.add_post("/v1/results/ack", post_results_ack)
     app.router.add_get("/healthz", get_health)
+    app.router.add_get("/metrics", get_metrics)
     releases_serve.add_routes(app, releases_serve.Hooks(
         authenticate=_signed_device, read_body=_read_capped, store=lambda r: r.app[STATE].store,
         catalog=releases_serve.Catalog(section.registry_refresh_seconds,

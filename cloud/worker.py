@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, TypeVar, cast
 
 from edgekeeper import compat, runtime
+from edgekeeper import metrics as metrics_mod
 from edgekeeper.backoff import Backoff, Circuit
 from edgekeeper.cloud import retrain_schedule as schedule
 from edgekeeper.cloud.backends import open_queue, open_store
@@ -45,11 +46,12 @@ from edgekeeper.cloud.reasoners.base import (
     resolve_name,
 )
 from edgekeeper.cloud.retrain_schedule import RetrainScheduler
-from edgekeeper.cloud.store.base import Store
+from edgekeeper.cloud.store.base import ProviderState, ResultSummary, Store
 from edgekeeper.cloud.training.examples import ExampleRecorder
 from edgekeeper.config import ACTIONS, Config
 from edgekeeper.errors import FatalError, PermanentError, RetryableError
 from edgekeeper.log import get_logger
+from edgekeeper.metrics import WorkerMetrics, by_label, total
 from edgekeeper.protocol.envelope import open_event, seal_result
 from edgekeeper.protocol.errors import ProtocolError
 from edgekeeper.protocol.keys import DevicePublicKeys
@@ -82,7 +84,7 @@ class _LeaseLost(Exception):
     """Our lease on an event was taken over while its reasoner call ran (worker-internal)."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class WorkerStats:
     done: int = 0
     retried: int = 0
@@ -96,6 +98,32 @@ class WorkerStats:
     pruned: int = 0  # acknowledged results deleted after the retention
     probes: int = 0
     cost_usd: float = 0.0
+
+    @classmethod
+    def read(cls, metrics: WorkerMetrics) -> WorkerStats:
+        """The numbers of ``metrics`` (the one place they are counted) as the worker's
+        summary: what ``run`` returns and ``cloud worker`` prints."""
+        reg = metrics.registry
+        paths = by_label(reg, f"{_M}_events_reasoned_total", "path")
+        settled = by_label(reg, f"{_M}_events_settled_total", "outcome")
+        done = int(sum(paths.values()))
+
+        def n(outcome: str) -> int:
+            return int(settled.get(outcome, 0))
+
+        return cls(
+            done=done, retried=n("retried"), dead=n("dead"), skipped=n("skipped"),
+            provisional=done - int(paths.get("primary", 0)), waiting=n("waiting"),
+            deferred=n("deferred"), lost=n("lost"),
+            provider_failures=int(total(reg, f"{_M}_failures_total",
+                                        {"kind": "provider_unavailable"})),
+            pruned=int(total(reg, f"{_M}_results_pruned_total")),
+            probes=int(total(reg, f"{_M}_provider_probes_total")),
+            cost_usd=total(reg, f"{_M}_llm_cost_usd_total"),
+        )
+
+
+_M = "edgekeeper_worker"  # WorkerMetrics' prefix
 
 
 def _fields(event: QueuedEvent) -> dict[str, Any]:
@@ -137,6 +165,7 @@ class Worker:
         examples: ExampleRecorder | None = None,
         upkeep: Sequence[Callable[[asyncio.Event], Coroutine[Any, Any, None]]] = (),
         clock: Callable[[], float] = time.time,
+        metrics: WorkerMetrics | None = None,
     ) -> None:
         self.queue = queue
         self.store = store
@@ -168,16 +197,66 @@ class Worker:
         # Wall-clock time for budget days, pauses and timestamps (tests cross a UTC midnight
         # with their own; the circuit keeps its own monotonic clock).
         self.clock = clock
-        self.stats = WorkerStats()
+        # Every count lives here (served by --metrics-port); ``stats`` reads them back.
+        self.metrics = metrics or WorkerMetrics()
         # A spent global budget (wait policy) pauses leasing until this clock() time.
         self._paused_until = 0.0
         # Set by the first FatalError (a refused key): leasing stops, the events in hand
         # finish, then run() raises it.
         self._fatal: FatalError | None = None
 
+    @property
+    def stats(self) -> WorkerStats:
+        return WorkerStats.read(self.metrics)
+
+    # --- the provider's state, for /healthz and `cloud status` ----------------------------
+    async def _refused(self, err: FatalError) -> None:
+        """The provider refuses this worker: say so once (with the fix), and record it where
+        the ingest's /healthz and ``cloud status`` read it."""
+        if self._fatal is not None:
+            return
+        self._fatal = err
+        self.metrics.provider.state("refused")
+        self.metrics.failures.labels(kind="provider_refused").inc()
+        log.error("worker.provider_refused", reason=err.message, fix=err.fix)
+        try:
+            await self.store.put_provider_state(ProviderState(
+                "refused", err.message, err.fix or "", self.consumer, self.clock()))
+        except Exception as serr:  # the worker stops with the fix either way
+            log.warning("worker.provider_state_unrecorded", error=repr(serr)[:300])
+
+    async def _recheck_refused(self) -> None:
+        """A worker starting after an earlier one was refused asks the provider once, so the
+        refusal recorded for /healthz is cleared as soon as the key is fixed (or stays, and
+        this worker stops at once, before leasing anything)."""
+        try:
+            prior = await self.store.provider_state()
+        except RetryableError as err:  # the store is away: leasing waits it out, so do we
+            log.warning("worker.provider_state_unread", error=err.message[:300], fix=err.fix)
+            return
+        if prior is None or prior.state != "refused":
+            return
+        try:
+            usage = await self.reasoner.probe()
+        except FatalError as err:
+            await self._refused(err)
+            return
+        except Exception as err:  # down, not refused: the lease loop's circuit handles that
+            log.warning("worker.probe_failed", error=repr(err)[:300])
+            return
+        await self._record(usage, PROBE_DEVICE, 0, self.reasoner.name)
+        try:
+            await self.store.put_provider_state(ProviderState(
+                "ok", "", "", self.consumer, self.clock()))
+        except RetryableError as err:
+            log.warning("worker.provider_state_unrecorded", error=err.message[:300])
+            return
+        log.info("worker.provider_accepted", reasoner=self.reasoner.name, was=prior.reason)
+
     # --- the lease loop ---------------------------------------------------------------------
     async def run(self, *, burst: bool = False, stop: asyncio.Event | None = None) -> WorkerStats:
         stop = stop or asyncio.Event()
+        await self._recheck_refused()
         slots = asyncio.Semaphore(self.concurrency)
         leasing_done = asyncio.Event()
         async with compat.TaskGroup() as tg:
@@ -257,7 +336,7 @@ class Worker:
         await runtime.sleep(stop, self.circuit.remaining())
         if stop.is_set():
             return
-        self.stats.probes += 1
+        self.metrics.probes.inc()
         try:
             usage = await self.reasoner.probe()
         except ProviderUnavailable as err:
@@ -267,7 +346,7 @@ class Worker:
                         next_probe_s=round(wait, 1))
             return
         except FatalError as err:  # the key or the model is refused: no probe will ever pass
-            self._fatal = self._fatal or err
+            await self._refused(err)
             return
         except Exception as err:  # an unexpected probe failure is still "not back yet"
             wait = self.circuit.probe_failed()
@@ -275,6 +354,7 @@ class Worker:
             return
         await self._record(usage, PROBE_DEVICE, 0, self.reasoner.name)
         down = self.circuit.close()
+        self.metrics.provider.state("ok")
         log.warning("worker.provider_back", down_s=round(down, 1))
 
     async def _prune_results_hourly(self, leasing_done: asyncio.Event) -> None:
@@ -308,7 +388,7 @@ class Worker:
             # Housekeeping: the store being away must not stop the worker; next hour again.
             log.warning("worker.results_prune_failed", error=repr(err)[:300],
                         retry_in_s=PRUNE_EVERY_S)
-        self.stats.pruned += pruned
+        self.metrics.pruned.inc(pruned)
         if pruned:
             log.info("worker.results_pruned", count=pruned, acked_before=round(cutoff))
 
@@ -322,8 +402,9 @@ class Worker:
         except FatalError as err:
             # The worker as a whole cannot go on (process() released the event): stop leasing,
             # let the events in hand finish, then run() raises it.
-            self._fatal = self._fatal or err
+            await self._refused(err)
         except Exception as err:  # never let one event take the worker down
+            self.metrics.failures.labels(kind="crashed").inc()
             log.exception("worker.event_crashed", **_fields(lease.event), error=str(err))
             await self._retry(lease, f"worker error: {err!r}")
         finally:
@@ -332,11 +413,12 @@ class Worker:
     # --- one event --------------------------------------------------------------------------
     async def process(self, lease: Lease) -> None:
         ev = lease.event
+        started = time.perf_counter()
         if await self.store.has_result(ev.device_id, ev.seq):
             # Redelivered after its result was stored (the worker died before acking, or a
             # second copy was leased): nothing to do but ack. No second provider call.
             await self.queue.ack(lease)
-            self.stats.skipped += 1
+            self.metrics.outcomes.labels(outcome="skipped").inc()
             log.info("worker.event_already_done", **_fields(ev), attempts=lease.attempts)
             return
         record = await self.store.get_device(ev.device_id)
@@ -356,6 +438,7 @@ class Worker:
                 verify_payload_hash=True,
             )
         except ProtocolError as err:
+            self.metrics.failures.labels(kind="cannot_open").inc()
             await self._dead(lease, f"cannot open: {err.code}: {err.message}")
             return
 
@@ -393,15 +476,24 @@ class Worker:
             extra=extra,
         )
         sealed = seal_result(result, cloud_box_sk=self.keys.box_key, device_box_pk=record.box_pk)
-        await self.store.put_result(device_id=ev.device_id, seq=ev.seq, envelope=sealed,
-                                    now=self.clock())
+        # The operator's plaintext view goes in with the sealed result (docs/security.md).
+        summary = ResultSummary(
+            device_id=ev.device_id, seq=ev.seq, label=result.label,
+            confidence=result.confidence, summary=result.summary, action=result.action,
+            reasoner=result.reasoner, provisional=result.provisional,
+            produced_at=result.produced_at, received_at=ev.received_at)
+        # The example goes in before the result: a worker killed between the two reasons the
+        # redelivered event again (its example is kept once, by (device, seq, model)); the other
+        # order would skip a redelivered event's example for good (it already has its result).
         if self.examples is not None:  # never raises: an example is not worth the event
             await self.examples.record(opened.body, result, opened.model_version)
+        await self.store.put_result(device_id=ev.device_id, seq=ev.seq, envelope=sealed,
+                                    now=self.clock(), summary=summary)
         if not await self.queue.ack(lease):
             log.warning("worker.lease_lost", **_fields(ev), attempts=lease.attempts, during="ack")
-        self.stats.done += 1
-        self.stats.provisional += path != "primary"
-        log.debug("worker.event_done", **_fields(ev), label=result.label, reasoner=result.reasoner)
+        self.metrics.reasoned(result.reasoner, result.label, path)
+        log.info("worker.reasoned", **_fields(ev), label=result.label, reasoner=result.reasoner,
+                 ms=round(1000 * (time.perf_counter() - started)))
 
     async def _reason(
         self, lease: Lease, reasoner: Reasoner, body: EventBody, model_version: str
@@ -409,22 +501,26 @@ class Worker:
         """Ask ``reasoner``; on failure settle the lease and return None. The bool says the
         fallback answered instead."""
         ev = lease.event
+        started = time.perf_counter()
         try:
             verdict = await self._call_leased(
                 lease, reasoner.reason(body, model_version=model_version))
+            self.metrics.latency.labels(reasoner=reasoner.name).observe(
+                time.perf_counter() - started)
         except _LeaseLost:
             self._lease_lost(lease, reasoner)
             return None
         except ProviderRefused as err:
             # Not this event's fault and no retry will help: put it back untouched (no attempt
             # spent) and stop the worker with the fix.
-            self._fatal = self._fatal or err
+            await self._refused(err)
             await self._record(err.usage, ev.device_id, ev.seq, reasoner.name)
             await self._put_back(lease, err.message, 0.0)
             raise
         except ProviderUnavailable as err:
             await self._record(err.usage, ev.device_id, ev.seq, reasoner.name)
-            self.stats.provider_failures += 1
+            self.metrics.failures.labels(kind="provider_unavailable").inc()
+            self.metrics.provider.state("down")
             wait = self.circuit.trip(err.retry_after)
             waited = self.clock() - ev.received_at
             if self.fallback is not None and reasoner is not self.fallback \
@@ -448,15 +544,17 @@ class Worker:
             reason = f"provider unavailable: {err.message}"
             delay = wait + random.uniform(0.0, 1.0)  # spread the comeback over a second
             if await self._put_back(lease, reason, delay):
-                self.stats.deferred += 1
+                self.metrics.outcomes.labels(outcome="deferred").inc()
                 log.warning("worker.event_deferred", **_fields(ev), reason=reason,
                             delay_s=round(delay, 2))
             return None
         except ReasonerUnavailable as err:
             await self._record(err.usage, ev.device_id, ev.seq, reasoner.name)
+            self.metrics.failures.labels(kind="reasoner_unavailable").inc()
             await self._retry(lease, f"reasoner unavailable: {err.message}")
             return None
         except PermanentError as err:
+            self.metrics.failures.labels(kind="refused_event").inc()
             await self._dead(lease, f"reasoner refused: {err.message}")
             return None
         await self._record(verdict.usage, ev.device_id, ev.seq, reasoner.name)
@@ -502,18 +600,25 @@ class Worker:
                 return True
 
     def _lease_lost(self, lease: Lease, reasoner: Reasoner) -> None:
-        self.stats.lost += 1
+        self.metrics.outcomes.labels(outcome="lost").inc()
         log.warning("worker.lease_lost", **_fields(lease.event), attempts=lease.attempts,
                     reasoner=reasoner.name, during="reasoning",
                     outcome="call cancelled; no result stored, not acked (the new holder "
                             "answers it)")
 
     async def _record(self, usage: Usage, device_id: str, seq: int, reasoner: str) -> None:
-        if self.budget is None or usage.tokens == 0:
+        if usage.tokens == 0:
+            return
+        for kind, n in (("input", usage.input_tokens), ("output", usage.output_tokens),
+                        ("cache_write", usage.cache_write_tokens),
+                        ("cache_read", usage.cache_read_tokens)):
+            if n:
+                self.metrics.tokens.labels(reasoner=reasoner, kind=kind).inc(n)
+        if self.budget is None:
             return
         cost = await self.budget.record(usage, device_id=device_id, seq=seq, reasoner=reasoner,
                                         now=self.clock())
-        self.stats.cost_usd += cost  # after the await: "x += await f()" loses concurrent adds
+        self.metrics.cost.labels(reasoner=reasoner).inc(cost)
 
     async def _wait_for_budget(self, lease: Lease, decision: Decision) -> None:
         now = self.clock()
@@ -523,7 +628,7 @@ class Worker:
         # Released, not nacked: a day spent over budget is no failure of the event, so an
         # event that waits longer than queue_max_attempts days is still never dead-lettered.
         if await self._put_back(lease, decision.reason, delay):
-            self.stats.waiting += 1
+            self.metrics.outcomes.labels(outcome="waiting").inc()
             log.warning("worker.event_waits_for_budget", **_fields(lease.event),
                         reason=decision.reason, delay_s=round(delay))
 
@@ -540,17 +645,17 @@ class Worker:
         if delay is None:
             delay = self.retry_backoff.delay_for(lease.attempts)
         if await self.queue.nack(lease, reason=reason, delay_s=delay):
-            self.stats.retried += 1
+            self.metrics.outcomes.labels(outcome="retried").inc()
             log.warning("worker.event_retry", **_fields(lease.event), reason=reason,
                         delay_s=round(delay, 2))
         else:
-            self.stats.dead += 1
+            self.metrics.outcomes.labels(outcome="dead").inc()
             log.error("worker.event_dead", **_fields(lease.event), reason=reason,
                       attempts=lease.attempts)
 
     async def _dead(self, lease: Lease, reason: str) -> None:
         await self.queue.dead_letter(lease, reason=reason)
-        self.stats.dead += 1
+        self.metrics.outcomes.labels(outcome="dead").inc()
         log.error("worker.event_dead", **_fields(lease.event), reason=reason)
 
 
@@ -598,6 +703,7 @@ def build_worker(
     keys: CloudKeys,
     stack: contextlib.AsyncExitStack,
     poll_s: float = 0.5,
+    metrics: WorkerMetrics | None = None,
 ) -> Worker:
     """A Worker wired from the config: reasoners, budget, fallbacks, backoff. The reasoners are
     closed by ``stack``. `cloud worker` and `edgekeeper demo` build theirs here."""
@@ -637,22 +743,29 @@ def build_worker(
         circuit=Circuit(rs.backoff_initial_seconds, rs.backoff_max_seconds),
         examples=ExampleRecorder(store, config.training, config.cloud_data_dir),
         upkeep=(retrain, rollouts),
+        metrics=metrics,
     )
 
 
 async def run_worker(config: Config, *, burst: bool = False,
-                     stop: asyncio.Event | None = None) -> WorkerStats:
-    """The ``edgekeeper cloud worker`` command: open backends, run until ``stop`` (or drained)."""
+                     stop: asyncio.Event | None = None, metrics_port: int | None = None,
+                     metrics_host: str = "127.0.0.1") -> WorkerStats:
+    """The ``edgekeeper cloud worker`` command: open backends, run until ``stop`` (or drained).
+    With ``metrics_port``, its metrics are served on http://metrics_host:port/metrics."""
     section = config.cloud
     data_dir = config.cloud_data_dir
     async with contextlib.AsyncExitStack() as stack:
+        metrics = WorkerMetrics()
+        await stack.enter_async_context(
+            metrics_mod.serve(metrics.registry, metrics_port, metrics_host, service="worker"))
         store = await open_store(section.store_backend, data_dir, section=section)
         stack.push_async_callback(store.close)
         queue = await open_queue(section.queue_backend, data_dir,
                                  max_attempts=section.queue_max_attempts, section=section)
         stack.push_async_callback(queue.close)
         keys = await asyncio.to_thread(CloudKeys.ensure, data_dir)
-        worker = build_worker(config, queue=queue, store=store, keys=keys, stack=stack)
+        worker = build_worker(config, queue=queue, store=store, keys=keys, stack=stack,
+                              metrics=metrics)
         reasoner, cheaper, fallback = worker.reasoner, worker.cheaper, worker.fallback
         log.info("worker.started", consumer=worker.consumer, reasoner=reasoner.name, burst=burst,
                  concurrency=worker.concurrency,

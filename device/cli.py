@@ -26,6 +26,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("run", help="run the device loop on the configured camera and microphone")
     p.add_argument("--seconds", type=float, default=0.0,
                    help="stop after this many seconds (default: run until SIGTERM/SIGINT)")
+    p.add_argument("--metrics-port", type=int, metavar="PORT",
+                   help="serve Prometheus metrics on http://HOST:PORT/metrics (default: off)")
+    p.add_argument("--metrics-host", default="127.0.0.1", metavar="HOST",
+                   help="address for --metrics-port (default: 127.0.0.1)")
     p.set_defaults(handler=cmd_run)
 
     p = sub.add_parser(
@@ -138,7 +142,8 @@ def cmd_run(args: argparse.Namespace, config: Config) -> int:
             fix="set camera.enabled or microphone.enabled to true in the config",
         )
     check_enrolled(config)
-    device = DeviceService(config, args.config)
+    device = DeviceService(config, args.config, metrics_port=args.metrics_port,
+                           metrics_host=args.metrics_host)
 
     async def main(stop: asyncio.Event) -> dict[str, Any]:
         if args.seconds > 0:
@@ -170,9 +175,16 @@ def check_enrolled(config: Config) -> dict[str, Any] | None:
     return {"cloud_url": config.uplink.cloud_url or e.cloud_url, "enrolled_at": e.enrolled_at}
 
 
-async def run_device(config: Config, stop: asyncio.Event) -> dict[str, Any]:
+async def run_device(config: Config, stop: asyncio.Event, *, metrics_port: int | None = None,
+                     metrics_host: str = "127.0.0.1") -> dict[str, Any]:
     """The live loop until ``stop`` (see DeviceService.run)."""
-    return await DeviceService(config, None).run(stop)
+    return await DeviceService(config, None, metrics_port=metrics_port,
+                               metrics_host=metrics_host).run(stop)
+
+
+# Decisions and gate latencies a live run keeps for status and percentiles (a replay keeps all):
+# at 10 frames/s a list of every latency would grow by ~800 MB a month.
+LIVE_HISTORY = 10_000
 
 
 class DeviceService:
@@ -183,9 +195,11 @@ class DeviceService:
     # Sections whose change a reload applies to the running loop; all others need a restart.
     LIVE = ("trigger", "log")
 
-    def __init__(self, config: Config, config_path: str | None) -> None:
+    def __init__(self, config: Config, config_path: str | None, *,
+                 metrics_port: int | None = None, metrics_host: str = "127.0.0.1") -> None:
         self.config = config
         self.config_path = config_path
+        self.metrics_port, self.metrics_host = metrics_port, metrics_host  # docs/operations.md
         self.pipeline: Any = None
         self.gates: Any = None  # the loaded models, to check a reloaded file's labels against
 
@@ -234,6 +248,7 @@ class DeviceService:
             pipeline = self.pipeline = Pipeline(
                 config, sink, video=video, audio=audio, vision_gate=gates.vision,
                 audio_gate=gates.audio, clock_base=time.time(), ordered=False,
+                history=LIVE_HISTORY,
                 on_decision=mqtt.note_decision if mqtt else None,
                 on_event=_each(mqtt and mqtt.event_nowait, updates and updates.on_event))
             if updates is not None:
@@ -245,6 +260,12 @@ class DeviceService:
             if link is not None:
                 link.actions.actions.insert(0, ("status", monitor.note_result))
             runtime.supervisor().watch(monitor.health)
+            from edgekeeper import metrics as metrics_mod
+            from edgekeeper.device.metrics import DeviceMetrics
+
+            await stack.enter_async_context(metrics_mod.serve(
+                DeviceMetrics(pipeline, link).registry, self.metrics_port, self.metrics_host,
+                service="device"))
             log.info("device.running", events_to=where, models=gates.models)
             stop_link, stop_mqtt, stop_status = asyncio.Event(), asyncio.Event(), asyncio.Event()
             async with compat.TaskGroup() as tg:

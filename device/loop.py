@@ -91,12 +91,36 @@ class PipelineStats:
     event_bytes: int = 0
     media_seconds: float = 0.0
     latencies_ms: dict[str, list[float]] = field(default_factory=dict)
+    # Running totals, exact however much history is kept (metrics and the exit line read them).
+    triggers: int = 0
+    held_back: int = 0
+    inferences: dict[str, int] = field(default_factory=dict)
+    latency_total_ms: dict[str, float] = field(default_factory=dict)
+    # How many recent decisions and latencies to keep: None keeps all (a replay's report needs
+    # every one); a live run keeps the last ``keep`` so months of running stay in bounded memory.
+    keep: int | None = None
+
+    def note_latency(self, modality: str, ms: float) -> None:
+        lat = self.latencies_ms.setdefault(modality, [])
+        lat.append(ms)
+        self.inferences[modality] = self.inferences.get(modality, 0) + 1
+        self.latency_total_ms[modality] = self.latency_total_ms.get(modality, 0.0) + ms
+        if self.keep is not None and len(lat) >= 2 * self.keep:
+            del lat[: len(lat) - self.keep]  # amortised: one trim per ``keep`` appends
+
+    def note_decision(self, explained: dict[str, Any]) -> None:
+        self.decisions.append(explained)
+        self.triggers += explained["action"] == "fire"
+        self.held_back += explained["action"] == "hold"
+        if self.keep is not None and len(self.decisions) >= 2 * self.keep:
+            del self.decisions[: len(self.decisions) - self.keep]
     # (t, modality, scores) of every scored window; kept only when record_timeline=True.
     timeline: list[tuple[float, str, dict[str, float]]] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         lat = {
-            m: {"p50": float(np.percentile(v, 50)), "p99": float(np.percentile(v, 99)), "n": len(v)}
+            m: {"p50": float(np.percentile(v, 50)), "p99": float(np.percentile(v, 99)),
+                "n": self.inferences.get(m, len(v))}
             for m, v in self.latencies_ms.items()
             if v
         }
@@ -110,8 +134,8 @@ class PipelineStats:
             "audio_windows": self.audio_windows,
             "audio_scored": self.audio_scored,
             "audio_spared_by_pregate": self.audio_spared,
-            "triggers": sum(1 for d in self.decisions if d["action"] == "fire"),
-            "held_back": sum(1 for d in self.decisions if d["action"] == "hold"),
+            "triggers": self.triggers,
+            "held_back": self.held_back,
             "events": self.events,
             "events_lost": self.events_lost,
             "event_bytes": self.event_bytes,
@@ -187,6 +211,7 @@ class Pipeline:
         clock_base: float = 0.0,
         ordered: bool = False,
         record_timeline: bool = False,
+        history: int | None = None,
         on_event: Callable[[Event], Any] | None = None,
         on_decision: Callable[[Decision], Any] | None = None,
     ) -> None:
@@ -201,7 +226,7 @@ class Pipeline:
         self.ordered = ordered
         self.record_timeline = record_timeline
         self.on_event, self.on_decision = on_event, on_decision
-        self.stats = PipelineStats()
+        self.stats = PipelineStats(keep=history)
         self.progress = Progress()
         self._debug = config.log.level == "debug"
         self.trigger = TriggerPolicy(config.trigger)
@@ -228,7 +253,6 @@ class Pipeline:
     # -- stages -----------------------------------------------------------------------------
     async def _video_stage(self, out: Any) -> None:
         assert self.vision_gate is not None
-        lat = self.stats.latencies_ms.setdefault("vision", [])
         # Up to _PIPELINE frames are submitted to the gate's thread before the oldest is
         # awaited: the loop's own work (queues, trigger, rings) overlaps the inference instead
         # of adding to it. Results still come out in frame order (one thread, FIFO).
@@ -240,7 +264,7 @@ class Pipeline:
             result, fut = pending.popleft()
             if fut is not None:
                 g = await fut
-                lat.append(g.latency_ms)
+                self.stats.note_latency("vision", g.latency_ms)
                 self.progress.inference_at = time.monotonic()
                 result.scores, result.features = g.scores, g.features
             await out.put(result)
@@ -273,7 +297,6 @@ class Pipeline:
         a = self.audio_gate.manifest.audio
         assert a is not None
         windows = _AudioWindow(a.window_samples, a.hop_samples)
-        lat = self.stats.latencies_ms.setdefault("audio", [])
         block: AudioBlock  # the source is duck-typed (Any): say what it yields
         try:
             async for block in self.audio.stream():
@@ -293,7 +316,7 @@ class Pipeline:
                         self.stats.audio_spared += 1
                         continue
                     g = await self.audio_gate.classify(window, end_index)
-                    lat.append(g.latency_ms)
+                    self.stats.note_latency("audio", g.latency_ms)
                     self.progress.inference_at = time.monotonic()
                     self.stats.audio_scored += 1
                     scored = StageResult("audio", t, g.scores, g.features, reason=reason)
@@ -389,7 +412,7 @@ class Pipeline:
         for d in self.trigger.update(item.t, item.scores):
             explained = d.explain()
             explained["modality"] = item.modality
-            self.stats.decisions.append(explained)
+            self.stats.note_decision(explained)
             _log_decision(d.action, explained)
             if self.on_decision is not None:
                 self.on_decision(d)

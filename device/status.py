@@ -156,7 +156,8 @@ class DeviceMonitor:
         return ", ".join(parts)
 
     # -- publishing ----------------------------------------------------------------------
-    def snapshot(self, state: str = "running") -> dict[str, Any]:
+    def snapshot(self, state: str = "running",
+                 disk: dict[str, int] | None = None) -> dict[str, Any]:
         now, mono = time.time(), time.monotonic()
         p, pl = self.pipeline.progress, self.pipeline
 
@@ -213,7 +214,7 @@ class DeviceMonitor:
                 "oldest_age_seconds": backlog.oldest_age(now),
                 "last_upload_at": backlog.last_upload_at,
             },
-            "disk": _disk(cfg.device.state_dir),
+            "disk": disk,
         }
 
     def _write(self, doc: dict[str, Any]) -> None:
@@ -228,8 +229,10 @@ class DeviceMonitor:
                 self.backlog = await self.outbox.stats()
             except (EdgekeeperError, OSError) as err:  # a disk error: keep the service up
                 log.warning("status.outbox_unreadable", error=str(err))
+        # statvfs is a system call that can stall on a sick SD card: never on the loop.
+        disk = await asyncio.to_thread(_disk, self.config.device.state_dir)
         try:
-            await asyncio.to_thread(self._write, self.snapshot(state))
+            await asyncio.to_thread(self._write, self.snapshot(state, disk))
         except OSError as err:
             if self.state_error is None:
                 log.error("status.write_failed", path=str(status_path(self.config)),

@@ -29,7 +29,7 @@ from typing import Any
 
 from edgekeeper import compat, runtime
 from edgekeeper.config import MODELS_DIR, Config
-from edgekeeper.errors import EdgekeeperError
+from edgekeeper.errors import EdgekeeperError, FatalError
 from edgekeeper.log import get_logger
 
 log = get_logger(__name__)
@@ -153,8 +153,21 @@ async def run_demo(
         link.actions.actions.append(("demo-print", show))
 
         stop_link, stop_worker = asyncio.Event(), asyncio.Event()
+        stopped: list[FatalError] = []
+
+        async def run_worker() -> None:
+            # A worker that stops for good (the provider refuses the key) ends the wait for
+            # results at once, and the demo then fails with its fix. It does not cancel the
+            # replay half-way: the recording is short, and a replay cut mid-stream can leave
+            # a reader thread behind that keeps asyncio.run from returning.
+            try:
+                await worker.run(stop=stop_worker)
+            except FatalError as err:
+                stopped.append(err)
+                all_in.set()
+
         async with compat.TaskGroup() as tg:
-            tg.create_task(worker.run(stop=stop_worker), name="demo-worker")
+            tg.create_task(run_worker(), name="demo-worker")
             tg.create_task(link.run(stop_link), name="demo-link")
             say(f"device    replaying {recording} through the device loop")
             try:
@@ -166,12 +179,15 @@ async def run_demo(
                     "outbox; waiting for results")
                 if len(received) >= result.stats.events:
                     all_in.set()
+                # A stopped worker has set all_in: no wait then.
                 if not await runtime.sleep(stop, timeout, wake=all_in) and not all_in.is_set():
                     log.warning("demo.timed_out", expected=result.stats.events,
                                 received=len(received))
             finally:
                 stop_link.set()
                 stop_worker.set()
+    if stopped:
+        raise stopped[0]
     summary = result.summary()
     return {
         "recording": str(recording),

@@ -408,7 +408,10 @@ async def test_a_real_run_turns_every_reasoned_event_into_an_example(
                 assert (Path(ex.media_path) / "audio.wav").read_bytes() == body.audio_wav
             assert all(mode(Path(ex.media_path) / f) == 0o600 for f in kept)
         # A person the offline teacher confirmed teaches "person", at the provisional weight.
-        assert any(e.target == "person" and e.weight == 0.5 for e in stored.values())
+        # (confidence x 0.5, cloud/reasoners/weighting.py).
+        assert any(e.target == "person" and e.weight > 0
+                   and e.weight == round(e.teacher_confidence * 0.5, 4)
+                   for e in stored.values())
 
         # The worker's retention task (first run at start, then hourly), two days later:
         # every kept file is deleted, the examples stay without media.

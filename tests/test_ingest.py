@@ -21,6 +21,7 @@ from edgekeeper.cloud.enroll import revoke
 from edgekeeper.cloud.ingest import CRYPTO_THREAD_MIN_BYTES
 from edgekeeper.cloud.reasoners.echo import EchoReasoner
 from edgekeeper.cloud.worker import Worker
+from edgekeeper.metrics import total
 from edgekeeper.protocol import envelope as E
 from edgekeeper.protocol.keys import DeviceKeys, b64d, b64e
 from edgekeeper.protocol.messages import payload_digest
@@ -440,10 +441,10 @@ async def test_an_upload_cut_off_mid_body_is_not_a_server_error(
     await writer.drain()
     writer.close()  # the device's link drops half-way
     await writer.wait_closed()
-    counters = cloud.server.state.counters
+    registry = cloud.server.state.metrics.registry
 
     async def noticed() -> bool:
-        return counters.get("client_gone", 0) == 1
+        return total(registry, "edgekeeper_ingest_refused_total", {"reason": "client_gone"}) == 1
 
     await until(noticed)
     assert await queue_state(cloud) == (0, 0, 0, 0)
@@ -509,7 +510,8 @@ async def test_a_stalled_body_is_a_408_and_frees_its_slot_but_a_slow_one_gets_in
 async def test_health_and_unknown_routes_answer_json(cloud: Cloud) -> None:
     async with cloud.session.get(f"{cloud.url}/healthz") as resp:
         assert resp.status == 200
-        assert await resp.json() == {"status": "ok", "checks": {"store": "ok", "queue": "ok"}}
+        assert await resp.json() == {"status": "ok", "checks": {"store": "ok", "queue": "ok",
+                                                                    "provider": "ok"}}
     async with cloud.session.get(f"{cloud.url}/v1/nope") as resp:
         assert_error(resp.status, await resp.json(), 404, "not_found")
     async with cloud.session.get(f"{cloud.url}/v1/events") as resp:

@@ -145,3 +145,23 @@ def test_wav_encoding_roundtrip() -> None:
     with wave.open(io.BytesIO(data)) as w:
         back = np.frombuffer(w.readframes(16000), "<i2") / 32767
     assert np.abs(back - x).max() < 1e-3
+
+
+def test_a_live_runs_history_stays_bounded_while_its_totals_stay_exact() -> None:
+    """A board runs for months: the live loop keeps recent decisions and latencies only, while
+    the counts the exit line and /metrics report stay exact (a replay keeps everything)."""
+    from edgekeeper.device.loop import PipelineStats
+
+    live, replay = PipelineStats(keep=100), PipelineStats()
+    for i in range(10_000):
+        for s in (live, replay):
+            s.note_latency("vision", 1.0 + (i % 7))
+            s.note_decision({"action": "fire" if i % 10 == 0 else "hold", "t": i})
+    assert len(live.latencies_ms["vision"]) < 200 and len(live.decisions) < 200
+    assert len(replay.latencies_ms["vision"]) == 10_000 and len(replay.decisions) == 10_000
+    assert live.decisions[-1]["t"] == 9_999  # the most recent are the ones kept
+    for s in (live, replay):
+        d = s.as_dict()
+        assert (d["triggers"], d["held_back"]) == (1_000, 9_000)
+        assert d["gate_latency_ms"]["vision"]["n"] == 10_000
+        assert s.latency_total_ms["vision"] == sum(1.0 + (i % 7) for i in range(10_000))

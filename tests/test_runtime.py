@@ -235,10 +235,13 @@ async def test_a_rejected_api_key_stops_the_worker_with_one_line(tmp_path: Path)
             code = await p.exited()
         assert [r.status for r in fake.requests] == [401]  # asked once, not retried forever
     assert code == 1
-    # One message: the error line, then its fix.
-    errors = [i for i, line in enumerate(p.lines) if "refused the API key" in line]
-    assert len(errors) == 1 and p.lines[errors[0]].startswith("edgekeeper: error:")
+    # One message: the error line, then its fix; and one log line carrying the same fix
+    # (docs/operations.md: what journald and a log alert see).
+    errors = [i for i, line in enumerate(p.lines) if line.startswith("edgekeeper: error:")]
+    assert len(errors) == 1 and "refused the API key" in p.lines[errors[0]]
     assert p.lines[errors[0] + 1].startswith("  fix: check ANTHROPIC_API_KEY")
+    (logged,) = p.events("worker.provider_refused")
+    assert str(logged["fix"]).startswith("check ANTHROPIC_API_KEY")
     assert KEY not in "\n".join(p.lines)
     assert not any("Traceback" in line for line in p.lines)
     # Not the events' fault: none dead-lettered, none charged an attempt, all still queued.

@@ -12,7 +12,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Literal, Protocol, runtime_checkable
 
 from edgekeeper.cloud.store.releases import ReleaseStore
 from edgekeeper.cloud.training.examples import ExampleStore
@@ -48,6 +48,52 @@ class StoredResult:
     seq: int
     envelope: bytes
     created_at: float
+
+
+@dataclass(frozen=True)
+class ResultSummary:
+    """What the cloud operator may read of one result (``edgekeeper cloud results``); the
+    result itself stays sealed for its device. Stored with the result, in the same
+    transaction, in a table of its own that the results' retention does not prune.
+    ``received_at`` is when the ingest took the event (a device's "last seen")."""
+
+    device_id: str
+    seq: int
+    label: str
+    confidence: float
+    summary: str
+    action: str
+    reasoner: str
+    provisional: bool
+    produced_at: float
+    received_at: float
+
+
+@dataclass(frozen=True)
+class DeviceActivity:
+    """One device as ``edgekeeper cloud devices`` shows it: its record, how many of its events
+    were concluded, when the latest of them reached the ingest, and its latest result."""
+
+    device: DeviceRecord
+    events: int
+    last_seen: float | None
+    last_result: ResultSummary | None
+
+
+ProviderStateName = Literal["ok", "refused"]
+
+
+@dataclass(frozen=True)
+class ProviderState:
+    """The reasoning provider as the workers last found it: ``refused`` (the key or the model
+    is refused; the worker stopped) or ``ok``. One row, the last writer's: every worker of a
+    cloud uses the same key. The ingest's /healthz and ``cloud status`` read it."""
+
+    state: ProviderStateName
+    reason: str
+    fix: str
+    worker: str
+    updated_at: float
 
 
 @dataclass(frozen=True)
@@ -126,9 +172,11 @@ class Store(ExampleStore, ReleaseStore, Protocol):
         ...
 
     # results ----------------------------------------------------------------------------
-    async def put_result(self, *, device_id: str, seq: int, envelope: bytes, now: float) -> int:
+    async def put_result(self, *, device_id: str, seq: int, envelope: bytes, now: float,
+                         summary: ResultSummary | None = None) -> int:
         """Store a sealed result; idempotent on (device_id, seq) (a re-run worker keeps the
-        first). Returns its id. Durable on return."""
+        first). Returns its id. Durable on return. ``summary``, the operator's plaintext view,
+        goes in with the result in the same transaction (kept only with the first result)."""
         ...
 
     async def results_after(self, device_id: str, cursor: int, limit: int) -> list[StoredResult]:
@@ -154,6 +202,25 @@ class Store(ExampleStore, ReleaseStore, Protocol):
         """Delete up to ``limit`` results acked before ``acked_before`` (oldest acks first), in
         one short transaction on an index of ``acked_at``; returns how many. Unacked results
         are never touched. Call again while it returns ``limit``."""
+        ...
+
+    # the operator's view (edgekeeper cloud results / devices, /healthz) ------------------
+    async def result_summaries(self, *, device_id: str | None = None, since: float = 0.0,
+                               limit: int = 100) -> list[ResultSummary]:
+        """The latest ``limit`` summaries produced at or after ``since`` (one device, or all),
+        oldest first."""
+        ...
+
+    async def device_activity(self) -> list[DeviceActivity]:
+        """Every enrolled device with its activity, ordered by device id."""
+        ...
+
+    async def put_provider_state(self, state: ProviderState) -> None:
+        """Record the provider's state (replacing the previous one)."""
+        ...
+
+    async def provider_state(self) -> ProviderState | None:
+        """The provider's last recorded state; None when no worker has recorded one."""
         ...
 
     # usage (cloud/budget.py) --------------------------------------------------------------

@@ -31,8 +31,11 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from edgekeeper.cloud.store.base import (
+    DeviceActivity,
     DeviceRecord,
     EnrollOutcome,
+    ProviderState,
+    ResultSummary,
     StoredResult,
     UsageRecord,
     UsageRow,
@@ -128,8 +131,40 @@ SCHEMA = [
         cost_usd DOUBLE PRECISION NOT NULL,
         PRIMARY KEY (day, device_id)
     )""",
+    # What the operator may read of each result (the result itself is sealed for the device);
+    # not pruned with the results: the cloud's history of what was concluded.
+    """CREATE TABLE IF NOT EXISTS result_summaries (
+        device_id TEXT NOT NULL,
+        seq BIGINT NOT NULL,
+        label TEXT NOT NULL,
+        confidence DOUBLE PRECISION NOT NULL,
+        summary TEXT NOT NULL,
+        action TEXT NOT NULL,
+        reasoner TEXT NOT NULL,
+        provisional BOOLEAN NOT NULL,
+        produced_at DOUBLE PRECISION NOT NULL,
+        received_at DOUBLE PRECISION NOT NULL,
+        PRIMARY KEY (device_id, seq)
+    )""",
+    "CREATE INDEX IF NOT EXISTS result_summaries_produced ON result_summaries (produced_at)",
+    """CREATE TABLE IF NOT EXISTS provider_state (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        state TEXT NOT NULL,
+        reason TEXT NOT NULL,
+        fix TEXT NOT NULL,
+        worker TEXT NOT NULL,
+        updated_at DOUBLE PRECISION NOT NULL
+    )""",
 ]
 
+_SUMMARY_COLS = ("device_id, seq, label, confidence, summary, action, reasoner, provisional,"
+                 " produced_at, received_at")
+
+
+def _summary(row: Sequence[Any]) -> ResultSummary:
+    d, s, label, conf, text, action, reasoner, prov, produced, received = row
+    return ResultSummary(str(d), int(s), str(label), float(conf), str(text), str(action),
+                         str(reasoner), bool(prov), float(produced), float(received))
 # Training examples (cloud/training/examples.py), as in the SQLite store: one row per (event,
 # model), features as little-endian float32 bytes and their shape, scores as JSON text.
 EXAMPLES_SCHEMA = [
@@ -354,19 +389,30 @@ class PostgresStore(PostgresReleases):  # releases, groups, reports: postgres_re
 
     # results ----------------------------------------------------------------------------
 
-    async def put_result(self, *, device_id: str, seq: int, envelope: bytes, now: float) -> int:
+    async def put_result(self, *, device_id: str, seq: int, envelope: bytes, now: float,
+                         summary: ResultSummary | None = None) -> int:
         async with self._connection() as conn:
             # Ids in commit order (module docstring), in one round trip: a single statement in
             # autocommit is its own transaction; its CTE takes the lock before nextval() is
             # drawn (the CTE row is produced before the projection that calls nextval), and
-            # the lock is held until that transaction commits.
-            cur = await conn.execute(
-                "WITH ordered AS (SELECT pg_advisory_xact_lock(%s))"
-                " INSERT INTO results (id, device_id, seq, envelope, created_at)"
-                " SELECT nextval('results_id_seq'), %s, %s, %s, %s FROM ordered"
-                " ON CONFLICT (device_id, seq) DO NOTHING RETURNING id",
-                (_RESULTS_LOCK, device_id, seq, envelope, now),
-            )
+            # the lock is held until that transaction commits. The summary goes in with the
+            # result in the same statement, and only when the result is new.
+            insert = ("INSERT INTO results (id, device_id, seq, envelope, created_at)"
+                      " SELECT nextval('results_id_seq'), %s, %s, %s, %s FROM ordered"
+                      " ON CONFLICT (device_id, seq) DO NOTHING RETURNING id")
+            params: tuple[Any, ...] = (_RESULTS_LOCK, device_id, seq, envelope, now)
+            if summary is None:
+                sql = f"WITH ordered AS (SELECT pg_advisory_xact_lock(%s)) {insert}"
+            else:
+                s = summary
+                sql = (f"WITH ordered AS (SELECT pg_advisory_xact_lock(%s)), stored AS ({insert}),"
+                       f" noted AS (INSERT INTO result_summaries ({_SUMMARY_COLS})"
+                       " SELECT %s, %s, %s, %s, %s, %s, %s, %s, %s, %s FROM stored"
+                       " ON CONFLICT (device_id, seq) DO NOTHING)"
+                       " SELECT id FROM stored")
+                params += (s.device_id, s.seq, s.label, s.confidence, s.summary, s.action,
+                           s.reasoner, s.provisional, s.produced_at, s.received_at)
+            cur = await conn.execute(sql, params)
             row = await cur.fetchone()
             if row is None:  # stored before (a redelivered event): keep the first
                 cur = await conn.execute(
@@ -414,6 +460,51 @@ class PostgresStore(PostgresReleases):  # releases, groups, reports: postgres_re
                 (acked_before, max(0, limit)),
             )
             return int(cur.rowcount)
+
+    # the operator's view ------------------------------------------------------------------
+
+    async def result_summaries(self, *, device_id: str | None = None, since: float = 0.0,
+                               limit: int = 100) -> list[ResultSummary]:
+        where = "produced_at >= %s"
+        args: list[Any] = [since]
+        if device_id is not None:
+            where += " AND device_id = %s"
+            args.append(device_id)
+        rows = await self._fetchall(
+            f"SELECT {_SUMMARY_COLS} FROM result_summaries WHERE {where}"
+            " ORDER BY produced_at DESC, device_id, seq DESC LIMIT %s",
+            (*args, max(0, limit)),
+        )
+        return [_summary(r) for r in reversed(rows)]
+
+    async def device_activity(self) -> list[DeviceActivity]:
+        devices = await self.list_devices()
+        counts = {d: (int(n), seen) for d, n, seen in await self._fetchall(
+            "SELECT device_id, COUNT(*), MAX(received_at) FROM result_summaries"
+            " GROUP BY device_id")}
+        latest = {r[0]: _summary(r) for r in await self._fetchall(
+            f"SELECT DISTINCT ON (device_id) {_SUMMARY_COLS} FROM result_summaries"
+            " ORDER BY device_id, produced_at DESC")}
+        return [DeviceActivity(d, counts.get(d.device_id, (0, None))[0],
+                               counts.get(d.device_id, (0, None))[1],
+                               latest.get(d.device_id)) for d in devices]
+
+    async def put_provider_state(self, state: ProviderState) -> None:
+        async with self._connection() as conn:
+            await conn.execute(
+                "INSERT INTO provider_state (id, state, reason, fix, worker, updated_at)"
+                " VALUES (1, %s, %s, %s, %s, %s) ON CONFLICT (id) DO UPDATE SET"
+                " state = excluded.state, reason = excluded.reason, fix = excluded.fix,"
+                " worker = excluded.worker, updated_at = excluded.updated_at",
+                (state.state, state.reason, state.fix, state.worker, state.updated_at),
+            )
+
+    async def provider_state(self) -> ProviderState | None:
+        row = await self._fetchone(
+            "SELECT state, reason, fix, worker, updated_at FROM provider_state WHERE id = 1")
+        if row is None:
+            return None
+        return ProviderState(row[0], row[1], row[2], row[3], float(row[4]))
 
     # usage ------------------------------------------------------------------------------
 

@@ -8,10 +8,14 @@ import json
 import sqlite3
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from edgekeeper.cloud.store.base import (
+    DeviceActivity,
     DeviceRecord,
     EnrollOutcome,
+    ProviderState,
+    ResultSummary,
     StoredResult,
     UsageRecord,
     UsageRow,
@@ -94,9 +98,41 @@ CREATE TABLE IF NOT EXISTS usage_daily (
     cache_read_tokens INTEGER NOT NULL,
     cost_usd REAL NOT NULL,
     PRIMARY KEY (day, device_id)
-) WITHOUT ROWID
+) WITHOUT ROWID;
+-- What the operator may read of each result (the result itself is sealed for the device);
+-- not pruned with the results: it is the cloud's history of what was concluded.
+CREATE TABLE IF NOT EXISTS result_summaries (
+    device_id TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    label TEXT NOT NULL,
+    confidence REAL NOT NULL,
+    summary TEXT NOT NULL,
+    action TEXT NOT NULL,
+    reasoner TEXT NOT NULL,
+    provisional INTEGER NOT NULL,
+    produced_at REAL NOT NULL,
+    received_at REAL NOT NULL,
+    PRIMARY KEY (device_id, seq)
+);
+CREATE INDEX IF NOT EXISTS result_summaries_produced ON result_summaries (produced_at);
+CREATE TABLE IF NOT EXISTS provider_state (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    state TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    fix TEXT NOT NULL,
+    worker TEXT NOT NULL,
+    updated_at REAL NOT NULL
+)
 """
 
+_SUMMARY_COLS = ("device_id, seq, label, confidence, summary, action, reasoner, provisional,"
+                 " produced_at, received_at")
+
+
+def _summary(row: Sequence[Any]) -> ResultSummary:
+    d, s, label, conf, text, action, reasoner, prov, produced, received = row
+    return ResultSummary(str(d), int(s), str(label), float(conf), str(text), str(action),
+                         str(reasoner), bool(prov), float(produced), float(received))
 # Training examples (cloud/training/examples.py): one row per (event, model); features as
 # little-endian float32 bytes and their shape. Indexed for a retrain's read (model, time), the
 # scope "device:ID", and the media retention (only rows that still have media).
@@ -139,6 +175,14 @@ _DEVICE_COLS = "device_id, sign_pk, box_pk, enrolled_at, revoked_at"
 
 def _device(row: tuple[str, bytes, bytes, float, float | None]) -> DeviceRecord:
     return DeviceRecord(row[0], bytes(row[1]), bytes(row[2]), row[3], row[4])
+
+
+def _insert_summary(conn: sqlite3.Connection, s: ResultSummary) -> None:
+    conn.execute(
+        f"INSERT OR IGNORE INTO result_summaries ({_SUMMARY_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?)",
+        (s.device_id, s.seq, s.label, s.confidence, s.summary, s.action, s.reasoner,
+         int(s.provisional), s.produced_at, s.received_at),
+    )
 
 
 def _bump_registry(conn: sqlite3.Connection) -> None:
@@ -252,14 +296,17 @@ class SQLiteStore(SQLiteReleases):  # releases, groups, reports: sqlite_releases
 
     # results ----------------------------------------------------------------------------
 
-    async def put_result(self, *, device_id: str, seq: int, envelope: bytes, now: float) -> int:
+    async def put_result(self, *, device_id: str, seq: int, envelope: bytes, now: float,
+                         summary: ResultSummary | None = None) -> int:
         def do(conn: sqlite3.Connection) -> int:
             with transaction(conn):
-                conn.execute(
+                cur = conn.execute(
                     "INSERT OR IGNORE INTO results (device_id, seq, envelope, created_at)"
                     " VALUES (?,?,?,?)",
                     (device_id, seq, envelope, now),
                 )
+                if cur.rowcount == 1 and summary is not None:
+                    _insert_summary(conn, summary)
                 row = conn.execute(
                     "SELECT id FROM results WHERE device_id = ? AND seq = ?", (device_id, seq)
                 ).fetchone()
@@ -319,6 +366,61 @@ class SQLiteStore(SQLiteReleases):  # releases, groups, reports: sqlite_releases
                     (acked_before, max(0, limit)),
                 )
             return cur.rowcount
+
+        return await self._db.run(do)
+
+    # the operator's view ------------------------------------------------------------------
+
+    async def result_summaries(self, *, device_id: str | None = None, since: float = 0.0,
+                               limit: int = 100) -> list[ResultSummary]:
+        def do(conn: sqlite3.Connection) -> list[ResultSummary]:
+            where = "produced_at >= ?"
+            args: list[Any] = [since]
+            if device_id is not None:
+                where += " AND device_id = ?"
+                args.append(device_id)
+            rows = conn.execute(
+                f"SELECT {_SUMMARY_COLS} FROM result_summaries WHERE {where}"
+                " ORDER BY produced_at DESC, device_id, seq DESC LIMIT ?",
+                (*args, max(0, limit)),
+            ).fetchall()
+            return [_summary(r) for r in reversed(rows)]
+
+        return await self._db.run(do)
+
+    async def device_activity(self) -> list[DeviceActivity]:
+        def do(conn: sqlite3.Connection) -> list[DeviceActivity]:
+            devices = [_device(r) for r in conn.execute(
+                f"SELECT {_DEVICE_COLS} FROM devices ORDER BY device_id")]
+            counts = {d: (n, seen) for d, n, seen in conn.execute(
+                "SELECT device_id, COUNT(*), MAX(received_at) FROM result_summaries"
+                " GROUP BY device_id")}
+            # The latest summary per device (SQLite's bare column with MAX picks its row).
+            latest = {r[0]: _summary(r[:10]) for r in conn.execute(
+                f"SELECT {_SUMMARY_COLS}, MAX(produced_at) FROM result_summaries"
+                " GROUP BY device_id")}
+            return [DeviceActivity(d, counts.get(d.device_id, (0, None))[0],
+                                   counts.get(d.device_id, (0, None))[1],
+                                   latest.get(d.device_id)) for d in devices]
+
+        return await self._db.run(do)
+
+    async def put_provider_state(self, state: ProviderState) -> None:
+        def do(conn: sqlite3.Connection) -> None:
+            with transaction(conn):
+                conn.execute(
+                    "INSERT OR REPLACE INTO provider_state"
+                    " (id, state, reason, fix, worker, updated_at) VALUES (1,?,?,?,?,?)",
+                    (state.state, state.reason, state.fix, state.worker, state.updated_at),
+                )
+
+        await self._db.run(do)
+
+    async def provider_state(self) -> ProviderState | None:
+        def do(conn: sqlite3.Connection) -> ProviderState | None:
+            row = conn.execute("SELECT state, reason, fix, worker, updated_at"
+                               " FROM provider_state WHERE id = 1").fetchone()
+            return None if row is None else ProviderState(*row)
 
         return await self._db.run(do)
 

@@ -1,0 +1,191 @@
+"""Prometheus metrics: the registry helpers every process uses (docs/operations.md lists the
+metrics).
+
+Each process, and each ingest, worker or device built in one process (the tests and the demo
+run several), keeps its own ``CollectorRegistry``: prometheus_client's global default registry
+would refuse a second metric of the same name and mix two services' numbers. A metric is
+counted once, here, and the JSON status and report APIs read the same numbers back
+(``value`` / ``total``) instead of keeping a second copy.
+
+The ingest serves ``GET /metrics`` on its own aiohttp app. The worker and the device have no
+HTTP server of their own: ``serve`` runs prometheus_client's small threaded server on
+``127.0.0.1`` by default (``--metrics-port``), in a thread, so a collector that reads a SQLite
+file at scrape time (the device's outbox) never blocks the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Enum,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client import start_http_server as _start_http_server
+
+from edgekeeper.errors import ConfigError
+from edgekeeper.log import get_logger
+
+log = get_logger(__name__)
+
+NAMESPACE = "edgekeeper"
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+# Request and call latencies: from a fast ingest answer (~1 ms) to a slow LLM call (~a minute).
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                   10.0, 30.0, 60.0, 120.0)
+
+
+def new_registry() -> CollectorRegistry:
+    """A registry of its own (never prometheus_client's global REGISTRY)."""
+    return CollectorRegistry(auto_describe=True)
+
+
+def render(registry: CollectorRegistry) -> bytes:
+    """The text exposition format of everything in ``registry``."""
+    return generate_latest(registry)
+
+
+def total(registry: CollectorRegistry, name: str, labels: Mapping[str, str] | None = None
+          ) -> float:
+    """The sum of the samples called ``name`` whose labels include ``labels`` (all of them when
+    None): a counter's value summed over the label values not named."""
+    want = dict(labels or {})
+    found = 0.0
+    for family in registry.collect():
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in want.items()):
+                found += sample.value
+    return found
+
+
+def by_label(registry: CollectorRegistry, name: str, label: str) -> dict[str, float]:
+    """``{label value: sample value}`` of the samples called ``name`` (summed over the rest)."""
+    out: dict[str, float] = {}
+    for family in registry.collect():
+        for sample in family.samples:
+            if sample.name == name and label in sample.labels:
+                key = sample.labels[label]
+                out[key] = out.get(key, 0.0) + sample.value
+    return out
+
+
+# Distinct label values one worker's metrics keep (WorkerMetrics.reasoned).
+MAX_LABELS = 50
+
+
+class IngestMetrics:
+    """The ingest's metrics (cloud/ingest.py counts, ``GET /metrics`` serves them)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or new_registry()
+        r, ns = self.registry, f"{NAMESPACE}_ingest"
+        self.events = Counter("events", "Events accepted: queued (new) or duplicate (a retry)",
+                              ["status"], namespace=ns, registry=r)
+        self.event_bytes = Counter("event_bytes", "Bytes of the envelopes accepted",
+                                   namespace=ns, registry=r)
+        self.refused = Counter("refused", "Requests refused, by error code (docs/protocol.md)",
+                               ["reason"], namespace=ns, registry=r)
+        self.enrollments = Counter("enrollments", "Enrollments answered, by outcome",
+                                   ["outcome"], namespace=ns, registry=r)
+        self.polls_open = Gauge("results_polls_open", "Results long-polls open now",
+                                namespace=ns, registry=r)
+        self.uploads_inflight = Gauge("uploads_inflight", "Event uploads being handled now",
+                                      namespace=ns, registry=r)
+        self.latency = Histogram("request_seconds", "Time to answer a request, by route",
+                                 ["route"], namespace=ns, registry=r, buckets=LATENCY_BUCKETS)
+        self.queue_depth = Gauge("queue_events", "Events in the queue, by state (read when "
+                                 "scraped)", ["state"], namespace=ns, registry=r)
+        self.registry_lookups = Counter(
+            "registry_lookups", "Device registry look-ups: hit (cached), miss (read from the "
+            "store), absent (a remembered unknown id)", ["result"], namespace=ns, registry=r)
+
+
+class WorkerMetrics:
+    """The worker's metrics (cloud/worker.py counts; its WorkerStats is read from them)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or new_registry()
+        r, ns = self.registry, f"{NAMESPACE}_worker"
+        self.results = Counter(
+            "events_reasoned", "Events concluded and stored, by reasoner, label and path "
+            "(primary, cheaper over budget, fallback while the provider is down)",
+            ["reasoner", "label", "path"], namespace=ns, registry=r)
+        self.outcomes = Counter(
+            "events_settled", "Events settled otherwise: retried, dead, skipped (already "
+            "done), waiting (budget), deferred (provider down), lost (lease taken over)",
+            ["outcome"], namespace=ns, registry=r)
+        self.failures = Counter("failures", "Failed reasoning attempts and events, by kind",
+                                ["kind"], namespace=ns, registry=r)
+        self.latency = Histogram("reason_seconds", "Time a reasoner took to answer an event",
+                                 ["reasoner"], namespace=ns, registry=r,
+                                 buckets=LATENCY_BUCKETS)
+        self.tokens = Counter("llm_tokens", "Provider tokens used, by kind (input, output, "
+                              "cache_write, cache_read)", ["reasoner", "kind"], namespace=ns,
+                              registry=r)
+        self.cost = Counter("llm_cost_usd", "What the provider calls cost, in USD",
+                            ["reasoner"], namespace=ns, registry=r)
+        self.probes = Counter("provider_probes", "Probes of a provider that was down",
+                              namespace=ns, registry=r)
+        self.pruned = Counter("results_pruned", "Acknowledged results deleted after the "
+                              "retention", namespace=ns, registry=r)
+        self.provider = Enum("provider", "The provider as this worker last found it",
+                             states=["ok", "down", "refused"], namespace=ns, registry=r)
+        self._labels: set[str] = set()
+
+    def reasoned(self, reasoner: str, label: str, path: str) -> None:
+        """Count one concluded event. An LLM names its labels freely: past MAX_LABELS
+        distinct ones, the rest count as "other" so a chatty model cannot grow the series
+        without bound (``cloud results`` keeps every label)."""
+        if label not in self._labels:
+            if len(self._labels) >= MAX_LABELS:
+                label = "other"
+            else:
+                self._labels.add(label)
+        self.results.labels(reasoner=reasoner, label=label, path=path).inc()
+
+
+@contextlib.asynccontextmanager
+async def serve(registry: CollectorRegistry, port: int | None, host: str = "127.0.0.1",
+                *, service: str) -> AsyncIterator[str | None]:
+    """Serve ``registry`` on ``http://host:port/metrics`` in a thread while the block runs;
+    yields the URL (the real port when ``port`` is 0), or None when ``port`` is None (off)."""
+    if port is None:
+        yield None
+        return
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"metrics port {port} is not a port",
+                          fix="use 1-65535 for --metrics-port (0: any free port)")
+    try:
+        server, thread = await asyncio.to_thread(
+            _start_http_server, port, host, registry)
+    except OSError as err:
+        raise ConfigError(
+            f"cannot serve metrics on {host}:{port}: {err.strerror or err}",
+            fix="choose another --metrics-port, or stop the process using it",
+        ) from None
+    bound: Any = server.server_address
+    shown = f"[{host}]" if ":" in host else host
+    url = f"http://{shown}:{int(bound[1])}/metrics"
+    log.info("metrics.listening", service=service, url=url)
+    try:
+        yield url
+    finally:
+        await asyncio.to_thread(_shutdown, server, thread)
+
+
+def _shutdown(server: Any, thread: Any) -> None:
+    server.shutdown()
+    server.server_close()
+    thread.join(timeout=5.0)
+
+
+__all__ = ["CONTENT_TYPE", "LATENCY_BUCKETS", "NAMESPACE", "IngestMetrics", "WorkerMetrics",
+           "by_label", "new_registry", "render", "serve", "total"]

@@ -149,8 +149,10 @@ def build_release(
     try:
         top = highest(published)
         parent = None
-        if retrain is not None and retrain.get("parent") is not None:
-            parent = str(retrain["parent"])
+        # `cloud retrain` writes parent_version; a hand-made retrain.json may say parent.
+        named = None if retrain is None else retrain.get("parent", retrain.get("parent_version"))
+        if named is not None:
+            parent = str(named)
             parse_version(parent)
         floor = [v for v in (top, parent) if v is not None]
         if retrain is None:

@@ -9,6 +9,7 @@ import argparse
 import asyncio
 import datetime as dt
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,11 @@ def register(csub: Any) -> None:
     p.add_argument("--out", type=Path, help="candidate folder (default: under the cloud "
                    "data dir, candidates/MODEL-SCOPE-TIME)")
     p.add_argument("--publish", action="store_true",
-                   help="hand an accepted candidate to the release builder")
+                   help="build, sign and publish an accepted candidate as a release")
+    p.add_argument("--variant", choices=("int8", "float"), default="int8",
+                   help="which manifest the published release carries (default int8)")
+    p.add_argument("--promote", action="store_true",
+                   help="with --publish: skip the canary stage")
 
 
 def parse_since(text: str | None) -> float | None:
@@ -63,11 +68,72 @@ async def read_examples(config: Config, model: str, scope: Any, since: float | N
         await store.close()
 
 
+@dataclass(frozen=True)
+class Published:
+    """What ``publish_candidate`` did: ``stage`` is None when the key is offline and the
+    release waits in ``folder`` for ``release sign`` + ``release publish``."""
+
+    model: str
+    version: str
+    scope: str
+    folder: Path
+    stage: str | None
+
+
+async def publish_candidate(store: Any, config: Config, candidate: Path, *,
+                            variant: str = "int8", promote: bool = False,
+                            out: Path | None = None) -> Published:
+    """An accepted candidate folder -> a release: built, signed with the cloud's release key when
+    it is online (``<data_dir>/keys/release-sign.key``) and published (stage ``canary`` unless
+    ``promote``); with the key offline, the unsigned release only (the operator signs it where
+    the key is, like ``cloud releases rollback``). The caller checks the round accepted it."""
+    from edgekeeper.cloud.keys import RELEASE_FILE, CloudKeys
+    from edgekeeper.cloud.releases import build_release, publish_release, sign_release
+    from edgekeeper.device.manifest import load_manifest
+
+    data_dir = config.cloud_data_dir
+    keys = await asyncio.to_thread(CloudKeys.ensure, data_dir)
+    name = (await asyncio.to_thread(load_manifest, candidate / f"manifest-{variant}.json")).name
+    published = [r.version for r in await store.releases(name) if not r.rollback]
+    folder = out or candidate.with_name(f"{candidate.name}-release")
+    body = await asyncio.to_thread(
+        build_release, candidate, folder, variant=variant, published=published,
+        expiry_days=config.cloud.release_expiry_days, notes=f"retrain {candidate.name}")
+    if keys.release_signing_key is None:
+        return Published(body.model, body.version, str(body.scope), folder, None)
+    await asyncio.to_thread(sign_release, folder, CloudKeys.directory(data_dir) / RELEASE_FILE)
+    record = await publish_release(store, data_dir, folder, keys.release_pk,
+                                   stage="promoted" if promote else "canary")
+    return Published(record.model, record.version, record.scope, folder, record.stage)
+
+
+def print_published(p: Published) -> None:
+    if p.stage is not None:
+        print(f"published {p.model}@{p.version} to {p.scope}: stage {p.stage} ({p.folder})")
+        return
+    print(f"the release signing key is offline: wrote the unsigned release {p.model}@{p.version} "
+          f"to {p.folder}")
+    print(f"sign it where the key is: edgekeeper cloud release sign {p.folder} --key PATH")
+    print(f"then publish it here:     edgekeeper cloud release publish {p.folder}")
+
+
+async def _publish(config: Config, candidate: Path, variant: str, promote: bool) -> Published:
+    from edgekeeper.cloud.backends import open_store
+
+    store = await open_store(config.cloud.store_backend, config.cloud_data_dir,
+                             section=config.cloud)
+    try:
+        return await publish_candidate(store, config, candidate, variant=variant,
+                                       promote=promote)
+    finally:
+        await store.close()
+
+
 def run(args: argparse.Namespace, config: Config) -> int:
     from edgekeeper.cloud.training.retrain import require_tensorflow
 
     require_tensorflow()  # the one-line "install edgekeeper[train]" before any work
-    from edgekeeper.cloud.training.retrain import RetrainSettings, publish_candidate, retrain
+    from edgekeeper.cloud.training.retrain import RetrainSettings, retrain
     from edgekeeper.config import MODELS_DIR
     from edgekeeper.protocol.release import Scope
 
@@ -93,5 +159,6 @@ def run(args: argparse.Namespace, config: Config) -> int:
         if not result.accepted:
             print("not published: the candidate is not better than the current model")
             return 1
-        publish_candidate(result.folder)
+        print_published(asyncio.run(_publish(config, result.folder, args.variant,
+                                              args.promote)))
     return 0

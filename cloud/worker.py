@@ -23,13 +23,14 @@ import os
 import random
 import socket
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar, cast
 
 from edgekeeper import compat, runtime
 from edgekeeper import metrics as metrics_mod
 from edgekeeper.backoff import Backoff, Circuit
+from edgekeeper.cloud import retrain_schedule as schedule
 from edgekeeper.cloud.backends import open_queue, open_store
 from edgekeeper.cloud.budget import Budget, Decision
 from edgekeeper.cloud.keys import CloudKeys, seal_summary
@@ -44,6 +45,7 @@ from edgekeeper.cloud.reasoners.base import (
     load_reasoner,
     resolve_name,
 )
+from edgekeeper.cloud.retrain_schedule import RetrainScheduler
 from edgekeeper.cloud.store.base import ProviderState, ResultSummary, Store
 from edgekeeper.cloud.training.examples import ExampleRecorder
 from edgekeeper.config import ACTIONS, Config
@@ -161,6 +163,7 @@ class Worker:
         budget_reset_spread_s: float = BUDGET_RESET_SPREAD_S,
         results_retention_s: float = RESULTS_RETENTION_S,
         examples: ExampleRecorder | None = None,
+        upkeep: Sequence[Callable[[asyncio.Event], Coroutine[Any, Any, None]]] = (),
         clock: Callable[[], float] = time.time,
         metrics: WorkerMetrics | None = None,
     ) -> None:
@@ -188,6 +191,9 @@ class Worker:
         self.budget_reset_spread_s = budget_reset_spread_s
         self.results_retention_s = results_retention_s  # 0: keep acknowledged results
         self.examples = examples  # training examples ([training]); None: none recorded
+        # Periodic tasks beside leasing (scheduled retrain, rollout evaluation), each given
+        # the event set when leasing is done; build_worker makes them from the config.
+        self.upkeep = tuple(upkeep)
         # Wall-clock time for budget days, pauses and timestamps (tests cross a UTC midnight
         # with their own; the circuit keeps its own monotonic clock).
         self.clock = clock
@@ -259,6 +265,8 @@ class Worker:
                 tg.create_task(self._prune_results_hourly(leasing_done), name="worker-prune")
             if self.examples is not None:
                 tg.create_task(self.examples.retention(leasing_done), name="worker-media")
+            for task in self.upkeep:
+                tg.create_task(task(leasing_done), name=f"worker-{task.__name__}")
             while not stop.is_set() and self._fatal is None:
                 if self.circuit.is_open or self._paused_until > self.clock():
                     if burst:
@@ -717,6 +725,16 @@ def build_worker(
     for r in {id(x): x for x in (reasoner, cheaper, fallback) if x is not None}.values():
         stack.push_async_callback(r.close)
     rs = config.reasoner
+    # Scheduled retrain ([training] retrain_every_hours; off by default) and the canary
+    # promotion, so a release moves on even when no device polls (cloud/retrain_schedule.py).
+    scheduler = RetrainScheduler(config, store)
+
+    async def retrain(stop: asyncio.Event) -> None:
+        await scheduler.run(stop)
+
+    async def rollouts(stop: asyncio.Event) -> None:
+        await schedule.rollouts(config, store, stop)
+
     return Worker(
         queue=queue,
         store=store,
@@ -736,6 +754,7 @@ def build_worker(
         provisional_max_action=rs.provisional_max_action,
         circuit=Circuit(rs.backoff_initial_seconds, rs.backoff_max_seconds),
         examples=ExampleRecorder(store, config.training, config.cloud_data_dir),
+        upkeep=(retrain, rollouts),
         metrics=metrics,
     )
 

@@ -596,10 +596,25 @@ class TrainingSection:
     # <cloud data_dir>/training-media/, deleted media_retention_days after reasoning.
     keep_media: bool = False
     media_retention_days: float = 30.0
+    # Scheduled retrain by the worker (docs/model-updates.md, Scheduled retrain): every this
+    # many hours (0: off), a model with at least retrain_min_new_examples usable examples
+    # since its last round is retrained; an accepted candidate is published (canary stage)
+    # when retrain_publish and the release key is on the cloud.
+    retrain_every_hours: float = 0.0
+    retrain_min_new_examples: int = 200
+    retrain_models: tuple[str, ...] = ("person", "sound")
+    retrain_publish: bool = True
 
     def __post_init__(self) -> None:
         if not 0 < self.media_retention_days <= 3650:
             raise ValueError("media_retention_days must be > 0 and at most 3650 (ten years)")
+        if not 0 <= self.retrain_every_hours <= 8760:
+            raise ValueError("retrain_every_hours must be 0 (off) to 8760 (a year)")
+        if self.retrain_min_new_examples < 1:
+            raise ValueError("retrain_min_new_examples must be at least 1")
+        unknown = [m for m in self.retrain_models if m not in ("person", "sound")]
+        if unknown:
+            raise ValueError(f"retrain_models: {unknown} are not person or sound")
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import os
 import shutil
 import tempfile
 import time
@@ -50,10 +51,18 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    help="give up waiting for results after this many seconds")
     p.add_argument("--verbose", action="store_true",
                    help="show every log line (decisions, uploads, results) as well")
+    p.add_argument("--learn", action="store_true",
+                   help="then one learning round: retrain, signed release, the device swaps "
+                        "to it, before/after compared (needs edgekeeper[train])")
+    p.add_argument("--force-publish", action="store_true",
+                   help="DEMO ONLY, with --learn: publish the candidate even if the round "
+                        "refused it, to show the device side")
     p.set_defaults(handler=cmd_demo)
 
 
 def cmd_demo(args: argparse.Namespace, config: Config) -> int:
+    if getattr(args, "learn", False):
+        return cmd_learn(args, config)
     if not args.verbose and args.log_level is None:
         # The demo narrates what happens; the log lines would bury it.
         from edgekeeper import log as log_mod
@@ -209,3 +218,165 @@ def print_summary(s: dict[str, Any]) -> None:
     print(f"  events uploaded      {s['uploaded']} (sealed end to end)")
     print(f"  results received     {s['results_received']} (reasoner: {s['reasoner']})")
 
+
+
+# ------------------------------------------------------------------- demo --learn
+
+
+def cmd_learn(args: argparse.Namespace, config: Config) -> int:
+    """``edgekeeper demo --learn``: the demo, then one round of the learning loop on its data."""
+    from edgekeeper.cloud.training.retrain import require_tensorflow
+
+    require_tensorflow()  # one line: pip install 'edgekeeper[train]'
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ notices bury the story
+    if not args.verbose and args.log_level is None:
+        from edgekeeper import log as log_mod
+
+        log_mod.configure("warning", config.log.format)
+    # Kept afterwards: the summary names the retrain and compare reports inside it.
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="edgekeeper-learn-"))
+    summary = runtime.run(
+        lambda stop: run_learn(config, workdir, args.recording, timeout=args.timeout,
+                               force_publish=args.force_publish, stop=stop),
+        name="demo", drain_seconds=args.drain_seconds,
+    )
+    print_learn_summary(summary)
+    return 0
+
+
+async def run_learn(
+    config: Config, workdir: Path, recording: Path, *, timeout: float = 120.0,
+    force_publish: bool = False, stop: asyncio.Event | None = None,
+) -> dict[str, Any]:
+    """Events and teacher labels (``run_demo``), then on the same cloud store: retrain the
+    person gate, publish it as a signed canary release, let the device's updater fetch, verify,
+    shadow-test and swap to it against the real ingest, and compare old and new on footage."""
+    from edgekeeper.cloud.ingest import IngestServer, create_app
+    from edgekeeper.cloud.retrain_cli import publish_candidate
+    from edgekeeper.cloud.training.retrain import RetrainSettings, retrain
+    from edgekeeper.protocol.release import Scope
+
+    stop = asyncio.Event() if stop is None else stop
+    print("step 1    the device sends events, the teacher labels them")
+    first = await run_demo(config, workdir, recording, timeout=timeout, echo=True, stop=stop)
+    cloud_cfg, device_cfg = demo_configs(config, workdir)
+    out: dict[str, Any] = {"workdir": str(workdir), "events": first["events"],
+                           "reasoner": first["reasoner"]}
+    server = IngestServer(create_app(cloud_cfg.cloud, cloud_cfg.cloud_data_dir))
+    url = await server.start()  # the same SQLite store, again on 127.0.0.1
+    store = server.state.store
+    try:
+        examples = await store.examples(model="person", scope=Scope.parse("fleet"))
+        usable = [e for e in examples if e.target is not None and e.weight > 0]
+        out["examples"], out["usable"] = len(examples), len(usable)
+        print(f"step 2    {len(examples)} training examples in the store, {len(usable)} usable "
+              "(a target and weight > 0)")
+        folder = cloud_cfg.cloud_data_dir / "candidates" / f"person-fleet-{int(time.time())}"
+        await asyncio.to_thread(folder.parent.mkdir, parents=True, exist_ok=True)
+        print("step 3    retraining the person gate's head (TensorFlow, about a minute)")
+        result = await asyncio.to_thread(
+            retrain, examples, RetrainSettings(model="person", current=MODELS_DIR / "person"),
+            folder)
+        out.update(accepted=result.accepted, reason=result.reason,
+                   retrain_report=str(result.folder / "report.html"))
+        print(f"          {'ACCEPTED' if result.accepted else 'NOT ACCEPTED'}: {result.reason}")
+        if not result.accepted:
+            if len(usable) < 50:
+                print(f"          (only {len(usable)} usable examples: one short sample is too "
+                      "little for a round to prove a better gate)")
+            if not force_publish:
+                print("          nothing is published; --force-publish (demo only) shows the "
+                      "device side anyway")
+                return out
+            print("          --force-publish: publishing a candidate the round REFUSED "
+                  "(demo only; cloud retrain --publish never does)")
+        published = await publish_candidate(store, cloud_cfg, result.folder)
+        out["release"] = f"{published.model}@{published.version} ({published.stage})"
+        print(f"step 4    signed release {published.model}@{published.version} published, "
+              f"stage {published.stage}; the demo device is a canary")
+        await store.set_device_group(device_cfg.device.id, "demo", canary=True)
+        out.update(await _device_update(device_cfg, url, store, published.version, timeout,
+                                        stop))
+        out.update(await _compare(device_cfg, recording, published.folder,
+                                  server.state.keys.release_pk, workdir / "compare"))
+    finally:
+        await server.stop()
+    return out
+
+
+async def _device_update(device_cfg: Config, url: str, store: Any, version: str,
+                         timeout: float, stop: asyncio.Event) -> dict[str, Any]:
+    """The device's own Updates (what `edgekeeper run` runs) against the ingest at ``url``;
+    what it did is read back from the cloud's store, as the operator sees it."""
+    from edgekeeper.device.replay import open_gates
+    from edgekeeper.device.update import Updates
+
+    cfg = dataclasses.replace(
+        device_cfg, uplink=dataclasses.replace(device_cfg.uplink, cloud_url=url),
+        # The demo sends no frames after the swap: the trial passes at once (demo only).
+        updates=dataclasses.replace(device_cfg.updates, trial_inferences=0))
+    updates = await Updates.prepare(cfg)
+    if updates is None:
+        return {"device": "updates are off or the device is not enrolled"}
+    final = ("trial_passed", "refused", "shadow_failed", "rolled_back")
+    outcome, seen = "no report", 0
+    deadline = time.monotonic() + timeout
+    async with updates, open_gates(updates.config, vision=True, audio=False) as gates:
+        vision = gates.vision
+        assert vision is not None  # asked for above; a camera config without one fails there
+        before = vision.manifest.tag
+        updates.attach(gates, None, {"vision": before})
+        stop_u = asyncio.Event()
+        task = asyncio.create_task(updates.run(stop_u), name="demo-updates")
+        while outcome not in final and time.monotonic() < deadline:
+            if await runtime.sleep(stop, 0.2):
+                break
+            reports = await store.release_reports("person", version, since=0)
+            for r in reports[seen:]:
+                print(f"device    reported {r.outcome} for person@{version}"
+                      f"{f' ({r.reason})' if r.reason else ''}")
+                outcome = r.outcome
+            seen = len(reports)
+        stop_u.set()
+        await task
+        after = vision.manifest.tag
+    print(f"device    gate before {before}, after {after}")
+    return {"device_outcome": outcome, "model_before": before, "model_after": after}
+
+
+async def _compare(device_cfg: Config, recording: Path, release: Path, release_pk: bytes,
+                   report_dir: Path) -> dict[str, Any]:
+    from edgekeeper.device.compare import format_summary, resolve, run_compare
+    from edgekeeper.device.report import write_compare_report
+
+    print(f"step 5    replay --compare: the shipped model (A) and the release (B) on {recording}")
+    if recording == SAMPLE:
+        print("          (the footage the examples came from, so not held out: give a recording "
+              "of your own as the demo's argument for a fair test)")
+    variant = device_cfg.gate.variant
+    a = resolve("A", "builtin:person", variant=variant)
+    b = resolve("B", str(release), variant=variant, release_pk=release_pk,
+                key_source="the demo cloud's release key")
+    comp = await run_compare([recording], device_cfg, a, b, report_dir=report_dir,
+                             progress=False)
+    paths = await asyncio.to_thread(write_compare_report, comp, device_cfg, report_dir)
+    text = format_summary(comp)
+    print("\n".join(f"          {line}" for line in text.splitlines()))
+    return {"compare": text, "compare_report": str(paths["html"])}
+
+
+def print_learn_summary(s: dict[str, Any]) -> None:
+    print()
+    print("learning round")
+    print(f"  events reasoned      {s['events']} (teacher: {s['reasoner']})")
+    print(f"  training examples    {s.get('examples', 0)} ({s.get('usable', 0)} usable)")
+    if "accepted" in s:
+        print(f"  retrain              {'accepted' if s['accepted'] else 'NOT accepted'}: "
+              f"{s['reason']}")
+        print(f"  retrain report       {s['retrain_report']}")
+    if "release" in s:
+        print(f"  release              {s['release']}")
+        print(f"  device               {s.get('device_outcome')}: {s.get('model_before')} -> "
+              f"{s.get('model_after')}")
+        print(f"  compare report       {s['compare_report']}")
+    print(f"  state kept in        {s['workdir']}")

@@ -275,6 +275,20 @@ class PostgresStore(PostgresReleases):  # releases, groups, reports: postgres_re
             async with self._pool.connection() as conn:
                 yield conn
 
+    @contextlib.asynccontextmanager
+    async def try_session_lock(self, key: int) -> AsyncIterator[bool]:
+        """Hold PostgreSQL's session advisory lock ``key`` while inside, if no other session
+        holds it (yields False then). The lock dies with the connection, so a crashed holder
+        never leaves it taken (the worker's scheduled retrain: one worker of many)."""
+        async with self._connection() as conn:
+            cur = await conn.execute("SELECT pg_try_advisory_lock(%s)", (key,))
+            got = bool((await cur.fetchone())[0])
+            try:
+                yield got
+            finally:
+                if got:
+                    await conn.execute("SELECT pg_advisory_unlock(%s)", (key,))
+
     @staticmethod
     async def _create_schema(conn: Any) -> None:
         async with conn.transaction():

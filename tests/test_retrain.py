@@ -325,13 +325,6 @@ def test_cli_refuses_a_bad_scope_and_since(
     assert "holds no manifest-float.json" in capsys.readouterr().err
 
 
-def test_publish_candidate_says_the_release_builder_is_missing(tmp_path: Path) -> None:
-    from edgekeeper.cloud.training.retrain import publish_candidate
-
-    with pytest.raises(ConfigError, match="release builder"):
-        publish_candidate(tmp_path)
-
-
 def test_cli_retrains_from_the_real_sqlite_store(
     cloud_env: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

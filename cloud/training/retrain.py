@@ -568,13 +568,4 @@ def _check_loads(folder: Path) -> None:
         ModelRunner.load(folder / f"manifest-{variant}.json", num_threads=1)
 
 
-def publish_candidate(folder: Path) -> None:
-    """Hand an accepted candidate folder to the release builder (cloud/releases.py)."""
-    raise ConfigError(
-        f"cannot publish {folder} from retrain yet: it is not wired to the release builder",
-        fix=f"edgekeeper cloud release build {folder} ..., then release sign and release "
-        "publish (docs/model-updates.md, Releases)",
-    )
-
-
-__all__ = ["RetrainResult", "RetrainSettings", "publish_candidate", "replace", "retrain"]
+__all__ = ["RetrainResult", "RetrainSettings", "replace", "retrain"]

@@ -39,6 +39,7 @@ from edgekeeper import runtime
 from edgekeeper.config import Config
 from edgekeeper.fs import private_dir, write_private
 from edgekeeper.log import get_logger
+from edgekeeper.metrics import WorkerMetrics
 from edgekeeper.protocol.release import Scope
 
 log = get_logger(__name__)
@@ -106,7 +107,9 @@ class RetrainScheduler:
     """Owns the worker's retrain task: one round per model when enough examples came in."""
 
     def __init__(self, config: Config, store: Any, *,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 metrics: WorkerMetrics | None = None) -> None:
+        self.metrics = metrics  # the worker's: rounds by decision, the last round's time
         self.config = config
         self.store = store
         self.clock = clock
@@ -162,6 +165,11 @@ class RetrainScheduler:
                     state[model] = newest
                 await asyncio.to_thread(_write_state, state_path, state)
                 self.rounds.append(done)
+                if self.metrics is not None:
+                    decision = ("published" if done["published"] else
+                                "accepted" if done["accepted"] else "refused")
+                    self.metrics.retrain_rounds.labels(model=model, decision=decision).inc()
+                    self.metrics.retrain_last.labels(model=model).set(self.clock())
                 log.info("worker.retrain_done", **done)
 
     async def retrain(self, model: str, stop: asyncio.Event) -> dict[str, Any] | None:

@@ -727,7 +727,7 @@ def build_worker(
     rs = config.reasoner
     # Scheduled retrain ([training] retrain_every_hours; off by default) and the canary
     # promotion, so a release moves on even when no device polls (cloud/retrain_schedule.py).
-    scheduler = RetrainScheduler(config, store)
+    scheduler = RetrainScheduler(config, store, metrics=metrics)
 
     async def retrain(stop: asyncio.Event) -> None:
         await scheduler.run(stop)

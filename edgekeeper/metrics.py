@@ -149,6 +149,12 @@ class WorkerMetrics:
                                    f"USD, by device (the first {MAX_DEVICES}; then 'other')",
                                    ["device"], namespace=ns, registry=r)
         self._devices: set[str] = set()
+        self.retrain_rounds = Counter("retrain_rounds", "Scheduled retrain rounds, by model "
+                                      "and decision (published, accepted, refused)",
+                                      ["model", "decision"], namespace=ns, registry=r)
+        self.retrain_last = Gauge("retrain_last_round", "When the last scheduled retrain "
+                                  "round of each model ended (epoch seconds)", ["model"],
+                                  namespace=ns, registry=r)
         self.probes = Counter("provider_probes", "Probes of a provider that was down",
                               namespace=ns, registry=r)
         self.pruned = Counter("results_pruned", "Acknowledged results deleted after the "

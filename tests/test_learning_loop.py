@@ -27,6 +27,7 @@ from edgekeeper.cloud.retrain_cli import publish_candidate
 from edgekeeper.device import identity
 from edgekeeper.device.replay import open_gates
 from edgekeeper.device.update import Updates
+from edgekeeper.metrics import WorkerMetrics, total
 from edgekeeper.protocol.release import RELEASE_FILE, Scope, verify
 
 from cloudkit import running_cloud, until
@@ -253,13 +254,15 @@ def test_scheduled_retrain_runs_a_round_and_publishes_when_accepted(
         cloud_config.training, retrain_every_hours=1.0, retrain_min_new_examples=250,
         retrain_models=("person",)))
 
+    metrics = WorkerMetrics()
+
     async def go() -> tuple[list[dict[str, Any]], list[Any]]:
         store = await open_store("sqlite", cfg.cloud_data_dir)
         try:
             made = await asyncio.to_thread(_person_examples, 300)
             for e in made[:200]:
                 await store.add_example(e)
-            sched = RetrainScheduler(cfg, store)
+            sched = RetrainScheduler(cfg, store, metrics=metrics)
             await sched.round(asyncio.Event())
             assert sched.rounds == []  # 200 new usable examples: under the 250 asked for
             for e in made[200:]:
@@ -276,6 +279,10 @@ def test_scheduled_retrain_runs_a_round_and_publishes_when_accepted(
     assert done["accepted"] == report["decision"]["accepted"]
     assert report["examples"]["read"] == 300
     assert (cfg.cloud_data_dir / STATE_FILE).is_file()
+    # The worker's /metrics count the round by its decision.
+    decision = "published" if done["published"] else "refused"
+    assert total(metrics.registry, "edgekeeper_worker_retrain_rounds_total",
+                 {"model": "person", "decision": decision}) == 1.0
     if done["accepted"]:  # published to the canary stage, as `cloud retrain --publish` would
         assert [(r.version, r.stage) for r in releases] == [("1.2.0", "canary")]
         assert done["published"] == "person@1.2.0 canary"

@@ -658,6 +658,7 @@ async def get_metrics(request: web.Request) -> web.Response:
         for state, n in (("ready", depth.ready), ("leased", depth.leased),
                          ("dead", depth.dead)):
             st.metrics.queue_depth.labels(state=state).set(n)
+        st.metrics.queue_age.set(depth.oldest_age(time.time()))
     try:
         async with compat.timeout(HEALTH_TIMEOUT_S):
             releases = await st.store.releases()

@@ -22,6 +22,7 @@ reading, the stages drain, pending events are closed with the post-roll they hav
 from __future__ import annotations
 
 import asyncio
+import bisect
 import collections
 import math
 import time
@@ -73,6 +74,10 @@ class StageResult:
     reason: str | None = None
 
 
+# Gate latency buckets (ms): from a fast int8 model on a desktop to a slow board under load.
+LATENCY_BUCKETS_MS = (1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0)
+
+
 @dataclass
 class PipelineStats:
     frames: int = 0
@@ -96,6 +101,9 @@ class PipelineStats:
     held_back: int = 0
     inferences: dict[str, int] = field(default_factory=dict)
     latency_total_ms: dict[str, float] = field(default_factory=dict)
+    # Inferences per latency bucket (upper bounds LATENCY_BUCKETS_MS, the last one +inf): what
+    # /metrics exports as a histogram, exact however much history is kept.
+    latency_buckets: dict[str, list[int]] = field(default_factory=dict)
     # How many recent decisions and latencies to keep: None keeps all (a replay's report needs
     # every one); a live run keeps the last ``keep`` so months of running stay in bounded memory.
     keep: int | None = None
@@ -105,6 +113,8 @@ class PipelineStats:
         lat.append(ms)
         self.inferences[modality] = self.inferences.get(modality, 0) + 1
         self.latency_total_ms[modality] = self.latency_total_ms.get(modality, 0.0) + ms
+        buckets = self.latency_buckets.setdefault(modality, [0] * (len(LATENCY_BUCKETS_MS) + 1))
+        buckets[bisect.bisect_left(LATENCY_BUCKETS_MS, ms)] += 1
         if self.keep is not None and len(lat) >= 2 * self.keep:
             del lat[: len(lat) - self.keep]  # amortised: one trim per ``keep`` appends
 

@@ -10,6 +10,7 @@ more result action, which the ledger runs once per result.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
@@ -18,10 +19,11 @@ from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
+    HistogramMetricFamily,
     Metric,
-    SummaryMetricFamily,
 )
 
+from edgekeeper.device.loop import LATENCY_BUCKETS_MS
 from edgekeeper.log import get_logger
 from edgekeeper.metrics import NAMESPACE, new_registry
 
@@ -61,14 +63,19 @@ class DeviceMetrics:
         # Nothing up front: describing would collect, and collecting reads the outbox.
         return []
 
-    def _latency(self) -> SummaryMetricFamily:
-        fam = SummaryMetricFamily(f"{_P}_gate_seconds", "Gate inference time per window",
-                                  labels=["modality"])
+    def _latency(self) -> HistogramMetricFamily:
+        fam = HistogramMetricFamily(f"{_P}_gate_seconds", "Gate inference time per window",
+                                    labels=["modality"])
         s = self.pipeline.stats
-        for gate, count in list(s.inferences.items()):
+        for gate, counts in list(s.latency_buckets.items()):
+            cumulative, buckets = 0, []
+            for bound, n in zip((*LATENCY_BUCKETS_MS, math.inf), list(counts), strict=True):
+                cumulative += n
+                buckets.append(("+Inf" if bound == math.inf else f"{bound / 1000:g}",
+                                cumulative))
             # The loop names its gates vision/audio; the other series say video/audio.
             modality = "video" if gate == "vision" else gate
-            fam.add_metric([modality], count_value=count,
+            fam.add_metric([modality], buckets,
                            sum_value=s.latency_total_ms.get(gate, 0.0) / 1000.0)
         return fam
 
@@ -139,6 +146,8 @@ class DeviceMetrics:
                            ("dead", u.dead), ("failed", u.failures)):
             uploads.add_metric([outcome], n)
         yield uploads
+        yield CounterMetricFamily(f"{_P}_bytes_sent", "Bytes of the event envelopes posted "
+                                  "to the cloud, retries included", value=u.bytes_sent)
         yield CounterMetricFamily(f"{_P}_provisional_results", "Edge fallbacks made while the "
                                   "link was down", value=u.provisional)
         try:

@@ -97,6 +97,8 @@ class UplinkStats:
     failures: int = 0
     rounds: int = 0
     provisional: int = 0
+    # Bytes of the envelopes posted (every attempt, retries included: what the link carried).
+    bytes_sent: int = 0
     last_error: str | None = None
     # (code, seconds waited, the cloud's Retry-After or None) of the latest failing rounds.
     waits: deque[tuple[str, float, float | None]] = field(
@@ -338,6 +340,7 @@ class Uplink:
             return Attempt(row.seq, Verdict.DEAD, err.code, err.message)
         try:
             with classified():
+                self.stats.bytes_sent += len(envelope)
                 async with self._session.post(self.url, data=envelope) as resp:
                     status = resp.status
                     text = (await resp.content.read(_MAX_ANSWER)).decode("utf-8", "replace")

@@ -107,6 +107,9 @@ class IngestMetrics:
                                  ["route"], namespace=ns, registry=r, buckets=LATENCY_BUCKETS)
         self.queue_depth = Gauge("queue_events", "Events in the queue, by state (read when "
                                  "scraped)", ["state"], namespace=ns, registry=r)
+        self.queue_age = Gauge("queue_oldest_seconds", "How long the oldest event in the "
+                               "queue has waited (0: empty; read when scraped)", namespace=ns,
+                               registry=r)
         self.releases = Gauge("releases", "Unexpired model releases, by model and rollout "
                               "stage (read when scraped)", ["model", "stage"], namespace=ns,
                               registry=r)

@@ -99,6 +99,7 @@ async def test_ingest_metrics_count_real_uploads_refusals_and_polls(tmp_path: Pa
         assert value(samples, "edgekeeper_ingest_enrollments_total", outcome="enrolled") == 2
         assert value(samples, "edgekeeper_ingest_queue_events", state="ready") == 3
         assert value(samples, "edgekeeper_ingest_queue_events", state="dead") == 0
+        assert value(samples, "edgekeeper_ingest_queue_oldest_seconds") > 0
         assert value(samples, "edgekeeper_ingest_uploads_inflight") == 0
         # Six uploads answered; each has its latency observed under its route.
         assert value(samples, "edgekeeper_ingest_request_seconds_count", route="/v1/events") == 6
@@ -269,8 +270,12 @@ async def test_edgekeeper_run_serves_the_device_metrics(
     assert value(samples, "edgekeeper_device_inferences_total", modality="video") > 0
     assert value(samples, "edgekeeper_device_gate_seconds_count", modality="video") > 0
     assert value(samples, "edgekeeper_device_gate_seconds_sum", modality="video") > 0
+    assert value(samples, "edgekeeper_device_gate_seconds_bucket", modality="video",
+                 le="+Inf") == value(samples, "edgekeeper_device_gate_seconds_count",
+                                     modality="video")
     assert value(samples, "edgekeeper_device_triggers_total", label="person") >= 1
     assert value(samples, "edgekeeper_device_events_total") >= 1
+    assert value(samples, "edgekeeper_device_bytes_sent_total") > 0  # a delivered envelope
     assert value(samples, "edgekeeper_device_event_bytes_total") > 0
     assert value(samples, "edgekeeper_device_outbox_quota_bytes") > 0
     assert ("edgekeeper_device_outbox_events", frozenset({("state", "pending")})) in samples

@@ -165,3 +165,18 @@ def test_a_live_runs_history_stays_bounded_while_its_totals_stay_exact() -> None
         assert (d["triggers"], d["held_back"]) == (1_000, 9_000)
         assert d["gate_latency_ms"]["vision"]["n"] == 10_000
         assert s.latency_total_ms["vision"] == sum(1.0 + (i % 7) for i in range(10_000))
+
+
+def test_gate_latency_buckets_count_every_inference() -> None:
+    """/metrics' gate latency histogram comes from these buckets: every inference lands in
+    exactly one, by its upper bound, whatever history the live run keeps."""
+    from edgekeeper.device.loop import LATENCY_BUCKETS_MS, PipelineStats
+
+    s = PipelineStats(keep=10)
+    for ms in (0.5, 1.0, 1.5, 30.0, 999.0, 5000.0):
+        s.note_latency("audio", ms)
+    counts = s.latency_buckets["audio"]
+    assert len(counts) == len(LATENCY_BUCKETS_MS) + 1 and sum(counts) == 6
+    assert counts[0] == 2  # 0.5 and 1.0 ms: <= 1 ms
+    assert counts[1] == 1 and counts[LATENCY_BUCKETS_MS.index(50.0)] == 1
+    assert counts[LATENCY_BUCKETS_MS.index(1000.0)] == 1 and counts[-1] == 1  # > 1 s: +Inf

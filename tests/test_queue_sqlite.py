@@ -331,3 +331,19 @@ async def test_redis_unreachable_is_a_clear_config_error(redis_prefix: str) -> N
         await open_queue("redis", Path("."), url=url, prefix=redis_prefix)
     assert "hunter2" not in str(info.value)  # the password never reaches an error or a log
     assert "redis_url" in (info.value.fix or "")
+
+
+async def test_stats_say_how_long_the_oldest_queued_event_has_waited(make_queue: Opener) -> None:
+    """/metrics' queue age: the oldest event still waiting or leased, gone once it is acked."""
+    q = await make_queue()
+    empty = await q.stats()
+    assert empty.oldest_received_at is None and empty.oldest_age(1_790_000_100.0) == 0.0
+    for seq in (1, 2, 3):
+        assert await q.enqueue(ev(seq)) is EnqueueStatus.QUEUED
+    stats = await q.stats()
+    assert stats.oldest_received_at == 1_790_000_001.0
+    assert stats.oldest_age(1_790_000_101.0) == 100.0
+    (first,) = await q.lease("w1", count=1, visibility_s=60)
+    assert (await q.stats()).oldest_received_at == 1_790_000_001.0  # leased still waits
+    assert await q.ack(first)
+    assert (await q.stats()).oldest_received_at == 1_790_000_002.0

@@ -63,6 +63,12 @@ class QueueStats:
     leased: int  # held by a worker right now
     dead: int
     seen: int  # keys remembered for dedupe
+    # When the oldest event still in the queue (ready or leased) was received; None: empty.
+    oldest_received_at: float | None = None
+
+    def oldest_age(self, now: float) -> float:
+        """Seconds the oldest queued event has waited (0 when the queue is empty)."""
+        return 0.0 if self.oldest_received_at is None else max(0.0, now - self.oldest_received_at)
 
 
 @runtime_checkable

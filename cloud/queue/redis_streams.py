@@ -473,7 +473,12 @@ class RedisStreamsQueue:
 
     async def stats(self) -> QueueStats:
         ready, leased, dead, seen = await self._run(self._lua_stats, [GROUP])
-        return QueueStats(ready=int(ready), leased=int(leased), dead=int(dead), seen=int(seen))
+        # Entries leave the stream when acked or buried (XDEL), so the first one left is the
+        # oldest still waiting or leased; its ``r`` field is when the ingest received it.
+        first = await self._r.xrange(self.stream, count=1)
+        oldest = float(first[0][1][b"r"]) if first else None
+        return QueueStats(ready=int(ready), leased=int(leased), dead=int(dead), seen=int(seen),
+                          oldest_received_at=oldest)
 
     async def keys(self) -> list[tuple[str, int]]:
         """Every (device_id, seq) waiting or leased, in order (for tests and inspection)."""

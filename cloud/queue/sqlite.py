@@ -625,7 +625,9 @@ class SQLiteQueue:
             ).fetchone()[0]
             dead = conn.execute("SELECT COUNT(*) FROM dead").fetchone()[0]
             seen = conn.execute("SELECT COUNT(*) FROM seen").fetchone()[0]
-            return QueueStats(ready=ready, leased=leased, dead=dead, seen=seen)
+            oldest = conn.execute("SELECT MIN(received_at) FROM events").fetchone()[0]
+            return QueueStats(ready=ready, leased=leased, dead=dead, seen=seen,
+                              oldest_received_at=oldest)
 
         return await self._db.run(do)
 

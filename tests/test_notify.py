@@ -388,3 +388,39 @@ def test_native_writes_to_fd_2_become_json_log_lines(capfd: pytest.CaptureFixtur
     native = {d["line"]: d["level"] for d in docs if d["event"] == "native.output"}
     assert native == {"INFO: Created TensorFlow Lite XNNPACK delegate for CPU.": "debug",
                       "ERROR: something the runtime refused": "warning"}
+
+
+# A bug that blocks the event loop, injected at the process boundary: Python runs a signal
+# handler in the main thread, the thread the loop runs on, so while this handler sleeps the
+# loop runs nothing at all (no task, no timer), as when a library call stalls it. Nothing of
+# ours is patched; the child picks the file up through PYTHONPATH like any sitecustomize.
+_BLOCKER = '''\
+import os, signal, time
+signal.signal(signal.SIGUSR2, lambda *_: time.sleep(float(os.environ["BLOCK_SECONDS"])))
+'''
+
+
+async def test_watchdog_stops_while_the_event_loop_is_blocked(
+    tmp_path: Path, sample_recording: Path
+) -> None:
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(_BLOCKER)
+    block_s = 5.0
+    async with notify_socket() as ns, mjpeg_camera(sample_recording) as cam:
+        env = {"NOTIFY_SOCKET": ns.address, "WATCHDOG_USEC": str(WATCHDOG_USEC),
+               "BLOCK_SECONDS": str(block_s),
+               "PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])}
+        async with device(device_toml(tmp_path, cam.url), env=env) as p:
+            await ns.until(lambda: ns.count("WATCHDOG=1") >= 3, "three WATCHDOG=1", p)
+            pings = ns.count("WATCHDOG=1")
+            p.proc.send_signal(signal.SIGUSR2)  # the loop is blocked for block_s seconds
+            await asyncio.sleep(block_s - 1.0)
+            # Healthy, the pinger sends one every second (WatchdogSec=2): four here. Blocked,
+            # none (one may have been on its way as the signal landed). systemd would now
+            # restart the service: WatchdogSec passed without a ping.
+            assert ns.count("WATCHDOG=1") - pings <= 1, ns.messages[-6:]
+            await ns.until(lambda: ns.count("WATCHDOG=1") > pings + 1,
+                           "WATCHDOG=1 once the loop runs again", p)
+            p.proc.send_signal(signal.SIGTERM)
+            assert await p.exited() == 0, p.text()

@@ -51,6 +51,7 @@ from edgekeeper.cloud.training.examples import (
     delete_media,
     example_of_row,
     example_row,
+    examples_filter,
     scope_filter,
 )
 from edgekeeper.errors import ConfigError, classified
@@ -593,15 +594,8 @@ class PostgresStore(PostgresReleases):  # releases, groups, reports: postgres_re
     async def examples(self, *, model: str, scope: Scope, since: float | None = None,
                        until: float | None = None, limit: int = 100_000
                        ) -> list[TrainingExample]:
-        where, args = scope_filter(scope)
-        sql = f"{_EXAMPLE_SELECT} WHERE model = %s AND {where.replace('?', '%s')}"
-        params: tuple[object, ...] = (model, *args)
-        if since is not None:
-            sql += " AND reasoned_at >= %s"
-            params += (since,)
-        if until is not None:
-            sql += " AND reasoned_at < %s"
-            params += (until,)
+        where, params = examples_filter(model, scope, since, until)
+        sql = f"{_EXAMPLE_SELECT} WHERE {where.replace('?', '%s')}"
         rows = await self._fetchall(sql + " ORDER BY reasoned_at, id LIMIT %s",
                                     (*params, limit))
         return [example_of_row(r) for r in rows]

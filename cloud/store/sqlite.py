@@ -31,6 +31,7 @@ from edgekeeper.cloud.training.examples import (
     delete_media,
     example_of_row,
     example_row,
+    examples_filter,
     scope_filter,
 )
 from edgekeeper.protocol.errors import InvalidToken
@@ -516,15 +517,8 @@ class SQLiteStore(SQLiteReleases):  # releases, groups, reports: sqlite_releases
     async def examples(self, *, model: str, scope: Scope, since: float | None = None,
                        until: float | None = None, limit: int = 100_000
                        ) -> list[TrainingExample]:
-        where, args = scope_filter(scope)
-        sql = f"{_EXAMPLE_SELECT} WHERE model = ? AND {where}"
-        params: tuple[object, ...] = (model, *args)
-        if since is not None:
-            sql += " AND reasoned_at >= ?"
-            params += (since,)
-        if until is not None:
-            sql += " AND reasoned_at < ?"
-            params += (until,)
+        where, params = examples_filter(model, scope, since, until)
+        sql = f"{_EXAMPLE_SELECT} WHERE {where}"
 
         def do(conn: sqlite3.Connection) -> list[TrainingExample]:
             rows = conn.execute(sql + " ORDER BY reasoned_at, id LIMIT ?", (*params, limit))

@@ -330,6 +330,20 @@ def scope_filter(scope: Scope) -> tuple[str, tuple[str, ...]]:
     return "1 = 1", ()
 
 
+def examples_filter(model: str, scope: Scope, since: float | None, until: float | None
+                    ) -> tuple[str, tuple[object, ...]]:
+    """(SQL condition with one '?' per value, values) for ``ExampleStore.examples``: the model,
+    its scope and the [since, until) window of ``reasoned_at``. Both stores build their query
+    from it (PostgreSQL turns each '?' into '%s')."""
+    where, args = scope_filter(scope)
+    sql, params = f"model = ? AND {where}", (model, *args)
+    if since is not None:
+        sql, params = sql + " AND reasoned_at >= ?", (*params, since)
+    if until is not None:
+        sql, params = sql + " AND reasoned_at < ?", (*params, until)
+    return sql, params
+
+
 MEDIA_DIR = "training-media"
 
 

@@ -336,7 +336,8 @@ def examples_filter(model: str, scope: Scope, since: float | None, until: float 
     its scope and the [since, until) window of ``reasoned_at``. Both stores build their query
     from it (PostgreSQL turns each '?' into '%s')."""
     where, args = scope_filter(scope)
-    sql, params = f"model = ? AND {where}", (model, *args)
+    sql = f"model = ? AND {where}"
+    params: tuple[object, ...] = (model, *args)
     if since is not None:
         sql, params = sql + " AND reasoned_at >= ?", (*params, since)
     if until is not None:

@@ -62,6 +62,7 @@ def test_an_unenrolled_device_refuses_to_run_and_says_how_to_enroll(
     assert code == 0 and json.loads(out)["enrollment_missing"] is False
 
 
+@pytest.mark.slow
 async def test_status_shows_what_the_running_service_publishes(
     tmp_path: Path, sample_recording: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

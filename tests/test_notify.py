@@ -33,6 +33,8 @@ from edgekeeper.notify import Notifier
 
 from cloudkit import until
 
+pytestmark = pytest.mark.slow  # CI runs it on the main Python only (.ci/run)
+
 WATCHDOG_USEC = 2_000_000  # WatchdogSec=2: a ping every second, "stalled" after 2 s
 WAIT = 60.0
 

@@ -228,6 +228,7 @@ async def test_a_device_heartbeat_reaches_cloud_devices(
         await cloud.close()
 
 
+@pytest.mark.slow
 async def test_a_running_device_sends_its_state_as_a_heartbeat(
     tmp_path: Path, sample_recording: Path,
 ) -> None:

@@ -333,6 +333,9 @@ class UpdatesSection:
     # abandoned and tried again at the next check.
     stall_seconds: float = 10.0
     download_seconds: float = 600.0
+    # Tries per file within one check, a short backoff apart; past them the check fails and
+    # the next check starts the download again.
+    download_attempts: int = 3
     # A new model's trial: this many inferences or this many seconds, whichever comes first.
     trial_inferences: int = 500
     trial_seconds: float = 600.0
@@ -346,6 +349,8 @@ class UpdatesSection:
         if not (self.check_seconds >= 1 and self.stall_seconds > 0
                 and self.download_seconds >= self.stall_seconds):
             raise ValueError("check_seconds >= 1 and 0 < stall_seconds <= download_seconds")
+        if not 1 <= self.download_attempts <= 100:
+            raise ValueError("download_attempts must be between 1 and 100")
         if self.trial_inferences < 0 or self.trial_seconds < 0:
             raise ValueError("trial_inferences and trial_seconds must be >= 0")
         if not 0 <= self.shadow_max_flip <= 1 or not 1 <= self.canary_size <= 10000:

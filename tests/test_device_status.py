@@ -15,13 +15,14 @@ import time
 from pathlib import Path
 
 import pytest
-from test_notify import device, device_toml, mjpeg_camera
 
 from edgekeeper import compat
 from edgekeeper import config as config_mod
 from edgekeeper.cli import main
 from edgekeeper.device.status import EX_CONFIG, read_status
 from edgekeeper.device.uplink import open_outbox
+
+from devicekit import device, device_toml, mjpeg_camera
 
 
 def status(capsys: pytest.CaptureFixture[str], cfg: Path, *args: str) -> tuple[int, str]:

@@ -9,6 +9,7 @@ the honest device's delivery time under each flood."""
 from __future__ import annotations
 
 import asyncio
+import gzip
 import time
 from pathlib import Path
 from typing import Any
@@ -183,3 +184,21 @@ async def test_clients_trickling_bodies_hold_no_upload_slot(tmp_path: Path) -> N
 
 async def _async(value: bool) -> bool:
     return value
+
+
+async def test_a_gzip_bomb_is_cut_off_at_the_event_limit(tmp_path: Path) -> None:
+    # aiohttp inflates a Content-Encoding: gzip body as it is read; the ingest's cap counts the
+    # inflated bytes, so 64 KB that inflate to 64 MiB cost at most max_event_bytes of memory.
+    async with running_cloud(tmp_path, max_event_bytes=1024 * 1024) as cloud:
+        device = await cloud.enroll("pi-gz")
+        bomb = gzip.compress(b"\0" * (64 * 1024 * 1024), 9)
+        assert len(bomb) < 100_000
+        status, body, _ = await cloud.post_envelope(bomb, headers={"Content-Encoding": "gzip"})
+        assert (status, body["error"]["code"]) == (413, "payload_too_large"), body
+        assert cloud.server.state.body_bytes == 0
+        assert (await cloud.queue.stats()).ready == 0
+        # an honest envelope sent gzipped is inflated and taken
+        status, body, _ = await cloud.post_envelope(
+            gzip.compress(device.seal(make_event("pi-gz", 1))),
+            headers={"Content-Encoding": "gzip"})
+        assert (status, body["status"]) == (202, "queued")

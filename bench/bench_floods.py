@@ -24,6 +24,10 @@ Four processes on 127.0.0.1, each the real thing:
      half tampered (a real sealed envelope with one byte flipped);
   e. enrollment token guessing: ``POST /v1/enroll`` with random tokens.
 
+Each phase also prints the CPU seconds per second of every process and how much of the phase
+the ingest's event loop spent runnable but waiting for a CPU (/proc/PID/schedstat): on a shared
+machine that says whether a slowdown is the ingest's work or the machine's load.
+
 Phases run in one process tree in this order: baseline, each flood, baseline again (the two
 baselines show the drift of the shared machine). Printed as one JSON object: per phase the
 p50/p99 of "accepted" and "result" in ms, the honest device's 503/429 refusals, the flood's
@@ -289,6 +293,12 @@ def _frame() -> bytes:
     return bytes(buf)
 
 
+def _run_wait_s(pid: int) -> float:
+    """Seconds the process's main thread (the ingest's event loop) has spent runnable but
+    waiting for a CPU, from /proc/PID/schedstat (ns)."""
+    return int(Path(f"/proc/{pid}/schedstat").read_text().split()[1]) / 1e9
+
+
 def _cpu_s(pid: int) -> float:
     """User + system CPU seconds of a process (all its threads), from /proc."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -388,6 +398,7 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                 seqs = []
                 expected.clear()
                 cpu_before = {n: _cpu_s(pid) for n, pid in pids.items()}
+                wait_before = _run_wait_s(pids["ingest"])
                 t_start = time.time()
                 for _ in range(args.events):
                     seq = await link.sink.next_seq()
@@ -409,6 +420,10 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                 # is the whole machine): shows which process the flood saturates.
                 cpu = {n: round((_cpu_s(pid) - cpu_before[n]) / elapsed, 2)
                        for n, pid in pids.items()}
+                # The ingest loop's share of the phase spent waiting for a CPU: with its CPU
+                # share, how close to saturated it was (running + waiting near 1.0 = busy).
+                cpu["ingest_waiting_for_cpu"] = round(
+                    (_run_wait_s(pids["ingest"]) - wait_before) / elapsed, 2)
                 flood_counts = None
                 if flooder is not None:
                     flooder.send("stop")

@@ -14,6 +14,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from edgekeeper.cloud.backends import open_store
 from edgekeeper.cloud.ingest import Registry
 from edgekeeper.config import CloudSection
@@ -202,3 +204,18 @@ async def test_a_gzip_bomb_is_cut_off_at_the_event_limit(tmp_path: Path) -> None
             gzip.compress(device.seal(make_event("pi-gz", 1))),
             headers={"Content-Encoding": "gzip"})
         assert (status, body["status"]) == (202, "queued")
+
+
+@pytest.mark.parametrize("bomb", [
+    b"\xdd\xff\xff\xff\xff" + b"\xc0" * 16,  # an array claiming 4 billion items
+    b"\xdf\xff\xff\xff\xff" + b"\xc0" * 16,  # a map claiming 4 billion pairs
+    b"\x95\x01\x01\xc6\xff\xff\xff\xff" + b"x" * 16,  # a header claiming 4 GiB of bytes
+    b"\x91" * 200_000,  # arrays nested 200 000 deep
+], ids=["array32", "map32", "bin32", "nested"])
+async def test_msgpack_bombs_are_a_400_not_a_500(tmp_path: Path, bomb: bytes) -> None:
+    # Small bodies whose msgpack declares far more than they hold: the parser's limits refuse
+    # them before allocating, as a protocol error (never a 500, an exception or a slot held).
+    async with running_cloud(tmp_path) as cloud:
+        status, body, _ = await cloud.post_envelope(bomb)
+        assert (status, body["error"]["code"]) == (400, "malformed_envelope"), body
+        assert cloud.server.state.body_bytes == 0 and cloud.server.state.inflight == 0

@@ -8,8 +8,10 @@ What it guarantees:
 * Every refusal is a JSON error with a stable code, decided before any side effect: nothing is
   enqueued, no token consumed, nothing acked.
 * Memory is bounded: bodies are refused by Content-Length before they are read, chunked bodies
-  are read only up to the limit, and at most ``cloud.max_inflight`` uploads are handled at once
-  (more get ``503`` + Retry-After).
+  are read only up to the limit, upload bodies held at once (being read or handled) stay within
+  ``cloud.max_inflight * cloud.max_event_bytes`` bytes, and at most ``cloud.max_inflight``
+  uploads are handled at once (more get ``503`` + Retry-After). A slot is taken only once the
+  body is in, so clients trickling bodies hold bytes, not slots.
 
 Public API: ``create_app(section, data_dir, *, store=None, queue=None, keys=None, clock=...)``
 (injected backends are not closed by the app; otherwise it opens them from ``data_dir`` in a
@@ -51,6 +53,7 @@ from edgekeeper.metrics import CONTENT_TYPE as METRICS_TYPE
 from edgekeeper.metrics import IngestMetrics, render, total
 from edgekeeper.protocol.envelope import (
     CONTENT_TYPE,
+    HEADER_TIMESTAMP,
     PROTOCOL_VERSION,
     open_event,
     peek_header,
@@ -328,6 +331,16 @@ class ResultsWatch:
 # --- app state ----------------------------------------------------------------------------
 
 
+@dataclass(eq=False)
+class HeldPoll:
+    """One results long-poll held open: its signed timestamp, its deadline (loop time), and
+    the event that answers it early when a newer poll of the same device takes its place."""
+
+    signed_at: float
+    deadline: float
+    superseded: asyncio.Event = field(default_factory=asyncio.Event)
+
+
 @dataclass
 class IngestState:
     section: CloudSection
@@ -340,8 +353,10 @@ class IngestState:
     watch: ResultsWatch
     metrics: IngestMetrics
     inflight: int = 0
-    # Open results long-polls per device: their deadlines (loop time), for the per-device cap.
-    polls: dict[str, list[float]] = field(default_factory=dict)
+    # Open results long-polls per device, for the per-device cap.
+    polls: dict[str, list[HeldPoll]] = field(default_factory=dict)
+    # Bytes of upload bodies held in memory now (being read or processed), for body_budget.
+    body_bytes: int = 0
     crypto_pool: ThreadPoolExecutor | None = None
 
 
@@ -355,36 +370,58 @@ STATE: web.AppKey[IngestState] = web.AppKey("edgekeeper_ingest", IngestState)
 BODY_MIN_BYTES_PER_S = 4096
 
 
-async def _read_capped(request: web.Request, limit: int) -> bytes:
+async def _read_capped(request: web.Request, limit: int, *, budgeted: bool = False) -> bytes:
     """The body, at most ``limit`` bytes, arriving without stalls.
 
-    aiohttp waits for a body as long as the client keeps the connection open, so a few
-    clients trickling bytes could hold every upload slot (cloud.max_inflight) and turn every
-    device away with 503. A pause longer than cloud.body_timeout_seconds, or a body slower
-    than that grace plus one second per BODY_MIN_BYTES_PER_S, is a 408.
+    aiohttp waits for a body as long as the client keeps the connection open. A pause longer
+    than cloud.body_timeout_seconds, or a body slower than that grace plus one second per
+    BODY_MIN_BYTES_PER_S, is a 408.
+
+    ``budgeted`` (uploads): the bytes read count against the ingest's body budget
+    (max_inflight * max_event_bytes, IngestState.body_bytes) as they arrive, and a body that
+    would go over it is a 503. The caller owns the returned bytes' share and gives it back
+    with ``_release_body``; on any failure here it is given back before raising.
     """
     length = request.content_length
     if length is not None and length > limit:
         raise PayloadTooLarge(f"the body is {length} bytes; the limit is {limit}")
-    grace = request.app[STATE].section.body_timeout_seconds
+    st = request.app[STATE]
+    grace = st.section.body_timeout_seconds
+    budget = st.section.max_inflight * st.section.max_event_bytes
     loop = asyncio.get_running_loop()
     deadline = loop.time() + grace + (limit if length is None else length) / BODY_MIN_BYTES_PER_S
     buf = bytearray()
-    while True:
-        try:
-            async with compat.timeout(min(grace, max(0.0, deadline - loop.time()))):
-                chunk = await request.content.readany()
-        except TimeoutError:
-            raise RequestTimeout(
-                f"the body stalled after {len(buf)} bytes"
-                + (f" of {length}" if length is not None else "")
-            ) from None
-        if not chunk:
-            break
-        buf += chunk
-        if len(buf) > limit:
-            raise PayloadTooLarge(f"the body is over the limit of {limit} bytes")
+    try:
+        while True:
+            try:
+                async with compat.timeout(min(grace, max(0.0, deadline - loop.time()))):
+                    chunk = await request.content.readany()
+            except TimeoutError:
+                raise RequestTimeout(
+                    f"the body stalled after {len(buf)} bytes"
+                    + (f" of {length}" if length is not None else "")
+                ) from None
+            if not chunk:
+                break
+            if budgeted:
+                if st.body_bytes + len(chunk) > budget:
+                    raise ServiceError(
+                        f"upload bodies already hold {st.body_bytes} bytes of memory (the"
+                        f" budget is cloud.max_inflight * cloud.max_event_bytes = {budget})",
+                        code="unavailable", status=503, retry_after=1.0)
+                st.body_bytes += len(chunk)
+            buf += chunk
+            if len(buf) > limit:
+                raise PayloadTooLarge(f"the body is over the limit of {limit} bytes")
+    except BaseException:
+        if budgeted:
+            _release_body(st, len(buf))
+        raise
     return bytes(buf)
+
+
+def _release_body(st: IngestState, nbytes: int) -> None:
+    st.body_bytes -= nbytes
 
 
 def _require_type(request: web.Request, expected: str) -> None:
@@ -426,6 +463,23 @@ async def _signed_device(request: web.Request, body: bytes) -> DevicePublicKeys:
     )
 
 
+def _signed_at(request: web.Request) -> float:
+    """The signed X-Edgekeeper-Timestamp of a request verify_request has accepted."""
+    return float(request.headers[HEADER_TIMESTAMP])
+
+
+async def _first_of(*waits: Awaitable[Any]) -> None:
+    """Wait until any of ``waits`` is done; the others are cancelled (a task group would wait
+    for all of them)."""
+    tasks = [asyncio.ensure_future(w) for w in waits]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
 def _query_int(request: web.Request, name: str, default: int, lo: int, hi: int) -> int:
     raw = request.query.get(name)
     if raw is None:
@@ -451,6 +505,18 @@ async def post_event(request: web.Request) -> web.Response:
             f"the envelope is {request.content_length} bytes; the limit is "
             f"{section.max_event_bytes}"
         )
+    # The body is read before an upload slot is taken: a client trickling its body holds only
+    # the bytes it has sent (against the memory budget), not one of max_inflight slots, so
+    # 200 slow clients cannot turn every device away with 503 (bench/bench_floods.py, flood c).
+    data = await _read_capped(request, section.max_event_bytes, budgeted=True)
+    try:
+        return await _process_event(st, data)
+    finally:
+        _release_body(st, len(data))
+
+
+async def _process_event(st: IngestState, data: bytes) -> web.Response:
+    section = st.section
     if st.inflight >= section.max_inflight:
         raise ServiceError(
             "too many uploads in flight", code="unavailable", status=503, retry_after=1.0
@@ -458,7 +524,6 @@ async def post_event(request: web.Request) -> web.Response:
     st.inflight += 1
     st.metrics.uploads_inflight.inc()
     try:
-        data = await _read_capped(request, section.max_event_bytes)
         header = peek_header(data, max_bytes=section.max_event_bytes)
         device = await st.registry.get(header.device_id)
         open_it = functools.partial(
@@ -546,31 +611,42 @@ async def get_results(request: web.Request) -> web.Response:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + wait_s
     # A signed long-poll can be replayed inside the freshness window: cap how many sockets one
-    # device may hold open (its own client needs one; a reconnect may briefly overlap it).
+    # device may hold open (its own client needs one; a reconnect may briefly overlap it). At
+    # the cap, a poll signed later than a held one takes the oldest one's place (that one is
+    # answered now with what it has): copies of a captured request can never be newer than
+    # the device's own next poll, so they cannot lock the device out of its results (bench:
+    # bench/bench_floods.py, flood b). A poll no newer than every held one gets 429.
     polls = st.polls.setdefault(device.device_id, [])
     cap = st.section.results_max_polls_per_device
+    held = HeldPoll(_signed_at(request), deadline)
     if wait_s > 0 and len(polls) >= cap:
-        raise ServiceError(
-            f"device {device.device_id!r} already holds {len(polls)} results long-polls open"
-            f" (cloud.results_max_polls_per_device = {cap})",
-            code="rate_limited", status=429, retry_after=min(polls) - loop.time(),
-        )
+        oldest = min(polls, key=lambda p: p.signed_at)
+        if held.signed_at <= oldest.signed_at:
+            raise ServiceError(
+                f"device {device.device_id!r} already holds {len(polls)} results long-polls"
+                f" open (cloud.results_max_polls_per_device = {cap})",
+                code="rate_limited", status=429,
+                retry_after=min(p.deadline for p in polls) - loop.time(),
+            )
+        polls.remove(oldest)
+        st.metrics.polls_open.dec()
+        oldest.superseded.set()
     if wait_s > 0:
-        polls.append(deadline)
+        polls.append(held)
         st.metrics.polls_open.inc()
     try:
         while True:
             version = await st.store.results_version()
             rows = await st.store.results_after(device.device_id, cursor, limit)
             remaining = deadline - loop.time()
-            if rows or remaining <= 0:
+            if rows or remaining <= 0 or held.superseded.is_set():
                 break
-            await st.watch.wait_newer(version, remaining)
+            await _first_of(st.watch.wait_newer(version, remaining), held.superseded.wait())
     finally:
-        if wait_s > 0:
-            polls.remove(deadline)
+        if wait_s > 0 and held in polls:  # not when superseded: its successor took its place
+            polls.remove(held)
             st.metrics.polls_open.dec()
-        if not polls:
+        if not polls and st.polls.get(device.device_id) is polls:
             st.polls.pop(device.device_id, None)
     return web.json_response(
         {

@@ -372,15 +372,16 @@ class CloudSection:
     # Per-device token bucket: sustained events per second, and the burst allowed above it.
     rate_per_second: float = 5.0
     rate_burst: int = 30
-    # Uploads being read or processed at once; past it the ingest answers 503 + Retry-After,
-    # which bounds its memory to about max_inflight * max_event_bytes.
+    # Uploads processed at once (counted once the body is in); past it the ingest answers 503 +
+    # Retry-After. Upload bodies held in memory at once are capped at max_inflight *
+    # max_event_bytes bytes (503 past it): a client trickling a body holds bytes, not a slot.
     max_inflight: int = 64
     token_ttl_seconds: float = 86400.0
     # Longest long-poll on GET /v1/results (the device asks for less).
     results_max_wait_seconds: float = 30.0
-    # Long-polls one device may hold open at once; more get 429 + Retry-After. Its own results
-    # client needs one; a signed request replayed inside replay_window_seconds would otherwise
-    # hold a socket per copy.
+    # Long-polls one device may hold open at once; more get 429 + Retry-After unless signed
+    # later than a held one, whose place they take. Its own results client needs one; a signed
+    # request replayed inside replay_window_seconds would otherwise hold a socket per copy.
     results_max_polls_per_device: int = 2
     # How often a long-poll re-checks the results store written by workers in other processes,
     # and how often the ingest re-reads the device registry (revocations from the CLI).

@@ -370,6 +370,9 @@ class CloudSection:
     # Uploads being read or processed at once; past it the ingest answers 503 + Retry-After,
     # which bounds its memory to about max_inflight * max_event_bytes.
     max_inflight: int = 64
+    # Ingest processes `cloud serve` runs on the one port (SO_REUSEPORT; --workers overrides):
+    # one process uses one core, so a busy ingest runs one per core (docs/scaling.md).
+    ingest_processes: int = 1
     token_ttl_seconds: float = 86400.0
     # Longest long-poll on GET /v1/results (the device asks for less).
     results_max_wait_seconds: float = 30.0
@@ -444,6 +447,8 @@ class CloudSection:
             raise ValueError("rate_per_second > 0 and rate_burst >= 1 are required")
         if not 1 <= self.max_inflight <= 10000:
             raise ValueError("max_inflight must be between 1 and 10000")
+        if not 1 <= self.ingest_processes <= 64:
+            raise ValueError("ingest_processes must be between 1 and 64")
         if self.token_ttl_seconds <= 0:
             raise ValueError("token_ttl_seconds must be > 0")
         if not 0 < self.body_timeout_seconds <= 3600:

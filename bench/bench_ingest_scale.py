@@ -211,7 +211,7 @@ def seal_round(devices: list[Any], cloud: Any, start_seq: int, n: int, frame: by
 
 def run_wrk(url: str, script: Path, bodies: Path, total: int, connections: int
             ) -> tuple[dict[str, Any], float]:
-    """wrk until ``total`` answers; its JSON line and its own CPU seconds (getrusage of reaped children)."""
+    """wrk until ``total`` answers: its JSON line, and its CPU seconds (getrusage)."""
     flag = bodies.with_suffix(".done")
     flag.unlink(missing_ok=True)
     env = {**os.environ, "EK_BODIES": str(bodies), "EK_LENGTHS": f"{bodies}.len",
@@ -257,9 +257,8 @@ def main() -> None:
     args = ap.parse_args()
     if shutil.which("wrk") is None:
         raise SystemExit("wrk is not installed: apt-get install wrk")
-    from servers import start_redis
-
     from cloudkit import jpeg
+    from servers import start_redis
 
     load_before = os.getloadavg()
     redis = start_redis()

@@ -725,6 +725,7 @@ ENV_OVERRIDES: dict[str, str] = {
     "EDGEKEEPER_CLOUD_DATA_DIR": "cloud.data_dir",
     "EDGEKEEPER_CLOUD_HOST": "cloud.host",
     "EDGEKEEPER_CLOUD_PORT": "cloud.port",
+    "EDGEKEEPER_INGEST_PROCESSES": "cloud.ingest_processes",
     "EDGEKEEPER_QUEUE_BACKEND": "cloud.queue_backend",
     "EDGEKEEPER_STORE_BACKEND": "cloud.store_backend",
     "EDGEKEEPER_REDIS_URL": "cloud.redis_url",

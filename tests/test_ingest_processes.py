@@ -255,3 +255,19 @@ def test_refusals_are_one_clear_line(cloud_config: Path,
                      "--port", str(port)])
     err = capsys.readouterr().err
     assert code == 2 and "cannot listen" in err and "Traceback" not in err
+
+
+def test_the_cloud_unit_lets_the_parent_own_its_children() -> None:
+    """systemd signals the main process only (it forwards SIGTERM and SIGHUP itself) and kills
+    whatever is left after the stop timeout; the option is reachable from the unit."""
+    root = Path(__file__).resolve().parent.parent
+    unit = {}
+    for line in (root / "systemd" / "edgekeeper-cloud.service").read_text().splitlines():
+        if "=" in line and not line.startswith("#"):
+            key, value = line.split("=", 1)
+            unit[key] = value
+    assert unit["KillMode"] == "mixed" and unit["ExecReload"] == "/bin/kill -HUP $MAINPID"
+    assert int(unit["TimeoutStopSec"]) > 20  # the runtime's drain deadline is 20 s
+    from edgekeeper.config import load
+
+    assert load(None, env={"EDGEKEEPER_INGEST_PROCESSES": "4"}).cloud.ingest_processes == 4

@@ -19,7 +19,8 @@ of the 4-tuple), so with keep-alive the split is per connection, as with real de
 Prints one JSON line: events/s of each (median of rounds), the ratio 2 processes / 1 (median of
 the per-round ratios; target 1.8), CPU time per event of the ingest processes, redis-server and
 wrk (from /proc and getrusage: all their threads), the events/s one core of ingest serves, and the
-fleet each serves at one event per device per minute. Between rounds the stream is trimmed and
+fleet each serves at one event per device per minute; also Redis memory per queued event and
+Redis commands per event (INFO, around each round). Between rounds the stream is trimmed and
 the dedupe keys dropped, so Redis memory stays at one round's events.
 """
 
@@ -233,6 +234,18 @@ def run_wrk(url: str, script: Path, bodies: Path, total: int, connections: int
     return json.loads(lines[-1]), cpu
 
 
+def redis_info(redis_url: str) -> tuple[int, int]:
+    """(used_memory bytes, total commands processed) of the Redis server."""
+    import redis
+
+    client = redis.Redis.from_url(redis_url)
+    try:
+        return (int(client.info("memory")["used_memory"]),
+                int(client.info("stats")["total_commands_processed"]))
+    finally:
+        client.close()
+
+
 def reset_queue(redis_url: str) -> None:
     """Empty the stream (its consumer group stays) and forget the dedupe keys."""
     import redis
@@ -285,6 +298,8 @@ def main() -> None:
         cpu: dict[str, dict[int, list[float]]] = {k: {1: [], 2: []}
                                                   for k in ("ingest", "redis", "wrk")}
         ratios: list[float] = []
+        redis_bytes: list[float] = []
+        redis_commands: list[float] = []
         seq = 1
         env_bytes = 0
         warm = min(200, args.events)
@@ -299,10 +314,16 @@ def main() -> None:
                 env_bytes = bodies.stat().st_size // (args.events + args.connections)
                 seq += (args.events + args.connections) // args.devices + 1
                 pids = servers[n].pids()
+                mem_empty, commands = redis_info(redis.url)
                 before = cpu_s(pids), cpu_s([redis_pid])
                 result, wrk_cpu = run_wrk(f"{servers[n].base}/v1/events", script, bodies,
                                           args.events, args.connections)
                 after = cpu_s(pids), cpu_s([redis_pid])
+                mem_full, commands_after = redis_info(redis.url)
+                # What one queued event holds in Redis (stream entry + dedupe keys), and the
+                # commands the ingest sent per event (the queue's Lua script calls and pings).
+                redis_bytes.append((mem_full - mem_empty) / result["ok"])
+                redis_commands.append((commands_after - commands - 2) / result["ok"])
                 if result["other"] or result["ok"] < args.events:
                     raise SystemExit(f"{n} process(es): not every answer was 202: {result}")
                 rates[n].append(result["ok"] / result["elapsed_s"])
@@ -336,6 +357,8 @@ def main() -> None:
             "fleet_per_ingest_core_at_1_event_per_min": round(60e6 / ingest_us),
         }
     figures.update({
+        "redis_bytes_per_queued_event": round(med(redis_bytes)),
+        "redis_commands_per_event": round(med(redis_commands), 2),
         "ratio_2_over_1": round(med(ratios), 3),
         "ratios": [round(x, 3) for x in ratios],
         "target_ratio": 1.8,

@@ -180,9 +180,9 @@ def _serve_processes(args: argparse.Namespace, config: Config, workers: int) -> 
     host = args.host or config.cloud.host
     port = claim_port(host, config.cloud.port if args.port is None else args.port)
     # Made once, here, before any child starts: N children starting at once would race to
-    # generate the cloud's keys (different ones) and to create the tables (PostgreSQL's
-    # CREATE TABLE IF NOT EXISTS is not safe against itself). An unreachable or non-durable
-    # backend is said here, once, instead of by N children dying and being restarted.
+    # generate the cloud's keys (two different ones, the last written wins on disk while the
+    # other child keeps its own). Opening the backends once says an unreachable or non-durable
+    # one here, in one line, instead of N children dying and being restarted.
     CloudKeys.ensure(config.cloud_data_dir)
     asyncio.run(_open_backends(config))
     drain_s = runtime.DRAIN_SECONDS if args.drain_seconds is None else args.drain_seconds

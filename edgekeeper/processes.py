@@ -10,7 +10,8 @@ signals (this module installs no handler), the group does what they mean for its
 * ``reload()`` (the runtime's SIGHUP) sends SIGHUP to every live child;
 * ``stop`` (SIGTERM or SIGINT to the parent) sends SIGTERM to every child, which drains under its
   own runtime; the group returns once all have exited, and raises ``ChildrenFailed`` if any of
-  them did not drain cleanly (exit status not 0), so the parent's exit status says so too;
+  them did not drain cleanly (exit status not 0; killed by that SIGTERM counts as clean: the
+  child was still starting), so the parent's exit status says so too;
 * if the parent's own drain deadline cancels the group, what is still alive is killed: a child
   never outlives its parent's drain.
 
@@ -120,8 +121,11 @@ class ProcessGroup:
                 if proc.returncode is not None:
                     self._exited(proc.pid)
             if stop.is_set():
-                if code == 0:
-                    log.info("processes.child_drained", child=child.name, pid=proc.pid)
+                # Killed by the SIGTERM itself: it was still starting (its runtime had not yet
+                # taken the signal), so it held nothing to drain.
+                if code in (0, -signal.SIGTERM):
+                    log.info("processes.child_drained", child=child.name, pid=proc.pid,
+                             status=describe(code))
                 else:
                     self._failed.append(f"{child.name} (pid {proc.pid}): {describe(code)}")
                     log.error("processes.child_drain_failed", child=child.name, pid=proc.pid,

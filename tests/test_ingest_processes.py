@@ -10,6 +10,7 @@ timed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -223,6 +224,9 @@ def test_two_processes_serve_one_port_exactly_once_restart_and_drain(
     text = metrics(parent.base)
     assert sample(text, "edgekeeper_ingest_events_total", 'status="queued"') == n + 1
 
+    # SIGHUP reaches every child (each re-reads the device registry).
+    parent.proc.send_signal(signal.SIGHUP)
+
     # SIGTERM: both children drain, the parent exits 0 and leaves no child behind.
     assert parent.stop() == 0, parent.stderr.decode()[-3000:]
     assert not any(Path(f"/proc/{pid}").exists() and
@@ -233,6 +237,9 @@ def test_two_processes_serve_one_port_exactly_once_restart_and_drain(
     events = [line["event"] for line in lines]
     assert events.count("processes.child_drained") == 2, events
     assert "processes.child_died" in events
+    # (a SIGTERM right behind the SIGHUP may reach a child before its reload is done)
+    assert events.count("processes.reload_sent") == 2, events
+    assert b"Traceback" not in parent.stderr
     assert b"Traceback" not in parent.stderr
 
     # Every event arrived exactly once.
@@ -271,3 +278,95 @@ def test_the_cloud_unit_lets_the_parent_own_its_children() -> None:
     from edgekeeper.config import load
 
     assert load(None, env={"EDGEKEEPER_INGEST_PROCESSES": "4"}).cloud.ingest_processes == 4
+
+
+def test_sqlite_backends_take_two_processes_exactly_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """N > 1 is allowed on the embedded backends (docs/scaling.md says why it is safe): an
+    event and its retries, spread over both children, are queued once."""
+    config = tmp_path / "cloud.toml"
+    config.write_text(f'[cloud]\ndata_dir = "{tmp_path / "cloud"}"\n'
+                      "registry_refresh_seconds = 0.1\nrate_per_second = 1000\n"
+                      "rate_burst = 1000\n")
+    for name in ("EDGEKEEPER_CLOUD_DATA_DIR", "EDGEKEEPER_QUEUE_BACKEND",
+                 "EDGEKEEPER_STORE_BACKEND", "EDGEKEEPER_CONFIG"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("EDGEKEEPER_STATE_DIR", str(tmp_path / "state"))
+    running = Parent(config, free_port())
+    try:
+        pids = wait_for(lambda: running.healthy_pid() and len(running.children()) == 2 and
+                        running.children(), "two children listening")
+        assert wait_for(lambda: running.serving(pids), "both children answering")
+        keys, cloud = enroll(running.base, config, "pi-lite", capsys)
+        statuses = []
+        for seq in range(1, 11):
+            env = E.seal_event(make_event("pi-lite", seq, frame_bytes=500), device=keys,
+                               cloud_box_pk=cloud.box_pk, sent_at=time.time(),
+                               model_version="m@1")
+            statuses += [request(f"{running.base}/v1/events", env, E.CONTENT_TYPE)[0]
+                         for _ in range(3)]
+        assert statuses == [202, 200, 200] * 10
+        assert running.stop() == 0, running.stderr.decode()[-3000:]
+    finally:
+        running.kill()
+    assert main(["--config", str(config), "cloud", "status", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert (doc["ready"], doc["dedupe_keys"]) == (10, 10)
+
+
+def test_a_child_dying_is_restarted_and_a_stuck_one_killed_at_the_deadline(
+        tmp_path: Path) -> None:
+    """edgekeeper/processes.py on plain commands: restarts counted, a failed drain reported,
+    a child that ignores SIGTERM killed when the parent's drain is cancelled."""
+    from edgekeeper.processes import Child, ChildrenFailed, ProcessGroup
+
+    py = sys.executable
+    ready = tmp_path / "ready"
+    dies = Child("dies", (py, "-c", "raise SystemExit(3)"))
+    # Each says it is ready (a file) once its SIGTERM handler is in place.
+    exits_badly = Child("bad", (py, "-c", "import signal, sys, time\n"
+                                "signal.signal(signal.SIGTERM, lambda *a: sys.exit(4))\n"
+                                f"open({str(ready)!r} + '.bad', 'w').close(); time.sleep(60)"))
+    stuck = Child("stuck", (py, "-c", "import signal, time\n"
+                            "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+                            f"open({str(ready)!r} + '.stuck', 'w').close(); time.sleep(60)"))
+    exited: list[int] = []
+
+    async def until_exists(path: Path) -> None:
+        while not await asyncio.to_thread(path.exists):  # noqa: ASYNC110 - another process
+            await asyncio.sleep(0.05)
+
+    async def scenario() -> tuple[int, BaseException | None, bool]:
+        group = ProcessGroup([dies, exits_badly], on_exit=exited.append,
+                             restart_base_s=0.0, restart_cap_s=0.0)
+        stop = asyncio.Event()
+        task = asyncio.create_task(group.run(stop))
+        while group.restarts < 3:  # noqa: ASYNC110 - the state lives in the child processes
+            await asyncio.sleep(0.05)
+        await until_exists(Path(f"{ready}.bad"))
+        stop.set()
+        error: BaseException | None = None
+        try:
+            await task
+        except ChildrenFailed as err:
+            error = err
+        # A child ignoring SIGTERM: the parent's deadline cancels the group, which kills it.
+        group2 = ProcessGroup([stuck])
+        stop2 = asyncio.Event()
+        task2 = asyncio.create_task(group2.run(stop2))
+        await until_exists(Path(f"{ready}.stuck"))
+        stop2.set()
+        await asyncio.sleep(0.5)
+        task2.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task2
+        proc = group2.procs["stuck"]
+        await proc.wait()
+        return group.restarts, error, proc.returncode == -signal.SIGKILL
+
+    restarts, error, killed = asyncio.run(scenario())
+    assert restarts >= 3 and len(exited) >= 4
+    assert isinstance(error, ChildrenFailed) and "bad" in str(error) and "exit 4" in str(error)
+    assert "dies" not in str(error)  # restarting, or killed by the SIGTERM while starting
+    assert killed

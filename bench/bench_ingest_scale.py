@@ -47,6 +47,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from edgekeeper.cloud.ingest import PROCESS_HEADER
 from edgekeeper.protocol.envelope import CONTENT_TYPE
 
 from _common import enroll_devices
@@ -147,7 +148,7 @@ class Server:
         return [self.proc.pid, *(children(self.proc.pid) if self.workers > 1 else [])]
 
     def wait_ready(self, timeout: float = 180.0) -> None:
-        """Until every process answers /healthz (its pid tells which answered)."""
+        """Until every process answers /healthz (its pid, in a header, says which did)."""
         want = self.workers
         seen: set[int] = set()
         deadline = time.monotonic() + timeout
@@ -157,7 +158,7 @@ class Server:
                                  f"{self.proc.communicate()[1].decode()[-2000:]}")
             try:
                 with urllib.request.urlopen(f"{self.base}/healthz", timeout=10) as resp:
-                    seen.add(int(json.loads(resp.read())["pid"]))
+                    seen.add(int(resp.headers[PROCESS_HEADER]))
             except (urllib.error.URLError, ConnectionError):
                 time.sleep(0.2)
 

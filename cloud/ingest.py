@@ -89,6 +89,8 @@ HEALTH_TIMEOUT_S = 2.0
 # millisecond or more (~0.35 ms per 192 KB) are worth the hop.
 CRYPTO_THREAD_MIN_BYTES = 192 * 1024
 JSON_TYPE = "application/json"
+# On /healthz: the pid of the ingest process that answered.
+PROCESS_HEADER = "X-Edgekeeper-Process"
 
 Clock = Callable[[], float]
 
@@ -650,10 +652,10 @@ async def get_health(request: web.Request) -> web.Response:
             checks["provider"] = ("ok" if provider is None or provider.state != "refused"
                                   else f"refused: {provider.reason}; fix: {provider.fix}")
     ok = all(v == "ok" for v in checks.values())
-    # pid: which ingest process answered (`cloud serve --workers N` runs several on one port).
+    # Which ingest process answered (`cloud serve --workers N` runs several on one port).
     return web.json_response(
-        {"status": "ok" if ok else "unavailable", "checks": checks, "pid": os.getpid()},
-        status=200 if ok else 503,
+        {"status": "ok" if ok else "unavailable", "checks": checks}, status=200 if ok else 503,
+        headers={PROCESS_HEADER: str(os.getpid())},
     )
 
 

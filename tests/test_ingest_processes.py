@@ -1,7 +1,8 @@
 """`edgekeeper cloud serve --workers 2` as an operator runs it: a real parent process owning two
 real ingest processes on one port (SO_REUSEPORT), over a real Redis queue and PostgreSQL store.
 
-Nothing of ours is patched: which process answered is read from /healthz (its pid), the
+Nothing of ours is patched: which process answered is read from /healthz (its pid, in a
+header), the
 children are found as the parent's children in /proc, and the events are read back from Redis.
 The waits are rendezvous with a deadline (a loaded machine starts Python slowly); nothing is
 timed.
@@ -28,6 +29,7 @@ import pytest
 
 from edgekeeper.cli import main
 from edgekeeper.cloud.backends import open_queue
+from edgekeeper.cloud.ingest import PROCESS_HEADER
 from edgekeeper.config import CloudSection
 from edgekeeper.protocol import envelope as E
 from edgekeeper.protocol.keys import CloudPublicKeys, DeviceKeys, b64e
@@ -40,13 +42,18 @@ STARTUP_S = 120.0  # Python starting three times on a busy 2-core machine
 
 def request(url: str, data: bytes | None = None, content_type: str = "") -> tuple[int, Any]:
     """One request on a new connection (so the kernel picks a child for each)."""
+    return request_with_headers(url, data, content_type)[:2]
+
+
+def request_with_headers(url: str, data: bytes | None = None, content_type: str = ""
+                         ) -> tuple[int, Any, Any]:
     headers = {"Content-Type": content_type} if content_type else {}
     req = urllib.request.Request(url, data=data, headers=headers)
     try:
         with urllib.request.urlopen(req, timeout=30) as resp:
-            return resp.status, json.loads(resp.read())
+            return resp.status, json.loads(resp.read()), resp.headers
     except urllib.error.HTTPError as err:
-        return err.code, json.loads(err.read())
+        return err.code, json.loads(err.read()), err.headers
 
 
 def metrics(base: str) -> str:
@@ -97,10 +104,10 @@ class Parent:
     def healthy_pid(self) -> int | None:
         assert self.proc.poll() is None, self.proc.communicate()
         try:
-            status, body = request(f"{self.base}/healthz")
+            status, _, headers = request_with_headers(f"{self.base}/healthz")
         except (urllib.error.URLError, ConnectionError):
             return None
-        return int(body["pid"]) if status == 200 else None
+        return int(headers[PROCESS_HEADER]) if status == 200 else None
 
     def children(self) -> set[int]:
         return children(self.proc.pid)

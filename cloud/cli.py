@@ -200,8 +200,10 @@ def _serve_processes(args: argparse.Namespace, config: Config, workers: int) -> 
                 for i in range(1, workers + 1)]
     group = ProcessGroup(children, on_exit=lambda pid: forget_process(metrics_dir, pid))
     shown = f"[{host}]" if ":" in host else host
-    log_mod.get_logger(__name__).info("ingest.processes", processes=workers, url=f"http://{shown}:{port}",
-             backends=f"{config.cloud.queue_backend}+{config.cloud.store_backend}")
+    scheme = "https" if config.cloud.tls_cert_file else "http"
+    log_mod.get_logger(__name__).info(
+        "ingest.processes", processes=workers, url=f"{scheme}://{shown}:{port}",
+        backends=f"{config.cloud.queue_backend}+{config.cloud.store_backend}")
     try:
         runtime.run(group.run, name="ingest-processes", drain_seconds=drain_s,
                     reload=group.reload)

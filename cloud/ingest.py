@@ -29,6 +29,7 @@ import functools
 import json
 import math
 import os
+import socket
 import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -50,7 +51,13 @@ from edgekeeper.config import CloudSection, Config
 from edgekeeper.errors import ConfigError, RetryableError
 from edgekeeper.log import get_logger
 from edgekeeper.metrics import CONTENT_TYPE as METRICS_TYPE
-from edgekeeper.metrics import IngestMetrics, render, total
+from edgekeeper.metrics import (
+    IngestMetrics,
+    multiprocess_dir,
+    render,
+    render_processes,
+    total,
+)
 from edgekeeper.protocol.envelope import (
     CONTENT_TYPE,
     HEADER_TIMESTAMP,
@@ -85,6 +92,8 @@ HEALTH_TIMEOUT_S = 2.0
 # millisecond or more (~0.35 ms per 192 KB) are worth the hop.
 CRYPTO_THREAD_MIN_BYTES = 192 * 1024
 JSON_TYPE = "application/json"
+# On /healthz: the pid of the ingest process that answered.
+PROCESS_HEADER = "X-Edgekeeper-Process"
 
 Clock = Callable[[], float]
 
@@ -358,6 +367,8 @@ class IngestState:
     # Bytes of upload bodies held in memory now (being read or processed), for body_budget.
     body_bytes: int = 0
     crypto_pool: ThreadPoolExecutor | None = None
+    # (model, stage) series of the releases gauge set at the last scrape.
+    release_series: set[tuple[str, str]] = field(default_factory=set)
 
 
 STATE: web.AppKey[IngestState] = web.AppKey("edgekeeper_ingest", IngestState)
@@ -717,8 +728,10 @@ async def get_health(request: web.Request) -> web.Response:
             checks["provider"] = ("ok" if provider is None or provider.state != "refused"
                                   else f"refused: {provider.reason}; fix: {provider.fix}")
     ok = all(v == "ok" for v in checks.values())
+    # Which ingest process answered (`cloud serve --workers N` runs several on one port).
     return web.json_response(
-        {"status": "ok" if ok else "unavailable", "checks": checks}, status=200 if ok else 503
+        {"status": "ok" if ok else "unavailable", "checks": checks}, status=200 if ok else 503,
+        headers={PROCESS_HEADER: str(os.getpid())},
     )
 
 
@@ -748,13 +761,22 @@ async def get_metrics(request: web.Request) -> web.Response:
             if r.expires_at > now:
                 counts[(r.model, r.stage)] = counts.get((r.model, r.stage), 0) + 1
                 latest[r.model] = max(latest.get(r.model, 0.0), r.published_at)
-        st.metrics.releases.clear()  # a stage no release is in any more reads as absent
+        shared = multiprocess_dir()
+        for model, stage in st.release_series - counts.keys():
+            # A stage no release is in any more reads as absent; with several processes it
+            # reads 0 (their shared files cannot forget a series).
+            if shared:
+                st.metrics.releases.labels(model=model, stage=stage).set(0)
+            else:
+                st.metrics.releases.remove(model, stage)
+        st.release_series = set(counts)
         for (model, stage), n in counts.items():
             st.metrics.releases.labels(model=model, stage=stage).set(n)
         for model, at in latest.items():
             st.metrics.release_latest.labels(model=model).set(at)
-    return web.Response(body=render(st.metrics.registry),
-                        headers={"Content-Type": METRICS_TYPE})
+    shared = multiprocess_dir()  # `cloud serve --workers N`: every child's values, added up
+    body = render(st.metrics.registry) if shared is None else render_processes(shared)
+    return web.Response(body=body, headers={"Content-Type": METRICS_TYPE})
 
 
 # --- middleware ---------------------------------------------------------------------------
@@ -891,11 +913,15 @@ class IngestServer:
     """Owns one running ingest: the app, its runner and its listening socket."""
 
     def __init__(self, app: web.Application, host: str = "127.0.0.1", port: int = 0,
-                 ssl_context: ssl.SSLContext | None = None) -> None:
+                 ssl_context: ssl.SSLContext | None = None, *, reuse_port: bool = False) -> None:
         self.app = app
         self.host = host
         self.port = port
         self.ssl_context = ssl_context
+        # SO_REUSEPORT: one of `cloud serve --workers N`'s children, sharing the port with its
+        # siblings (the kernel spreads connections over them). Off otherwise, so a second
+        # `cloud serve` on a taken port fails instead of silently sharing it.
+        self.reuse_port = reuse_port
         self._runner: web.AppRunner | None = None
 
     @property
@@ -906,7 +932,8 @@ class IngestServer:
         """Start listening; return the base URL (with the real port when ``port`` was 0)."""
         self._runner = web.AppRunner(self.app, access_log=None, shutdown_timeout=10.0)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port, ssl_context=self.ssl_context)
+        site = web.TCPSite(self._runner, self.host, self.port, ssl_context=self.ssl_context,
+                           reuse_port=self.reuse_port or None)
         try:
             await site.start()
         except OSError as err:
@@ -944,12 +971,31 @@ class IngestServer:
         await self.state.registry.load()
 
 
-def build_server(config: Config, *, host: str | None = None, port: int | None = None
-                 ) -> IngestServer:
+def build_server(config: Config, *, host: str | None = None, port: int | None = None,
+                 reuse_port: bool = False) -> IngestServer:
     """The ingest `edgekeeper cloud serve` runs (TLS files are read here, before any side
     effect)."""
     section = config.cloud
     tls = server_context(section.tls_cert_file, section.tls_key_file)
     app = create_app(section, config.cloud_data_dir)
     return IngestServer(app, host or section.host, section.port if port is None else port,
-                        ssl_context=tls)
+                        ssl_context=tls, reuse_port=reuse_port)
+
+
+def claim_port(host: str, port: int) -> int:
+    """Check that ``host:port`` is free before `cloud serve --workers N` starts its children
+    (with SO_REUSEPORT they would join another server's port instead of failing); return the
+    port (a free one when ``port`` is 0). ConfigError, as IngestServer.start says it."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                   flags=socket.AI_PASSIVE)
+        family, kind, proto, _, address = infos[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as aiohttp does
+            probe.bind(address)
+            return int(probe.getsockname()[1])
+    except OSError as err:
+        raise ConfigError(
+            f"cannot listen on {host}:{port}: {err.strerror or err}",
+            fix="choose another --port / cloud.port, or stop the process using it",
+        ) from None

@@ -376,6 +376,9 @@ class CloudSection:
     # Retry-After. Upload bodies held in memory at once are capped at max_inflight *
     # max_event_bytes bytes (503 past it): a client trickling a body holds bytes, not a slot.
     max_inflight: int = 64
+    # Ingest processes `cloud serve` runs on the one port (SO_REUSEPORT; --workers overrides):
+    # one process uses one core, so a busy ingest runs one per core (docs/scaling.md).
+    ingest_processes: int = 1
     token_ttl_seconds: float = 86400.0
     # Longest long-poll on GET /v1/results (the device asks for less).
     results_max_wait_seconds: float = 30.0
@@ -450,6 +453,8 @@ class CloudSection:
             raise ValueError("rate_per_second > 0 and rate_burst >= 1 are required")
         if not 1 <= self.max_inflight <= 10000:
             raise ValueError("max_inflight must be between 1 and 10000")
+        if not 1 <= self.ingest_processes <= 64:
+            raise ValueError("ingest_processes must be between 1 and 64")
         if self.token_ttl_seconds <= 0:
             raise ValueError("token_ttl_seconds must be > 0")
         if not 0 < self.body_timeout_seconds <= 3600:
@@ -726,6 +731,7 @@ ENV_OVERRIDES: dict[str, str] = {
     "EDGEKEEPER_CLOUD_DATA_DIR": "cloud.data_dir",
     "EDGEKEEPER_CLOUD_HOST": "cloud.host",
     "EDGEKEEPER_CLOUD_PORT": "cloud.port",
+    "EDGEKEEPER_INGEST_PROCESSES": "cloud.ingest_processes",
     "EDGEKEEPER_QUEUE_BACKEND": "cloud.queue_backend",
     "EDGEKEEPER_STORE_BACKEND": "cloud.store_backend",
     "EDGEKEEPER_REDIS_URL": "cloud.redis_url",

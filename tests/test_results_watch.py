@@ -120,7 +120,8 @@ async def test_a_result_wakes_only_its_devices_long_poll(
         await put(writer, "pi-a", 1)
         assert await asyncio.wait_for(poll_a, 20) == [1]
         before = await counts(cloud)
-        assert before["wakeups"] == 1, before  # pi-a only
+        # pi-a read twice (when it came in, when woken), pi-b once; one wake-up: pi-a's.
+        assert (before["rows"], before["wakeups"]) == (3, 1), before
         # ...and pi-b's poll is not woken: while the watch polls on (three more intervals),
         # nobody reads results.
         await until(lambda: _at_least(cloud, since=before["since"] + 3))

@@ -86,6 +86,24 @@ import servers  # noqa: E402 - the tests' harness starts redis-server / PostgreS
 from tcp_proxy import TcpProxy  # noqa: E402
 
 API_KEY = "fake-key-fleet-simulator"
+
+# Put on the cloud processes' PYTHONPATH as sitecustomize.py: SIGUSR1 writes every asyncio task's
+# stack to the process's log. A stalled drain (events queued, nobody asking the provider, no
+# result for a while) is reported with what each worker was waiting on, not just that it waited.
+TASK_DUMP = """
+import asyncio, signal, sys
+
+def _dump(signum, frame):
+    loop = asyncio._get_running_loop()
+    tasks = asyncio.all_tasks(loop) if loop is not None else set()
+    print(f"fleet.task_dump: {len(tasks)} tasks", file=sys.stderr)
+    for task in tasks:
+        print(f"--- {task.get_name()}", file=sys.stderr)
+        task.print_stack(limit=20, file=sys.stderr)
+    sys.stderr.flush()
+
+signal.signal(signal.SIGUSR1, _dump)
+"""
 SAMPLE = config_mod.MODELS_DIR / "samples" / "street"
 
 
@@ -284,7 +302,12 @@ global_daily_usd = 0
         self.store = await open_store(section.store_backend, self.data_dir, section=section)
         self.queue = await open_queue(section.queue_backend, self.data_dir, section=section,
                                       max_attempts=section.queue_max_attempts)
-        env = {"ANTHROPIC_API_KEY": API_KEY, "ANTHROPIC_BASE_URL": fake_url}
+        dump = self.tmp / "taskdump"
+        dump.mkdir()
+        (dump / "sitecustomize.py").write_text(TASK_DUMP)
+        path = os.pathsep.join(p for p in (str(dump), os.environ.get("PYTHONPATH", "")) if p)
+        env = {"ANTHROPIC_API_KEY": API_KEY, "ANTHROPIC_BASE_URL": fake_url,
+               "PYTHONPATH": path}
         for i in range(o.ingests):
             port = servers.free_port()
             self.ports.append(port)
@@ -526,6 +549,7 @@ class Fleet:
         self.series: list[dict[str, Any]] = []
         self.phases: list[dict[str, Any]] = []
         self.stuck_devices: list[str] = []
+        self.stalls: list[dict[str, Any]] = []
 
     # -- setup ----------------------------------------------------------------------------
 
@@ -724,8 +748,14 @@ class Fleet:
             capture_end = time.time() - self.t0
             print(f"capture phase over at {capture_end:.0f} s: {self.totals()}", flush=True)
             drain_start = time.time()
+            progress = (time.time(), self.totals()["results"])
             while time.time() - drain_start < o.drain_s and not self.all_answered():
                 await asyncio.sleep(1.0)
+                now, results = time.time(), self.totals()["results"]
+                if results != progress[1]:
+                    progress = (now, results)
+                elif now - progress[0] > 30 and not self.stalls:
+                    self.stall()
                 if int(time.time() - drain_start) % 10 == 0:
                     last = self.series[-1] if self.series else {}
                     print(f"draining {time.time() - drain_start:.0f} s: {self.totals()} queue "
@@ -738,6 +768,19 @@ class Fleet:
         stop_devices.set()
         await self.stop_devices(devices)
         return await self.report(capture_end, drain_s)
+
+    def stall(self) -> None:
+        """No result for 30 s with events still unanswered: ask every worker what it waits on
+        (SIGUSR1: the task dump in its log) and say so in the report."""
+        last = self.series[-1] if self.series else {}
+        entry: dict[str, Any] = {"t": round(time.time() - self.t0, 1), "queue": last.get("queue"),
+                                 "llm_in_flight": last.get("llm_in_flight"), "dumped": []}
+        for p in self.cloud.workers:
+            if p.alive and p.proc is not None:
+                os.kill(p.proc.pid, signal.SIGUSR1)
+                entry["dumped"].append(f"logs/{p.logfile.name}")
+        self.stalls.append(entry)
+        print(f"stalled: {entry}", flush=True)
 
     async def stop_devices(self, tasks: list[asyncio.Task[None]]) -> None:
         """Each device's uploader and results client stop on ``stop``; one that has not after
@@ -822,6 +865,9 @@ class Fleet:
                  "captured": len(d.captured), "results": len(d.result_at),
                  "refused_at_capture": len(d.refused)} for d in tight],
             "devices_that_did_not_stop": self.stuck_devices,
+            "stalls": self.stalls,
+            "processes_alive_at_end": {p.name: p.alive for p in
+                                       [*self.cloud.ingests, *self.cloud.workers]},
             "processes": {p.name: p.starts for p in [*self.cloud.ingests, *self.cloud.workers]},
             "series": self.series,
         }

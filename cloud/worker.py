@@ -407,7 +407,15 @@ class Worker:
         except Exception as err:  # never let one event take the worker down
             self.metrics.failures.labels(kind="crashed").inc()
             log.exception("worker.event_crashed", **_fields(lease.event), error=str(err))
-            await self._retry(lease, f"worker error: {err!r}")
+            try:
+                await self._retry(lease, f"worker error: {err!r}")
+            except RetryableError as down:
+                # The queue is down too (most often the very outage that failed the event, an
+                # ack to a restarting Redis): the lease expires and the event is delivered
+                # again. Raising here would take the worker and every event in flight down.
+                log.warning("worker.retry_not_recorded", **_fields(lease.event),
+                            error=down.message[:300],
+                            outcome="delivered again when its lease expires")
         finally:
             slots.release()
 

@@ -148,6 +148,7 @@ class Proc:
         self.proc: asyncio.subprocess.Process | None = None
         self.starts = 0
         self.stuck_on_stop = False
+        self.held = False  # a fault owns its restart: the supervisor keeps off
 
     async def start(self) -> None:
         with self.logfile.open("ab") as out:
@@ -623,6 +624,26 @@ class Fleet:
                     async with compat.timeout(1.0):
                         await stop.wait()
 
+    async def supervise(self, stop: asyncio.Event) -> None:
+        """What systemd does for the cloud units (Restart=always, RestartSec=2): a process
+        that exits on its own is started again. Each such exit is in the timeline, with the
+        last line it wrote, since the process left on its own and that is worth knowing."""
+        procs = [*self.cloud.ingests, *self.cloud.workers]
+        while not stop.is_set():
+            for p in procs:
+                if p.held or p.alive or p.proc is None:
+                    continue
+                lines = p.logfile.read_text(errors="replace").strip().splitlines()
+                e = self.timeline.start("process_exited", process=p.name,
+                                        code=p.proc.returncode,
+                                        last_line=(lines[-1] if lines else "")[:300])
+                await asyncio.sleep(2.0)
+                await p.start()
+                self.timeline.end(e, restarted=True)
+            with contextlib.suppress(TimeoutError):
+                async with compat.timeout(0.5):
+                    await stop.wait()
+
     async def faults(self, start: float, length: float) -> None:
         """The fault schedule, spread over the capture phase (each one recovers before the
         next starts, so each shows on its own in the timeline)."""
@@ -634,20 +655,24 @@ class Fleet:
 
         await at(slots[0])
         e = tl.start("ingest_sigkill", process="ingest1" if o.ingests > 1 else "ingest0")
-        victim = o.ingests - 1
-        await cloud.ingests[victim].kill()
+        victim = cloud.ingests[o.ingests - 1]
+        victim.held = True
+        await victim.kill()
         await asyncio.sleep(2.0)
-        await cloud.ingests[victim].start()
-        await cloud.wait_ingest(victim)
+        await victim.start()
+        victim.held = False
+        await cloud.wait_ingest(o.ingests - 1)
         tl.end(e)
 
         await at(slots[1])
         depth = await cloud.depth()
         e = tl.start("worker_sigkill", process="worker0",
                      queued_or_leased_at_kill=None if depth is None else depth[0])
+        cloud.workers[0].held = True
         await cloud.workers[0].kill()
         await asyncio.sleep(2.0)
         await cloud.workers[0].start()
+        cloud.workers[0].held = False
         tl.end(e)
 
         await at(slots[2])
@@ -736,6 +761,7 @@ class Fleet:
                    for d in self.devices]
         async with compat.TaskGroup() as tg:
             tg.create_task(self.sampler(stop_sampler))
+            tg.create_task(self.supervise(stop_sampler))
             start = time.time()
             self.t0 = self.timeline.t0 = start
             until = start + (10 * 86400 if o.find_max else o.duration_s)

@@ -51,11 +51,13 @@ def test_fleet_short_run_with_every_fault_loses_and_duplicates_nothing(tmp_path:
     assert report["ok"] is True and run.returncode == 0, run.stderr[-3000:]
     assert report["dead_letters"] == 0 and report["queue_at_end"] == 0, detail
 
-    # Every fault happened, in the timeline with its start and end.
+    # Every fault happened, in the timeline with its start and end. (A cloud process that
+    # exited on its own, e.g. a worker started while PostgreSQL was down, is there too, as
+    # "process_exited": restarted as systemd's Restart=always would.)
     timeline = {e["fault"]: e for e in report["timeline"]}
-    assert set(timeline) == FAULTS, detail
+    assert FAULTS <= set(timeline) <= FAULTS | {"process_exited"}, detail
     assert all(e["end_s"] is not None and e["end_s"] >= e["start_s"] for e in timeline.values())
-    assert report["processes"]["ingest1"] == 2 and report["processes"]["worker0"] == 2, detail
+    assert report["processes"]["ingest1"] >= 2 and report["processes"]["worker0"] >= 2, detail
 
     # The device 10 minutes behind learnt the cloud's time and delivered everything.
     (skewed,) = report["skewed_devices"]

@@ -544,6 +544,7 @@ class Fleet:
         self.proxy: TcpProxy | None = None
         self.templates: list[Event] = []
         self.interval = opts.every_s
+        self.rate_changed = asyncio.Event()
         self.capturing = True
         self.t0 = time.time()
         self.timeline = Timeline(self.t0)
@@ -594,12 +595,17 @@ class Fleet:
         loop = asyncio.get_running_loop()
         # Spread the devices over one interval, so the ingest sees a steady stream.
         await asyncio.sleep(self.interval * dev.index / max(1, len(self.devices)))
-        due, k = loop.time(), dev.index
+        k = dev.index
         while self.capturing and time.time() < until:
+            last = loop.time()
             await dev.capture(self.templates[k % len(self.templates)])
             k += 1
-            due = max(due + self.interval, loop.time() - self.interval)
-            await asyncio.sleep(max(0.0, due - loop.time()))
+            # Until the next capture is due; a rate step (--find-max) wakes every device to
+            # recompute it, so the new rate holds from the step on, not one old interval later.
+            while (wait := last + self.interval - loop.time()) > 0:
+                with contextlib.suppress(TimeoutError):
+                    async with compat.timeout(wait):
+                        await self.rate_changed.wait()
 
     def totals(self) -> dict[str, int]:
         captured = sum(len(d.captured) for d in self.devices)
@@ -704,6 +710,8 @@ class Fleet:
         interval = o.every_s
         while True:
             self.interval = interval
+            self.rate_changed.set()  # wakes every waiting device; later waits block again
+            self.rate_changed.clear()
             began = time.time()
             await asyncio.sleep(o.step_s)
             phase = self.judge_phase(began - self.t0, time.time() - self.t0)
@@ -724,6 +732,7 @@ class Fleet:
         if len(rows) < 4:
             return {**out, "sustained": False, "why": "too short"}
         span = rows[-1]["t"] - rows[0]["t"]
+        out["captured_per_s"] = round((rows[-1]["captured"] - rows[0]["captured"]) / span, 2)
         out["ingested_per_s"] = round((rows[-1]["delivered"] - rows[0]["delivered"]) / span, 2)
         out["reasoned_per_s"] = round((rows[-1]["results"] - rows[0]["results"]) / span, 2)
         half = [r for r in rows[len(rows) // 2:] if r["queue"] is not None]
@@ -735,7 +744,7 @@ class Fleet:
         out.update(latency_stats(lat))
         growing = slope > 0.05 * offered
         slow = bool(lat) and out["p99_s"] > o.latency_limit_s
-        behind = out["ingested_per_s"] < 0.9 * offered
+        behind = out["ingested_per_s"] < 0.9 * out["captured_per_s"]
         out["sustained"] = not (growing or slow or behind)
         out["why"] = ", ".join(w for w, bad in (("queue grows", growing),
                                                  ("latency runs away", slow),

@@ -602,7 +602,7 @@ class Fleet:
             k += 1
             # Until the next capture is due; a rate step (--find-max) wakes every device to
             # recompute it, so the new rate holds from the step on, not one old interval later.
-            while (wait := last + self.interval - loop.time()) > 0:
+            while (wait := min(last + self.interval - loop.time(), until - time.time())) > 0:
                 with contextlib.suppress(TimeoutError):
                     async with compat.timeout(wait):
                         await self.rate_changed.wait()

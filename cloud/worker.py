@@ -407,7 +407,15 @@ class Worker:
         except Exception as err:  # never let one event take the worker down
             self.metrics.failures.labels(kind="crashed").inc()
             log.exception("worker.event_crashed", **_fields(lease.event), error=str(err))
-            await self._retry(lease, f"worker error: {err!r}")
+            try:
+                await self._retry(lease, f"worker error: {err!r}")
+            except RetryableError as down:
+                # The queue is down too (most often the very outage that failed the event, an
+                # ack to a restarting Redis): the lease expires and the event is delivered
+                # again. Raising here would take the worker and every event in flight down.
+                log.warning("worker.retry_not_recorded", **_fields(lease.event),
+                            error=down.message[:300],
+                            outcome="delivered again when its lease expires")
         finally:
             slots.release()
 
@@ -590,11 +598,17 @@ class Worker:
         return cast(T, value)  # no error: the call returned a T
 
     async def _heartbeat(self, lease: Lease, call: asyncio.Task[Any]) -> bool:
-        """Extend ``lease`` every visibility_s / HEARTBEATS_PER_VISIBILITY until cancelled;
-        if the queue says the lease was lost, cancel ``call`` and return True."""
+        """Extend ``lease`` every visibility_s / HEARTBEATS_PER_VISIBILITY until cancelled or
+        ``call`` is done (then False); if the queue says the lease was lost, cancel ``call``
+        and return True."""
         every = self.visibility_s / HEARTBEATS_PER_VISIBILITY
-        while True:
+        # Watch the call, not only our own cancellation: a queue client may swallow the cancel
+        # that lands in the middle of an extend (seen with redis-py across a Redis restart),
+        # and a heartbeat that outlives its call holds the event's lease forever.
+        while not call.done():
             await asyncio.sleep(every)
+            if call.done():
+                break
             try:
                 kept = await self.queue.extend(lease, visibility_s=self.visibility_s)
             except Exception as err:
@@ -607,6 +621,7 @@ class Worker:
             if not kept:
                 call.cancel()
                 return True
+        return False
 
     def _lease_lost(self, lease: Lease, reasoner: Reasoner) -> None:
         self.metrics.outcomes.labels(outcome="lost").inc()

@@ -326,3 +326,56 @@ async def test_provider_outages_beyond_max_attempts_never_dead_letter(env: Env) 
     s = worker.stats
     assert (s.done, s.dead, s.retried) == (1, 0, 0) and s.deferred >= outages
     assert fake.problems == []
+
+
+class SwallowsCancel:
+    """The queue, except that a heartbeat's ``extend`` in flight when it is cancelled swallows
+    the cancellation and answers as if it had extended (what a client library that catches
+    CancelledError on a half-read reply and retries does)."""
+
+    def __init__(self, inner: EventQueue) -> None:
+        self.inner = inner
+        self.swallowed = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    async def extend(self, lease: Lease, *, visibility_s: float) -> bool:
+        try:
+            await asyncio.sleep(0.3)  # the round trip the cancellation lands in
+        except asyncio.CancelledError:
+            if self.swallowed:  # once is enough to show it (and lets the test end)
+                raise
+            self.swallowed += 1
+        return await self.inner.extend(lease, visibility_s=visibility_s)
+
+
+async def test_the_heartbeat_ends_with_the_call_even_if_its_cancel_is_swallowed(
+    env: Env,
+) -> None:
+    """Found by the fleet simulator (bench/fleet.py): after a Redis restart, events whose
+    provider call had ended stayed leased for good. Their heartbeat, cancelled when the call
+    ended, lost the cancellation inside the queue client, went on extending the lease every
+    few seconds, and the event never finished: no result, no ack, and no other worker could
+    take it over. The heartbeat now stops when the call it watches is done."""
+    queue = SwallowsCancel(env.queue)
+    provider = HeldProvider(hold={1})
+    worker = Worker(queue=queue, store=env.store, reasoner=provider,  # type: ignore[arg-type]
+                    keys=env.keys, poll_s=0.02, visibility_s=0.6, concurrency=1)
+    await env.put(1)
+    async with running(worker):
+        await until(provider.started.is_set, "the call starts")
+        # Answer while a heartbeat's extend is in flight, so the cancel lands inside it.
+        every = 0.6 / 3
+        await asyncio.sleep(every + 0.1)
+        provider.answer.set()
+        await until(lambda: queue.swallowed > 0, "a heartbeat swallows its cancel", 10)
+        await until(env.result_seqs, "the result is stored", 10)
+
+        async def drained() -> bool:
+            stats = await env.queue.stats()
+            return stats.ready + stats.leased == 0
+
+        await until(drained, "the event is acked, not held by its heartbeat", 10)
+    assert await env.result_seqs() == [1]
+    assert provider.calls == [1]

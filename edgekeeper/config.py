@@ -510,6 +510,10 @@ class ReasonerSection:
     # The LLM reads no audio: it gets the clip's level and length and, with a recognizer, a
     # transcript. auto: pocketsphinx when installed (offline, bundled English model).
     transcriber: Literal["auto", "pocketsphinx", "none"] = "auto"
+    # Only events whose gate label is one of these get a transcript: the recognizer costs about
+    # half a CPU-second per second of clip, one clip at a time per worker, and turns an alarm
+    # or street noise into random words that can mislead; the spectrogram serves those.
+    transcribe_labels: tuple[str, ...] = ("speech",)
     # When the provider keeps failing, an event that has waited fallback_after_seconds since it
     # was received may get the offline teacher's result instead (provisional); none: it waits.
     fallback: Literal["none", "offline"] = "none"

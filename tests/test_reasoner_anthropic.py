@@ -316,3 +316,21 @@ async def test_key_never_reaches_a_log_or_an_error(
     assert "Request options" in caplog.text and "send_request_headers" in caplog.text
     assert KEY not in text and KEY[-20:] not in text
     assert base64.b64encode(KEY.encode()).decode() not in text
+
+
+SPEECH = Path("/usr/share/asterisk/sounds/en/hello-world.wav")  # asterisk-core-sounds-en-wav
+
+
+@pytest.mark.skipif(not SPEECH.exists(), reason="asterisk-core-sounds-en-wav is installed by scripts/test")
+async def test_only_the_labels_listed_are_transcribed(make: Make, fake: FakeAnthropic) -> None:
+    # The same spoken clip under two gate labels: the recognizer runs for `speech` (listed by
+    # default) and not for `alarm`, whose clip the spectrogram serves.
+    reasoner = make(transcriber="pocketsphinx")
+    base = event_with_frames(1)
+    for seq, label in ((1, "speech"), (2, "alarm")):
+        ev = EventBody(device_id=base.device_id, seq=seq, captured_at=base.captured_at,
+                       meta={"label": label}, frames=base.frames, audio_wav=SPEECH.read_bytes())
+        await reasoner.reason(ev, model_version="sound@1")
+    heard = [json.loads(r.text.split("\n", 1)[1])["audio"] for r in fake.requests]
+    assert heard[0]["transcript"].strip() and heard[0]["transcript_by"].startswith("pocketsphinx")
+    assert "transcript" not in heard[1] and "spectrogram" in heard[1]

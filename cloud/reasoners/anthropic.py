@@ -292,7 +292,8 @@ class AnthropicReasoner:
             return blocks, shown, audio
 
         images, shown, audio = await asyncio.to_thread(prepare)
-        if audio is not None and self._transcriber is not None and event.audio_wav is not None:
+        if audio is not None and self._transcriber is not None and event.audio_wav is not None \
+                and event.meta.get("label") in self.section.transcribe_labels:
             transcript = await self._transcriber.transcribe(event.audio_wav)
             if transcript is not None:
                 audio["transcript"] = transcript

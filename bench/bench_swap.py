@@ -87,10 +87,11 @@ async def steady(gate: Gate, frames: list[np.ndarray], fps: float, seconds: floa
 
 async def one_update(frames_dir: Path) -> float:
     """Seconds for one full update of the person gate from a local release server."""
+    from edgekeeper.config import UpdatesSection
     from edgekeeper.device.manifest import load_manifest
     from edgekeeper.device.update.fetch import ReleaseFetcher
     from edgekeeper.device.update.store import ModelStore
-    from edgekeeper.device.update.updater import Updater, UpdateSettings
+    from edgekeeper.device.update.updater import Updater
     from edgekeeper.protocol.keys import DeviceKeys
     from tests.update_kit import ReleaseServer, build_release
 
@@ -108,7 +109,7 @@ async def one_update(frames_dir: Path) -> float:
     try:
         async with ReleaseFetcher(server.url, keys=keys, device_id="bench") as fetcher:
             updater = Updater(store=store, gate=gate, fetcher=fetcher, active=active,
-                              settings=UpdateSettings(), thresholds={"person": 0.7})
+                              settings=UpdatesSection(), thresholds={"person": 0.7})
             t0 = time.perf_counter()
             outcome = await updater.check_once()
             took = time.perf_counter() - t0

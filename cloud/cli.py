@@ -16,6 +16,7 @@ import time
 from typing import Any
 
 from edgekeeper import install, runtime
+from edgekeeper import log as log_mod
 from edgekeeper.config import Config
 from edgekeeper.errors import InputError
 
@@ -63,6 +64,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
              "the device registry)", _serve)
     p.add_argument("--host", help="address to listen on (default: cloud.host)")
     p.add_argument("--port", type=int, help="port to listen on (default: cloud.port)")
+    p.add_argument("--workers", type=int, metavar="N",
+                   help="ingest processes sharing the port (SO_REUSEPORT), owned by this one: "
+                        "about one per core (default: cloud.ingest_processes; "
+                        "docs/scaling.md)")
+    # One child of --workers N: which one (its log lines say so), sharing the port.
+    p.add_argument("--child", metavar="NAME", help=argparse.SUPPRESS)
 
     install.add_commands(csub, install.CLOUD, lambda a, c: install.run(a, install.CLOUD))
 
@@ -135,10 +142,86 @@ def _serve(args: argparse.Namespace, config: Config) -> int:
 
     if args.port is not None and not 0 <= args.port <= 65535:
         raise InputError(f"--port {args.port} is not a port", fix="use 0-65535 (0: any free)")
-    server = build_server(config, host=args.host, port=args.port)
+    workers = config.cloud.ingest_processes if args.workers is None else args.workers
+    if not 1 <= workers <= MAX_INGEST_PROCESSES:
+        raise InputError(f"--workers {workers} is out of range",
+                         fix=f"use 1 to {MAX_INGEST_PROCESSES}: about one per core")
+    if workers > 1 and args.child is None:
+        return _serve_processes(args, config, workers)
+    if args.child is not None:
+        log_mod.bind_context(process=args.child)
+    server = build_server(config, host=args.host, port=args.port,
+                          reuse_port=args.child is not None)
     runtime.run(server.run, name="ingest", drain_seconds=args.drain_seconds,
                 reload=server.reload)
     return 0
+
+
+MAX_INGEST_PROCESSES = 64
+# A child's drain ends this much before its parent's deadline, so the parent hears how it ended.
+CHILD_DRAIN_MARGIN_S = 2.0
+
+
+def _serve_processes(args: argparse.Namespace, config: Config, workers: int) -> int:
+    """``cloud serve --workers N``: N children `cloud serve --child NAME` on one port, owned by
+    this process (edgekeeper/processes.py) under the runtime; /metrics adds their values up
+    (prometheus_client's multiprocess mode, in a directory this process owns)."""
+    import os
+    import shutil
+    import tempfile
+
+    from edgekeeper.cloud.ingest import claim_port
+    from edgekeeper.cloud.keys import CloudKeys
+    from edgekeeper.metrics import MULTIPROC_ENV, forget_process
+    from edgekeeper.processes import Child, ProcessGroup
+    from edgekeeper.tls import server_context
+
+    server_context(config.cloud.tls_cert_file, config.cloud.tls_key_file)  # its error, once
+    host = args.host or config.cloud.host
+    port = claim_port(host, config.cloud.port if args.port is None else args.port)
+    # Made once, here, before any child starts: N children starting at once would race to
+    # generate the cloud's keys (two different ones, the last written wins on disk while the
+    # other child keeps its own). Opening the backends once says an unreachable or non-durable
+    # one here, in one line, instead of N children dying and being restarted.
+    CloudKeys.ensure(config.cloud_data_dir)
+    asyncio.run(_open_backends(config))
+    drain_s = runtime.DRAIN_SECONDS if args.drain_seconds is None else args.drain_seconds
+    child_drain = max(1.0, drain_s - CHILD_DRAIN_MARGIN_S)
+    common = [sys.executable, "-m", "edgekeeper.cli"]
+    if args.config:
+        common += ["--config", args.config]
+    if args.log_level:
+        common += ["--log-level", args.log_level]
+    common += ["--drain-seconds", f"{child_drain:g}", "cloud", "serve", "--host", host,
+               "--port", str(port)]
+    metrics_dir = tempfile.mkdtemp(prefix="edgekeeper-ingest-metrics-")
+    env = {**os.environ, MULTIPROC_ENV: metrics_dir}
+    children = [Child(f"ingest-{i}", (*common, "--child", f"ingest-{i}"), env)
+                for i in range(1, workers + 1)]
+    group = ProcessGroup(children, on_exit=lambda pid: forget_process(metrics_dir, pid))
+    shown = f"[{host}]" if ":" in host else host
+    scheme = "https" if config.cloud.tls_cert_file else "http"
+    log_mod.get_logger(__name__).info(
+        "ingest.processes", processes=workers, url=f"{scheme}://{shown}:{port}",
+        backends=f"{config.cloud.queue_backend}+{config.cloud.store_backend}")
+    try:
+        runtime.run(group.run, name="ingest-processes", drain_seconds=drain_s,
+                    reload=group.reload)
+    finally:
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+    return 0
+
+
+async def _open_backends(config: Config) -> None:
+    """Open the queue and the store once (their files or tables are created), then close."""
+    from edgekeeper.cloud.backends import open_queue, open_store
+
+    section = config.cloud
+    store = await open_store(section.store_backend, config.cloud_data_dir, section=section)
+    await store.close()
+    queue = await open_queue(section.queue_backend, config.cloud_data_dir,
+                             max_attempts=section.queue_max_attempts, section=section)
+    await queue.close()
 
 
 def _worker(args: argparse.Namespace, config: Config) -> int:

@@ -8,8 +8,10 @@ What it guarantees:
 * Every refusal is a JSON error with a stable code, decided before any side effect: nothing is
   enqueued, no token consumed, nothing acked.
 * Memory is bounded: bodies are refused by Content-Length before they are read, chunked bodies
-  are read only up to the limit, and at most ``cloud.max_inflight`` uploads are handled at once
-  (more get ``503`` + Retry-After).
+  are read only up to the limit, upload bodies held at once (being read or handled) stay within
+  ``cloud.max_inflight * cloud.max_event_bytes`` bytes, and at most ``cloud.max_inflight``
+  uploads are handled at once (more get ``503`` + Retry-After). A slot is taken only once the
+  body is in, so clients trickling bodies hold bytes, not slots.
 
 Public API: ``create_app(section, data_dir, *, store=None, queue=None, keys=None, clock=...)``
 (injected backends are not closed by the app; otherwise it opens them from ``data_dir`` in a
@@ -27,6 +29,7 @@ import functools
 import json
 import math
 import os
+import socket
 import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -48,9 +51,16 @@ from edgekeeper.config import CloudSection, Config
 from edgekeeper.errors import ConfigError, RetryableError
 from edgekeeper.log import get_logger
 from edgekeeper.metrics import CONTENT_TYPE as METRICS_TYPE
-from edgekeeper.metrics import IngestMetrics, render, total
+from edgekeeper.metrics import (
+    IngestMetrics,
+    multiprocess_dir,
+    render,
+    render_processes,
+    total,
+)
 from edgekeeper.protocol.envelope import (
     CONTENT_TYPE,
+    HEADER_TIMESTAMP,
     PROTOCOL_VERSION,
     open_event,
     peek_header,
@@ -82,6 +92,8 @@ HEALTH_TIMEOUT_S = 2.0
 # millisecond or more (~0.35 ms per 192 KB) are worth the hop.
 CRYPTO_THREAD_MIN_BYTES = 192 * 1024
 JSON_TYPE = "application/json"
+# On /healthz: the pid of the ingest process that answered.
+PROCESS_HEADER = "X-Edgekeeper-Process"
 
 Clock = Callable[[], float]
 
@@ -328,6 +340,16 @@ class ResultsWatch:
 # --- app state ----------------------------------------------------------------------------
 
 
+@dataclass(eq=False)
+class HeldPoll:
+    """One results long-poll held open: its signed timestamp, its deadline (loop time), and
+    the event that answers it early when a newer poll of the same device takes its place."""
+
+    signed_at: float
+    deadline: float
+    superseded: asyncio.Event = field(default_factory=asyncio.Event)
+
+
 @dataclass
 class IngestState:
     section: CloudSection
@@ -340,9 +362,13 @@ class IngestState:
     watch: ResultsWatch
     metrics: IngestMetrics
     inflight: int = 0
-    # Open results long-polls per device: their deadlines (loop time), for the per-device cap.
-    polls: dict[str, list[float]] = field(default_factory=dict)
+    # Open results long-polls per device, for the per-device cap.
+    polls: dict[str, list[HeldPoll]] = field(default_factory=dict)
+    # Bytes of upload bodies held in memory now (being read or processed), for body_budget.
+    body_bytes: int = 0
     crypto_pool: ThreadPoolExecutor | None = None
+    # (model, stage) series of the releases gauge set at the last scrape.
+    release_series: set[tuple[str, str]] = field(default_factory=set)
 
 
 STATE: web.AppKey[IngestState] = web.AppKey("edgekeeper_ingest", IngestState)
@@ -355,36 +381,58 @@ STATE: web.AppKey[IngestState] = web.AppKey("edgekeeper_ingest", IngestState)
 BODY_MIN_BYTES_PER_S = 4096
 
 
-async def _read_capped(request: web.Request, limit: int) -> bytes:
+async def _read_capped(request: web.Request, limit: int, *, budgeted: bool = False) -> bytes:
     """The body, at most ``limit`` bytes, arriving without stalls.
 
-    aiohttp waits for a body as long as the client keeps the connection open, so a few
-    clients trickling bytes could hold every upload slot (cloud.max_inflight) and turn every
-    device away with 503. A pause longer than cloud.body_timeout_seconds, or a body slower
-    than that grace plus one second per BODY_MIN_BYTES_PER_S, is a 408.
+    aiohttp waits for a body as long as the client keeps the connection open. A pause longer
+    than cloud.body_timeout_seconds, or a body slower than that grace plus one second per
+    BODY_MIN_BYTES_PER_S, is a 408.
+
+    ``budgeted`` (uploads): the bytes read count against the ingest's body budget
+    (max_inflight * max_event_bytes, IngestState.body_bytes) as they arrive, and a body that
+    would go over it is a 503. The caller owns the returned bytes' share and gives it back
+    with ``_release_body``; on any failure here it is given back before raising.
     """
     length = request.content_length
     if length is not None and length > limit:
         raise PayloadTooLarge(f"the body is {length} bytes; the limit is {limit}")
-    grace = request.app[STATE].section.body_timeout_seconds
+    st = request.app[STATE]
+    grace = st.section.body_timeout_seconds
+    budget = st.section.max_inflight * st.section.max_event_bytes
     loop = asyncio.get_running_loop()
     deadline = loop.time() + grace + (limit if length is None else length) / BODY_MIN_BYTES_PER_S
     buf = bytearray()
-    while True:
-        try:
-            async with compat.timeout(min(grace, max(0.0, deadline - loop.time()))):
-                chunk = await request.content.readany()
-        except TimeoutError:
-            raise RequestTimeout(
-                f"the body stalled after {len(buf)} bytes"
-                + (f" of {length}" if length is not None else "")
-            ) from None
-        if not chunk:
-            break
-        buf += chunk
-        if len(buf) > limit:
-            raise PayloadTooLarge(f"the body is over the limit of {limit} bytes")
+    try:
+        while True:
+            try:
+                async with compat.timeout(min(grace, max(0.0, deadline - loop.time()))):
+                    chunk = await request.content.readany()
+            except TimeoutError:
+                raise RequestTimeout(
+                    f"the body stalled after {len(buf)} bytes"
+                    + (f" of {length}" if length is not None else "")
+                ) from None
+            if not chunk:
+                break
+            if budgeted:
+                if st.body_bytes + len(chunk) > budget:
+                    raise ServiceError(
+                        f"upload bodies already hold {st.body_bytes} bytes of memory (the"
+                        f" budget is cloud.max_inflight * cloud.max_event_bytes = {budget})",
+                        code="unavailable", status=503, retry_after=1.0)
+                st.body_bytes += len(chunk)
+            buf += chunk
+            if len(buf) > limit:
+                raise PayloadTooLarge(f"the body is over the limit of {limit} bytes")
+    except BaseException:
+        if budgeted:
+            _release_body(st, len(buf))
+        raise
     return bytes(buf)
+
+
+def _release_body(st: IngestState, nbytes: int) -> None:
+    st.body_bytes -= nbytes
 
 
 def _require_type(request: web.Request, expected: str) -> None:
@@ -426,6 +474,23 @@ async def _signed_device(request: web.Request, body: bytes) -> DevicePublicKeys:
     )
 
 
+def _signed_at(request: web.Request) -> float:
+    """The signed X-Edgekeeper-Timestamp of a request verify_request has accepted."""
+    return float(request.headers[HEADER_TIMESTAMP])
+
+
+async def _first_of(*waits: Awaitable[Any]) -> None:
+    """Wait until any of ``waits`` is done; the others are cancelled (a task group would wait
+    for all of them)."""
+    tasks = [asyncio.ensure_future(w) for w in waits]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
 def _query_int(request: web.Request, name: str, default: int, lo: int, hi: int) -> int:
     raw = request.query.get(name)
     if raw is None:
@@ -451,6 +516,18 @@ async def post_event(request: web.Request) -> web.Response:
             f"the envelope is {request.content_length} bytes; the limit is "
             f"{section.max_event_bytes}"
         )
+    # The body is read before an upload slot is taken: a client trickling its body holds only
+    # the bytes it has sent (against the memory budget), not one of max_inflight slots, so
+    # 200 slow clients cannot turn every device away with 503 (bench/bench_floods.py, flood c).
+    data = await _read_capped(request, section.max_event_bytes, budgeted=True)
+    try:
+        return await _process_event(st, data)
+    finally:
+        _release_body(st, len(data))
+
+
+async def _process_event(st: IngestState, data: bytes) -> web.Response:
+    section = st.section
     if st.inflight >= section.max_inflight:
         raise ServiceError(
             "too many uploads in flight", code="unavailable", status=503, retry_after=1.0
@@ -458,7 +535,6 @@ async def post_event(request: web.Request) -> web.Response:
     st.inflight += 1
     st.metrics.uploads_inflight.inc()
     try:
-        data = await _read_capped(request, section.max_event_bytes)
         header = peek_header(data, max_bytes=section.max_event_bytes)
         device = await st.registry.get(header.device_id)
         open_it = functools.partial(
@@ -546,31 +622,42 @@ async def get_results(request: web.Request) -> web.Response:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + wait_s
     # A signed long-poll can be replayed inside the freshness window: cap how many sockets one
-    # device may hold open (its own client needs one; a reconnect may briefly overlap it).
+    # device may hold open (its own client needs one; a reconnect may briefly overlap it). At
+    # the cap, a poll signed later than a held one takes the oldest one's place (that one is
+    # answered now with what it has): copies of a captured request can never be newer than
+    # the device's own next poll, so they cannot lock the device out of its results (bench:
+    # bench/bench_floods.py, flood b). A poll no newer than every held one gets 429.
     polls = st.polls.setdefault(device.device_id, [])
     cap = st.section.results_max_polls_per_device
+    held = HeldPoll(_signed_at(request), deadline)
     if wait_s > 0 and len(polls) >= cap:
-        raise ServiceError(
-            f"device {device.device_id!r} already holds {len(polls)} results long-polls open"
-            f" (cloud.results_max_polls_per_device = {cap})",
-            code="rate_limited", status=429, retry_after=min(polls) - loop.time(),
-        )
+        oldest = min(polls, key=lambda p: p.signed_at)
+        if held.signed_at <= oldest.signed_at:
+            raise ServiceError(
+                f"device {device.device_id!r} already holds {len(polls)} results long-polls"
+                f" open (cloud.results_max_polls_per_device = {cap})",
+                code="rate_limited", status=429,
+                retry_after=min(p.deadline for p in polls) - loop.time(),
+            )
+        polls.remove(oldest)
+        st.metrics.polls_open.dec()
+        oldest.superseded.set()
     if wait_s > 0:
-        polls.append(deadline)
+        polls.append(held)
         st.metrics.polls_open.inc()
     try:
         while True:
             version = await st.store.results_version()
             rows = await st.store.results_after(device.device_id, cursor, limit)
             remaining = deadline - loop.time()
-            if rows or remaining <= 0:
+            if rows or remaining <= 0 or held.superseded.is_set():
                 break
-            await st.watch.wait_newer(version, remaining)
+            await _first_of(st.watch.wait_newer(version, remaining), held.superseded.wait())
     finally:
-        if wait_s > 0:
-            polls.remove(deadline)
+        if wait_s > 0 and held in polls:  # not when superseded: its successor took its place
+            polls.remove(held)
             st.metrics.polls_open.dec()
-        if not polls:
+        if not polls and st.polls.get(device.device_id) is polls:
             st.polls.pop(device.device_id, None)
     return web.json_response(
         {
@@ -641,8 +728,10 @@ async def get_health(request: web.Request) -> web.Response:
             checks["provider"] = ("ok" if provider is None or provider.state != "refused"
                                   else f"refused: {provider.reason}; fix: {provider.fix}")
     ok = all(v == "ok" for v in checks.values())
+    # Which ingest process answered (`cloud serve --workers N` runs several on one port).
     return web.json_response(
-        {"status": "ok" if ok else "unavailable", "checks": checks}, status=200 if ok else 503
+        {"status": "ok" if ok else "unavailable", "checks": checks}, status=200 if ok else 503,
+        headers={PROCESS_HEADER: str(os.getpid())},
     )
 
 
@@ -672,13 +761,22 @@ async def get_metrics(request: web.Request) -> web.Response:
             if r.expires_at > now:
                 counts[(r.model, r.stage)] = counts.get((r.model, r.stage), 0) + 1
                 latest[r.model] = max(latest.get(r.model, 0.0), r.published_at)
-        st.metrics.releases.clear()  # a stage no release is in any more reads as absent
+        shared = multiprocess_dir()
+        for model, stage in st.release_series - counts.keys():
+            # A stage no release is in any more reads as absent; with several processes it
+            # reads 0 (their shared files cannot forget a series).
+            if shared:
+                st.metrics.releases.labels(model=model, stage=stage).set(0)
+            else:
+                st.metrics.releases.remove(model, stage)
+        st.release_series = set(counts)
         for (model, stage), n in counts.items():
             st.metrics.releases.labels(model=model, stage=stage).set(n)
         for model, at in latest.items():
             st.metrics.release_latest.labels(model=model).set(at)
-    return web.Response(body=render(st.metrics.registry),
-                        headers={"Content-Type": METRICS_TYPE})
+    shared = multiprocess_dir()  # `cloud serve --workers N`: every child's values, added up
+    body = render(st.metrics.registry) if shared is None else render_processes(shared)
+    return web.Response(body=body, headers={"Content-Type": METRICS_TYPE})
 
 
 # --- middleware ---------------------------------------------------------------------------
@@ -815,11 +913,15 @@ class IngestServer:
     """Owns one running ingest: the app, its runner and its listening socket."""
 
     def __init__(self, app: web.Application, host: str = "127.0.0.1", port: int = 0,
-                 ssl_context: ssl.SSLContext | None = None) -> None:
+                 ssl_context: ssl.SSLContext | None = None, *, reuse_port: bool = False) -> None:
         self.app = app
         self.host = host
         self.port = port
         self.ssl_context = ssl_context
+        # SO_REUSEPORT: one of `cloud serve --workers N`'s children, sharing the port with its
+        # siblings (the kernel spreads connections over them). Off otherwise, so a second
+        # `cloud serve` on a taken port fails instead of silently sharing it.
+        self.reuse_port = reuse_port
         self._runner: web.AppRunner | None = None
 
     @property
@@ -830,7 +932,8 @@ class IngestServer:
         """Start listening; return the base URL (with the real port when ``port`` was 0)."""
         self._runner = web.AppRunner(self.app, access_log=None, shutdown_timeout=10.0)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port, ssl_context=self.ssl_context)
+        site = web.TCPSite(self._runner, self.host, self.port, ssl_context=self.ssl_context,
+                           reuse_port=self.reuse_port or None)
         try:
             await site.start()
         except OSError as err:
@@ -868,12 +971,31 @@ class IngestServer:
         await self.state.registry.load()
 
 
-def build_server(config: Config, *, host: str | None = None, port: int | None = None
-                 ) -> IngestServer:
+def build_server(config: Config, *, host: str | None = None, port: int | None = None,
+                 reuse_port: bool = False) -> IngestServer:
     """The ingest `edgekeeper cloud serve` runs (TLS files are read here, before any side
     effect)."""
     section = config.cloud
     tls = server_context(section.tls_cert_file, section.tls_key_file)
     app = create_app(section, config.cloud_data_dir)
     return IngestServer(app, host or section.host, section.port if port is None else port,
-                        ssl_context=tls)
+                        ssl_context=tls, reuse_port=reuse_port)
+
+
+def claim_port(host: str, port: int) -> int:
+    """Check that ``host:port`` is free before `cloud serve --workers N` starts its children
+    (with SO_REUSEPORT they would join another server's port instead of failing); return the
+    port (a free one when ``port`` is 0). ConfigError, as IngestServer.start says it."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                   flags=socket.AI_PASSIVE)
+        family, kind, proto, _, address = infos[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as aiohttp does
+            probe.bind(address)
+            return int(probe.getsockname()[1])
+    except OSError as err:
+        raise ConfigError(
+            f"cannot listen on {host}:{port}: {err.strerror or err}",
+            fix="choose another --port / cloud.port, or stop the process using it",
+        ) from None

@@ -137,10 +137,9 @@ class RetrainScheduler:
         """Usable examples reasoned after ``mark``, and the newest ``reasoned_at`` seen. The
         mark is the examples' own time, not this host's clock: workers on several hosts (or a
         clock that jumps) still count each example once."""
-        rows = await self.store.examples(model=model, scope=Scope.parse("fleet"), since=mark)
-        new = [e for e in rows if mark is None or e.reasoned_at > mark]
-        newest = max((e.reasoned_at for e in rows), default=mark)
-        return sum(1 for e in new if e.target is not None and e.weight > 0), newest
+        usable, newest = await self.store.count_new_examples(
+            model=model, scope=Scope.parse("fleet"), after=mark)
+        return usable, mark if newest is None else newest
 
     async def round(self, stop: asyncio.Event) -> None:
         """One check of every model, under the lease."""

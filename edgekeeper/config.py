@@ -333,6 +333,9 @@ class UpdatesSection:
     # abandoned and tried again at the next check.
     stall_seconds: float = 10.0
     download_seconds: float = 600.0
+    # Tries per file within one check, a short backoff apart; past them the check fails and
+    # the next check starts the download again.
+    download_attempts: int = 3
     # A new model's trial: this many inferences or this many seconds, whichever comes first.
     trial_inferences: int = 500
     trial_seconds: float = 600.0
@@ -346,6 +349,8 @@ class UpdatesSection:
         if not (self.check_seconds >= 1 and self.stall_seconds > 0
                 and self.download_seconds >= self.stall_seconds):
             raise ValueError("check_seconds >= 1 and 0 < stall_seconds <= download_seconds")
+        if not 1 <= self.download_attempts <= 100:
+            raise ValueError("download_attempts must be between 1 and 100")
         if self.trial_inferences < 0 or self.trial_seconds < 0:
             raise ValueError("trial_inferences and trial_seconds must be >= 0")
         if not 0 <= self.shadow_max_flip <= 1 or not 1 <= self.canary_size <= 10000:
@@ -367,15 +372,19 @@ class CloudSection:
     # Per-device token bucket: sustained events per second, and the burst allowed above it.
     rate_per_second: float = 5.0
     rate_burst: int = 30
-    # Uploads being read or processed at once; past it the ingest answers 503 + Retry-After,
-    # which bounds its memory to about max_inflight * max_event_bytes.
+    # Uploads processed at once (counted once the body is in); past it the ingest answers 503 +
+    # Retry-After. Upload bodies held in memory at once are capped at max_inflight *
+    # max_event_bytes bytes (503 past it): a client trickling a body holds bytes, not a slot.
     max_inflight: int = 64
+    # Ingest processes `cloud serve` runs on the one port (SO_REUSEPORT; --workers overrides):
+    # one process uses one core, so a busy ingest runs one per core (docs/scaling.md).
+    ingest_processes: int = 1
     token_ttl_seconds: float = 86400.0
     # Longest long-poll on GET /v1/results (the device asks for less).
     results_max_wait_seconds: float = 30.0
-    # Long-polls one device may hold open at once; more get 429 + Retry-After. Its own results
-    # client needs one; a signed request replayed inside replay_window_seconds would otherwise
-    # hold a socket per copy.
+    # Long-polls one device may hold open at once; more get 429 + Retry-After unless signed
+    # later than a held one, whose place they take. Its own results client needs one; a signed
+    # request replayed inside replay_window_seconds would otherwise hold a socket per copy.
     results_max_polls_per_device: int = 2
     # How often a long-poll re-checks the results store written by workers in other processes,
     # and how often the ingest re-reads the device registry (revocations from the CLI).
@@ -444,6 +453,8 @@ class CloudSection:
             raise ValueError("rate_per_second > 0 and rate_burst >= 1 are required")
         if not 1 <= self.max_inflight <= 10000:
             raise ValueError("max_inflight must be between 1 and 10000")
+        if not 1 <= self.ingest_processes <= 64:
+            raise ValueError("ingest_processes must be between 1 and 64")
         if self.token_ttl_seconds <= 0:
             raise ValueError("token_ttl_seconds must be > 0")
         if not 0 < self.body_timeout_seconds <= 3600:
@@ -720,6 +731,7 @@ ENV_OVERRIDES: dict[str, str] = {
     "EDGEKEEPER_CLOUD_DATA_DIR": "cloud.data_dir",
     "EDGEKEEPER_CLOUD_HOST": "cloud.host",
     "EDGEKEEPER_CLOUD_PORT": "cloud.port",
+    "EDGEKEEPER_INGEST_PROCESSES": "cloud.ingest_processes",
     "EDGEKEEPER_QUEUE_BACKEND": "cloud.queue_backend",
     "EDGEKEEPER_STORE_BACKEND": "cloud.store_backend",
     "EDGEKEEPER_REDIS_URL": "cloud.redis_url",

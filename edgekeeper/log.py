@@ -207,7 +207,10 @@ def configure(level: str = "info", fmt: str = "auto", stream: Any = None) -> Non
         wrapper_class=structlog.make_filtering_bound_logger(
             getattr(logging, level.upper())  # logging.DEBUG ... (3.10 has no name mapping API)
         ),
-        logger_factory=structlog.PrintLoggerFactory(file=stream),
+        # WriteLogger: each line is one write() (PrintLogger's print() makes two: the text, then
+        # "\n"), so processes sharing one stderr (`cloud serve --workers N` under journald)
+        # never interleave two JSON objects on one line.
+        logger_factory=structlog.WriteLoggerFactory(file=stream),
         cache_logger_on_first_use=False,
     )
     _route_stdlib(level, stream, renderer)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
@@ -30,6 +31,7 @@ from prometheus_client import (
     generate_latest,
 )
 from prometheus_client import start_http_server as _start_http_server
+from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
 from edgekeeper.errors import ConfigError
 from edgekeeper.log import get_logger
@@ -51,6 +53,32 @@ def new_registry() -> CollectorRegistry:
 def render(registry: CollectorRegistry) -> bytes:
     """The text exposition format of everything in ``registry``."""
     return generate_latest(registry)
+
+
+# Set (by `cloud serve --workers N`, for its children only) to a directory where every child
+# keeps its values in memory-mapped files (prometheus_client's multiprocess mode): whichever child
+# answers GET /metrics on the shared port sums them all (render_processes), so a scrape sees the
+# whole ingest, not one random child. It must be set before prometheus_client is imported.
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+def multiprocess_dir() -> str | None:
+    """The multiprocess directory this process counts into, or None (its own registry)."""
+    return os.environ.get(MULTIPROC_ENV) or None
+
+
+def render_processes(path: str) -> bytes:
+    """The text format of every process's values under ``path``, added up (counters and
+    histograms summed, live gauges summed, scrape-time gauges the most recent)."""
+    registry = CollectorRegistry(auto_describe=True)
+    # prometheus_client's multiprocess module carries no annotations
+    MultiProcessCollector(registry, path=path)  # type: ignore[no-untyped-call]
+    return generate_latest(registry)
+
+
+def forget_process(path: str, pid: int) -> None:
+    """A child has exited: drop its live gauges (its counters stay in the totals)."""
+    mark_process_dead(pid, path)  # type: ignore[no-untyped-call]  # (as above: unannotated)
 
 
 def total(registry: CollectorRegistry, name: str, labels: Mapping[str, str] | None = None
@@ -99,23 +127,26 @@ class IngestMetrics:
                                ["reason"], namespace=ns, registry=r)
         self.enrollments = Counter("enrollments", "Enrollments answered, by outcome",
                                    ["outcome"], namespace=ns, registry=r)
+        # multiprocess_mode: how `cloud serve --workers N` adds the children's values up
+        # (MULTIPROC_ENV below); ignored by a single process.
         self.polls_open = Gauge("results_polls_open", "Results long-polls open now",
-                                namespace=ns, registry=r)
+                                namespace=ns, registry=r, multiprocess_mode="livesum")
         self.uploads_inflight = Gauge("uploads_inflight", "Event uploads being handled now",
-                                      namespace=ns, registry=r)
+                                      namespace=ns, registry=r, multiprocess_mode="livesum")
         self.latency = Histogram("request_seconds", "Time to answer a request, by route",
                                  ["route"], namespace=ns, registry=r, buckets=LATENCY_BUCKETS)
         self.queue_depth = Gauge("queue_events", "Events in the queue, by state (read when "
-                                 "scraped)", ["state"], namespace=ns, registry=r)
+                                 "scraped)", ["state"], namespace=ns, registry=r,
+                                 multiprocess_mode="mostrecent")
         self.queue_age = Gauge("queue_oldest_seconds", "How long the oldest event in the "
                                "queue has waited (0: empty; read when scraped)", namespace=ns,
-                               registry=r)
+                               registry=r, multiprocess_mode="mostrecent")
         self.releases = Gauge("releases", "Unexpired model releases, by model and rollout "
                               "stage (read when scraped)", ["model", "stage"], namespace=ns,
-                              registry=r)
+                              registry=r, multiprocess_mode="mostrecent")
         self.release_latest = Gauge("release_latest_published", "When the newest release of "
                                     "each model was published (epoch seconds)", ["model"],
-                                    namespace=ns, registry=r)
+                                    namespace=ns, registry=r, multiprocess_mode="mostrecent")
         self.registry_lookups = Counter(
             "registry_lookups", "Device registry look-ups: hit (cached), miss (read from the "
             "store), absent (a remembered unknown id)", ["result"], namespace=ns, registry=r)
@@ -221,5 +252,6 @@ def _shutdown(server: Any, thread: Any) -> None:
     thread.join(timeout=5.0)
 
 
-__all__ = ["CONTENT_TYPE", "LATENCY_BUCKETS", "NAMESPACE", "IngestMetrics", "WorkerMetrics",
-           "by_label", "new_registry", "render", "serve", "total"]
+__all__ = ["CONTENT_TYPE", "LATENCY_BUCKETS", "MULTIPROC_ENV", "NAMESPACE", "IngestMetrics",
+           "WorkerMetrics", "by_label", "forget_process", "multiprocess_dir", "new_registry",
+           "render", "render_processes", "serve", "total"]

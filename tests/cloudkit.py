@@ -18,15 +18,19 @@ from typing import Any
 import aiohttp
 import cv2
 import numpy as np
+import pytest
 from aiohttp import web
 
 from edgekeeper import compat
+from edgekeeper.cli import main
 from edgekeeper.cloud.backends import open_queue, open_store
 from edgekeeper.cloud.enroll import EnrollRequest, enroll, issue_token
 from edgekeeper.cloud.ingest import IngestServer, create_app
 from edgekeeper.cloud.keys import CloudKeys
 from edgekeeper.cloud.queue.base import EventQueue
+from edgekeeper.cloud.reasoners.echo import EchoReasoner
 from edgekeeper.cloud.store.base import Store
+from edgekeeper.cloud.worker import Worker
 from edgekeeper.config import CloudSection
 from edgekeeper.protocol.envelope import CONTENT_TYPE, seal_event, sign_request
 from edgekeeper.protocol.keys import CloudPublicKeys, DeviceKeys, b64e
@@ -147,6 +151,47 @@ async def running_cloud(tmp_path: Path, **section: Any) -> AsyncIterator[Cloud]:
         await server.stop()
         await queue.close()
         await store.close()
+
+
+@contextlib.asynccontextmanager
+async def cloud_on(backend: str, *, tmp_path: Path, request: pytest.FixtureRequest,
+                   monkeypatch: pytest.MonkeyPatch, **section: Any) -> AsyncIterator[Cloud]:
+    """``running_cloud`` with its store on ``backend`` ("sqlite", or "postgres": a fresh
+    database from tests/servers.py), and the environment an operator's shell would have on
+    that machine (``operator_shell``), so `edgekeeper cloud ...` run by ``cli`` reads the same
+    store. ``request`` and ``monkeypatch`` are the test's pytest fixtures."""
+    section["store_backend"] = backend
+    if backend == "postgres":
+        section["postgres_dsn"] = request.getfixturevalue("postgres_dsn")
+        monkeypatch.setenv("EDGEKEEPER_STORE_BACKEND", "postgres")
+        monkeypatch.setenv("EDGEKEEPER_POSTGRES_DSN", section["postgres_dsn"])
+    async with running_cloud(tmp_path, **section) as cloud:
+        operator_shell(monkeypatch, cloud.data_dir)
+        yield cloud
+
+
+def operator_shell(monkeypatch: pytest.MonkeyPatch, data_dir: Path) -> None:
+    """The environment of the cloud's operator: `edgekeeper cloud ...` finds ``data_dir``, and
+    no config file of the machine running the tests gets in the way."""
+    monkeypatch.setenv("EDGEKEEPER_CLOUD_DATA_DIR", str(data_dir))
+    monkeypatch.delenv("EDGEKEEPER_CONFIG", raising=False)
+
+
+def cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    """One `edgekeeper` command in this process: (exit code, stdout, stderr). Blocking: call
+    it through ``asyncio.to_thread`` from a test on the event loop."""
+    code = main(args)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+async def reason_queued(cloud: Cloud, keys: CloudKeys | None = None) -> int:
+    """Every queued event through a real worker with the echo reasoner, one at a time (so
+    results are produced in queue order); returns how many were done. ``keys``: the cloud's
+    keys as loaded now (after an operator key was made), else those it started with."""
+    worker = Worker(queue=cloud.queue, store=cloud.store, reasoner=EchoReasoner(),
+                    keys=cloud.keys if keys is None else keys, concurrency=1)
+    return (await worker.run(burst=True)).done
 
 
 async def until(pred: Callable[[], Any], timeout: float = 20.0, every: float = 0.02) -> None:

@@ -16,16 +16,13 @@ from typing import Any
 import pytest
 from nacl.public import PrivateKey
 
-from edgekeeper.cli import main
 from edgekeeper.cloud.backends import open_store
 from edgekeeper.cloud.enroll import revoke
 from edgekeeper.cloud.keys import CloudKeys, create_operator_key, open_summary, seal_summary
-from edgekeeper.cloud.reasoners.echo import EchoReasoner
 from edgekeeper.cloud.store.base import ProviderState, ResultSummary, SealedSummary, Store
-from edgekeeper.cloud.worker import Worker
 from edgekeeper.errors import InputError
 
-from cloudkit import enroll_device, make_event, running_cloud
+from cloudkit import cli, cloud_on, enroll_device, make_event, reason_queued
 from servers import store_overrides
 
 BACKENDS = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
@@ -114,23 +111,13 @@ async def test_provider_state_is_one_row_the_last_writer_wins(store: Store) -> N
     assert await store.provider_state() == ok
 
 
-def cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    code = main(args)
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 async def test_results_and_devices_commands_after_real_uploads(
     backend: str, request: pytest.FixtureRequest, tmp_path: Path,
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    section: dict[str, Any] = {"store_backend": backend}
-    if backend == "postgres":
-        section["postgres_dsn"] = request.getfixturevalue("postgres_dsn")
-        monkeypatch.setenv("EDGEKEEPER_STORE_BACKEND", "postgres")
-        monkeypatch.setenv("EDGEKEEPER_POSTGRES_DSN", section["postgres_dsn"])
-    async with running_cloud(tmp_path, **section) as cloud:
+    async with cloud_on(backend, tmp_path=tmp_path, request=request,
+                        monkeypatch=monkeypatch) as cloud:
         op_key = tmp_path / "operator.key"  # kept off the cloud's data_dir
         await asyncio.to_thread(create_operator_key, cloud.data_dir, op_key)
         keys = await asyncio.to_thread(CloudKeys.load, cloud.data_dir)
@@ -140,11 +127,7 @@ async def test_results_and_devices_commands_after_real_uploads(
             status, _, _ = await cloud.post_envelope(a.seal(make_event("pi-door", seq)))
             assert status == 202
         # One at a time: results are listed in the order they were produced.
-        stats = await Worker(queue=cloud.queue, store=cloud.store, reasoner=EchoReasoner(),
-                             keys=keys, concurrency=1).run(burst=True)
-        assert stats.done == 2
-        monkeypatch.setenv("EDGEKEEPER_CLOUD_DATA_DIR", str(cloud.data_dir))
-        monkeypatch.delenv("EDGEKEEPER_CONFIG", raising=False)
+        assert await reason_queued(cloud, keys) == 2
 
         def run(args: list[str]) -> tuple[int, str, str]:
             return cli([*args, "--operator-key", str(op_key)], capsys)

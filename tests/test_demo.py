@@ -10,6 +10,7 @@ import pytest
 from edgekeeper.cli import main
 
 
+@pytest.mark.slow
 def test_demo_runs_the_whole_loop(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                   monkeypatch: pytest.MonkeyPatch) -> None:
     # No LLM here: without a key the demo's worker uses the offline teacher.

@@ -15,13 +15,14 @@ import time
 from pathlib import Path
 
 import pytest
-from test_notify import device, device_toml, mjpeg_camera
 
 from edgekeeper import compat
 from edgekeeper import config as config_mod
 from edgekeeper.cli import main
 from edgekeeper.device.status import EX_CONFIG, read_status
 from edgekeeper.device.uplink import open_outbox
+
+from devicekit import device, device_toml, mjpeg_camera
 
 
 def status(capsys: pytest.CaptureFixture[str], cfg: Path, *args: str) -> tuple[int, str]:
@@ -62,6 +63,7 @@ def test_an_unenrolled_device_refuses_to_run_and_says_how_to_enroll(
     assert code == 0 and json.loads(out)["enrollment_missing"] is False
 
 
+@pytest.mark.slow
 async def test_status_shows_what_the_running_service_publishes(
     tmp_path: Path, sample_recording: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -99,6 +99,7 @@ def tiny_filesystem_command(mount: Path, *child_args: str) -> list[str]:
             *child_args]
 
 
+@pytest.mark.slow
 async def test_an_outbox_on_a_tiny_disk_leaves_room_to_drain_itself(tmp_path: Path) -> None:
     """Issue 15 item 1: the outbox must not fill its disk, and `device upload --burst` must
     deliver what it stored (it used to exit 1 from the results ledger's PRAGMA)."""

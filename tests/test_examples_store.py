@@ -148,6 +148,42 @@ async def test_forget_media_deletes_old_files_and_clears_paths(make_store: Opene
     assert await store.forget_media(before=NOW + 200) == 1 and not Path(new).exists()
 
 
+async def test_the_retrain_schedule_counts_new_examples_in_the_store(make_store: Opener,
+                                                                      tmp_path: Path) -> None:
+    """The schedule's count query (count_new_examples) gives what reading every example and
+    filtering in Python gave before it: the usable examples reasoned strictly after the mark,
+    and the newest example's time (the mark itself when none is newer)."""
+    from edgekeeper.cloud.retrain_schedule import RetrainScheduler
+
+    store = await make_store()
+    for e in [example("pi-1", 1, at=NOW), example("pi-1", 2, at=NOW + 10, target=None),
+              example("pi-2", 1, group="door", at=NOW + 10),
+              example("pi-2", 2, at=NOW + 20, target="no_person", correct=False),
+              example("pi-2", 3, at=NOW + 30, target=None, correct=None),  # newest, unusable
+              example("pi-1", 1, model="sound", at=NOW + 40)]:  # another model
+        await store.add_example(e)
+
+    async def by_reading(mark: float | None) -> tuple[int, float | None]:
+        rows = await store.examples(model="person", scope=Scope(), since=mark)
+        new = [e for e in rows if mark is None or e.reasoned_at > mark]
+        newest = max((e.reasoned_at for e in rows), default=mark)
+        return sum(1 for e in new if e.target is not None and e.weight > 0), newest
+
+    sched = RetrainScheduler(Config(), store)
+    expected = {None: (3, NOW + 30), NOW - 1: (3, NOW + 30), NOW: (2, NOW + 30),
+                NOW + 10: (1, NOW + 30), NOW + 20: (0, NOW + 30), NOW + 30: (0, NOW + 30),
+                NOW + 99: (0, NOW + 99)}
+    for mark, want in expected.items():
+        assert await sched.new_examples("person", mark) == want, mark
+        assert await by_reading(mark) == want, mark
+    assert await store.count_new_examples(model="person", scope=Scope(), after=NOW + 30) == (
+        0, None)
+    assert await store.count_new_examples(model="person", scope=Scope("group", "door"),
+                                          after=None) == (1, NOW + 10)
+    assert await store.count_new_examples(model="nothing", scope=Scope(), after=None) == (
+        0, None)
+
+
 # --- what an example teaches -----------------------------------------------------------------
 
 

@@ -186,28 +186,37 @@ async def test_oversized_chunked_body_is_cut_off(cloud: Cloud, device: Device) -
     assert await queue_state(cloud) == (0, 0, 0, 0)
 
 
-async def test_uploads_in_flight_are_bounded(tmp_path: Path) -> None:
-    async with running_cloud(tmp_path, max_inflight=1) as cloud:
+async def test_upload_bodies_held_in_memory_are_bounded(tmp_path: Path) -> None:
+    # max_inflight * max_event_bytes bytes of upload bodies at once: a slow upload holds what
+    # it has sent (not a slot: tests/test_ingest_floods.py), and a body that would go over
+    # the budget is refused with 503 + Retry-After, nothing queued.
+    async with running_cloud(tmp_path, max_inflight=1, max_event_bytes=80_000) as cloud:
         device = await cloud.enroll("pi-1")
-        first = device.seal(make_event("pi-1", 1))
+        first = device.seal(make_event("pi-1", 1, frame_bytes=60_000))
         release = asyncio.Event()
 
         async def slow() -> AsyncIterator[bytes]:
-            yield first[:100]
+            yield first[:-100]
             await release.wait()
-            yield first[100:]
+            yield first[-100:]
 
         slow_upload = asyncio.create_task(cloud.post_envelope(slow()))
         # Wait until the server holds the slow upload (not a timing assertion: a rendezvous).
         for _ in range(500):
-            if cloud.server.state.inflight:
+            if cloud.server.state.body_bytes == len(first) - 100:
                 break
             await asyncio.sleep(0.01)
-        status, body, headers = await cloud.post_envelope(device.seal(make_event("pi-1", 2)))
+        second = device.seal(make_event("pi-1", 2, frame_bytes=30_000))
+        status, body, headers = await cloud.post_envelope(second)
         assert_error(status, body, 503, "unavailable")
+        assert "cloud.max_inflight * cloud.max_event_bytes = 80000" in body["error"]["message"]
         assert int(headers["Retry-After"]) >= 1
+        assert await queue_state(cloud) == (0, 0, 0, 0)
         release.set()
         status, body, _ = await slow_upload
+        assert (status, body["status"]) == (202, "queued")
+        assert cloud.server.state.body_bytes == 0  # given back once answered
+        status, body, _ = await cloud.post_envelope(second)
         assert (status, body["status"]) == (202, "queued")
 
 

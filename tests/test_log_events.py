@@ -13,6 +13,8 @@ import ast
 import re
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 FOLDERS = ("device", "cloud", "edgekeeper", "protocol")
 EVENT_NAME = re.compile(r"^[a-z][a-z0-9_]*(\.[a-z0-9_]+)+$")
@@ -62,6 +64,7 @@ def _offenders() -> dict[str, list[str]]:
     return offenders
 
 
+@pytest.mark.slow
 def test_every_event_is_component_dot_event() -> None:
     offenders = _offenders()
     assert not offenders, "events not named component.event:\n" + "\n".join(

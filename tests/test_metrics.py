@@ -214,6 +214,7 @@ async def test_worker_metrics_count_llm_tokens_and_cost(tmp_path: Path) -> None:
     assert capped.device("d0") == "d0"
 
 
+@pytest.mark.slow
 async def test_edgekeeper_run_serves_the_device_metrics(
     tmp_path: Path, sample_recording: Path
 ) -> None:

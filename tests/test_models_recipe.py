@@ -282,6 +282,24 @@ def test_features_shape_and_batched_equals_per_window(frontend: features.AudioFr
     np.testing.assert_array_equal(per_window, feats)
 
 
+@pytest.mark.parametrize("seconds", [2.0, 2.47, 2.48, 9.7])
+def test_stream_shares_rows_and_equals_each_window(
+    frontend: features.AudioFrontend, seconds: float
+) -> None:
+    """The stream computes each mel row and embedding once (as the device's cache does) and
+    still gives every window exactly the features of that window alone."""
+    rng = np.random.default_rng(1)
+    signal = (rng.normal(size=round(seconds * 16000)) * 0.1).astype(np.float32)
+    got = list(frontend.stream(signal))
+    ends = range(32000, len(signal) + 1, 7680)
+    assert [w.end_seconds for w in got] == [e / 16000 for e in ends]
+    for w, end in zip(got, ends, strict=True):
+        np.testing.assert_array_equal(w.features, frontend.features(signal[end - 32000 : end]))
+    # A hop that is no multiple of 8 mel rows takes the per-window path, with the same meaning.
+    odd = list(frontend.stream(signal, hop_seconds=0.5))
+    assert [w.end_seconds for w in odd] == [e / 16000 for e in range(32000, len(signal) + 1, 8000)]
+
+
 def test_short_window_is_an_error_not_padding(frontend: features.AudioFrontend) -> None:
     with pytest.raises(InputError, match="the head needs 16"):
         frontend.features(np.zeros(16000, dtype=np.float32))

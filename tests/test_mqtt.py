@@ -640,6 +640,7 @@ async def test_a_full_memory_queue_drops_old_triggers_but_no_result(
     assert [json.loads(p)["seq"] for p in sub.on(f"{base}/trigger/person")] == [4, 5]
 
 
+@pytest.mark.slow
 async def test_edgekeeper_run_publishes_and_says_offline_on_sigterm(
     tmp_path: Path, broker: servers.MosquittoServer, prefixes: dict[str, str],
     sample_recording: Path,

@@ -18,23 +18,21 @@ import os
 import resource
 import signal
 import socket
-import sys
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import cv2
 import pytest
-from aiohttp import web
 
-from edgekeeper import compat
 from edgekeeper.notify import Notifier
 
 from cloudkit import until
+from devicekit import WAIT, Proc, device, device_toml, mjpeg_camera
+
+pytestmark = pytest.mark.slow  # CI runs it on the main Python only (.ci/run)
 
 WATCHDOG_USEC = 2_000_000  # WatchdogSec=2: a ping every second, "stalled" after 2 s
-WAIT = 60.0
 
 
 # --- the supervisor's socket ----------------------------------------------------------------
@@ -57,7 +55,7 @@ class NotifySocket:
     def statuses(self) -> list[str]:
         return [line[len("STATUS="):] for line in self.lines() if line.startswith("STATUS=")]
 
-    async def until(self, what: Callable[[], bool], label: str, proc: DeviceProc | None = None
+    async def until(self, what: Callable[[], bool], label: str, proc: Proc | None = None
                     ) -> None:
         async def check() -> bool:
             if proc is not None:
@@ -94,139 +92,6 @@ async def notify_socket() -> AsyncIterator[NotifySocket]:
         with contextlib.suppress(asyncio.CancelledError):
             await reader
         sock.close()
-
-
-# --- a network camera that can stall --------------------------------------------------------
-
-
-@dataclass
-class Camera:
-    url: str
-    flowing: asyncio.Event
-    served: int = 0
-
-
-@contextlib.asynccontextmanager
-async def mjpeg_camera(recording: Path, fps: float = 10.0) -> AsyncIterator[Camera]:
-    def encode() -> list[bytes]:
-        cap = cv2.VideoCapture(str(recording / "video.avi"))
-        out = []
-        for _ in range(40):
-            ok, img = cap.read()
-            assert ok
-            img = cv2.resize(img, (384, 288))
-            out.append(cv2.imencode(".jpg", img)[1].tobytes())
-        cap.release()
-        return out
-
-    jpegs = await asyncio.to_thread(encode)
-    flowing = asyncio.Event()
-    flowing.set()
-    camera = Camera("", flowing)
-
-    async def stream(request: web.Request) -> web.StreamResponse:
-        resp = web.StreamResponse(
-            headers={"Content-Type": "multipart/x-mixed-replace; boundary=frame"})
-        await resp.prepare(request)
-        i = 0
-        with contextlib.suppress(ConnectionError):  # the device hung up (it stopped)
-            while True:
-                await flowing.wait()  # a stalled camera: the connection stays open, silent
-                jpg = jpegs[i % len(jpegs)]
-                i += 1
-                await resp.write(b"--frame\r\nContent-Type: image/jpeg\r\n"
-                                 b"Content-Length: %d\r\n\r\n" % len(jpg) + jpg + b"\r\n")
-                camera.served += 1
-                await asyncio.sleep(1 / fps)
-        return resp
-
-    app = web.Application()
-    app.router.add_get("/cam.mjpg", stream)
-    runner = web.AppRunner(app, shutdown_timeout=0.5)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    camera.url = f"http://127.0.0.1:{runner.addresses[0][1]}/cam.mjpg"
-    try:
-        yield camera
-    finally:
-        flowing.set()
-        await runner.cleanup()
-
-
-# --- the device process ---------------------------------------------------------------------
-
-
-@dataclass
-class DeviceProc:
-    proc: asyncio.subprocess.Process
-    lines: list[str] = field(default_factory=list)
-    reader: asyncio.Task[None] | None = None
-
-    def text(self) -> str:
-        return "\n".join(self.lines[-40:])
-
-    def events(self, name: str) -> list[dict[str, object]]:
-        out = []
-        for line in self.lines:
-            with contextlib.suppress(ValueError):
-                doc = json.loads(line)
-                if isinstance(doc, dict) and doc.get("event") == name:
-                    out.append(doc)
-        return out
-
-    async def logged(self, name: str, n: int = 1) -> dict[str, object]:
-        async def seen() -> bool:
-            assert self.proc.returncode is None, f"exited waiting for {name}\n" + self.text()
-            return len(self.events(name)) >= n
-
-        try:
-            await until(seen, WAIT)
-        except TimeoutError:
-            raise AssertionError(f"{name} not logged:\n{self.text()}") from None
-        return self.events(name)[n - 1]
-
-    async def exited(self) -> int:
-        async with compat.timeout(WAIT):
-            code = await self.proc.wait()
-        assert self.reader is not None
-        await self.reader
-        return code
-
-
-def device_toml(tmp_path: Path, camera_url: str, extra: str = "") -> Path:
-    cfg = tmp_path / "device.toml"
-    cfg.write_text(
-        f'[device]\nid = "porch"\nstate_dir = "{tmp_path / "state"}"\n'
-        f'[camera]\nsource = "{camera_url}"\nfps = 10\nreconnect_seconds = 1\n'
-        "[pregate]\nmax_skip_seconds = 0.5\n"
-        '[uplink]\nmode = "local-only"\n' + extra)
-    return cfg
-
-
-@contextlib.asynccontextmanager
-async def device(config: Path, *args: str, env: dict[str, str] | None = None,
-                 preexec_fn: Callable[[], None] | None = None) -> AsyncIterator[DeviceProc]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "edgekeeper.cli", "--config", str(config), *args, "run",
-        env={**os.environ, "EDGEKEEPER_LOG_FORMAT": "json", **(env or {})},
-        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE, preexec_fn=preexec_fn)
-    p = DeviceProc(proc)
-
-    async def read() -> None:
-        assert proc.stderr is not None
-        async for raw in proc.stderr:
-            p.lines.append(raw.decode(errors="replace").rstrip("\n"))
-
-    p.reader = asyncio.create_task(read())
-    try:
-        yield p
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-        await p.reader
 
 
 def assert_one_json_object_per_line(lines: list[str]) -> None:

@@ -14,23 +14,14 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
-from edgekeeper.cli import main
 from edgekeeper.cloud.keys import CloudKeys
-from edgekeeper.cloud.reasoners.echo import EchoReasoner
-from edgekeeper.cloud.worker import Worker
 from edgekeeper.errors import ConfigError
 
-from cloudkit import make_event, running_cloud
+from cloudkit import cli, cloud_on, make_event, operator_shell, reason_queued, running_cloud
 
 BACKENDS = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
 # Distinctive enough that finding it in the bytes can only mean the plaintext is there.
 LABEL = "zebra-okapi-7q"
-
-
-def cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    code = main(args)
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 async def stolen_bytes(cloud: Any, backend: str) -> bytes:
@@ -59,14 +50,8 @@ async def test_a_stolen_store_reveals_no_summary_and_the_operator_key_opens_them
     backend: str, request: pytest.FixtureRequest, tmp_path: Path,
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    section: dict[str, Any] = {"store_backend": backend}
-    if backend == "postgres":
-        section["postgres_dsn"] = request.getfixturevalue("postgres_dsn")
-        monkeypatch.setenv("EDGEKEEPER_STORE_BACKEND", "postgres")
-        monkeypatch.setenv("EDGEKEEPER_POSTGRES_DSN", section["postgres_dsn"])
-    async with running_cloud(tmp_path, **section) as cloud:
-        monkeypatch.setenv("EDGEKEEPER_CLOUD_DATA_DIR", str(cloud.data_dir))
-        monkeypatch.delenv("EDGEKEEPER_CONFIG", raising=False)
+    async with cloud_on(backend, tmp_path=tmp_path, request=request,
+                        monkeypatch=monkeypatch) as cloud:
         op_key = tmp_path / "operator" / "operator.key"  # the operator's own machine
 
         def run(args: list[str]) -> tuple[int, str, str]:
@@ -90,9 +75,7 @@ async def test_a_stolen_store_reveals_no_summary_and_the_operator_key_opens_them
             assert status == 202
         keys = await asyncio.to_thread(CloudKeys.load, cloud.data_dir)  # sees operator.pub
         assert keys.operator_pk is not None
-        stats = await Worker(queue=cloud.queue, store=cloud.store, reasoner=EchoReasoner(),
-                             keys=keys, concurrency=1).run(burst=True)
-        assert stats.done == 2
+        assert await reason_queued(cloud, keys) == 2
 
         stolen = await stolen_bytes(cloud, backend)
         assert LABEL.encode() not in stolen
@@ -140,9 +123,7 @@ async def test_without_an_operator_key_the_worker_stores_no_summary_and_says_so_
             status, _, _ = await cloud.post_envelope(door.seal(make_event("pi-door", seq)))
             assert status == 202
         with capture_logs() as logs:
-            stats = await Worker(queue=cloud.queue, store=cloud.store, reasoner=EchoReasoner(),
-                                 keys=cloud.keys, concurrency=1).run(burst=True)
-        assert stats.done == 3
+            assert await reason_queued(cloud) == 3
         told = [e for e in logs if e["event"] == "worker.no_operator_key"]
         assert len(told) == 1 and "cloud keys operator" in told[0]["fix"]
         done = [e for e in logs if e["event"] == "worker.reasoned"]
@@ -152,8 +133,7 @@ async def test_without_an_operator_key_the_worker_stores_no_summary_and_says_so_
         assert len(await cloud.store.results_after("pi-door", 0, 10)) == 3  # results still go
 
         # The first `cloud results` of a cloud without any operator key creates the pair.
-        monkeypatch.setenv("EDGEKEEPER_CLOUD_DATA_DIR", str(cloud.data_dir))
-        monkeypatch.delenv("EDGEKEEPER_CONFIG", raising=False)
+        operator_shell(monkeypatch, cloud.data_dir)
         code, out, err = await asyncio.to_thread(cli, ["cloud", "results"], capsys)
         assert code == 0 and out.strip() == "no results"
         assert "created the operator key" in err
@@ -197,8 +177,7 @@ async def test_a_device_heartbeat_reaches_cloud_devices(
         assert json.loads(activity.heartbeat or "") == beat
         assert activity.heartbeat_at is not None and activity.last_seen is None  # no events
 
-        monkeypatch.setenv("EDGEKEEPER_CLOUD_DATA_DIR", str(cloud.data_dir))
-        monkeypatch.delenv("EDGEKEEPER_CONFIG", raising=False)
+        operator_shell(monkeypatch, cloud.data_dir)
         code, out, err = await asyncio.to_thread(cli, ["cloud", "devices", "--json"], capsys)
         assert code == 0, err
         (doc,) = map(json.loads, out.splitlines())
@@ -228,17 +207,19 @@ async def test_a_device_heartbeat_reaches_cloud_devices(
         await cloud.close()
 
 
+@pytest.mark.slow
 async def test_a_running_device_sends_its_state_as_a_heartbeat(
     tmp_path: Path, sample_recording: Path,
 ) -> None:
     """A real `edgekeeper run` process (camera: an MJPEG server on 127.0.0.1) enrolled with a
     real ingest: its heartbeat carries its models, backlog and camera state."""
-    from test_notify import device, device_toml, mjpeg_camera
     from test_uplink import start_cloud
 
     from edgekeeper import compat
     from edgekeeper import config as config_mod
     from edgekeeper.device import identity
+
+    from devicekit import device, device_toml, mjpeg_camera
 
     cloud = await start_cloud(tmp_path / "cloud")
     try:

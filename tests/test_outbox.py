@@ -214,6 +214,7 @@ _CHILD = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_seq_counter_and_events_survive_sigkill(tmp_path: Path) -> None:
     path = tmp_path / "outbox.sqlite"
     acknowledged: list[int] = []

@@ -18,6 +18,7 @@ from edgekeeper.device.sink import LocalSink
 from edgekeeper.device.sources import VideoCaptureSource
 
 
+@pytest.mark.slow
 async def test_event_contents_follow_the_event_config(tmp_path: Path, sample_recording: Path,
                                                       make_config) -> None:
     cfg = make_config(event={"key_frames": 2, "pre_roll_seconds": 1.0, "post_roll_seconds": 2.0,
@@ -39,6 +40,7 @@ async def test_event_contents_follow_the_event_config(tmp_path: Path, sample_rec
                 assert abs(w.getnframes() / 16000 - (e["end_t"] - e["start_t"])) < 0.2
 
 
+@pytest.mark.slow
 async def test_data_minimisation(tmp_path: Path, sample_recording: Path, make_config) -> None:
     cfg = make_config(event={"include_audio": False, "include_features": False,
                              "thumbnails_only": True, "thumbnail_width": 96})
@@ -57,6 +59,7 @@ async def test_data_minimisation(tmp_path: Path, sample_recording: Path, make_co
     assert all(e["frames"] == 0 for e in res.events)
 
 
+@pytest.mark.slow
 async def test_pregate_spares_frames_and_counts(tmp_path: Path, sample_recording: Path,
                                                 make_config) -> None:
     on = await replay_recording(sample_recording, make_config(), events_dir=tmp_path / "a",

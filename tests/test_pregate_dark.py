@@ -17,6 +17,8 @@ from edgekeeper.cloud.training.data_vision import darken, read_video
 from edgekeeper.config import PregateSection
 from edgekeeper.device.pregate import MotionMeter, VideoPregate
 
+pytestmark = pytest.mark.slow  # CI runs it on the main Python only (.ci/run)
+
 MODELS = Path(__file__).resolve().parent.parent / "models"
 SAMPLE_VIDEO = MODELS / "samples" / "street" / "video.avi"
 FPS = 10.0

@@ -125,6 +125,7 @@ def fake_in_a_thread(api_key: str) -> Iterator[str]:
         loop.close()
 
 
+@pytest.mark.slow
 def test_the_demo_names_the_key_when_the_provider_refuses_it(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -16,6 +16,7 @@ def run_cli(*argv: str) -> int:
     return main(list(argv))
 
 
+@pytest.mark.slow
 def test_replay_is_deterministic(tmp_path: Path, sample_recording: Path,
                                  capsys: pytest.CaptureFixture[str]) -> None:
     outs = []
@@ -40,6 +41,7 @@ def test_replay_is_deterministic(tmp_path: Path, sample_recording: Path,
         assert (tmp_path / "a" / rel).read_bytes() == (tmp_path / "b" / rel).read_bytes(), rel
 
 
+@pytest.mark.slow
 def test_report_has_metrics_plots_and_byte_comparison(tmp_path: Path, sample_recording: Path,
                                                        capsys: pytest.CaptureFixture[str]) -> None:
     assert run_cli("replay", str(sample_recording), "--report", str(tmp_path / "r"),
@@ -66,6 +68,7 @@ def test_report_has_metrics_plots_and_byte_comparison(tmp_path: Path, sample_rec
                 assert w.getsampwidth() == 2 and w.getframerate() == 16000
 
 
+@pytest.mark.slow
 def test_labels_file_overrides_and_scores_each_label(
     tmp_path: Path, sample_recording: Path
 ) -> None:

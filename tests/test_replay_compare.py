@@ -24,6 +24,8 @@ from edgekeeper.device import cost, identity
 from edgekeeper.protocol import release
 from edgekeeper.protocol.keys import CloudPublicKeys
 
+pytestmark = pytest.mark.slow  # CI runs it on the main Python only (.ci/run)
+
 STREET = config_mod.MODELS_DIR / "samples" / "street"
 VIDEO, LABELS = STREET / "video.avi", STREET / "labels.json"
 PERSON = config_mod.MODELS_DIR / "person"

@@ -27,6 +27,8 @@ from edgekeeper.cli import main
 from edgekeeper.device import report as report_mod
 from edgekeeper.device.replay import THUMBNAIL_WIDTH, replay_recording
 
+pytestmark = pytest.mark.slow  # CI runs it on the main Python only (.ci/run)
+
 STREET = config_mod.MODELS_DIR / "samples" / "street"
 
 

@@ -7,16 +7,11 @@ API (tests/fake_anthropic.py); queue and store are the embedded SQLite ones in t
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
-import json
-import os
 import signal
 import socket
-import sys
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
@@ -41,6 +36,7 @@ from edgekeeper.errors import (
 from edgekeeper.protocol.envelope import peek_header, seal_event
 
 from cloudkit import enroll_device, make_event, until
+from devicekit import Proc, edgekeeper
 from fake_anthropic import FakeAnthropic
 
 KEY = "fake-key-runtime-test"
@@ -75,68 +71,6 @@ async def backlog(data_dir: Path) -> tuple[int, int, int, int]:
         await store.close()
 
 
-@dataclass
-class Proc:
-    """An `edgekeeper` process whose stderr is read as it comes."""
-
-    proc: asyncio.subprocess.Process
-    lines: list[str] = field(default_factory=list)
-    reader: asyncio.Task[None] | None = None
-
-    def events(self, name: str) -> list[dict[str, object]]:
-        out = []
-        for line in self.lines:
-            with contextlib.suppress(ValueError):
-                doc = json.loads(line)
-                if isinstance(doc, dict) and doc.get("event") == name:
-                    out.append(doc)
-        return out
-
-    def signal(self, sig: signal.Signals) -> None:
-        self.proc.send_signal(sig)
-
-    async def logged(self, name: str) -> dict[str, object]:
-        """Wait for the first log line whose event is ``name`` (a rendezvous, not a timing)."""
-
-        async def seen() -> bool:
-            assert self.proc.returncode is None, "\n".join(self.lines)
-            return bool(self.events(name))
-
-        await until(seen, 30)
-        return self.events(name)[0]
-
-    async def exited(self, timeout: float = 60.0) -> int:
-        async with compat.timeout(timeout):
-            code = await self.proc.wait()
-        assert self.reader is not None
-        await self.reader
-        return code
-
-
-@contextlib.asynccontextmanager
-async def edgekeeper(*args: str, env: dict[str, str]) -> AsyncIterator[Proc]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "edgekeeper.cli", *args,
-        env={**os.environ, "EDGEKEEPER_LOG_FORMAT": "json", **env},
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
-    )
-    p = Proc(proc)
-
-    async def read() -> None:
-        assert proc.stderr is not None
-        async for raw in proc.stderr:
-            p.lines.append(raw.decode(errors="replace").rstrip("\n"))
-
-    p.reader = asyncio.create_task(read())
-    try:
-        yield p
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-        await p.reader
-
-
 def worker_args(tmp_path: Path, *, concurrency: int, drain: float | None = None) -> list[str]:
     cfg = tmp_path / "cloud.toml"
     cfg.write_text(
@@ -159,9 +93,10 @@ async def in_flight(fake: FakeAnthropic, n: int, proc: Proc) -> None:
         assert proc.proc.returncode is None, "\n".join(proc.lines)
         return len(fake.requests) >= n
 
-    await until(asked, 30)
+    await until(asked, 90)  # a worker's first start imports the SDK: slow on a loaded machine
 
 
+@pytest.mark.slow
 async def test_sigterm_drains_the_events_in_hand_and_exits_0(
     tmp_path: Path, slow_provider: FakeAnthropic
 ) -> None:

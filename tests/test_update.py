@@ -21,15 +21,16 @@ import pytest
 from nacl.signing import SigningKey
 from structlog.testing import capture_logs
 
-from edgekeeper.config import MODELS_DIR
+from edgekeeper import config as config_mod
+from edgekeeper.config import MODELS_DIR, UpdatesSection
 from edgekeeper.device.gate import Gate
 from edgekeeper.device.manifest import load_manifest
 from edgekeeper.device.update import parse_hint
 from edgekeeper.device.update.canary import CanaryRing
 from edgekeeper.device.update.fetch import ReleaseFetcher
 from edgekeeper.device.update.store import ModelStore, Pointer, Ref, Trial
-from edgekeeper.device.update.updater import Updater, UpdateSettings
-from edgekeeper.errors import RetryableError
+from edgekeeper.device.update.updater import Updater
+from edgekeeper.errors import ConfigError, RetryableError
 from edgekeeper.protocol.keys import DeviceKeys
 from edgekeeper.protocol.release import RELEASE_FILE
 from tests.update_kit import DAY, ReleaseServer, build_release, tree_digest
@@ -108,7 +109,7 @@ async def make_device(tmp_path: Path) -> AsyncIterator[Any]:
             canary = await CanaryRing(tmp_path / "state" / "canary.sqlite",
                                       thresholds={"person": 0.7}).open()
         updater = Updater(store=store, gate=gate, fetcher=fetcher, active=active,
-                          settings=UpdateSettings(**{"trial_inferences": 5, **settings}),
+                          settings=UpdatesSection(**{"trial_inferences": 5, **settings}),
                           ring=canary, thresholds={"person": 0.7, "alarm": 0.6, "speech": 0.8})
         device = Device(tmp_path, key, server, store, gate, fetcher, updater, canary)
         made.append(device)
@@ -360,6 +361,8 @@ async def test_a_slow_download_times_out_while_inference_continues(make_device: 
     done.set()
     await task
     assert any(e["event"] == "update.download_failed" for e in logs)
+    # updates.download_attempts = 2: the file asked twice, then the check gives up.
+    assert sum(r.endswith("/manifest-int8.json") for r in d.server.requests) == 2
     # Inference kept completing all along the download (which took seconds): in each quarter.
     assert ended - started >= 1.0
     quarter = (ended - started) / 4
@@ -476,6 +479,20 @@ async def test_a_damaged_active_slot_falls_back_at_start(make_device: Any) -> No
     (d.store.slot_dir("a") / RELEASE_FILE).write_bytes(b"{}")
     active = await asyncio.to_thread(d.store.recover)
     assert active.ref.slot is None and active.manifest == d.store.builtin_manifest
+
+
+def test_download_attempts_is_read_from_the_file_and_a_bad_value_is_refused(
+    tmp_path: Path,
+) -> None:
+    f = tmp_path / "device.toml"
+    f.write_text("[updates]\ndownload_attempts = 5\n")
+    assert config_mod.load(f, env={}).updates.download_attempts == 5
+    assert config_mod.load(None, env={}).updates.download_attempts == 3
+    f.write_text("[updates]\ndownload_attempts = 0\n")
+    with pytest.raises(ConfigError) as err:
+        config_mod.load(f, env={})
+    assert str(f) in str(err.value) and "download_attempts" in str(err.value)
+    assert err.value.fix
 
 
 def test_a_damaged_pointer_starts_the_builtin(tmp_path: Path) -> None:

@@ -630,6 +630,16 @@ class PostgresStore(PostgresReleases):  # releases, groups, reports: postgres_re
         return [ExampleCount(m, d, r, t, g, bool(p), int(n), int(w))
                 for m, d, r, t, g, p, n, w in rows]
 
+    async def count_new_examples(self, *, model: str, scope: Scope, after: float | None
+                                 ) -> tuple[int, float | None]:
+        where, params = examples_filter(model, scope, None, None)
+        if after is not None:
+            where, params = where + " AND reasoned_at > ?", (*params, after)
+        usable, newest = await self._fetchone(
+            "SELECT COUNT(*) FILTER (WHERE target IS NOT NULL AND weight > 0),"
+            " MAX(reasoned_at) FROM examples WHERE " + where.replace("?", "%s"), params)
+        return int(usable), None if newest is None else float(newest)
+
     async def ping(self) -> None:
         await self._fetchone("SELECT 1")
 

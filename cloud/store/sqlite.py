@@ -573,6 +573,20 @@ class SQLiteStore(SQLiteReleases):  # releases, groups, reports: sqlite_releases
 
         return await self._db.run(do)
 
+    async def count_new_examples(self, *, model: str, scope: Scope, after: float | None
+                                 ) -> tuple[int, float | None]:
+        where, params = examples_filter(model, scope, None, None)
+        if after is not None:
+            where, params = where + " AND reasoned_at > ?", (*params, after)
+        sql = ("SELECT COUNT(*) FILTER (WHERE target IS NOT NULL AND weight > 0),"
+               f" MAX(reasoned_at) FROM examples WHERE {where}")
+
+        def do(conn: sqlite3.Connection) -> tuple[int, float | None]:
+            usable, newest = conn.execute(sql, params).fetchone()
+            return int(usable), None if newest is None else float(newest)
+
+        return await self._db.run(do)
+
     async def ping(self) -> None:
         await self._db.run(lambda conn: conn.execute("SELECT 1").fetchone())
 

@@ -97,6 +97,13 @@ class ExampleStore(Protocol):
         without reading their features (``edgekeeper cloud examples``)."""
         ...
 
+    async def count_new_examples(self, *, model: str, scope: Scope, after: float | None
+                                 ) -> tuple[int, float | None]:
+        """Of ``model``'s examples in ``scope`` reasoned after ``after`` (None: all), how many
+        are usable (a target, weight > 0), and the newest ``reasoned_at`` of any of them (None
+        when there is none): one query, no row read (the retrain schedule)."""
+        ...
+
 
 @dataclass(frozen=True)
 class ExampleCount:

@@ -169,8 +169,66 @@ class AudioFrontend:
         """
         win = round(window_seconds * sample_rate)
         hop = round(hop_seconds * sample_rate)
+        shared = MEL_FRAME_SAMPLES * EMBEDDING_STEP
+        if (win, sample_rate) == (round(WINDOW_SECONDS * SAMPLE_RATE), SAMPLE_RATE) and (
+            hop % shared == 0
+        ):
+            yield from self._stream_shared(np.asarray(signal, dtype=np.float32), win, hop)
+            return
         for end in range(win, len(signal) + 1, hop):
             yield WindowFeatures(end / sample_rate, self.features(signal[end - win : end]))
+
+    def _stream_shared(self, signal: np.ndarray, win: int, hop: int) -> Iterator[WindowFeatures]:
+        """:meth:`stream` computing each mel row and each embedding once, as the device gate's
+        cache does (docs/models.md, ``frame_samples``): every window starts on a mel row and
+        its embedding windows on a multiple of ``EMBEDDING_STEP`` rows from the first one, so
+        consecutive windows share 10 of their 16 embeddings and all but 48 of their mel rows.
+
+        Bit-identical to ``features(window)`` per window (a mel row depends only on its own
+        512 samples; a batched embedding call equals one call per window; both checked in
+        tests), and several times faster over the recipe's 40-minute held-out streams.
+        """
+        n_windows = (len(signal) - win) // hop + 1 if len(signal) >= win else 0
+        if n_windows <= 0:
+            return
+        rows_per_window = self.mel(signal[:win]).shape[0]  # 197 for 2 s
+        frame = win - (rows_per_window - 1) * MEL_FRAME_SAMPLES  # samples under one mel row
+        local = window_starts(rows_per_window, EMBEDDING_WINDOW, EMBEDDING_STEP)[-HEAD_WINDOW:]
+        hop_rows = hop // MEL_FRAME_SAMPLES
+        n_rows = (n_windows - 1) * hop_rows + rows_per_window
+        # Mel rows in chunks (one call over 40 minutes of audio would need gigabytes).
+        chunk = 6000
+        mel = np.concatenate([
+            self.mel(signal[r * MEL_FRAME_SAMPLES : (min(r + chunk, n_rows) - 1)
+                            * MEL_FRAME_SAMPLES + frame])
+            for r in range(0, n_rows, chunk)
+        ])
+        # Every embedding any window needs: rows local[0], local[0] + 8, ... of the stream.
+        starts = range(local[0], (n_windows - 1) * hop_rows + local[-1] + 1, EMBEDDING_STEP)
+        # Batches of 16: larger ones cost more per embedding on XNNPACK (1.8 ms each at 16,
+        # 3.3 ms at 256 on the build machine), presumably as they outgrow the CPU cache.
+        emb = np.concatenate([
+            self._embed(mel, list(starts[i : i + HEAD_WINDOW]))
+            for i in range(0, len(starts), HEAD_WINDOW)
+        ])
+        per_hop = hop_rows // EMBEDDING_STEP
+        for j in range(n_windows):
+            first = j * per_hop
+            yield WindowFeatures(
+                (j * hop + win) / SAMPLE_RATE, emb[first : first + HEAD_WINDOW].copy()
+            )
+
+    def _embed(self, mel: np.ndarray, starts: list[int]) -> np.ndarray:
+        batch = np.stack([mel[s : s + EMBEDDING_WINDOW] for s in starts])[..., None]
+        it = self._emb
+        if batch.shape[0] != self._emb_batch:
+            it.resize_tensor_input(it.get_input_details()[0]["index"], list(batch.shape))  # type: ignore[attr-defined]
+            it.allocate_tensors()  # type: ignore[attr-defined]
+            self._emb_batch = batch.shape[0]
+        it.set_tensor(it.get_input_details()[0]["index"], batch.astype(np.float32))  # type: ignore[attr-defined]
+        it.invoke()  # type: ignore[attr-defined]
+        out: np.ndarray = it.get_tensor(it.get_output_details()[0]["index"])  # type: ignore[attr-defined]
+        return out.reshape(len(starts), -1).astype(np.float32)
 
 
 def frame_to_input(

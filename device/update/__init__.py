@@ -139,12 +139,9 @@ class Updates:
     def attach(self, gates: Any, link: Any = None, models: dict[str, str] | None = None) -> None:
         """Hook an updater to each loaded gate; ``models`` (the capture's modality -> tag) is
         kept current across swaps so events name the model that judged them."""
-        from edgekeeper.device.update.updater import Updater, UpdateSettings
+        from edgekeeper.device.update.updater import Updater
 
         c = self.original
-        s = c.updates
-        settings = UpdateSettings(s.check_seconds, s.stall_seconds, s.download_seconds,
-                                  s.trial_inferences, s.trial_seconds, s.shadow_max_flip)
         thresholds = {k: r.threshold for k, r in c.trigger.labels.items() if r.enabled}
         for modality, (store, active) in self.stores.items():
             gate = getattr(gates, modality)
@@ -156,7 +153,7 @@ class Updates:
                     models[modality] = tag
 
             self.updaters[store.model] = Updater(
-                store=store, gate=gate, fetcher=self.fetcher, active=active, settings=settings,
+                store=store, gate=gate, fetcher=self.fetcher, active=active, settings=c.updates,
                 ring=self.ring, thresholds=thresholds, on_swapped=swapped)
         results = getattr(link, "results", None)
         if results is not None:

@@ -40,6 +40,7 @@ from typing import Any
 
 from edgekeeper import __version__, compat, runtime
 from edgekeeper.backoff import Backoff
+from edgekeeper.config import UpdatesSection
 from edgekeeper.device.gate import Gate, GateOutput
 from edgekeeper.device.update import install
 from edgekeeper.device.update.canary import (
@@ -72,17 +73,6 @@ _RATE_MIN_INFERENCES = 50
 _RATE_FACTOR, _RATE_MARGIN = 3.0, 0.2
 
 
-@dataclass(frozen=True)
-class UpdateSettings:
-    check_seconds: float = 3600.0
-    stall_seconds: float = 10.0
-    download_seconds: float = 600.0
-    trial_inferences: int = 500
-    trial_seconds: float = 600.0
-    shadow_max_flip: float = 0.5
-    download_attempts: int = 3  # per file and check; a later check starts again
-
-
 @dataclass
 class _TrialState:
     tag: str
@@ -96,7 +86,7 @@ class _TrialState:
 
 class Updater:
     def __init__(self, *, store: ModelStore, gate: Gate, fetcher: ReleaseFetcher,
-                 active: Active, settings: UpdateSettings, ring: CanaryRing | None = None,
+                 active: Active, settings: UpdatesSection, ring: CanaryRing | None = None,
                  thresholds: Mapping[str, float] | None = None,
                  on_swapped: Callable[[str], Any] | None = None,
                  runtime_version: str = __version__, clock: Callable[[], float] = time.time,

@@ -273,68 +273,113 @@ class TokenBuckets:
 # --- results long-poll --------------------------------------------------------------------
 
 
-class ResultsWatch:
-    """Wakes long-polls when the store gains a result.
+class _Waiter:
+    """One long-poll waiting in ``ResultsWatch``: its device, and the event that wakes it
+    (``woken``: a result of its device landed; set without it: it is to take over polling)."""
 
-    Workers may run in other processes, so while anyone waits, one of the waiting requests polls
-    ``results_version`` every ``poll_s`` for all of them (one cheap query per interval however
-    many devices wait); when it leaves, another waiter takes over. ``notify()`` wakes everyone
-    at once for results stored by this process. No background task: nothing outlives a request.
+    __slots__ = ("device_id", "event", "woken")
+
+    def __init__(self, device_id: str) -> None:
+        self.device_id = device_id
+        self.event = asyncio.Event()
+        self.woken = False
+
+
+class ResultsWatch:
+    """Wakes a device's long-polls when a result of that device is stored (docs/scaling.md).
+
+    Workers may run in other processes, so while anyone waits, one of the waiting requests (the
+    poller) asks the store every ``poll_s`` which devices have results newer than the version it
+    has seen (``Store.results_since``: one query per interval however many devices wait, and it
+    reads only the rows stored since the last one) and wakes only those devices' waiters. Why
+    not one global version that wakes everyone: at 100,000 waiting devices every result would
+    cost 100,000 store reads. When the poller leaves, it hands polling to one other waiter, on
+    the same schedule. No background task: nothing outlives a request.
+
+    Nothing is missed: ``version`` is the newest id whose devices were woken; every result up
+    to it was visible when read, and ids become visible in increasing order in both stores, so
+    a later poll finds every result above it. A request that read a version below it may have
+    missed a wake-up while it was reading, so it returns at once and reads again.
     """
 
-    def __init__(self, store: Store, poll_s: float) -> None:
+    def __init__(self, store: Store, poll_s: float, metrics: IngestMetrics) -> None:
         self._store = store
         self._poll_s = poll_s
-        self._current = -1
-        self._changed = asyncio.Event()
-        self._polling = False
+        self._metrics = metrics
+        self._version = -1  # -1: nobody waits, nothing known (the next waiter brings a version)
+        self._waiters: dict[str, set[_Waiter]] = {}
+        self._order: dict[_Waiter, None] = {}  # every waiter, oldest first: who polls next
+        self._poller: _Waiter | None = None
+        self._next_poll = 0.0  # loop time; kept across a hand-over, so the interval holds
 
-    def notify(self, version: int | None = None) -> None:
-        if version is not None:
-            self._current = max(self._current, version)
-        changed, self._changed = self._changed, asyncio.Event()
-        changed.set()
+    @property
+    def version(self) -> int:
+        """The newest result id already handed out to waiters; -1 when unknown."""
+        return self._version
 
     async def _poll(self) -> None:
+        self._metrics.results_queries.labels(query="since").inc()
         try:
-            version = await self._store.results_version()
+            found = await self._store.results_since(self._version)
         except Exception as err:
             log.warning("ingest.results_poll_failed", error=str(err)[:300])
             return
-        if version != self._current:
-            self._current = version
-            self.notify()
+        for device_id in found.device_ids:
+            for w in self._waiters.get(device_id, ()):
+                w.woken = True
+                w.event.set()
+        self._version = max(self._version, found.version)
 
-    async def _changed_within(self, seconds: float) -> None:
-        changed = self._changed
-        with contextlib.suppress(TimeoutError):
-            async with compat.timeout(seconds):
-                await changed.wait()
-
-    async def wait_newer(self, version: int, timeout: float) -> bool:
-        """Wait until a result newer than ``version`` exists; False on timeout."""
+    async def wait_newer(self, device_id: str, version: int, timeout: float) -> bool:
+        """Wait until ``device_id`` may have a result newer than ``version`` (read from the
+        store, or ``self.version``, before the caller read its results); False on timeout."""
         loop = asyncio.get_running_loop()
+        if self._version < 0:
+            self._version, self._next_poll = version, loop.time() + self._poll_s
+        elif version < self._version:
+            self._metrics.results_wakeups.inc()
+            return True  # a wake-up may have gone by while the caller read: read again
         deadline = loop.time() + timeout
-        while self._current <= version:
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                return False
-            if self._polling:  # another request polls; it wakes us, or hands over when it goes
-                await self._changed_within(remaining)
-                continue
-            self._polling = True
-            try:
-                while self._current <= version:
-                    remaining = deadline - loop.time()
-                    if remaining <= 0:
-                        return False
-                    await self._changed_within(min(remaining, self._poll_s))
-                    if self._current <= version:
+        me = _Waiter(device_id)
+        self._waiters.setdefault(device_id, set()).add(me)
+        self._order[me] = None
+        try:
+            while not me.woken:
+                now = loop.time()
+                if now >= deadline:
+                    return False
+                if self._poller is None:
+                    self._poller = me
+                if self._poller is me:
+                    if now >= self._next_poll:
+                        self._next_poll = now + self._poll_s
                         await self._poll()
-            finally:
-                self._polling = False
-                self.notify()  # whoever still waits: one of them polls from now on
-        return True
+                        continue
+                    until = min(deadline, self._next_poll)
+                else:
+                    until = deadline
+                with contextlib.suppress(TimeoutError):
+                    async with compat.timeout(until - now):
+                        await me.event.wait()
+                me.event.clear()
+            self._metrics.results_wakeups.inc()
+            return True
+        finally:
+            self._leave(me)
+
+    def _leave(self, me: _Waiter) -> None:
+        mine = self._waiters[me.device_id]
+        mine.discard(me)
+        if not mine:
+            del self._waiters[me.device_id]
+        del self._order[me]
+        if self._poller is me:
+            self._poller = None
+            successor = next(iter(self._order), None)
+            if successor is not None:
+                successor.event.set()  # not woken: it loops and takes over the polling
+        if not self._order:
+            self._version = -1  # nobody waits: the next waiter's fresh version is better
 
 
 # --- app state ----------------------------------------------------------------------------
@@ -647,12 +692,20 @@ async def get_results(request: web.Request) -> web.Response:
         st.metrics.polls_open.inc()
     try:
         while True:
-            version = await st.store.results_version()
+            # The watch's version when it has one (saves a query; results_since's contract
+            # makes it as good as the store's), else the store's newest id: read before the
+            # rows, so a result the rows miss is newer than it and wakes this poll.
+            version = st.watch.version
+            if version < 0:
+                st.metrics.results_queries.labels(query="version").inc()
+                version = await st.store.results_version()
+            st.metrics.results_queries.labels(query="rows").inc()
             rows = await st.store.results_after(device.device_id, cursor, limit)
             remaining = deadline - loop.time()
             if rows or remaining <= 0 or held.superseded.is_set():
                 break
-            await _first_of(st.watch.wait_newer(version, remaining), held.superseded.wait())
+            await _first_of(st.watch.wait_newer(device.device_id, version, remaining),
+                            held.superseded.wait())
     finally:
         if wait_s > 0 and held in polls:  # not when superseded: its successor took its place
             polls.remove(held)
@@ -876,7 +929,7 @@ def create_app(
                         else await asyncio.to_thread(CloudKeys.ensure, data_dir))
             registry = Registry(own_store, section.registry_refresh_seconds, metrics=metrics)
             await registry.load()
-            watch = ResultsWatch(own_store, section.results_poll_seconds)
+            watch = ResultsWatch(own_store, section.results_poll_seconds, metrics)
             app[STATE] = IngestState(
                 section=section,
                 store=own_store,

@@ -131,6 +131,12 @@ class IngestMetrics:
         # (MULTIPROC_ENV below); ignored by a single process.
         self.polls_open = Gauge("results_polls_open", "Results long-polls open now",
                                 namespace=ns, registry=r, multiprocess_mode="livesum")
+        self.results_queries = Counter(
+            "results_queries", "Store queries the results long-polls made: since (the one "
+            "poll per interval for all of them), version (a poll's starting point), rows (a "
+            "device's results)", ["query"], namespace=ns, registry=r)
+        self.results_wakeups = Counter("results_wakeups", "Results long-polls woken to read "
+                                       "their device's results again", namespace=ns, registry=r)
         self.uploads_inflight = Gauge("uploads_inflight", "Event uploads being handled now",
                                       namespace=ns, registry=r, multiprocess_mode="livesum")
         self.latency = Histogram("request_seconds", "Time to answer a request, by route",

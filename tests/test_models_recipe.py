@@ -193,6 +193,21 @@ def test_policy_fires_uses_the_device_rule() -> None:
     assert fired_events(fires, [], "alarm", 2.0)["false_fires"] == 1
 
 
+def test_person_training_scenes_stay_apart_from_the_heldout_wallpapers() -> None:
+    scenes = data_vision.SCENES
+    assert set(scenes) == set(data_vision.SCENE_LICENCES)  # every scene package has a licence
+    assert not set(scenes) & set(data_vision.HELDOUT_SOURCES)
+    trained = {data_vision.SCENE_ROOT / n for names in scenes.values() for n in names}
+    held = {
+        data_vision.BACKGROUNDS / n for names in data_vision.HELDOUT_SOURCES.values() for n in names
+    }
+    assert len(trained) == sum(len(n) for n in scenes.values()) >= 30
+    assert not trained & held
+    # lomiri and ukui install into /usr/share/backgrounds itself; training scenes come from
+    # sub-folders (gnome/, sway/) or /usr/share/wallpapers, never next to the held-out files.
+    assert all(p.parent != data_vision.BACKGROUNDS for p in trained)
+
+
 def test_time_split_keeps_a_gap_and_the_tail() -> None:
     train, held = data_vision.time_split(795)
     assert train.stop + data_vision.GAP_FRAMES == held.start

@@ -51,6 +51,16 @@ class StoredResult:
 
 
 @dataclass(frozen=True)
+class ResultsSince:
+    """What one results long-poll check finds (``Store.results_since``): the devices with a
+    result newer than the version asked about, and the newest result id (the next version to
+    ask about; the one asked about when nothing is newer)."""
+
+    version: int
+    device_ids: frozenset[str]
+
+
+@dataclass(frozen=True)
 class ResultSummary:
     """What the cloud operator may read of one result (``edgekeeper cloud results``), once
     opened with the operator key (cloud/keys.py); the result itself stays sealed for its
@@ -204,7 +214,14 @@ class Store(ExampleStore, ReleaseStore, Protocol):
         ...
 
     async def results_version(self) -> int:
-        """Changes whenever a result is added (the largest id), for long-poll wake-ups."""
+        """The largest result id: a long-poll's starting version (``results_since``)."""
+        ...
+
+    async def results_since(self, version: int) -> ResultsSince:
+        """The devices with a result whose id is above ``version``, and the newest id, in one
+        index-backed query (a range of the id key: the results stored since the last check).
+        Ids become visible in increasing order in both stores, so a result not counted here
+        has an id above the returned version and is found by the next call."""
         ...
 
     async def has_result(self, device_id: str, seq: int) -> bool:

@@ -35,6 +35,7 @@ from edgekeeper.cloud.store.base import (
     DeviceRecord,
     EnrollOutcome,
     ProviderState,
+    ResultsSince,
     SealedSummary,
     StoredResult,
     UsageRecord,
@@ -444,6 +445,17 @@ class PostgresStore(PostgresReleases):  # releases, groups, reports: postgres_re
     async def results_version(self) -> int:
         row = await self._fetchone("SELECT COALESCE(MAX(id), 0) FROM results")
         return int(row[0])
+
+    async def results_since(self, version: int) -> ResultsSince:
+        # A range of the primary key: only the rows stored since `version`. Ids become visible
+        # in increasing order (put_result's advisory lock, module docstring), so a result this
+        # misses has an id above the newest one returned and the next call finds it.
+        rows = await self._fetchall(
+            "SELECT device_id, MAX(id) FROM results WHERE id > %s GROUP BY device_id",
+            (version,),
+        )
+        return ResultsSince(max((int(i) for _, i in rows), default=version),
+                            frozenset(str(d) for d, _ in rows))
 
     async def has_result(self, device_id: str, seq: int) -> bool:
         row = await self._fetchone(

@@ -15,6 +15,7 @@ from edgekeeper.cloud.store.base import (
     DeviceRecord,
     EnrollOutcome,
     ProviderState,
+    ResultsSince,
     SealedSummary,
     StoredResult,
     UsageRecord,
@@ -344,6 +345,20 @@ class SQLiteStore(SQLiteReleases):  # releases, groups, reports: sqlite_releases
     async def results_version(self) -> int:
         def do(conn: sqlite3.Connection) -> int:
             return int(conn.execute("SELECT COALESCE(MAX(id), 0) FROM results").fetchone()[0])
+
+        return await self._db.run(do)
+
+    async def results_since(self, version: int) -> ResultsSince:
+        def do(conn: sqlite3.Connection) -> ResultsSince:
+            # A rowid range (id is the INTEGER PRIMARY KEY): reads only the rows stored since
+            # `version`, however large the table. One writer at a time and AUTOINCREMENT make
+            # ids visible in increasing order, so nothing below the newest id is still to come.
+            rows = conn.execute(
+                "SELECT device_id, MAX(id) FROM results WHERE id > ? GROUP BY device_id",
+                (version,),
+            ).fetchall()
+            return ResultsSince(max((int(i) for _, i in rows), default=version),
+                                frozenset(str(d) for d, _ in rows))
 
         return await self._db.run(do)
 

@@ -31,7 +31,7 @@ from edgekeeper.cloud.training.examples import (
     target_of,
     write_media,
 )
-from edgekeeper.config import Config, TrainingSection
+from edgekeeper.config import MODELS_DIR, Config, TrainingSection
 from edgekeeper.protocol.messages import EventBody, ResultBody
 from edgekeeper.protocol.release import Scope
 
@@ -307,6 +307,88 @@ async def test_media_is_kept_only_when_opted_in_private_and_deleted_after_retent
         await store.close()
 
 
+def clip_event(sample: Path, seq: int, seconds: float, rate: int = 16000) -> EventBody:
+    """An audio event as the device sends it: the trigger window's (16, 96) features and a
+    ``seconds`` clip of the bundled sample's real soundtrack."""
+    import io
+    import wave
+
+    from edgekeeper.cloud.training.features import AudioFrontend
+
+    with wave.open(str(sample / "audio.wav")) as w:
+        assert w.getframerate() == 16000 and w.getsampwidth() == 2 and w.getnchannels() == 1
+        pcm = np.frombuffer(w.readframes(int(seconds * 16000)), "<i2")
+    trigger = AudioFrontend(MODELS_DIR / "frontends", num_threads=1).features(
+        pcm[-32000:].astype(np.float32) / 32768.0)
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes(pcm.tobytes())
+    return EventBody(
+        device_id="pi-1", seq=seq, captured_at=NOW,
+        meta={"label": "alarm", "modality": "audio", "scores": {"alarm": 0.9},
+              "models": {"audio": "sound@1.1.0"}},
+        frames=(), audio_wav=buf.getvalue(), features=trigger.astype("<f4").tobytes(),
+        features_dtype="float32", features_shape=(16, 96))
+
+
+async def test_an_audio_event_gives_one_row_per_clip_hop_of_its_clip(
+        tmp_path: Path, sample_recording: Path) -> None:
+    """The worker's recorder stores, with the trigger window, the head-input window of every
+    0.5 s of the event's real clip, computed with the shipped front ends; a retrain reads them
+    as rows with the event's target and weight (retrain.rows_of)."""
+    import io
+    import wave
+
+    from edgekeeper.cloud.training.features import AudioFrontend
+    from edgekeeper.cloud.training.retrain import rows_of, usable
+
+    store = await open_store("sqlite", tmp_path / "data")
+    try:
+        recorder = ExampleRecorder(store, TrainingSection(), tmp_path / "data")
+        body = await asyncio.to_thread(clip_event, sample_recording, 1, 6.0)
+        verdict = result("speech", correct=False)
+        rid = await recorder.record(body, verdict, "sound@1.1.0")
+        assert rid is not None
+        (ex,) = await store.examples_by_ids([rid])
+        # (6.0 - 2.0) / 0.5 + 1 windows of the clip after the trigger window.
+        assert ex.features.shape == (1 + 9, 16, 96)
+        sent = np.frombuffer(body.features or b"", "<f4").reshape(16, 96)
+        assert np.array_equal(ex.features[0], sent)
+
+        def fourth_window() -> np.ndarray:  # ends 2.0 + 3 x 0.5 s into the clip
+            with wave.open(io.BytesIO(body.audio_wav or b"")) as w:
+                pcm = np.frombuffer(w.readframes(w.getnframes()), "<i2")
+            fe = AudioFrontend(MODELS_DIR / "frontends", num_threads=1)
+            return fe.features(pcm[24000:56000].astype(np.float32) / 32768)
+
+        assert np.allclose(ex.features[4], await asyncio.to_thread(fourth_window), atol=1e-5)
+        # The clip's last window is the trigger window: the device and the cloud agree.
+        assert np.allclose(ex.features[-1], sent, atol=1e-4)
+        assert ex.target == "speech" and ex.weight > 0
+
+        kept, skipped = usable([ex], "sound", ("background", "speech", "alarm"), (16, 96))
+        assert kept == [ex] and skipped == {}
+        x, y, w = rows_of(kept, (16, 96), {"background": 0, "speech": 1, "alarm": 2})
+        assert x.shape == (10, 16, 96) and set(y) == {1} and np.allclose(w, ex.weight)
+
+        # A clip the front ends cannot read (8 kHz), or with the hop off: the trigger window.
+        odd_body = await asyncio.to_thread(clip_event, sample_recording, 2, 6.0, 8000)
+        odd = await recorder.record(odd_body,
+                                    result("speech", correct=False, seq=2), "sound@1.1.0")
+        off = ExampleRecorder(store, TrainingSection(), tmp_path / "data", clip_hop=0)
+        none = await off.record(await asyncio.to_thread(clip_event, sample_recording, 3, 6.0),
+                                result("speech", correct=False, seq=3), "sound@1.1.0")
+        for i in (odd, none):
+            assert i is not None
+            (row,) = await store.examples_by_ids([i])
+            assert row.features.shape == (16, 96)
+    finally:
+        await store.close()
+
+
 async def test_a_failing_example_write_never_fails_the_event(tmp_path: Path) -> None:
     """The examples table is gone (a real SQLite error): the worker still stores the result and
     acks the event, and logs worker.example_failed."""
@@ -433,7 +515,10 @@ async def test_a_real_run_turns_every_reasoned_event_into_an_example(
         for seq, body in with_features.items():
             ex = stored[(device_cfg.device.id, seq)]
             sent = np.frombuffer(body.features or b"", "<f4").reshape(body.features_shape)
-            assert np.array_equal(ex.features, sent)
+            # An audio event's example also holds its clip's windows after the trigger's.
+            stack = ex.features if ex.modality == "audio" and body.audio_wav else None
+            assert np.array_equal(ex.features if stack is None else stack[0], sent)
+            assert stack is None or (stack.ndim == 3 and len(stack) > 1)
             assert ex.scores == body.meta["scores"] and ex.gate_label == body.meta["label"]
             assert ex.reasoner.startswith("offline:") and ex.provisional
             assert ex.media_path is not None

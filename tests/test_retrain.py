@@ -197,6 +197,21 @@ def test_forgetting_counts_only_recall_lost() -> None:
     assert forgetting(None, 0.8) == 0.0 and forgetting(0.9, None) == 0.0  # nothing to recall
 
 
+def test_recipe_held_out_rows_split_in_two_disjoint_halves_per_label() -> None:
+    """The guard stops on one half, the decision judges the other: no row in both, every label
+    in each, and the sound file's 200 per label give 100 each (a row is 0.005 of a half's
+    recall, the guard's 0.01 two rows)."""
+    from edgekeeper.cloud.training import rehearsal
+    from edgekeeper.cloud.training.retrain import recipe_halves
+
+    reh = rehearsal.load(MODELS / "sound")
+    (gx, gy), (cx, cy) = recipe_halves(reh)
+    assert len(gy) + len(cy) == len(reh.heldout_y)
+    assert list(np.bincount(gy)) == list(np.bincount(cy)) == [100, 100, 100]
+    both = {r.tobytes() for r in gx} & {r.tobytes() for r in cx}
+    assert not both
+
+
 # ------------------------------------------------------------------ with TensorFlow
 
 

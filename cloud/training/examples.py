@@ -16,10 +16,13 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import io
 import json
 import os
 import shutil
+import threading
 import time
+import wave
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -29,7 +32,7 @@ import numpy as np
 
 from edgekeeper import fs, runtime
 from edgekeeper.cloud.reasoners.weighting import training_weight
-from edgekeeper.config import TrainingSection
+from edgekeeper.config import MODELS_DIR, TrainingSection
 from edgekeeper.log import get_logger
 from edgekeeper.protocol.messages import EventBody
 from edgekeeper.protocol.release import Scope
@@ -117,6 +120,64 @@ class ExampleCount:
 def features_of(example: TrainingExample) -> np.ndarray:
     """The features as float32 (a copy the caller may change)."""
     return np.asarray(example.features, dtype=np.float32).copy()
+
+
+def feature_rows(example: TrainingExample, shape: tuple[int, ...]) -> np.ndarray | None:
+    """The head-input rows an example holds, ``(n, *shape)`` float32: one row when its features
+    are the trigger window alone (``shape``), n when it also carries its clip's windows
+    (``(n, *shape)``, see ``clip_features``); None when its features fit neither."""
+    feats = features_of(example)
+    if feats.shape == shape:
+        return feats[None]
+    if feats.ndim == len(shape) + 1 and feats.shape[1:] == shape and feats.shape[0] > 0:
+        return feats
+    return None
+
+
+# --- audio: one row per clip_hop seconds of the event's clip ----------------------------------
+
+# An audio event carries its clip (the trigger with its pre- and post-roll, [output]) besides
+# the trigger window's features: one row per CLIP_HOP_SECONDS of it gives a retrain about ten
+# times the rows of the same judgement, computed here with the front ends every sound version
+# ships unchanged (models/frontends), so nothing but features is kept. Measured on the audio
+# deployment (docs/benchmarks.md, Retraining): with the trigger window alone a dozen events
+# hardly moved the head.
+CLIP_HOP_SECONDS = 0.5
+AUDIO_HEAD_SHAPE = (16, 96)  # features.HEAD_WINDOW x features.EMBEDDING_SIZE
+_frontends = threading.local()  # AudioFrontend holds TFLite state: one per thread
+
+
+def clip_features(trigger: np.ndarray, wav: bytes, hop: float,
+                  frontends_dir: Path | None = None) -> np.ndarray:
+    """``(1 + k, 16, 96)``: the trigger window's features first, then the head-input window of
+    every ``hop`` seconds of the clip ``wav``. The trigger features alone, ``(16, 96)``, when the
+    clip cannot give windows (not 16-bit 16 kHz, shorter than a window, unreadable): the event
+    still teaches what the device saw. Blocking: call in a thread."""
+    from edgekeeper.cloud.training import features as F
+
+    trigger = np.asarray(trigger, dtype=np.float32)
+    try:
+        with wave.open(io.BytesIO(wav)) as w:
+            rate, channels, width = w.getframerate(), w.getnchannels(), w.getsampwidth()
+            raw = w.readframes(w.getnframes())
+    except (wave.Error, EOFError):
+        return trigger
+    if rate != F.SAMPLE_RATE or width != 2 or hop <= 0:
+        return trigger
+    pcm = np.frombuffer(raw, dtype="<i2").astype(np.float32) / 32768.0
+    if channels > 1:
+        pcm = pcm[: len(pcm) - len(pcm) % channels].reshape(-1, channels).mean(axis=1)
+    if len(pcm) < F.WINDOW_SECONDS * F.SAMPLE_RATE:
+        return trigger
+    folder = frontends_dir or (MODELS_DIR / "frontends")
+    fe = getattr(_frontends, str(folder), None)
+    if fe is None:
+        fe = F.AudioFrontend(folder, num_threads=1)
+        setattr(_frontends, str(folder), fe)
+    windows = [wf.features for wf in fe.stream(pcm, hop_seconds=hop)]
+    if not windows:
+        return trigger
+    return np.stack([trigger, *windows]).astype(np.float32)
 
 
 # --- what an example teaches ------------------------------------------------------------------
@@ -399,8 +460,11 @@ class ExampleRecorder:
     of the worker's). Never fails an event: an error is logged ``worker.example_failed``."""
 
     def __init__(self, store: ExampleStore, settings: TrainingSection, data_dir: Path, *,
-                 clock: Any = time.time) -> None:
+                 clock: Any = time.time, clip_hop: float = CLIP_HOP_SECONDS,
+                 frontends_dir: Path | None = None) -> None:
         self.store = store
+        self.clip_hop = clip_hop  # 0: the trigger window alone
+        self.frontends_dir = frontends_dir
         self.settings = settings
         self.media_root = Path(data_dir) / MEDIA_DIR
         self.clock = clock
@@ -428,6 +492,11 @@ class ExampleRecorder:
                                    await self._group(body.device_id))
             if example is None:
                 return None
+            if (example.modality == "audio" and body.audio_wav is not None
+                    and self.clip_hop > 0 and example.features.shape == AUDIO_HEAD_SHAPE):
+                example = replace(example, features=await asyncio.to_thread(
+                    clip_features, example.features, body.audio_wav, self.clip_hop,
+                    self.frontends_dir))
             if self.settings.keep_media:
                 kept = await asyncio.to_thread(write_media, self.media_root, body)
                 example = replace(example, media_path=kept)

@@ -46,7 +46,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 
 from edgekeeper import config as config_mod  # noqa: E402
-from edgekeeper.cloud.training.examples import TrainingExample  # noqa: E402
+from edgekeeper.cloud.training.examples import CLIP_HOP_SECONDS, TrainingExample  # noqa: E402
 from edgekeeper.device.events import Event  # noqa: E402
 
 FPS = 10.0
@@ -461,7 +461,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--wrong", type=float, default=0.15,
                     help="share of wrong labels of the ground-truth teacher (>= 0.10)")
     ap.add_argument("--quick", action="store_true", help="short material (a smoke run)")
-    ap.add_argument("--clip-hop", type=float, default=0.5,
+    ap.add_argument("--clip-hop", type=float, default=CLIP_HOP_SECONDS,
                     help="audio: also one example per this many seconds of each event's clip "
                     "(0: the trigger window only)")
     ap.add_argument("--rehearsal-share", type=float, default=None,

@@ -337,7 +337,7 @@ def clip_event(sample: Path, seq: int, seconds: float, rate: int = 16000) -> Eve
 async def test_an_audio_event_gives_one_row_per_clip_hop_of_its_clip(
         tmp_path: Path, sample_recording: Path) -> None:
     """The worker's recorder stores, with the trigger window, the head-input window of every
-    0.5 s of the event's real clip, computed with the shipped front ends; a retrain reads them
+    0.48 s (the gate's hop) of the event's real clip, computed with the shipped front ends; a retrain reads them
     as rows with the event's target and weight (retrain.rows_of)."""
     import io
     import wave
@@ -353,16 +353,17 @@ async def test_an_audio_event_gives_one_row_per_clip_hop_of_its_clip(
         rid = await recorder.record(body, verdict, "sound@1.1.0")
         assert rid is not None
         (ex,) = await store.examples_by_ids([rid])
-        # (6.0 - 2.0) / 0.5 + 1 windows of the clip after the trigger window.
+        # floor((6.0 - 2.0) / 0.48) + 1 windows of the clip, ending on its end, after the trigger
+        # window.
         assert ex.features.shape == (1 + 9, 16, 96)
         sent = np.frombuffer(body.features or b"", "<f4").reshape(16, 96)
         assert np.array_equal(ex.features[0], sent)
 
-        def fourth_window() -> np.ndarray:  # ends 2.0 + 3 x 0.5 s into the clip
+        def fourth_window() -> np.ndarray:  # ends 6.0 - 5 x 0.48 = 3.6 s into the clip
             with wave.open(io.BytesIO(body.audio_wav or b"")) as w:
                 pcm = np.frombuffer(w.readframes(w.getnframes()), "<i2")
             fe = AudioFrontend(MODELS_DIR / "frontends", num_threads=1)
-            return fe.features(pcm[24000:56000].astype(np.float32) / 32768)
+            return fe.features(pcm[25600:57600].astype(np.float32) / 32768)
 
         assert np.allclose(ex.features[4], await asyncio.to_thread(fourth_window), atol=1e-5)
         # The clip's last window is the trigger window: the device and the cloud agree.

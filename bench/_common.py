@@ -112,3 +112,18 @@ async def enroll_devices(store: Any, n: int, *, ttl_s: float = 600.0) -> list[tu
              "box_pk": b64e(dk.box_pk)}), now=time.time())
         out.append((f"bench-{i}", dk))
     return out
+
+
+async def enrolled_in_sqlite(data_dir: Path, devices: int) -> tuple[list[tuple[str, Any]], Any]:
+    """The cloud's keys and an embedded (SQLite) store in ``data_dir`` with ``devices`` enrolled:
+    the devices' (id, keys) and the cloud's public key, for sealing events before a run."""
+    from edgekeeper.cloud.backends import open_store
+    from edgekeeper.cloud.keys import CloudKeys
+
+    keys = CloudKeys.ensure(data_dir)
+    store = await open_store("sqlite", data_dir)
+    try:
+        out = await enroll_devices(store, devices)
+    finally:
+        await store.close()
+    return out, keys.public()

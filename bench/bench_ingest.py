@@ -49,7 +49,7 @@ from aiohttp import web
 from edgekeeper.config import CloudSection
 from edgekeeper.protocol.envelope import CONTENT_TYPE
 
-from _common import enroll_devices
+from _common import enrolled_in_sqlite
 
 
 class _NoQueue:
@@ -100,19 +100,6 @@ def _serve(kind: str, data_dir: str, conn: Any, cpu: int | None) -> None:
         await runner.cleanup()
 
     asyncio.run(main())
-
-
-async def _prepare(data_dir: Path, devices: int) -> tuple[list[Any], Any]:
-    from edgekeeper.cloud.backends import open_store
-    from edgekeeper.cloud.keys import CloudKeys
-
-    keys = CloudKeys.ensure(data_dir)
-    store = await open_store("sqlite", data_dir)
-    try:
-        out = await enroll_devices(store, devices)
-    finally:
-        await store.close()
-    return out, keys.public()
 
 
 def _envelopes(devices: list[Any], cloud: Any, start_seq: int, n: int, kb: float) -> list[bytes]:
@@ -177,7 +164,7 @@ def main() -> None:
     ctx = mp.get_context("spawn")
     with tempfile.TemporaryDirectory(prefix="bench-ingest-") as tmp:
         data_dir = Path(tmp)
-        devices, cloud = asyncio.run(_prepare(data_dir, args.devices))
+        devices, cloud = asyncio.run(enrolled_in_sqlite(data_dir, args.devices))
         servers = {}
         kinds = ["bare", "ingest", *(["ingest-noqueue"] if args.ceiling else [])]
         for kind in kinds:

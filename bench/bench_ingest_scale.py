@@ -50,7 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from edgekeeper.cloud.ingest import PROCESS_HEADER
 from edgekeeper.protocol.envelope import CONTENT_TYPE
 
-from _common import enroll_devices
+from _common import enrolled_in_sqlite
 
 TICK = os.sysconf("SC_CLK_TCK")
 PREFIX = "ekbench"
@@ -178,19 +178,6 @@ def free_port() -> int:
     return _free()
 
 
-async def _prepare(data_dir: Path, devices: int) -> tuple[list[Any], Any]:
-    from edgekeeper.cloud.backends import open_store
-    from edgekeeper.cloud.keys import CloudKeys
-
-    keys = CloudKeys.ensure(data_dir)
-    store = await open_store("sqlite", data_dir)
-    try:
-        out = await enroll_devices(store, devices)
-    finally:
-        await store.close()
-    return out, keys.public()
-
-
 def seal_round(devices: list[Any], cloud: Any, start_seq: int, n: int, frame: bytes,
                out: Path) -> None:
     """``n`` envelopes, each a new (device, seq), to ``out`` (bytes) and ``out``.len."""
@@ -281,7 +268,7 @@ def main() -> None:
     servers: dict[int, Server] = {}
     try:
         data_dir = tmp / "cloud"
-        devices, cloud = asyncio.run(_prepare(data_dir, args.devices))
+        devices, cloud = asyncio.run(enrolled_in_sqlite(data_dir, args.devices))
         config = tmp / "cloud.toml"
         config.write_text(
             f'[cloud]\ndata_dir = "{data_dir}"\nqueue_backend = "redis"\n'

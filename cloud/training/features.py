@@ -125,18 +125,9 @@ class AudioFrontend:
         starts = window_starts(mel.shape[0], EMBEDDING_WINDOW, EMBEDDING_STEP)
         if not starts:
             return np.zeros((0, EMBEDDING_SIZE), dtype=np.float32)
-        batch = np.stack([mel[s : s + EMBEDDING_WINDOW] for s in starts])[..., None]
-        it = self._emb
         # One batched call gives bit-identical results to one call per window (checked in
         # tests) and is several times faster when featurising a training set.
-        if batch.shape[0] != self._emb_batch:
-            it.resize_tensor_input(it.get_input_details()[0]["index"], list(batch.shape))  # type: ignore[attr-defined]
-            it.allocate_tensors()  # type: ignore[attr-defined]
-            self._emb_batch = batch.shape[0]
-        it.set_tensor(it.get_input_details()[0]["index"], batch.astype(np.float32))  # type: ignore[attr-defined]
-        it.invoke()  # type: ignore[attr-defined]
-        out: np.ndarray = it.get_tensor(it.get_output_details()[0]["index"])  # type: ignore[attr-defined]
-        return out.reshape(len(starts), -1).astype(np.float32)
+        return self._embed(mel, starts)
 
     def features(self, window: np.ndarray) -> np.ndarray:
         """The head's input for one gate window: the last 16 embeddings, ``(16, 96)``.

@@ -456,6 +456,11 @@ async def _serve(args: argparse.Namespace) -> None:
         fake.default = Reply.overloaded()
     url = await fake.start()
     print(f"url={url}", flush=True)
+    await until_signalled(fake)
+
+
+async def until_signalled(fake: FakeAnthropic) -> None:
+    """Serve (already started) until SIGINT or SIGTERM, then stop: a fake run as a process."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,7 @@ from aiohttp import web
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from fake_anthropic import FakeAnthropic
+from fake_anthropic import FakeAnthropic, until_signalled
 
 
 class _Counted(list):  # type: ignore[type-arg]
@@ -88,12 +87,7 @@ async def serve(latency: float, url_file: Path) -> None:
     tmp = url_file.with_suffix(".tmp")
     tmp.write_text(json.dumps({"url": url, "stats": f"http://127.0.0.1:{fake.stats_port}"}))
     tmp.replace(url_file)  # whole or absent: the simulator polls for it
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    await fake.stop()
+    await until_signalled(fake)
 
 
 def main() -> None:

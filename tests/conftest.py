@@ -39,8 +39,11 @@ MODELS = config_mod.MODELS_DIR
 SAMPLE = MODELS / "samples" / "street"
 
 
-@pytest.fixture(autouse=True, scope="session")
+@pytest.fixture(autouse=True)
 def _quiet_logs() -> None:
+    # Before every test, not once per session: a test that points the log elsewhere and does
+    # not restore it would otherwise leave every later test in its process writing there (with
+    # pytest-xdist, which tests those are depends on the run).
     log.configure("warning", "json")
 
 

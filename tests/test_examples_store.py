@@ -337,8 +337,8 @@ def clip_event(sample: Path, seq: int, seconds: float, rate: int = 16000) -> Eve
 async def test_an_audio_event_gives_one_row_per_clip_hop_of_its_clip(
         tmp_path: Path, sample_recording: Path) -> None:
     """The worker's recorder stores, with the trigger window, the head-input window of every
-    0.48 s (the gate's hop) of the event's real clip, computed with the shipped front ends; a retrain reads them
-    as rows with the event's target and weight (retrain.rows_of)."""
+    0.48 s (the gate's hop) of the event's real clip, computed with the shipped front ends; a
+    retrain reads them as rows with the event's target and weight (retrain.rows_of)."""
     import io
     import wave
 

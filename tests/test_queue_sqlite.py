@@ -13,7 +13,6 @@ import io
 import json
 import os
 import sqlite3
-import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -316,7 +315,7 @@ async def test_redis_refuses_a_queue_that_is_not_fsynced(redis_prefix: str) -> N
         assert line["event"] == "queue.redis_not_durable" and line["level"] == "warning"
         assert "appendfsync always" in line["fix"]
     finally:
-        log.configure("warning", "json", stream=sys.__stderr__)  # not a per-test capture
+        log.configure("warning", "json")  # what conftest sets: whatever stderr is now
         server.stop()
 
 

@@ -321,7 +321,8 @@ async def test_key_never_reaches_a_log_or_an_error(
 SPEECH = Path("/usr/share/asterisk/sounds/en/hello-world.wav")  # asterisk-core-sounds-en-wav
 
 
-@pytest.mark.skipif(not SPEECH.exists(), reason="asterisk-core-sounds-en-wav is installed by scripts/test")
+@pytest.mark.skipif(not SPEECH.exists(),
+                    reason="asterisk-core-sounds-en-wav is installed by scripts/test")
 async def test_only_the_labels_listed_are_transcribed(make: Make, fake: FakeAnthropic) -> None:
     # The same spoken clip under two gate labels: the recognizer runs for `speech` (listed by
     # default) and not for `alarm`, whose clip the spectrogram serves.

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
+from edgekeeper import log
 from edgekeeper.cloud.keys import CloudKeys
 from edgekeeper.errors import ConfigError
 
@@ -122,6 +123,7 @@ async def test_without_an_operator_key_the_worker_stores_no_summary_and_says_so_
         for seq in (1, 2, 3):
             status, _, _ = await cloud.post_envelope(door.seal(make_event("pi-door", seq)))
             assert status == 202
+        log.configure("info", "json")  # worker.reasoned is an INFO line (conftest resets it)
         with capture_logs() as logs:
             assert await reason_queued(cloud) == 3
         told = [e for e in logs if e["event"] == "worker.no_operator_key"]

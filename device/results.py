@@ -541,16 +541,22 @@ class ResultsClient:
 
     async def send_heartbeat(self, doc: dict[str, Any]) -> None:
         """POST one heartbeat, signed as the results requests are. Raises on failure."""
+        await self._post_signed("/v1/heartbeat", doc)
+
+    async def _post_signed(self, endpoint: str, doc: Any) -> str:
+        """POST ``doc`` as JSON to ``endpoint``, signed as the results requests are; the
+        answer's text. Raises (classified) on a transport failure or a refusal."""
         assert self._session is not None
-        path = self.base.path.rstrip("/") + "/v1/heartbeat"
+        path = self.base.path.rstrip("/") + endpoint
         body = json.dumps(doc).encode()
         headers = self._signed("POST", path, "", body)
         headers["Content-Type"] = "application/json"
         url = self.base.with_path(path, encoded=True)
-        with classified("POST /v1/heartbeat"):
+        with classified(f"POST {endpoint}"):
             async with self._session.post(url, data=body, headers=headers) as resp:
                 text = (await resp.content.read(_MAX_ANSWER)).decode("utf-8", "replace")
                 self._check(resp.status, text, resp.headers)
+        return text
 
     async def run_heartbeats(self, stop: asyncio.Event) -> None:
         """Send a heartbeat every ``heartbeat_s`` until ``stop``. A failed one is logged and
@@ -564,16 +570,7 @@ class ResultsClient:
                 return
 
     async def _ack(self, ids: list[int]) -> int:
-        assert self._session is not None
-        path = self.base.path.rstrip("/") + "/v1/results/ack"
-        body = json.dumps({"ids": ids}).encode()
-        headers = self._signed("POST", path, "", body)
-        headers["Content-Type"] = "application/json"
-        url = self.base.with_path(path, encoded=True)
-        with classified("POST /v1/results/ack"):
-            async with self._session.post(url, data=body, headers=headers) as resp:
-                text = (await resp.content.read(_MAX_ANSWER)).decode("utf-8", "replace")
-                self._check(resp.status, text, resp.headers)
+        text = await self._post_signed("/v1/results/ack", {"ids": ids})
         data = _ingest_json(text, "POST /v1/results/ack")
         acked = data.get("acked", 0) if isinstance(data, dict) else 0
         return acked if type(acked) is int else 0

@@ -180,3 +180,14 @@ def postgres_dsn(postgres_server: servers.PostgresServer) -> Iterator[str]:
     """A postgresql:// URL of a database created for this test and dropped afterwards."""
     with servers.fresh_database(postgres_server) as url:
         yield url
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def backend(request: pytest.FixtureRequest) -> str:
+    """The store backend a whole-cloud test runs on (cloudkit.cloud_on), once each. For
+    postgres the test's database is made here, in a plain fixture: finding or starting the
+    server blocks, which the guard refuses once the test's event loop runs (asked for from
+    inside the test, it failed or passed by which test came first in its process)."""
+    if request.param == "postgres":
+        request.getfixturevalue("postgres_dsn")
+    return str(request.param)

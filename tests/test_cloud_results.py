@@ -111,7 +111,6 @@ async def test_provider_state_is_one_row_the_last_writer_wins(store: Store) -> N
     assert await store.provider_state() == ok
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 async def test_results_and_devices_commands_after_real_uploads(
     backend: str, request: pytest.FixtureRequest, tmp_path: Path,
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,

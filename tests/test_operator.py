@@ -20,7 +20,6 @@ from edgekeeper.errors import ConfigError
 
 from cloudkit import cli, cloud_on, make_event, operator_shell, reason_queued, running_cloud
 
-BACKENDS = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
 # Distinctive enough that finding it in the bytes can only mean the plaintext is there.
 LABEL = "zebra-okapi-7q"
 
@@ -46,7 +45,6 @@ async def stolen_bytes(cloud: Any, backend: str) -> bytes:
     return await asyncio.to_thread(read)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 async def test_a_stolen_store_reveals_no_summary_and_the_operator_key_opens_them(
     backend: str, request: pytest.FixtureRequest, tmp_path: Path,
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,

@@ -23,7 +23,6 @@ from edgekeeper.cloud.store.base import Store
 from cloudkit import Cloud, Device, cloud_on, enroll_device, until
 from servers import store_overrides
 
-BACKENDS = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
 POLL_S = 0.05
 
 
@@ -51,13 +50,6 @@ async def long_poll(cloud: Cloud, device: Device, wait: int = 30) -> list[int]:
         data = await resp.json()
         assert resp.status == 200, data
     return [r["seq"] for r in data["results"]]
-
-
-@pytest.fixture(params=BACKENDS)
-def backend(request: pytest.FixtureRequest) -> str:
-    if request.param == "postgres":  # found or started here, off the event loop
-        request.getfixturevalue("postgres_dsn")
-    return str(request.param)
 
 
 @pytest.fixture

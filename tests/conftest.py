@@ -86,6 +86,11 @@ _ALLOWED: tuple[tuple[str, str, set[str]], ...] = (
     # any other caller of identity.load_keys on the loop.
     ("*", "tests/test_uplink.py", {"make_uplink"}),
     ("*", "tests/test_results.py", {"client"}),
+    # The harness finding or starting its servers and making a test's database or key prefix
+    # (tests/servers.py): setup, like a test body's own file writes, even when an async fixture
+    # or test asks for it first in its process (with pytest-xdist, which one does varies).
+    ("*", "tests/servers.py", {"find_or_start_redis", "find_or_start_postgres",
+                               "fresh_prefix", "fresh_database"}),
     # A provider that freezes the whole process on purpose, to let its lease expire
     # (tests/test_worker_leases.py, StallingProvider.reason).
     ("*", "tests/test_worker_leases.py", {"reason"}),
